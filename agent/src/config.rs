@@ -1,0 +1,570 @@
+//! The agent's TOML configuration: defaults, parsing and validation.
+//!
+//! A gateway's config is written by hand, often over a serial console, so every mistake is
+//! reported with the field it concerns and what would be accepted: unknown fields are errors
+//! (a misspelt `keepalive_sec` must not silently fall back to a default), sizes accept
+//! Kubernetes-style suffixes (`512Mi`, `4Gi`), prices are decimal strings converted to exact
+//! millionths. Parsing produces [`Config`], whose fields are already model types: nothing
+//! downstream re-validates. See `docs/operations.md` for a commented example.
+
+use crate::model::{
+    Flavour, Gpu, Id, Location, Partitionability, Price, Resources, Text, MAX_NODE_ID,
+};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Largest config file read, in bytes: a config is a few KiB; a huge file is a mistake.
+const MAX_CONFIG_FILE: u64 = 256 * 1024;
+/// Most offers one node may configure (each becomes at most one advertised flavour).
+pub const MAX_OFFERS: usize = crate::model::MAX_FLAVOURS;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{path} is {len} bytes; a config file is at most {MAX_CONFIG_FILE}")]
+    TooLarge { path: PathBuf, len: u64 },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config field `{field}`: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Where the domain broker is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_id: Id,
+    pub domain: Id,
+    pub broker: BrokerAddr,
+    pub data_dir: PathBuf,
+    /// MQTT keepalive; the broker declares the node dead (and fires its will) after 1.5x.
+    pub keepalive: Duration,
+    /// How long to wait for RESERVED before retrying under the same transaction id.
+    pub reserve_timeout: Duration,
+    /// Attempts per candidate (first try included).
+    pub reserve_attempts: u32,
+    /// Longest wait for FLAVOURS answers after a LIST_FLAVOURS broadcast.
+    pub discovery_window: Duration,
+    /// Discovery ends early once no new answer came for this long after the first one.
+    pub discovery_settle: Duration,
+    /// Keep every provider's retained advert as a peering candidate (the broker as Catalog).
+    /// Off: candidates come from LIST_FLAVOURS answers only (less memory in big domains).
+    pub watch_catalog: bool,
+    /// How long a peering candidate counts as fresh.
+    pub candidate_ttl: Duration,
+    /// How long a reservation waits for peering before it lapses (provider side).
+    pub reservation_ttl: Duration,
+    /// Log filter, `tracing` target syntax (`info`, `fluidlet=debug,info`); `RUST_LOG` wins.
+    pub log: String,
+    /// What this node sells: one template flavour per offer, id = offer id, total resources.
+    pub offers: Vec<Flavour>,
+}
+
+impl Config {
+    /// A consumer-only config with every default; tests and the demo start from it.
+    pub fn new(node_id: Id, domain: Id, broker: BrokerAddr, data_dir: PathBuf) -> Config {
+        Config {
+            node_id,
+            domain,
+            broker,
+            data_dir,
+            keepalive: Duration::from_secs(30),
+            reserve_timeout: Duration::from_secs(2),
+            reserve_attempts: 3,
+            discovery_window: Duration::from_millis(500),
+            discovery_settle: Duration::from_millis(30),
+            watch_catalog: true,
+            candidate_ttl: Duration::from_secs(120),
+            reservation_ttl: Duration::from_secs(600),
+            log: "info".into(),
+            offers: Vec::new(),
+        }
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let io = |err| ConfigError::Io {
+            path: path.to_owned(),
+            err,
+        };
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        if len > MAX_CONFIG_FILE {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+                len,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
+        Config::from_toml(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        raw.validate()
+    }
+}
+
+/// A size in bytes: an integer, or a string with a `Ki`/`Mi`/`Gi`/`Ti` (or `k`/`M`/`G`/`T`)
+/// suffix.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self, field: &str) -> Result<u64, ConfigError> {
+        let s = match self {
+            Size::Bytes(b) => return Ok(*b),
+            Size::Text(s) => s.trim(),
+        };
+        let units: [(&str, u64); 8] = [
+            ("Ki", 1 << 10),
+            ("Mi", 1 << 20),
+            ("Gi", 1 << 30),
+            ("Ti", 1 << 40),
+            ("k", 1_000),
+            ("M", 1_000_000),
+            ("G", 1_000_000_000),
+            ("T", 1_000_000_000_000),
+        ];
+        let (num, mult) = units
+            .iter()
+            .find_map(|(suffix, m)| s.strip_suffix(suffix).map(|n| (n, *m)))
+            .unwrap_or((s, 1));
+        num.trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .ok_or_else(|| {
+                invalid(
+                    field,
+                    format!("{s:?} is not a size (bytes, or a number with Ki, Mi, Gi or Ti)"),
+                )
+            })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node_id: String,
+    domain: String,
+    broker: String,
+    data_dir: PathBuf,
+    keepalive_secs: Option<u64>,
+    log: Option<String>,
+    #[serde(default)]
+    consumer: RawConsumer,
+    #[serde(default)]
+    provider: RawProvider,
+    #[serde(default, rename = "offer")]
+    offers: Vec<RawOffer>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConsumer {
+    reserve_timeout_ms: Option<u64>,
+    reserve_attempts: Option<u32>,
+    discovery_window_ms: Option<u64>,
+    discovery_settle_ms: Option<u64>,
+    candidate_ttl_secs: Option<u64>,
+    watch_catalog: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    reservation_ttl_secs: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOffer {
+    id: String,
+    architecture: String,
+    cpu_millicores: u64,
+    memory: Size,
+    pods: u32,
+    storage: Option<Size>,
+    price: String,
+    currency: String,
+    period: Option<String>,
+    partition: Option<RawPartition>,
+    gpu: Option<RawGpu>,
+    location: Option<RawLocation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPartition {
+    cpu_min: u64,
+    cpu_step: u64,
+    memory_min: Size,
+    memory_step: Size,
+    pods_min: u32,
+    pods_step: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpu {
+    model: String,
+    cores: u32,
+    memory: Size,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocation {
+    country: Option<String>,
+    city: Option<String>,
+    notes: Option<String>,
+}
+
+fn text<const N: usize>(field: &str, s: &str) -> Result<Text<N>, ConfigError> {
+    Text::new(s).map_err(|e| invalid(field, e.to_string()))
+}
+
+fn opt_text<const N: usize>(
+    field: &str,
+    s: &Option<String>,
+) -> Result<Option<Text<N>>, ConfigError> {
+    s.as_deref().map(|s| text(field, s)).transpose()
+}
+
+fn node_id(field: &str, s: &str) -> Result<Id, ConfigError> {
+    if s.len() > MAX_NODE_ID {
+        return Err(invalid(
+            field,
+            format!("{} bytes long, at most {MAX_NODE_ID} allowed", s.len()),
+        ));
+    }
+    Id::new(s).map_err(|e| invalid(field, e.to_string()))
+}
+
+fn positive(field: &str, v: u64) -> Result<u64, ConfigError> {
+    if v == 0 {
+        return Err(invalid(field, "must be greater than 0"));
+    }
+    Ok(v)
+}
+
+/// Parses a decimal price (`"1.50"`) into millionths of the currency unit.
+fn price_micros(field: &str, s: &str) -> Result<u64, ConfigError> {
+    let bad = || {
+        invalid(
+            field,
+            format!("{s:?} is not a price (a decimal number like \"1.50\", at most 6 decimals)"),
+        )
+    };
+    let (int, frac) = s.trim().split_once('.').unwrap_or((s.trim(), ""));
+    if int.is_empty()
+        || frac.len() > 6
+        || !(int.chars().chain(frac.chars())).all(|c| c.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let int: u64 = int.parse().map_err(|_| bad())?;
+    let frac: u64 = format!("{frac:0<6}").parse().map_err(|_| bad())?;
+    int.checked_mul(1_000_000)
+        .and_then(|v| v.checked_add(frac))
+        .ok_or_else(bad)
+}
+
+/// Parses `mqtt://host[:port]` (port 1883 by default; IPv6 hosts in brackets).
+fn broker_addr(s: &str) -> Result<BrokerAddr, ConfigError> {
+    let rest = s.strip_prefix("mqtt://").ok_or_else(|| {
+        invalid(
+            "broker",
+            format!(
+                "{s:?}: expected mqtt://HOST[:PORT] (TLS arrives with mqtts:// in a later release)"
+            ),
+        )
+    })?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| invalid("broker", "unclosed [ in IPv6 address"))?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(invalid("broker", "no host"));
+    }
+    let port = match port {
+        None => 1883,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid("broker", format!("{p:?} is not a port (1-65535)")))?,
+    };
+    Ok(BrokerAddr {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+impl RawOffer {
+    fn validate(&self, node: &Id, i: usize) -> Result<Flavour, ConfigError> {
+        let f = |name: &str| format!("offer[{i}].{name}");
+        let partitionability = match &self.partition {
+            None => None,
+            Some(p) => Some(Partitionability {
+                cpu_min: p.cpu_min,
+                memory_min: p.memory_min.bytes(&f("partition.memory_min"))?,
+                pods_min: p.pods_min,
+                cpu_step: p.cpu_step,
+                memory_step: p.memory_step.bytes(&f("partition.memory_step"))?,
+                pods_step: p.pods_step,
+            }),
+        };
+        let resources = Resources {
+            cpu: positive(&f("cpu_millicores"), self.cpu_millicores)?,
+            memory: positive(&f("memory"), self.memory.bytes(&f("memory"))?)?,
+            pods: positive(&f("pods"), self.pods as u64)? as u32,
+            storage: match &self.storage {
+                Some(s) => s.bytes(&f("storage"))?,
+                None => 0,
+            },
+        };
+        if let Some(p) = &partitionability {
+            if p.cpu_min > resources.cpu
+                || p.memory_min > resources.memory
+                || p.pods_min > resources.pods
+            {
+                return Err(invalid(
+                    f("partition"),
+                    "a minimum piece is larger than the offer itself",
+                ));
+            }
+        }
+        Ok(Flavour {
+            id: node_id(&f("id"), &self.id)?,
+            provider: node.clone(),
+            architecture: text(&f("architecture"), &self.architecture)?,
+            resources,
+            gpu: match &self.gpu {
+                None => None,
+                Some(g) => Some(Gpu {
+                    model: text(&f("gpu.model"), &g.model)?,
+                    cores: g.cores,
+                    memory_bytes: g.memory.bytes(&f("gpu.memory"))?,
+                }),
+            },
+            partitionability,
+            price: Price {
+                amount: price_micros(&f("price"), &self.price)?,
+                currency: text(&f("currency"), &self.currency)?,
+                period: text(&f("period"), self.period.as_deref().unwrap_or("hour"))?,
+            },
+            available: true,
+            location: match &self.location {
+                None => None,
+                Some(l) => Some(Location {
+                    country: opt_text(&f("location.country"), &l.country)?,
+                    city: opt_text(&f("location.city"), &l.city)?,
+                    notes: opt_text(&f("location.notes"), &l.notes)?,
+                }),
+            },
+        })
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let node = node_id("node_id", &self.node_id)?;
+        let mut cfg = Config::new(
+            node.clone(),
+            node_id("domain", &self.domain)?,
+            broker_addr(&self.broker)?,
+            self.data_dir,
+        );
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        if let Some(v) = self.keepalive_secs {
+            if !(5..=3600).contains(&v) {
+                return Err(invalid("keepalive_secs", "must be between 5 and 3600"));
+            }
+            cfg.keepalive = secs(v);
+        }
+        if let Some(v) = self.log {
+            cfg.log = v;
+        }
+        let c = &self.consumer;
+        if let Some(v) = c.reserve_timeout_ms {
+            cfg.reserve_timeout = ms(positive("consumer.reserve_timeout_ms", v)?);
+        }
+        if let Some(v) = c.reserve_attempts {
+            if !(1..=20).contains(&v) {
+                return Err(invalid(
+                    "consumer.reserve_attempts",
+                    "must be between 1 and 20",
+                ));
+            }
+            cfg.reserve_attempts = v;
+        }
+        if let Some(v) = c.discovery_window_ms {
+            cfg.discovery_window = ms(positive("consumer.discovery_window_ms", v)?);
+        }
+        if let Some(v) = c.discovery_settle_ms {
+            cfg.discovery_settle = ms(v);
+        }
+        if let Some(v) = c.candidate_ttl_secs {
+            cfg.candidate_ttl = secs(positive("consumer.candidate_ttl_secs", v)?);
+        }
+        if let Some(v) = c.watch_catalog {
+            cfg.watch_catalog = v;
+        }
+        if let Some(v) = self.provider.reservation_ttl_secs {
+            cfg.reservation_ttl = secs(positive("provider.reservation_ttl_secs", v)?);
+        }
+        if self.offers.len() > MAX_OFFERS {
+            return Err(invalid(
+                "offer",
+                format!("{} offers, at most {MAX_OFFERS} allowed", self.offers.len()),
+            ));
+        }
+        for (i, o) in self.offers.iter().enumerate() {
+            let flavour = o.validate(&node, i)?;
+            if cfg.offers.iter().any(|f| f.id == flavour.id) {
+                return Err(invalid(
+                    format!("offer[{i}].id"),
+                    format!("{} is used twice", flavour.id),
+                ));
+            }
+            cfg.offers.push(flavour);
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_id = "gw-1"
+domain = "d1"
+broker = "mqtt://127.0.0.1:1884"
+data_dir = "/tmp/x"
+keepalive_secs = 10
+
+[consumer]
+reserve_timeout_ms = 500
+
+[[offer]]
+id = "small"
+architecture = "arm64"
+cpu_millicores = 2000
+memory = "4Gi"
+pods = 20
+price = "1.5"
+currency = "EUR"
+[offer.partition]
+cpu_min = 500
+cpu_step = 250
+memory_min = "512Mi"
+memory_step = "256Mi"
+pods_min = 1
+pods_step = 1
+"#;
+
+    fn err_of(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_units_and_defaults() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.node_id.as_str(), "gw-1");
+        assert_eq!(c.broker.port, 1884);
+        assert_eq!(c.keepalive, Duration::from_secs(10));
+        assert_eq!(c.reserve_timeout, Duration::from_millis(500));
+        assert_eq!(c.reserve_attempts, 3, "default");
+        let o = &c.offers[0];
+        assert_eq!(o.resources.memory, 4 << 30);
+        assert_eq!(o.price.amount, 1_500_000);
+        assert_eq!(o.price.period.as_str(), "hour");
+        assert_eq!(o.partitionability.as_ref().unwrap().memory_step, 256 << 20);
+        assert_eq!(o.provider.as_str(), "gw-1");
+    }
+
+    #[test]
+    fn misspelt_field_is_an_error_naming_it() {
+        let e = err_of(&GOOD.replace("keepalive_secs", "keepalive_sec"));
+        assert!(e.contains("keepalive_sec"), "{e}");
+    }
+
+    #[test]
+    fn node_id_with_a_slash_is_refused_with_the_field_name() {
+        let e = err_of(&GOOD.replace("\"gw-1\"", "\"gw/1\""));
+        assert!(e.contains("`node_id`") && e.contains("'/'"), "{e}");
+    }
+
+    #[test]
+    fn bad_size_names_the_offer_field() {
+        let e = err_of(&GOOD.replace("\"4Gi\"", "\"4Gx\""));
+        assert!(e.contains("offer[0].memory"), "{e}");
+    }
+
+    #[test]
+    fn bad_price_and_broker_are_explained() {
+        assert!(err_of(&GOOD.replace("\"1.5\"", "\"1,5\"")).contains("offer[0].price"));
+        assert!(err_of(&GOOD.replace("mqtt://127.0.0.1:1884", "tcp://x")).contains("`broker`"));
+        assert!(err_of(&GOOD.replace("1884", "99999")).contains("not a port"));
+    }
+
+    #[test]
+    fn partition_minimum_above_the_offer_is_refused() {
+        let e = err_of(&GOOD.replace("cpu_min = 500", "cpu_min = 5000"));
+        assert!(e.contains("offer[0].partition"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_offer_ids_are_refused() {
+        let twice = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[offer]]").unwrap()..]);
+        assert!(err_of(&twice).contains("used twice"));
+    }
+
+    #[test]
+    fn prices_are_exact_millionths() {
+        assert_eq!(price_micros("p", "0.000001").unwrap(), 1);
+        assert_eq!(price_micros("p", "12").unwrap(), 12_000_000);
+        assert!(price_micros("p", "1.0000001").is_err());
+        assert!(price_micros("p", "-1").is_err());
+        assert!(price_micros("p", "99999999999999999").is_err(), "overflow");
+    }
+
+    #[test]
+    fn broker_addresses_parse_with_default_port_and_ipv6() {
+        assert_eq!(broker_addr("mqtt://gw").unwrap().port, 1883);
+        let v6 = broker_addr("mqtt://[::1]:1999").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 1999));
+    }
+}

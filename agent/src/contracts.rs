@@ -1,0 +1,307 @@
+//! Contract Manager: the rules of RESERVE_FLAVOUR on both sides, without I/O.
+//!
+//! The provider side is [`plan`]: given the flavour on offer and a request, either the piece
+//! to carve out and what is left, or a [`Refusal`] that becomes an ERROR on the wire. The
+//! durable half (one sled transaction, flushed before OK) is [`crate::tables::Tables::reserve`],
+//! which calls [`plan`] inside the transaction so that the check and the write cannot be
+//! separated by another request. The consumer side is [`check_answer`]: a RESERVED answer
+//! is accepted only if it is the contract this node asked for, from the node it asked.
+//! Contract states only move forward; [`can_move`] is the one place that says how.
+
+use crate::discovery::price_of;
+use crate::model::{Contract, ContractState, Flavour, Id, ReserveRequest, Resources};
+use crate::wire::ErrorCode;
+
+/// Why a reservation was refused: an expected outcome, not a failure of the provider.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("flavour {0} is not on offer (sold, changed or never existed)")]
+    FlavourGone(Id),
+    #[error("the partition does not fit in what is left of flavour {0}")]
+    NoFit(Id),
+    #[error("bad partition: {0}")]
+    BadPartition(String),
+}
+
+impl Refusal {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Refusal::FlavourGone(_) => ErrorCode::FlavourGone,
+            Refusal::NoFit(_) => ErrorCode::NoFit,
+            Refusal::BadPartition(_) => ErrorCode::BadPartition,
+        }
+    }
+}
+
+/// What a reservation takes out of a flavour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// What the buyer gets.
+    pub resources: Resources,
+    /// Price of it per period.
+    pub price: u64,
+    /// What stays on offer; `None` when the flavour is sold out.
+    pub remainder: Option<Resources>,
+}
+
+fn check_piece(name: &str, v: u64, min: u64, step: u64) -> Result<(), Refusal> {
+    if v < min {
+        return Err(Refusal::BadPartition(format!(
+            "{name} {v} is below the minimum {min}"
+        )));
+    }
+    if step != 0 && v % step != 0 {
+        return Err(Refusal::BadPartition(format!(
+            "{name} {v} is not a multiple of the step {step}"
+        )));
+    }
+    Ok(())
+}
+
+/// The provider's decision on `req` against `flavour` (workflow steps 15-16).
+pub fn plan(flavour: &Flavour, req: &ReserveRequest) -> Result<Plan, Refusal> {
+    if !flavour.available {
+        return Err(Refusal::FlavourGone(flavour.id.clone()));
+    }
+    let wanted = match (&flavour.partitionability, &req.partition) {
+        (_, None) => flavour.resources,
+        (None, Some(_)) => {
+            return Err(Refusal::BadPartition(format!(
+                "flavour {} is sold only whole",
+                flavour.id
+            )))
+        }
+        (Some(p), Some(part)) => {
+            check_piece("cpu", part.cpu, p.cpu_min, p.cpu_step)?;
+            check_piece("memory", part.memory, p.memory_min, p.memory_step)?;
+            check_piece(
+                "pods",
+                part.pods as u64,
+                p.pods_min as u64,
+                p.pods_step as u64,
+            )?;
+            *part
+        }
+    };
+    let left = flavour
+        .resources
+        .checked_sub(&wanted)
+        .ok_or_else(|| Refusal::NoFit(flavour.id.clone()))?;
+    Ok(Plan {
+        resources: wanted,
+        price: price_of(flavour, &wanted),
+        remainder: (left.cpu > 0 || left.memory > 0 || left.pods > 0).then_some(left),
+    })
+}
+
+/// Whether a contract may go from `from` to `to`. Released and Expired are final.
+pub fn can_move(from: ContractState, to: ContractState) -> bool {
+    use ContractState::*;
+    matches!(
+        (from, to),
+        (Reserved, Active) | (Reserved, Released) | (Reserved, Expired) | (Active, Released)
+    )
+}
+
+/// Why a RESERVED answer was not accepted by the buyer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("RESERVED answer rejected: {0}")]
+pub struct BadAnswer(pub String);
+
+/// The consumer's check of a RESERVED answer from `from` to its request `req`.
+///
+/// The contract id must start with the seller's id (`{seller}.`), so one seller cannot
+/// overwrite another's contract in the buyer's tables by choosing its id.
+pub fn check_answer(c: &Contract, from: &Id, req: &ReserveRequest) -> Result<(), BadAnswer> {
+    let bad = |what: String| Err(BadAnswer(what));
+    if &c.seller != from {
+        return bad(format!("seller {} but sent by {from}", c.seller));
+    }
+    if c.buyer != req.buyer {
+        return bad(format!("buyer {} is not {}", c.buyer, req.buyer));
+    }
+    if c.transaction != req.transaction {
+        return bad(format!(
+            "transaction {} is not {}",
+            c.transaction, req.transaction
+        ));
+    }
+    if c.flavour.id != req.flavour {
+        return bad(format!("flavour {} is not {}", c.flavour.id, req.flavour));
+    }
+    if !c.id.as_str().starts_with(&format!("{from}.")) {
+        return bad(format!("contract id {} is not in {from}'s namespace", c.id));
+    }
+    if let Some(p) = &req.partition {
+        if c.resources != *p {
+            return bad("resources differ from the partition asked for".into());
+        }
+    }
+    if c.state != ContractState::Reserved {
+        return bad(format!("state {:?}", c.state));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Partitionability, Price, Text};
+
+    fn build_flavour(partitionable: bool) -> Flavour {
+        Flavour {
+            id: Id::new("offer.1").unwrap(),
+            provider: Id::new("p1").unwrap(),
+            architecture: Text::new("amd64").unwrap(),
+            resources: Resources {
+                cpu: 4000,
+                memory: 8000,
+                pods: 10,
+                storage: 0,
+            },
+            gpu: None,
+            partitionability: partitionable.then_some(Partitionability {
+                cpu_min: 1000,
+                memory_min: 1000,
+                pods_min: 1,
+                cpu_step: 500,
+                memory_step: 1000,
+                pods_step: 1,
+            }),
+            price: Price {
+                amount: 4000,
+                currency: Text::new("EUR").unwrap(),
+                period: Text::new("hour").unwrap(),
+            },
+            available: true,
+            location: None,
+        }
+    }
+
+    fn build_request(partition: Option<Resources>) -> ReserveRequest {
+        ReserveRequest {
+            transaction: Id::new("c1.t1").unwrap(),
+            flavour: Id::new("offer.1").unwrap(),
+            buyer: Id::new("c1").unwrap(),
+            partition,
+        }
+    }
+
+    fn part(cpu: u64, memory: u64, pods: u32) -> Option<Resources> {
+        Some(Resources {
+            cpu,
+            memory,
+            pods,
+            storage: 0,
+        })
+    }
+
+    #[test]
+    fn partition_leaves_a_reduced_remainder() {
+        let p = plan(&build_flavour(true), &build_request(part(1500, 2000, 1))).unwrap();
+        assert_eq!(p.resources.cpu, 1500);
+        assert_eq!(p.price, 1500);
+        assert_eq!(p.remainder, part(2500, 6000, 9));
+    }
+
+    #[test]
+    fn whole_purchase_leaves_nothing() {
+        let p = plan(&build_flavour(false), &build_request(None)).unwrap();
+        assert_eq!(p.resources.cpu, 4000);
+        assert_eq!(p.remainder, None);
+    }
+
+    #[test]
+    fn taking_all_of_a_partitionable_flavour_leaves_nothing() {
+        let p = plan(&build_flavour(true), &build_request(part(4000, 8000, 10))).unwrap();
+        assert_eq!(p.remainder, None);
+    }
+
+    #[test]
+    fn partition_larger_than_what_is_left_is_refused_as_no_fit() {
+        let r = plan(&build_flavour(true), &build_request(part(4500, 1000, 1)));
+        assert_eq!(r, Err(Refusal::NoFit(Id::new("offer.1").unwrap())));
+    }
+
+    #[test]
+    fn partition_off_the_step_or_under_the_minimum_is_refused() {
+        let f = build_flavour(true);
+        let r = plan(&f, &build_request(part(1200, 1000, 1))).unwrap_err();
+        assert!(
+            matches!(r, Refusal::BadPartition(ref m) if m.contains("multiple")),
+            "{r}"
+        );
+        let r = plan(&f, &build_request(part(500, 1000, 1))).unwrap_err();
+        assert!(
+            matches!(r, Refusal::BadPartition(ref m) if m.contains("minimum")),
+            "{r}"
+        );
+        let r = plan(&f, &build_request(part(1000, 1000, 0))).unwrap_err();
+        assert_eq!(r.code(), ErrorCode::BadPartition);
+    }
+
+    #[test]
+    fn splitting_a_whole_only_flavour_is_refused() {
+        let r = plan(&build_flavour(false), &build_request(part(1000, 1000, 1)));
+        assert!(matches!(r, Err(Refusal::BadPartition(_))));
+    }
+
+    #[test]
+    fn unavailable_flavour_is_gone() {
+        let mut f = build_flavour(false);
+        f.available = false;
+        assert!(matches!(
+            plan(&f, &build_request(None)),
+            Err(Refusal::FlavourGone(_))
+        ));
+    }
+
+    #[test]
+    fn contract_states_only_move_forward() {
+        use ContractState::*;
+        assert!(can_move(Reserved, Active));
+        assert!(can_move(Reserved, Expired));
+        assert!(can_move(Active, Released));
+        assert!(
+            !can_move(Active, Expired),
+            "a peered contract does not lapse"
+        );
+        assert!(!can_move(Released, Active));
+        assert!(!can_move(Expired, Reserved));
+        assert!(!can_move(Reserved, Reserved));
+    }
+
+    fn build_contract(id: &str) -> Contract {
+        let f = build_flavour(false);
+        Contract {
+            id: Id::new(id).unwrap(),
+            transaction: Id::new("c1.t1").unwrap(),
+            resources: f.resources,
+            flavour: f,
+            buyer: Id::new("c1").unwrap(),
+            seller: Id::new("p1").unwrap(),
+            price: 4000,
+            created_at: 0,
+            expires_at: 1,
+            state: ContractState::Reserved,
+        }
+    }
+
+    #[test]
+    fn answer_from_the_seller_for_this_transaction_is_accepted() {
+        let req = build_request(None);
+        let p1 = Id::new("p1").unwrap();
+        assert_eq!(check_answer(&build_contract("p1.c9"), &p1, &req), Ok(()));
+    }
+
+    #[test]
+    fn answer_in_another_sellers_namespace_or_from_another_node_is_rejected() {
+        let req = build_request(None);
+        let p1 = Id::new("p1").unwrap();
+        assert!(check_answer(&build_contract("p2.c9"), &p1, &req).is_err());
+        assert!(check_answer(&build_contract("p1.c9"), &Id::new("p2").unwrap(), &req).is_err());
+        let mut other_tx = req.clone();
+        other_tx.transaction = Id::new("c1.t2").unwrap();
+        assert!(check_answer(&build_contract("p1.c9"), &p1, &other_tx).is_err());
+    }
+}

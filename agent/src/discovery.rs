@@ -1,0 +1,347 @@
+//! Discovery Manager: which flavours match a selector, what buying one would cost, and which
+//! candidate is best.
+//!
+//! Both sides of discovery use the same function, [`fit`]: the provider to answer
+//! LIST_FLAVOURS (workflow step 8) and the consumer to pick among its Peering Candidates
+//! (steps 5 and 12). One function means the consumer never asks for a piece the provider
+//! would refuse to list. It is pure: no clock, no table, no broker, so every edge case is a
+//! unit test. The I/O half of discovery (broadcasting LIST_FLAVOURS, collecting FLAVOURS and
+//! catalog adverts into the candidates table) lives in [`crate::rear`] and [`crate::node`].
+
+use crate::model::{Candidate, Flavour, FlavourSelector, Resources};
+
+/// What a selector would buy of a flavour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fit {
+    /// The piece to ask for; `None` buys the whole flavour.
+    pub partition: Option<Resources>,
+    /// What the buyer gets.
+    pub resources: Resources,
+    /// What it costs per period (see [`crate::model::Price`]).
+    pub price: u64,
+    /// How much more than the selector's minimum the buyer gets, CPU then memory: the
+    /// "fit" tie-breaker, smaller is better.
+    pub waste: (u64, u64),
+}
+
+/// Smallest valid piece of one resource: at least `want` and `min`, a multiple of `step`.
+fn piece(want: u64, min: u64, step: u64) -> Option<u64> {
+    let v = want.max(min);
+    if step == 0 {
+        return Some(v);
+    }
+    v.div_ceil(step).checked_mul(step)
+}
+
+fn within(v: u64, min: u64, max: Option<u64>) -> bool {
+    v >= min && max.is_none_or(|m| v <= m)
+}
+
+/// Price of `part` of `flavour`: the flavour's price times the part's share of its CPU,
+/// rounded up (a flavour without CPU is sold whole at its price).
+pub fn price_of(flavour: &Flavour, part: &Resources) -> u64 {
+    let total = flavour.resources.cpu;
+    if total == 0 || part.cpu >= total {
+        return flavour.price.amount;
+    }
+    let p = (flavour.price.amount as u128 * part.cpu as u128).div_ceil(total as u128);
+    u64::try_from(p).unwrap_or(u64::MAX)
+}
+
+/// Whether `flavour` satisfies `sel`, and if so what would be bought.
+///
+/// A flavour sold whole matches when each of its resources lies within the selector's
+/// bounds. A partitionable flavour matches when the smallest valid piece covering the
+/// selector's minimum (rounded up to the flavour's minimum and step) fits in the flavour and
+/// within the selector's maximum. Storage is never partitioned by a step: a piece takes
+/// exactly the storage the selector asks for.
+pub fn fit(flavour: &Flavour, sel: &FlavourSelector) -> Option<Fit> {
+    if !flavour.available {
+        return None;
+    }
+    if let Some(arch) = &sel.architecture {
+        if arch.as_str() != flavour.architecture.as_str() {
+            return None;
+        }
+    }
+    if sel.gpu == Some(true) && flavour.gpu.is_none() {
+        return None;
+    }
+    let min = sel.min.unwrap_or_default();
+    let max = sel.max.unwrap_or_default();
+    let have = flavour.resources;
+    let (partition, got) = match &flavour.partitionability {
+        None => (None, have),
+        Some(p) => {
+            let part = Resources {
+                cpu: piece(min.cpu, p.cpu_min, p.cpu_step)?,
+                memory: piece(min.memory, p.memory_min, p.memory_step)?,
+                pods: u32::try_from(piece(
+                    min.pods as u64,
+                    p.pods_min as u64,
+                    p.pods_step as u64,
+                )?)
+                .ok()?,
+                storage: min.storage,
+            };
+            have.checked_sub(&part)?;
+            (Some(part), part)
+        }
+    };
+    let ok = within(got.cpu, min.cpu, max.cpu)
+        && within(got.memory, min.memory, max.memory)
+        && within(got.pods as u64, min.pods as u64, max.pods.map(u64::from))
+        && within(got.storage, min.storage, max.storage);
+    if !ok {
+        return None;
+    }
+    let price = price_of(flavour, &got);
+    if sel.max_price.is_some_and(|m| price > m) {
+        return None;
+    }
+    Some(Fit {
+        partition,
+        resources: got,
+        price,
+        waste: (got.cpu - min.cpu, got.memory - min.memory),
+    })
+}
+
+/// The flavours among `flavours` that match `sel`.
+pub fn matching<'a>(
+    flavours: impl IntoIterator<Item = &'a Flavour>,
+    sel: &FlavourSelector,
+) -> Vec<Flavour> {
+    flavours
+        .into_iter()
+        .filter(|f| fit(f, sel).is_some())
+        .cloned()
+        .collect()
+}
+
+/// Fresh candidates that match `sel`, best first: lowest price, then least waste, then
+/// provider and flavour id so the order is deterministic.
+pub fn rank(
+    candidates: impl IntoIterator<Item = Candidate>,
+    sel: &FlavourSelector,
+    now: u64,
+    max_age_ms: u64,
+) -> Vec<(Candidate, Fit)> {
+    let mut v: Vec<(Candidate, Fit)> = candidates
+        .into_iter()
+        .filter(|c| now.saturating_sub(c.seen_at) <= max_age_ms)
+        .filter_map(|c| fit(&c.flavour, sel).map(|f| (c, f)))
+        .collect();
+    v.sort_by(|(a, fa), (b, fb)| {
+        (fa.price, fa.waste, &a.flavour.provider, &a.flavour.id).cmp(&(
+            fb.price,
+            fb.waste,
+            &b.flavour.provider,
+            &b.flavour.id,
+        ))
+    });
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Id, Limits, Partitionability, Price, Text};
+
+    const GI: u64 = 1 << 30;
+
+    fn build_flavour(id: &str, cpu: u64, mem_gi: u64, price: u64) -> Flavour {
+        Flavour {
+            id: Id::new(id).unwrap(),
+            provider: Id::new("p1").unwrap(),
+            architecture: Text::new("arm64").unwrap(),
+            resources: Resources {
+                cpu,
+                memory: mem_gi * GI,
+                pods: 110,
+                storage: 0,
+            },
+            gpu: None,
+            partitionability: None,
+            price: Price {
+                amount: price,
+                currency: Text::new("EUR").unwrap(),
+                period: Text::new("hour").unwrap(),
+            },
+            available: true,
+            location: None,
+        }
+    }
+
+    fn build_partitionable(id: &str, cpu: u64, mem_gi: u64, price: u64) -> Flavour {
+        let mut f = build_flavour(id, cpu, mem_gi, price);
+        f.partitionability = Some(Partitionability {
+            cpu_min: 500,
+            memory_min: GI,
+            pods_min: 1,
+            cpu_step: 500,
+            memory_step: GI / 2,
+            pods_step: 1,
+        });
+        f
+    }
+
+    fn build_selector(cpu: u64, mem_gi: u64) -> FlavourSelector {
+        FlavourSelector {
+            min: Some(Resources {
+                cpu,
+                memory: mem_gi * GI,
+                pods: 1,
+                storage: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn build_candidate(f: Flavour, seen_at: u64) -> Candidate {
+        Candidate {
+            flavour: f,
+            seen_at,
+        }
+    }
+
+    #[test]
+    fn empty_selector_matches_any_available_flavour() {
+        let f = build_flavour("f", 2000, 4, 100);
+        assert!(fit(&f, &FlavourSelector::default()).is_some());
+        let unavailable = Flavour {
+            available: false,
+            ..f
+        };
+        assert!(fit(&unavailable, &FlavourSelector::default()).is_none());
+    }
+
+    #[test]
+    fn architecture_must_match_exactly() {
+        let f = build_flavour("f", 2000, 4, 100);
+        let sel = FlavourSelector {
+            architecture: Some(Text::new("amd64").unwrap()),
+            ..Default::default()
+        };
+        assert!(fit(&f, &sel).is_none());
+    }
+
+    #[test]
+    fn whole_flavour_matches_only_within_min_and_max() {
+        let f = build_flavour("f", 2000, 4, 100);
+        assert!(
+            fit(&f, &build_selector(2000, 4)).is_some(),
+            "min is inclusive"
+        );
+        assert!(fit(&f, &build_selector(2001, 4)).is_none());
+        let mut sel = build_selector(1000, 1);
+        sel.max = Some(Limits {
+            cpu: Some(1999),
+            ..Default::default()
+        });
+        assert!(fit(&f, &sel).is_none(), "whole flavour above max cpu");
+        sel.max = Some(Limits {
+            cpu: Some(2000),
+            ..Default::default()
+        });
+        let got = fit(&f, &sel).unwrap();
+        assert_eq!(got.partition, None);
+        assert_eq!(got.resources, f.resources);
+        assert_eq!(got.waste, (1000, 3 * GI));
+    }
+
+    #[test]
+    fn partitionable_flavour_yields_the_smallest_valid_piece() {
+        let f = build_partitionable("f", 4000, 8, 400);
+        // 700 millicores round up to the 500 step: 1000; 1.2 GiB rounds to 1.5 GiB.
+        let sel = FlavourSelector {
+            min: Some(Resources {
+                cpu: 700,
+                memory: GI + GI / 5,
+                pods: 0,
+                storage: 0,
+            }),
+            ..Default::default()
+        };
+        let got = fit(&f, &sel).unwrap();
+        let part = got.partition.unwrap();
+        assert_eq!(part.cpu, 1000);
+        assert_eq!(part.memory, GI + GI / 2);
+        assert_eq!(part.pods, 1, "pods rounded up to the flavour minimum");
+        assert_eq!(got.price, 100, "a quarter of the CPU costs a quarter");
+    }
+
+    #[test]
+    fn partitionable_flavour_without_room_does_not_match() {
+        let f = build_partitionable("f", 4000, 8, 400);
+        assert!(fit(&f, &build_selector(4500, 1)).is_none());
+        assert!(
+            fit(&f, &build_selector(4000, 8)).is_some(),
+            "exactly all of it"
+        );
+    }
+
+    #[test]
+    fn piece_above_the_selector_max_does_not_match() {
+        let f = build_partitionable("f", 4000, 8, 400);
+        let mut sel = build_selector(100, 1);
+        sel.max = Some(Limits {
+            cpu: Some(400),
+            ..Default::default()
+        });
+        assert!(fit(&f, &sel).is_none(), "the minimum piece is 500");
+    }
+
+    #[test]
+    fn max_price_applies_to_what_is_bought() {
+        let f = build_partitionable("f", 4000, 8, 400);
+        let mut sel = build_selector(1000, 1);
+        sel.max_price = Some(99);
+        assert!(fit(&f, &sel).is_none());
+        sel.max_price = Some(100);
+        assert!(fit(&f, &sel).is_some());
+    }
+
+    #[test]
+    fn gpu_requirement_filters_flavours_without_gpu() {
+        let f = build_flavour("f", 2000, 4, 100);
+        let sel = FlavourSelector {
+            gpu: Some(true),
+            ..Default::default()
+        };
+        assert!(fit(&f, &sel).is_none());
+    }
+
+    #[test]
+    fn price_of_a_part_rounds_up_and_survives_huge_values() {
+        let f = build_flavour("f", 3, 1, 10);
+        let part = Resources {
+            cpu: 1,
+            ..Default::default()
+        };
+        assert_eq!(price_of(&f, &part), 4);
+        let big = build_flavour("f", u64::MAX, 1, u64::MAX);
+        assert_eq!(price_of(&big, &big.resources), u64::MAX);
+    }
+
+    #[test]
+    fn rank_orders_by_price_then_waste_and_drops_stale_candidates() {
+        let cheap_big = build_flavour("a", 8000, 16, 50);
+        let cheap_tight = build_flavour("b", 2000, 4, 50);
+        let dear = build_flavour("c", 2000, 4, 90);
+        let stale = build_flavour("d", 2000, 4, 1);
+        let ranked = rank(
+            [
+                build_candidate(dear, 1000),
+                build_candidate(cheap_big, 1000),
+                build_candidate(stale, 0),
+                build_candidate(cheap_tight, 1000),
+            ],
+            &build_selector(2000, 4),
+            1500,
+            600,
+        );
+        let ids: Vec<&str> = ranked.iter().map(|(c, _)| c.flavour.id.as_str()).collect();
+        assert_eq!(ids, ["b", "a", "c"]);
+    }
+}

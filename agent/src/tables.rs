@@ -1,0 +1,517 @@
+//! The node's tables in sled, one tree each, and the multi-tree updates that must be atomic.
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `offers` | offer id | the configured offer: a [`Flavour`] whose resources are the total |
+//! | `available` | flavour id | [`OwnFlavour`]: what is on offer now (Available Resources) |
+//! | `allocations` | contract id | [`Allocation`] (Node on the provider, VirtualNode on the consumer) |
+//! | `candidates` | `{provider}/{flavour}` | [`Candidate`] (Peering Candidates) |
+//! | `contracts` | contract id | [`Contract`] |
+//! | `transactions` | `in/{buyer}/{tx}` or `out/{tx}` | first answer given, or a purchase in flight |
+//! | `ratings` | provider id | [`Rating`] (Ratings and Metrics) |
+//!
+//! Why one sled transaction per reservation: the provider removes the old flavour, creates
+//! the reduced one, the Node allocation, the contract and the transaction record together
+//! (workflow step 16). If any of them could land without the others, a crash between two
+//! writes would either sell capacity twice or lose an acknowledged contract. The check that
+//! the request still fits runs inside the same transaction ([`crate::contracts::plan`]), and
+//! the whole database is flushed before [`Tables::reserve`] returns, so an OK that leaves
+//! the node is already on disk.
+//!
+//! The invariant kept here for every offer: the available flavour's resources plus the
+//! resources of live (not released) Node allocations equal the offer's total.
+
+use crate::contracts::{self, Plan, Refusal};
+use crate::discovery::price_of;
+use crate::model::{
+    Allocation, AllocationKind, AllocationStatus, Candidate, Contract, ContractState, Flavour, Id,
+    OwnFlavour, ReserveRequest, Resources,
+};
+use minicbor::{Decode, Encode};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::{Transactional, Tree};
+use std::path::Path;
+
+/// Why a table operation failed. Refusals of a reservation are not errors: see [`Reservation`].
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("database error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("damaged record in table {tree}, key {key:?}: {reason}")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error(
+        "offer {offer} now offers less than its live reservations hold ({held:?}); \
+         restore its size or release those contracts first"
+    )]
+    OfferShrunk { offer: String, held: Box<Resources> },
+}
+
+/// The outcome of a RESERVE_FLAVOUR on the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// A new contract, durable on disk.
+    New(Contract),
+    /// The transaction id was seen before: the first answer, nothing reserved again.
+    Repeat(Contract),
+    /// Refused; nothing was written.
+    Refused(Refusal),
+}
+
+/// A purchase this node started and has not finished (consumer side).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct Outgoing {
+    #[n(0)]
+    pub request: ReserveRequest,
+    #[n(1)]
+    pub seller: Id,
+    #[n(2)]
+    pub started_at: u64,
+}
+
+/// What this node knows of a provider's behaviour (Ratings and Metrics).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct Rating {
+    #[n(0)]
+    pub reservations_ok: u64,
+    #[n(1)]
+    pub reservations_failed: u64,
+    /// Milliseconds from RESERVE_FLAVOUR sent to RESERVED received, last success.
+    #[n(2)]
+    pub last_latency_ms: u64,
+}
+
+/// The open tables of one node. Cloning is cheap (sled handles are reference-counted).
+#[derive(Clone)]
+pub struct Tables {
+    db: sled::Db,
+    offers: Tree,
+    available: Tree,
+    allocations: Tree,
+    candidates: Tree,
+    contracts: Tree,
+    transactions: Tree,
+    ratings: Tree,
+}
+
+fn enc<T: Encode<()>>(v: &T) -> Vec<u8> {
+    // Encoding into a Vec cannot fail.
+    minicbor::to_vec(v).unwrap_or_default()
+}
+
+fn dec<T: for<'a> Decode<'a, ()>>(
+    tree: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, TableError> {
+    minicbor::decode(bytes).map_err(|e| TableError::Corrupt {
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn all<T: for<'a> Decode<'a, ()>>(name: &'static str, tree: &Tree) -> Result<Vec<T>, TableError> {
+    tree.iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            dec(name, &k, &v)
+        })
+        .collect()
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<TableError>>;
+
+fn tx_get<T: for<'a> Decode<'a, ()>>(
+    name: &'static str,
+    tree: &TransactionalTree,
+    key: &[u8],
+) -> TxResult<Option<T>> {
+    match tree.get(key)? {
+        None => Ok(None),
+        Some(v) => dec(name, key, &v)
+            .map(Some)
+            .map_err(ConflictableTransactionError::Abort),
+    }
+}
+
+fn flatten<T>(r: Result<T, TransactionError<TableError>>) -> Result<T, TableError> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => TableError::Sled(e),
+    })
+}
+
+fn in_key(buyer: &Id, tx: &Id) -> Vec<u8> {
+    format!("in/{buyer}/{tx}").into_bytes()
+}
+
+fn out_key(tx: &Id) -> Vec<u8> {
+    format!("out/{tx}").into_bytes()
+}
+
+fn candidate_key(provider: &Id, flavour: &Id) -> Vec<u8> {
+    format!("{provider}/{flavour}").into_bytes()
+}
+
+/// Builds a new flavour id `{offer}.{n}`; ids are never reused, so a consumer holding an old
+/// id gets FlavourGone instead of silently buying a different flavour.
+fn flavour_id(offer: &Id, n: u64) -> Result<Id, ConflictableTransactionError<TableError>> {
+    Id::new(&format!("{offer}.{n}")).map_err(|e| {
+        ConflictableTransactionError::Abort(TableError::Corrupt {
+            tree: "offers",
+            key: offer.to_string(),
+            reason: e.to_string(),
+        })
+    })
+}
+
+impl Tables {
+    /// Opens (or creates) the tables under `dir`.
+    pub fn open(dir: &Path) -> Result<Tables, TableError> {
+        let db = sled::Config::new()
+            .path(dir)
+            // A gateway has little memory; the tables are small.
+            .cache_capacity(4 * 1024 * 1024)
+            .open()?;
+        Ok(Tables {
+            offers: db.open_tree("offers")?,
+            available: db.open_tree("available")?,
+            allocations: db.open_tree("allocations")?,
+            candidates: db.open_tree("candidates")?,
+            contracts: db.open_tree("contracts")?,
+            transactions: db.open_tree("transactions")?,
+            ratings: db.open_tree("ratings")?,
+            db,
+        })
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), TableError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Resources held by live Node allocations, per offer.
+    fn held(&self, offer: &Id) -> Result<Resources, TableError> {
+        let mut held = Resources::default();
+        for a in all::<Allocation>("allocations", &self.allocations)? {
+            if a.kind == AllocationKind::Node
+                && a.status != AllocationStatus::Released
+                && a.offer.as_ref() == Some(offer)
+            {
+                held = held.saturating_add(&a.resources);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Brings the offers in line with the configuration: each configured offer (a flavour
+    /// whose id is the offer id and whose resources are the total) is advertised with its
+    /// total minus what live reservations hold; offers no longer configured are withdrawn.
+    /// Called at start, before the node serves anything.
+    pub async fn sync_offers(&self, configured: &[Flavour]) -> Result<(), TableError> {
+        let mut wanted = Vec::new();
+        for offer in configured {
+            let held = self.held(&offer.id)?;
+            let left =
+                offer
+                    .resources
+                    .checked_sub(&held)
+                    .ok_or_else(|| TableError::OfferShrunk {
+                        offer: offer.id.to_string(),
+                        held: Box::new(held),
+                    })?;
+            wanted.push((offer, left));
+        }
+        let current: Vec<OwnFlavour> = all("available", &self.available)?;
+        let stored: Vec<Flavour> = all("offers", &self.offers)?;
+        flatten(
+            (&self.offers, &self.available).transaction(|(offers, available)| {
+                for old in &stored {
+                    if !configured.iter().any(|o| o.id == old.id) {
+                        offers.remove(old.id.as_str())?;
+                    }
+                }
+                for own in &current {
+                    let keep = wanted.iter().any(|(o, left)| {
+                        own.offer == o.id && own.flavour == cut(o, &own.flavour.id, *left)
+                    });
+                    if !keep {
+                        available.remove(own.flavour.id.as_str())?;
+                    }
+                }
+                for (o, left) in &wanted {
+                    offers.insert(o.id.as_str(), enc(*o))?;
+                    let kept = current.iter().any(|own| {
+                        own.offer == o.id && own.flavour == cut(o, &own.flavour.id, *left)
+                    });
+                    if !kept && !left.is_zero() {
+                        let id = flavour_id(&o.id, available.generate_id()?)?;
+                        let own = OwnFlavour {
+                            offer: o.id.clone(),
+                            flavour: cut(o, &id, *left),
+                        };
+                        available.insert(id.as_str(), enc(&own))?;
+                    }
+                }
+                Ok(())
+            }),
+        )?;
+        self.flush().await
+    }
+
+    /// The flavours on offer now.
+    pub fn flavours(&self) -> Result<Vec<OwnFlavour>, TableError> {
+        all("available", &self.available)
+    }
+
+    /// The configured offers (totals).
+    pub fn offers(&self) -> Result<Vec<Flavour>, TableError> {
+        all("offers", &self.offers)
+    }
+
+    /// Provider side of RESERVE_FLAVOUR (workflow steps 15-17): one transaction, flushed
+    /// before returning when anything was written.
+    pub async fn reserve(
+        &self,
+        me: &Id,
+        req: &ReserveRequest,
+        now: u64,
+        ttl_ms: u64,
+    ) -> Result<Reservation, TableError> {
+        let key = in_key(&req.buyer, &req.transaction);
+        let outcome = flatten(
+            (
+                &self.offers,
+                &self.available,
+                &self.allocations,
+                &self.contracts,
+                &self.transactions,
+            )
+                .transaction(
+                    |(offers, available, allocations, contracts, transactions)| {
+                        if let Some(first) = tx_get("transactions", transactions, &key)? {
+                            return Ok(Reservation::Repeat(first));
+                        }
+                        let Some(own) = tx_get::<OwnFlavour>(
+                            "available",
+                            available,
+                            req.flavour.as_str().as_bytes(),
+                        )?
+                        else {
+                            return Ok(Reservation::Refused(Refusal::FlavourGone(
+                                req.flavour.clone(),
+                            )));
+                        };
+                        let Plan {
+                            resources,
+                            price,
+                            remainder,
+                        } = match contracts::plan(&own.flavour, req) {
+                            Ok(p) => p,
+                            Err(r) => return Ok(Reservation::Refused(r)),
+                        };
+                        let n = available.generate_id()?;
+                        let id = Id::new(&format!("{me}.c{n}")).map_err(|e| {
+                            ConflictableTransactionError::Abort(TableError::Corrupt {
+                                tree: "contracts",
+                                key: me.to_string(),
+                                reason: e.to_string(),
+                            })
+                        })?;
+                        available.remove(req.flavour.as_str())?;
+                        if let Some(left) = remainder {
+                            let new_id = flavour_id(&own.offer, available.generate_id()?)?;
+                            let offer: Flavour =
+                                tx_get("offers", offers, own.offer.as_str().as_bytes())?
+                                    .unwrap_or_else(|| own.flavour.clone());
+                            let reduced = OwnFlavour {
+                                offer: own.offer.clone(),
+                                flavour: cut(&offer, &new_id, left),
+                            };
+                            available.insert(new_id.as_str(), enc(&reduced))?;
+                        }
+                        let contract = Contract {
+                            id: id.clone(),
+                            transaction: req.transaction.clone(),
+                            flavour: own.flavour.clone(),
+                            buyer: req.buyer.clone(),
+                            seller: me.clone(),
+                            resources,
+                            price,
+                            created_at: now,
+                            expires_at: now.saturating_add(ttl_ms),
+                            state: ContractState::Reserved,
+                        };
+                        let alloc = Allocation {
+                            contract: id.clone(),
+                            kind: AllocationKind::Node,
+                            status: AllocationStatus::Inactive,
+                            resources,
+                            peer: req.buyer.clone(),
+                            updated_at: now,
+                            offer: Some(own.offer.clone()),
+                        };
+                        allocations.insert(id.as_str(), enc(&alloc))?;
+                        contracts.insert(id.as_str(), enc(&contract))?;
+                        transactions.insert(key.clone(), enc(&contract))?;
+                        Ok(Reservation::New(contract))
+                    },
+                ),
+        )?;
+        if matches!(outcome, Reservation::New(_)) {
+            self.flush().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Consumer side: records a purchase before RESERVE_FLAVOUR leaves, so that a restarted
+    /// node knows which transaction ids it may still hold a contract for.
+    pub fn begin_purchase(&self, out: &Outgoing) -> Result<(), TableError> {
+        self.transactions
+            .insert(out_key(&out.request.transaction), enc(out))?;
+        Ok(())
+    }
+
+    /// Consumer side: a purchase that ended without a contract.
+    pub fn abandon_purchase(&self, tx: &Id) -> Result<(), TableError> {
+        self.transactions.remove(out_key(tx))?;
+        Ok(())
+    }
+
+    /// Purchases started and not finished (consumer side).
+    pub fn purchases_in_flight(&self) -> Result<Vec<Outgoing>, TableError> {
+        self.transactions
+            .scan_prefix("out/")
+            .map(|kv| {
+                let (k, v) = kv?;
+                dec("transactions", &k, &v)
+            })
+            .collect()
+    }
+
+    /// Consumer side of RESERVED (workflow steps 19-20): the contract, a VirtualNode
+    /// allocation in "inactive" status, and the end of the purchase, in one transaction,
+    /// flushed before returning.
+    pub async fn complete_purchase(&self, c: &Contract, now: u64) -> Result<(), TableError> {
+        let alloc = Allocation {
+            contract: c.id.clone(),
+            kind: AllocationKind::VirtualNode,
+            status: AllocationStatus::Inactive,
+            resources: c.resources,
+            peer: c.seller.clone(),
+            updated_at: now,
+            offer: None,
+        };
+        flatten(
+            (&self.contracts, &self.allocations, &self.transactions).transaction(
+                |(contracts, allocations, transactions)| {
+                    contracts.insert(c.id.as_str(), enc(c))?;
+                    allocations.insert(c.id.as_str(), enc(&alloc))?;
+                    transactions.remove(out_key(&c.transaction))?;
+                    Ok(())
+                },
+            ),
+        )?;
+        self.flush().await
+    }
+
+    pub fn contracts(&self) -> Result<Vec<Contract>, TableError> {
+        all("contracts", &self.contracts)
+    }
+
+    pub fn allocations(&self) -> Result<Vec<Allocation>, TableError> {
+        all("allocations", &self.allocations)
+    }
+
+    /// Replaces everything known of `provider` with `flavours` (an advert or an answer).
+    pub fn replace_candidates(
+        &self,
+        provider: &Id,
+        flavours: &[Flavour],
+        now: u64,
+    ) -> Result<(), TableError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.candidates.scan_prefix(format!("{provider}/")) {
+            batch.remove(kv?.0);
+        }
+        for f in flavours {
+            let c = Candidate {
+                flavour: f.clone(),
+                seen_at: now,
+            };
+            batch.insert(candidate_key(provider, &f.id), enc(&c));
+        }
+        self.candidates.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Adds or refreshes one candidate.
+    pub fn replace_candidate(&self, f: &Flavour, now: u64) -> Result<(), TableError> {
+        let c = Candidate {
+            flavour: f.clone(),
+            seen_at: now,
+        };
+        self.candidates
+            .insert(candidate_key(&f.provider, &f.id), enc(&c))?;
+        Ok(())
+    }
+
+    /// A number never handed out before by this database (ids of transactions).
+    pub fn generate_id(&self) -> Result<u64, TableError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Forgets one candidate (it was sold or refused).
+    pub fn remove_candidate(&self, provider: &Id, flavour: &Id) -> Result<(), TableError> {
+        self.candidates.remove(candidate_key(provider, flavour))?;
+        Ok(())
+    }
+
+    pub fn candidates(&self) -> Result<Vec<Candidate>, TableError> {
+        all("candidates", &self.candidates)
+    }
+
+    /// Records the outcome of a reservation attempt with `provider`.
+    pub fn rate(&self, provider: &Id, ok: bool, latency_ms: u64) -> Result<(), TableError> {
+        let key = provider.as_str().as_bytes();
+        let mut r: Rating = match self.ratings.get(key)? {
+            Some(v) => dec("ratings", key, &v)?,
+            None => Rating::default(),
+        };
+        if ok {
+            r.reservations_ok += 1;
+            r.last_latency_ms = latency_ms;
+        } else {
+            r.reservations_failed += 1;
+        }
+        self.ratings.insert(key, enc(&r))?;
+        Ok(())
+    }
+
+    pub fn rating(&self, provider: &Id) -> Result<Option<Rating>, TableError> {
+        let key = provider.as_str().as_bytes();
+        self.ratings
+            .get(key)?
+            .map(|v| dec("ratings", key, &v))
+            .transpose()
+    }
+}
+
+/// The flavour that offers `left` of `offer` under `id`, priced pro rata from the offer's
+/// total (so the unit price stays the same however the offer is cut).
+fn cut(offer: &Flavour, id: &Id, left: Resources) -> Flavour {
+    let mut f = Flavour {
+        id: id.clone(),
+        resources: left,
+        ..offer.clone()
+    };
+    f.price.amount = price_of(offer, &left);
+    f
+}

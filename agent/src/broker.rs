@@ -1,0 +1,191 @@
+//! The MQTT session with the domain broker: connect, last will, reconnect with backoff,
+//! subscriptions and the retained advert after every connect.
+//!
+//! One task owns rumqttc's `EventLoop` and does nothing but poll it, as rumqttc intends:
+//! incoming publishes go to the node over a bounded channel with `try_send`, so a busy node
+//! never stalls the poll loop (a stalled poll loop stops keepalives and every outgoing
+//! publish, and the node, waiting for its own publish, would wait forever). When the
+//! channel is full a message is dropped with a warning: requests are retried by their
+//! senders and adverts are retained, so dropping under overload loses no state.
+//!
+//! The session is clean (no broker-side queue while the node is away): after a reconnect
+//! the task subscribes again and re-publishes the current advert, which also repairs a
+//! catalog entry cleared by the will during the outage.
+
+use crate::config::Config;
+use crate::wire::{Topics, MAX_PACKET};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+/// Inbound messages waiting for the node. Bounded: at most this many payloads of at most
+/// `MAX_PACKET` bytes are held, about 8 MiB in the worst case and a few KiB normally.
+pub const INBOUND_QUEUE: usize = 128;
+/// Outgoing requests rumqttc may hold while disconnected or busy.
+const REQUEST_QUEUE: usize = 256;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a clean stop waits for the advert withdrawal and DISCONNECT to go out.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// A publish received from the broker.
+#[derive(Debug)]
+pub struct Inbound {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// What the node knows of its broker connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    pub connected: bool,
+    /// Connections made since start (1 after the first).
+    pub connects: u64,
+    /// Last connection error, if any.
+    pub last_error: Option<String>,
+}
+
+/// The latest advert payload, re-published after every connect. Empty: nothing to advertise.
+pub type AdvertSlot = Arc<Mutex<Vec<u8>>>;
+
+/// Builds the client and its event loop, with the empty retained will on the catalog topic.
+pub fn connect(cfg: &Config, topics: &Topics) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(cfg.node_id.as_str(), &cfg.broker.host, cfg.broker.port);
+    opts.set_keep_alive(cfg.keepalive)
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_request_channel_capacity(REQUEST_QUEUE)
+        .set_last_will(LastWill::new(
+            topics.my_catalog(),
+            Vec::new(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    AsyncClient::new(opts, REQUEST_QUEUE)
+}
+
+/// Everything the session task owns.
+pub struct Session {
+    pub events: EventLoop,
+    pub client: AsyncClient,
+    pub topics: Topics,
+    /// Subscribe to the whole catalog (see `Config::watch_catalog`).
+    pub watch_catalog: bool,
+    pub inbound: mpsc::Sender<Inbound>,
+    pub advert: AdvertSlot,
+    pub status: watch::Sender<Status>,
+}
+
+impl Session {
+    /// Drives the session until `stop` turns true, then withdraws the advert and disconnects.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            // Cancel safety: `poll` may be dropped only when `stop` fires, once; rumqttc
+            // keeps unsent requests in its state, and the stop path polls again to flush them.
+            let event = tokio::select! {
+                _ = stop.changed() => break,
+                ev = self.events.poll() => ev,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = BACKOFF_MIN;
+                    self.status.send_modify(|s| {
+                        s.connected = true;
+                        s.connects += 1;
+                    });
+                    info!(broker = ?self.events.mqtt_options.broker_address(), "connected to the domain broker");
+                    self.on_connect();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let msg = Inbound {
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(m)) = self.inbound.try_send(msg) {
+                        warn!(topic = %m.topic, "node busy: inbound queue full, message dropped");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let was = self.status.borrow().connected;
+                    self.status.send_modify(|s| {
+                        s.connected = false;
+                        s.last_error = Some(e.to_string());
+                    });
+                    if was {
+                        warn!(error = %e, "lost the domain broker; reconnecting");
+                    } else {
+                        debug!(error = %e, retry_in = ?backoff, "broker unreachable");
+                    }
+                    // Jitter spreads the reconnects of a whole domain after a broker restart.
+                    let jitter =
+                        Duration::from_nanos(unix_nanos() % (backoff.as_nanos() as u64 / 2 + 1));
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tokio::time::sleep(backoff + jitter) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        let connected = self.status.borrow().connected;
+        if connected {
+            self.stop_session().await;
+        }
+    }
+
+    /// Subscribes and re-publishes the advert. Uses `try_*`: this runs inside the poll
+    /// loop, and awaiting the request channel here could wait on the loop itself.
+    fn on_connect(&self) {
+        let subs = self
+            .topics
+            .subscriptions(self.watch_catalog)
+            .into_iter()
+            .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
+        if let Err(e) = self.client.try_subscribe_many(subs) {
+            warn!(error = %e, "could not queue subscriptions");
+        }
+        let payload = self.advert.lock().map(|a| a.clone()).unwrap_or_default();
+        if !payload.is_empty() {
+            let topic = self.topics.my_catalog();
+            if let Err(e) = self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, true, payload)
+            {
+                warn!(error = %e, "could not queue the advert");
+            }
+        }
+    }
+
+    /// A clean stop: clear the catalog entry (a clean DISCONNECT does not fire the will)
+    /// and disconnect, polling until both are out or the grace period ends.
+    async fn stop_session(&mut self) {
+        let topic = self.topics.my_catalog();
+        let _ = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, Vec::new());
+        let _ = self.client.try_disconnect();
+        let events = &mut self.events;
+        let flush = async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        if tokio::time::timeout(STOP_GRACE, flush).await.is_err() {
+            warn!("broker did not take the DISCONNECT in time");
+        }
+    }
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,79 @@
+//! fluidlet: a small agent that makes an edge gateway a full node of a FLUIDOS domain.
+//!
+//! A FLUIDOS node sells spare capacity as *flavours* and buys other nodes' flavours through
+//! REAR: discovery (LIST_FLAVOURS), reservation (RESERVE_FLAVOUR, which yields a contract),
+//! then peering. fluidlet speaks REAR as CBOR over MQTT through a domain broker, which acts
+//! as the domain's Catalog (retained adverts, cleared by last will), and keeps its tables
+//! in sled so that nothing it acknowledged is lost on a crash.
+//!
+//! Modules, named after the functional elements of the FLUIDOS workflow:
+//!
+//! - [`model`]: flavours, selectors, contracts, allocations; bounded CBOR types.
+//! - [`wire`]: topics, the envelope, size limits, decode errors. Pure.
+//! - [`tables`]: the sled trees and the atomic reservation write.
+//! - [`config`]: the TOML config, validated into model types.
+//! - [`broker`]: the MQTT session (rumqttc): will, reconnect, subscriptions, advert.
+//! - [`discovery`]: Discovery Manager: selector matching and candidate ranking. Pure.
+//! - [`contracts`]: Contract Manager: reservation planning and contract rules. Pure.
+//! - [`rear`]: REAR Manager, consumer side: candidates, discovery, reservation.
+//! - [`node`]: the running node: provider side of REAR, answer routing, clean stop.
+//! - `demo` (feature `demo`): an embedded broker and two nodes in one process.
+//!
+//! Data flows one way: broker -> wire -> manager -> tables, and back out through wire.
+//! Not built yet (each has its own issue): the Node Orchestrator and intents, the Virtual
+//! Fabric / Network Manager shim to k3s + Liqo, contract expiry and release, TLS.
+
+pub mod broker;
+pub mod config;
+pub mod contracts;
+#[cfg(feature = "demo")]
+pub mod demo;
+pub mod discovery;
+pub mod model;
+pub mod node;
+pub mod rear;
+pub mod tables;
+pub mod wire;
+
+pub use config::Config;
+pub use node::Agent;
+
+use std::sync::Arc;
+
+/// Anything that stops a node from starting or running. Expected outcomes (a refused
+/// reservation) are not here: see [`rear::RearError`] and [`tables::Reservation`].
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Table(#[from] tables::TableError),
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    #[error("broker: {0}")]
+    Broker(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One step of the FLUIDOS workflow as it happens on a node (numbers as in the seed
+/// workflow "two nodes, same domain").
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub number: u8,
+    /// The functional element acting: "REAR Manager", "Contract Manager", ...
+    pub element: &'static str,
+    pub node: model::Id,
+    pub text: String,
+}
+
+/// Receives every [`Step`]; the demo prints them, tests record them.
+pub type Observer = Arc<dyn Fn(&Step) + Send + Sync>;
+
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

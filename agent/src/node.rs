@@ -1,0 +1,543 @@
+//! The running node: starts the tables and the broker session, serves the provider side of
+//! REAR, routes answers to the consumer flows waiting for them, and stops cleanly.
+//!
+//! Two tasks: the broker session ([`crate::broker::run`]) and the node task ([`serve`]),
+//! which handles inbound messages one at a time. Handling them one at a time is deliberate:
+//! a reservation's check and its durable write then never interleave with another one on
+//! this node (the sled transaction would also catch it, but sequential handling means no
+//! retry storms), and a reservation costs one flush, well under the broker round trip.
+//! Consumer flows ([`Agent::acquire`]) run in the caller's task and meet their answers
+//! through the bounded pending map: the node task hands each FLAVOURS, RESERVED or ERROR to
+//! the flow whose request id it correlates with, if that flow is still waiting.
+//!
+//! Every refusal of a peer's message is answered with ERROR to the sender the topic names
+//! and logged at warn, except ERROR messages themselves, which are never answered (two
+//! agents that cannot understand each other would otherwise ping-pong forever).
+
+use crate::broker::{self, AdvertSlot, Inbound, Status};
+use crate::config::Config;
+use crate::discovery;
+use crate::model::{Contract, FlavourList, FlavourSelector, Id};
+use crate::rear::{self, RearError};
+use crate::tables::{Reservation, Tables};
+use crate::wire::{Body, ErrorBody, ErrorCode, Flavours, Message, Route, Topics, WireError};
+use crate::{unix_ms, AgentError, Observer, Step};
+use rumqttc::{AsyncClient, QoS};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+/// Consumer requests waiting for answers at once (discoveries and reservations). A bound of
+/// the protocol: beyond it a new request fails with `Busy` rather than growing a map.
+pub const MAX_PENDING: usize = 64;
+
+/// Who waits for answers to one request id.
+pub(crate) enum Waiter {
+    /// A discovery: every FLAVOURS answer, from anyone, until the window closes.
+    Collect(mpsc::Sender<(Id, FlavourList)>),
+    /// A reservation: the one answer from `from`.
+    Reply { from: Id, tx: oneshot::Sender<Body> },
+}
+
+/// What the node task and the consumer flows share.
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub tables: Tables,
+    pub topics: Topics,
+    pub client: AsyncClient,
+    pub pending: Mutex<heapless::index_map::FnvIndexMap<u64, Waiter, MAX_PENDING>>,
+    next_id: AtomicU64,
+    advert: AdvertSlot,
+    observer: Option<Observer>,
+    pub status: watch::Receiver<Status>,
+}
+
+impl Shared {
+    /// A fresh message id. Seeded from the clock so that ids keep growing across restarts.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn me(&self) -> &Id {
+        &self.cfg.node_id
+    }
+
+    /// Reports a workflow step to the observer (the demo prints them) and the log.
+    pub fn step(&self, number: u8, element: &'static str, text: impl Into<String>) {
+        let step = Step {
+            number,
+            element,
+            node: self.me().clone(),
+            text: text.into(),
+        };
+        debug!(step = number, element, "{}", step.text);
+        if let Some(o) = &self.observer {
+            o(&step);
+        }
+    }
+
+    /// Builds and publishes a message for `to` (QoS 1).
+    pub async fn send(
+        &self,
+        to: &Id,
+        correlation: Option<u64>,
+        body: Body,
+    ) -> Result<u64, RearError> {
+        let msg = Message {
+            id: self.next_id(),
+            correlation,
+            sent_at: unix_ms(),
+            sender: self.me().clone(),
+            body,
+        };
+        let topic = self.topics.to(to);
+        self.publish(topic, false, &msg).await?;
+        Ok(msg.id)
+    }
+
+    pub async fn publish(
+        &self,
+        topic: String,
+        retain: bool,
+        msg: &Message,
+    ) -> Result<(), RearError> {
+        let bytes = msg.encode().map_err(RearError::Wire)?;
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, bytes)
+            .await
+            .map_err(|e| RearError::Broker(e.to_string()))
+    }
+
+    /// Registers a waiter for answers correlated with `id`; `Busy` when the map is full.
+    pub fn wait_for(&self, id: u64, w: Waiter) -> Result<PendingGuard<'_>, RearError> {
+        let mut p = self.pending.lock().map_err(|_| RearError::Busy)?;
+        p.insert(id, w).map_err(|_| RearError::Busy)?;
+        Ok(PendingGuard { shared: self, id })
+    }
+
+    /// Publishes the current flavours as this node's retained catalog entry.
+    async fn publish_advert(&self) -> Result<(), AgentError> {
+        let own = self.tables.flavours()?;
+        let flavours: Vec<_> = own.into_iter().map(|o| o.flavour).collect();
+        let msg = Message {
+            id: self.next_id(),
+            correlation: None,
+            sent_at: unix_ms(),
+            sender: self.me().clone(),
+            body: Body::Advert(Flavours {
+                flavours: FlavourList::from_slice_truncated(&flavours),
+            }),
+        };
+        let bytes = msg.encode()?;
+        if let Ok(mut slot) = self.advert.lock() {
+            slot.clone_from(&bytes);
+        }
+        self.client
+            .publish(self.topics.my_catalog(), QoS::AtLeastOnce, true, bytes)
+            .await
+            .map_err(|e| AgentError::Broker(e.to_string()))?;
+        debug!(flavours = flavours.len(), "advert published");
+        Ok(())
+    }
+}
+
+/// Removes a pending entry when the waiting flow ends, however it ends.
+pub(crate) struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.shared.pending.lock() {
+            p.swap_remove(&self.id);
+        }
+    }
+}
+
+/// A running node. Dropping it without [`Agent::shutdown`] stops nothing cleanly; call it.
+pub struct Agent {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Opens the tables, brings the offers in line with the config, connects to the broker
+    /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
+    pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
+        let tables = Tables::open(&cfg.data_dir)?;
+        tables.sync_offers(&cfg.offers).await?;
+        let topics = Topics::new(&cfg.domain, &cfg.node_id);
+        let (client, events) = broker::connect(&cfg, &topics);
+        let (inbound_tx, inbound_rx) = mpsc::channel(broker::INBOUND_QUEUE);
+        let (status_tx, status_rx) = watch::channel(Status::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let advert = AdvertSlot::default();
+        let shared = Arc::new(Shared {
+            tables,
+            topics: topics.clone(),
+            client: client.clone(),
+            pending: Mutex::new(heapless::index_map::FnvIndexMap::new()),
+            next_id: AtomicU64::new(unix_ms().saturating_mul(1024)),
+            advert: advert.clone(),
+            observer,
+            status: status_rx,
+            cfg,
+        });
+        let session = broker::Session {
+            events,
+            client,
+            topics,
+            watch_catalog: shared.cfg.watch_catalog,
+            inbound: inbound_tx,
+            advert,
+            status: status_tx,
+        };
+        let session = tokio::spawn(session.run(stop_rx.clone()));
+        if !shared.cfg.offers.is_empty() {
+            shared.publish_advert().await?;
+        }
+        let node = tokio::spawn(serve(shared.clone(), inbound_rx, stop_rx));
+        info!(node = %shared.me(), domain = %shared.cfg.domain, "fluidlet node started");
+        Ok(Agent {
+            shared,
+            stop: stop_tx,
+            tasks: vec![node, session],
+        })
+    }
+
+    pub fn node_id(&self) -> &Id {
+        self.shared.me()
+    }
+
+    /// The node's tables, for inspection (status, tests). Keep no clone past shutdown.
+    pub fn tables(&self) -> &Tables {
+        &self.shared.tables
+    }
+
+    pub fn broker_status(&self) -> Status {
+        self.shared.status.borrow().clone()
+    }
+
+    /// Waits until the broker session is up, at most `limit`.
+    pub async fn connected(&self, limit: Duration) -> bool {
+        let mut rx = self.shared.status.clone();
+        tokio::time::timeout(limit, rx.wait_for(|s| s.connected))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The consumer side of REAR for one selector: candidates, discovery if needed,
+    /// reservation (workflow steps 5-20). Returns the durable contract.
+    pub async fn acquire(&self, selector: &FlavourSelector) -> Result<Contract, RearError> {
+        rear::acquire(&self.shared, selector).await
+    }
+
+    /// Stops taking messages, finishes the one in hand, withdraws the advert, disconnects
+    /// and flushes the tables.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = self.shared.tables.flush().await {
+            error!(error = %e, "final flush failed");
+        }
+        info!(node = %self.shared.me(), "fluidlet node stopped");
+    }
+}
+
+/// The node task: one inbound message at a time until told to stop.
+async fn serve(
+    shared: Arc<Shared>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        // Cancel safety: neither branch mutates state before it completes; a message is
+        // handled in the body, after select! has chosen, so it is never half-handled.
+        let msg = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            m = inbound.recv() => m,
+        };
+        let Some(msg) = msg else { break };
+        handle(&shared, msg).await;
+    }
+}
+
+async fn handle(shared: &Shared, Inbound { topic, payload }: Inbound) {
+    let Some(route) = shared.topics.parse(&topic) else {
+        warn!(%topic, "message on a topic outside this node's scheme ignored");
+        return;
+    };
+    match route {
+        Route::Catalog { node } => on_catalog(shared, node, &payload).await,
+        Route::Addressed { to, from } => {
+            if &to != shared.me() {
+                warn!(%topic, "mail for another node delivered here; broker ACLs are wrong");
+                return;
+            }
+            if let Some(msg) = decode_or_answer(shared, &from, &payload).await {
+                on_addressed(shared, from, msg).await;
+            }
+        }
+        Route::Discovery { from } => {
+            if &from == shared.me() {
+                return;
+            }
+            if let Some(msg) = decode_or_answer(shared, &from, &payload).await {
+                match msg.body {
+                    Body::ListFlavours(l) => {
+                        answer_list(shared, &from, msg.id, &l.selector, false).await
+                    }
+                    other => unexpected(shared, &from, msg.id, other.kind(), "discovery").await,
+                }
+            }
+        }
+    }
+}
+
+/// Decodes a payload from `from`; on failure answers ERROR and returns `None`. Also refuses
+/// a message whose envelope names a sender other than the topic's.
+async fn decode_or_answer(shared: &Shared, from: &Id, payload: &[u8]) -> Option<Message> {
+    match Message::decode(payload) {
+        Ok(msg) if &msg.sender != from => {
+            warn!(%from, sender = %msg.sender, "envelope sender contradicts the topic");
+            if !matches!(msg.body, Body::Error(_)) {
+                let text = format!("envelope sender {} but topic says {from}", msg.sender);
+                answer_error(shared, from, Some(msg.id), ErrorCode::Unexpected, &text).await;
+            }
+            None
+        }
+        Ok(msg) => Some(msg),
+        Err(e) => {
+            warn!(%from, error = %e, "refused a message");
+            answer_wire_error(shared, from, &e).await;
+            None
+        }
+    }
+}
+
+async fn answer_wire_error(shared: &Shared, to: &Id, e: &WireError) {
+    answer_error(shared, to, e.message_id(), e.code(), &e.to_string()).await;
+}
+
+async fn answer_error(
+    shared: &Shared,
+    to: &Id,
+    correlation: Option<u64>,
+    code: ErrorCode,
+    text: &str,
+) {
+    let body = Body::Error(ErrorBody::new(code, text));
+    if let Err(e) = shared.send(to, correlation, body).await {
+        warn!(%to, error = %e, "could not send ERROR");
+    }
+}
+
+async fn unexpected(shared: &Shared, from: &Id, id: u64, kind: crate::wire::Kind, place: &str) {
+    warn!(%from, ?kind, place, "message kind has no meaning here");
+    let text = format!("{kind:?} is not accepted on {place} topics");
+    answer_error(shared, from, Some(id), ErrorCode::Unexpected, &text).await;
+}
+
+async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
+    if &node == shared.me() {
+        return;
+    }
+    if payload.is_empty() {
+        debug!(%node, "catalog entry cleared: provider gone");
+        if let Err(e) = shared.tables.replace_candidates(&node, &[], unix_ms()) {
+            error!(error = %e, "peering candidates update failed");
+        }
+        return;
+    }
+    let Some(msg) = decode_or_answer(shared, &node, payload).await else {
+        return;
+    };
+    let Body::Advert(a) = msg.body else {
+        return unexpected(shared, &node, msg.id, msg.body.kind(), "catalog").await;
+    };
+    if let Some(f) = a.flavours.iter().find(|f| f.provider != node) {
+        warn!(%node, provider = %f.provider, "advert offers another node's flavour; ignored");
+        return;
+    }
+    let flavours: Vec<_> = a.flavours.iter().cloned().collect();
+    if let Err(e) = shared
+        .tables
+        .replace_candidates(&node, &flavours, unix_ms())
+    {
+        error!(error = %e, "peering candidates update failed");
+    }
+    debug!(%node, flavours = flavours.len(), "catalog advert stored as peering candidates");
+}
+
+async fn on_addressed(shared: &Shared, from: Id, msg: Message) {
+    match msg.body {
+        Body::ListFlavours(l) => answer_list(shared, &from, msg.id, &l.selector, true).await,
+        Body::ReserveFlavour(req) => {
+            if req.buyer != from {
+                let text = format!("buyer {} but sent by {from}", req.buyer);
+                return answer_error(shared, &from, Some(msg.id), ErrorCode::Unexpected, &text)
+                    .await;
+            }
+            on_reserve(shared, &from, msg.id, req).await
+        }
+        Body::Flavours(_) | Body::Reserved(_) | Body::Error(_) => deliver(shared, from, msg),
+        Body::Advert(_) => unexpected(shared, &from, msg.id, msg.body.kind(), "addressed").await,
+    }
+}
+
+/// Hands an answer to the flow waiting for it, if any.
+fn deliver(shared: &Shared, from: Id, msg: Message) {
+    let Some(corr) = msg.correlation else {
+        if let Body::Error(e) = &msg.body {
+            warn!(%from, code = e.code, text = %e.text, "uncorrelated ERROR received");
+        }
+        return;
+    };
+    let Ok(mut pending) = shared.pending.lock() else {
+        return;
+    };
+    match (pending.get(&corr), msg.body) {
+        (Some(Waiter::Collect(tx)), Body::Flavours(f)) => {
+            if tx.try_send((from, f.flavours)).is_err() {
+                debug!("discovery answer after its window or over its queue; dropped");
+            }
+        }
+        (Some(Waiter::Reply { from: want, .. }), body) if *want == from => {
+            if let Some(Waiter::Reply { tx, .. }) = pending.swap_remove(&corr) {
+                let _ = tx.send(body);
+            }
+        }
+        (_, Body::Error(e)) => {
+            debug!(%from, code = e.code, text = %e.text, "ERROR for no waiting request");
+        }
+        _ => debug!(%from, corr, "late or unexpected answer dropped"),
+    }
+}
+
+/// Discovery Manager, provider side (workflow steps 8-9). Broadcast requests are answered
+/// only when something matches, so a large domain does not answer each one N times.
+async fn answer_list(
+    shared: &Shared,
+    from: &Id,
+    id: u64,
+    sel: &crate::model::FlavourSelector,
+    always: bool,
+) {
+    let own = match shared.tables.flavours() {
+        Ok(v) => v,
+        Err(e) => {
+            error!(error = %e, "cannot read available resources");
+            return answer_error(
+                shared,
+                from,
+                Some(id),
+                ErrorCode::Storage,
+                "cannot read flavours",
+            )
+            .await;
+        }
+    };
+    let found = discovery::matching(own.iter().map(|o| &o.flavour), sel);
+    shared.step(
+        8,
+        "Discovery Manager",
+        format!(
+            "LIST_FLAVOURS from {from}: {} local flavour(s) match",
+            found.len()
+        ),
+    );
+    if found.is_empty() && !always {
+        return;
+    }
+    let body = Body::Flavours(Flavours {
+        flavours: FlavourList::from_slice_truncated(&found),
+    });
+    match shared.send(from, Some(id), body).await {
+        Ok(_) => shared.step(9, "Discovery Manager", format!("FLAVOURS sent to {from}")),
+        Err(e) => warn!(%from, error = %e, "could not answer LIST_FLAVOURS"),
+    }
+}
+
+/// Contract Manager and REAR Manager, provider side (workflow steps 15-18).
+async fn on_reserve(shared: &Shared, from: &Id, id: u64, req: crate::model::ReserveRequest) {
+    shared.step(
+        15,
+        "Contract Manager",
+        format!(
+            "RESERVE_FLAVOUR from {from} for {} (transaction {})",
+            req.flavour, req.transaction
+        ),
+    );
+    let ttl = shared.cfg.reservation_ttl.as_millis() as u64;
+    let outcome = shared
+        .tables
+        .reserve(shared.me(), &req, unix_ms(), ttl)
+        .await;
+    let body = match outcome {
+        Ok(Reservation::New(c)) => {
+            shared.step(
+                16,
+                "REAR Manager",
+                format!(
+                    "flavour {} removed, reduced flavour created, Node allocation {} inactive",
+                    req.flavour, c.id
+                ),
+            );
+            shared.step(
+                17,
+                "REAR Manager",
+                format!("resources reserved; contract {} flushed to disk", c.id),
+            );
+            if let Err(e) = shared.publish_advert().await {
+                warn!(error = %e, "could not re-publish the advert");
+            }
+            info!(contract = %c.id, buyer = %from, "reservation made");
+            Body::Reserved(Box::new(c))
+        }
+        Ok(Reservation::Repeat(c)) => {
+            info!(contract = %c.id, tx = %req.transaction, "repeated transaction: first answer sent again");
+            Body::Reserved(Box::new(c))
+        }
+        Ok(Reservation::Refused(r)) => {
+            info!(%from, flavour = %req.flavour, reason = %r, "reservation refused");
+            Body::Error(ErrorBody::new(r.code(), &r.to_string()))
+        }
+        Err(e) => {
+            error!(error = %e, "reservation could not be made durable; refused");
+            Body::Error(ErrorBody::new(
+                ErrorCode::Storage,
+                "the provider could not store the reservation; nothing was reserved",
+            ))
+        }
+    };
+    let ok = matches!(body, Body::Reserved(_));
+    match shared.send(from, Some(id), body).await {
+        Ok(_) if ok => shared.step(
+            18,
+            "Contract Manager",
+            format!("OK (RESERVED) sent to {from}"),
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(%from, error = %e, "could not answer RESERVE_FLAVOUR"),
+    }
+}
+
+/// Runs a node until `shutdown` completes (the binary passes ctrl-c / SIGTERM).
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let agent = Agent::start(cfg, None).await?;
+    shutdown.await;
+    info!("stop requested");
+    agent.shutdown().await;
+    Ok(())
+}

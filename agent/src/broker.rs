@@ -51,8 +51,13 @@ pub struct Status {
 pub type AdvertSlot = Arc<Mutex<Vec<u8>>>;
 
 /// Builds the client and its event loop, with the empty retained will on the catalog topic.
+///
+/// The client id is `{node}@{domain}`: unique across domains that share one broker
+/// process (a mosquitto forced to `use_username_as_clientid` replaces it with the
+/// certificate's CN, which is also unique).
 pub fn connect(cfg: &Config, topics: &Topics) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(cfg.node_id.as_str(), &cfg.broker.host, cfg.broker.port);
+    let client_id = format!("{}@{}", cfg.node_id, cfg.domain);
+    let mut opts = MqttOptions::new(client_id, &cfg.broker.host, cfg.broker.port);
     opts.set_keep_alive(cfg.keepalive)
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)

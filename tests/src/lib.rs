@@ -1,1 +1,299 @@
+//! Test harness: real brokers on loopback, fluidlet nodes, and a raw MQTT peer ("rogue")
+//! that sends exactly the bytes a test wants and reads exactly the bytes it gets back.
+//!
+//! Two brokers: the embedded rumqttd (one per test process, shared; tests isolate
+//! themselves by using a fresh domain each) and a mosquitto process started per test on a
+//! free loopback port. When mosquitto is not installed the mosquitto variant is skipped
+//! with a message, except under CI (`CI` set), where it fails: CI must test both.
 
+use fluidlet::demo::{demo_config, demo_offer, embedded_broker};
+use fluidlet::model::{Flavour, Id};
+use fluidlet::wire::{Body, Message};
+use fluidlet::{Agent, Config, Observer, Step};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Upper bound for anything a test waits for; never a latency assertion.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerKind {
+    Embedded,
+    Mosquitto,
+}
+
+/// A running broker; a mosquitto child is killed on drop.
+pub struct Broker {
+    pub port: u16,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn mosquitto_path() -> Option<String> {
+    [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .map(String::from)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Starts (or reuses) a broker of `kind`; `None` means "skip this test" (mosquitto missing
+/// outside CI).
+pub fn broker(kind: BrokerKind) -> Option<Broker> {
+    match kind {
+        BrokerKind::Embedded => Some(Broker {
+            port: embedded_broker().expect("embedded broker"),
+            child: None,
+            _dir: None,
+        }),
+        BrokerKind::Mosquitto => {
+            let Some(bin) = mosquitto_path() else {
+                if std::env::var_os("CI").is_some() {
+                    panic!("mosquitto is not installed and CI is set: .ci/run must install it");
+                }
+                eprintln!("SKIPPED: mosquitto not installed (apt-get install mosquitto)");
+                return None;
+            };
+            let dir = tempfile::tempdir().expect("tempdir");
+            let port = free_port();
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     max_packet_size 65536\nlog_dest stderr\nlog_type error\n"
+                ),
+            )
+            .expect("write mosquitto.conf");
+            let child = Command::new(bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start mosquitto");
+            for _ in 0..500 {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(Broker {
+                        port,
+                        child: Some(child),
+                        _dir: Some(dir),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            panic!("mosquitto did not listen on port {port}");
+        }
+    }
+}
+
+/// A domain name no other test in this process uses.
+pub fn fresh_domain() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Config for a node `name` in `domain` on broker `port`, data under `dir`.
+pub fn config(name: &str, domain: &str, port: u16, dir: &Path) -> Config {
+    let mut cfg = demo_config(name, domain, port, dir).expect("config");
+    cfg.reserve_timeout = Duration::from_millis(1500);
+    cfg
+}
+
+/// A provider config offering the demo's partitionable 4-CPU pool.
+pub fn provider_config(name: &str, domain: &str, port: u16, dir: &Path) -> Config {
+    let mut cfg = config(name, domain, port, dir);
+    cfg.offers.push(demo_offer(&cfg.node_id));
+    cfg
+}
+
+/// A provider config offering one flavour sold only whole (2 CPUs, 4 GiB).
+pub fn whole_provider_config(name: &str, domain: &str, port: u16, dir: &Path) -> Config {
+    let mut cfg = config(name, domain, port, dir);
+    let mut offer = demo_offer(&cfg.node_id);
+    offer.id = Id::new("whole").expect("id");
+    offer.partitionability = None;
+    offer.resources.cpu = 2000;
+    offer.resources.memory = 4 << 30;
+    cfg.offers.push(offer);
+    cfg
+}
+
+/// Records every workflow step a node reports.
+#[derive(Clone, Default)]
+pub struct Steps(pub Arc<Mutex<Vec<(String, u8)>>>);
+
+impl Steps {
+    pub fn observer(&self) -> Observer {
+        let v = self.0.clone();
+        Arc::new(move |s: &Step| {
+            if let Ok(mut v) = v.lock() {
+                v.push((s.node.to_string(), s.number));
+            }
+        })
+    }
+
+    /// Step numbers reported by `node`, in order.
+    pub fn of(&self, node: &str) -> Vec<u8> {
+        self.0
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .filter(|(n, _)| n == node)
+                    .map(|(_, s)| *s)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Starts a node and waits until it is connected.
+pub async fn start(cfg: Config, steps: Option<&Steps>) -> Agent {
+    let name = cfg.node_id.to_string();
+    let agent = Agent::start(cfg, steps.map(|s| s.observer()))
+        .await
+        .unwrap_or_else(|e| panic!("{name} did not start: {e}"));
+    assert!(agent.connected(WAIT).await, "{name} did not connect");
+    agent
+}
+
+/// The provider's current flavours (Available Resources).
+pub fn flavours(a: &Agent) -> Vec<Flavour> {
+    a.tables()
+        .flavours()
+        .expect("flavours")
+        .into_iter()
+        .map(|o| o.flavour)
+        .collect()
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A bare MQTT peer that speaks the protocol by hand.
+pub struct Rogue {
+    pub id: String,
+    domain: String,
+    client: AsyncClient,
+    rx: mpsc::Receiver<(String, Vec<u8>)>,
+    next: u64,
+}
+
+impl Rogue {
+    /// Connects as `id` and subscribes to its own mail (waits for the SUBACK).
+    pub async fn connect(port: u16, domain: &str, id: &str) -> Rogue {
+        let mut opts = MqttOptions::new(format!("{id}@{domain}"), "127.0.0.1", port);
+        opts.set_max_packet_size(128 * 1024, 128 * 1024);
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let (tx, rx) = mpsc::channel(64);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready = Some(ready_tx);
+        tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send((p.topic, p.payload.to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        client
+            .subscribe(
+                format!("fluidos/v1/{domain}/to/{id}/from/+"),
+                QoS::AtLeastOnce,
+            )
+            .await
+            .expect("subscribe");
+        tokio::time::timeout(WAIT, ready_rx)
+            .await
+            .expect("rogue SUBACK")
+            .expect("rogue event loop");
+        Rogue {
+            id: id.into(),
+            domain: domain.into(),
+            client,
+            rx,
+            next: 1,
+        }
+    }
+
+    /// Publishes raw bytes to `to`'s mailbox, as this rogue.
+    pub async fn send_raw(&self, to: &str, payload: Vec<u8>) {
+        let topic = format!("fluidos/v1/{}/to/{to}/from/{}", self.domain, self.id);
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish");
+    }
+
+    /// Sends a well-formed message; returns its id.
+    pub async fn send(&mut self, to: &str, body: Body) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        let msg = Message {
+            id,
+            correlation: None,
+            sent_at: fluidlet::unix_ms(),
+            sender: Id::new(&self.id).expect("rogue id"),
+            body,
+        };
+        self.send_raw(to, msg.encode().expect("encode")).await;
+        id
+    }
+
+    /// The next message received, decoded (panics on timeout or undecodable bytes).
+    pub async fn recv(&mut self) -> Message {
+        let (topic, payload) = tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("an answer in time")
+            .expect("rogue channel open");
+        Message::decode(&payload).unwrap_or_else(|e| panic!("undecodable answer on {topic}: {e}"))
+    }
+}

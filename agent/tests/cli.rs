@@ -1,0 +1,86 @@
+//! The `fluidlet` command as a user runs it.
+
+use std::process::Command;
+
+fn fluidlet(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fluidlet"))
+        .args(args)
+        .output()
+        .expect("run fluidlet")
+}
+
+/// The README's first command: the demo runs steps 5-20 of the seed workflow and exits 0.
+#[test]
+fn demo_prints_every_step_from_5_to_20_and_exits_0() {
+    let out = fluidlet(&["demo"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in 5..=20 {
+        assert!(
+            stdout.contains(&format!("step {step:>2} ")),
+            "step {step} missing from:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("Node Inactive"),
+        "provider allocation shown:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("VirtualNode Inactive"),
+        "consumer allocation shown:\n{stdout}"
+    );
+}
+
+#[test]
+fn check_reports_the_faulty_field_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "node_id = \"gw 1\"\ndomain = \"d1\"\nbroker = \"mqtt://127.0.0.1\"\ndata_dir = \"/tmp/x\"\n",
+    )
+    .unwrap();
+    let out = fluidlet(&["check", "-c", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`node_id`") && err.contains("' '"), "{err}");
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "node_id = \"gw-1\"\ndomain = \"d1\"\nbroker = \"mqtt://127.0.0.1\"\ndata_dir = \"/tmp/x\"\n",
+    )
+    .unwrap();
+    let out = fluidlet(&["check", "-c", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("node gw-1 in domain d1"));
+}
+
+#[test]
+fn missing_config_file_is_a_clear_error() {
+    let out = fluidlet(&["run", "-c", "/nonexistent/agent.toml"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read /nonexistent/agent.toml"), "{err}");
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let out = fluidlet(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "check", "demo"] {
+        assert!(text.contains(cmd), "{cmd} missing from --help:\n{text}");
+    }
+}

@@ -1,0 +1,472 @@
+//! Two fluidlet nodes over a real broker: discovery, reservation, refusals, idempotency,
+//! races, restart and hostile input. Every case runs against the embedded rumqttd broker
+//! and against a mosquitto process.
+
+use fluidlet::model::{AllocationKind, AllocationStatus, ContractState};
+use fluidlet::model::{FlavourSelector, Id, ReserveRequest, Resources, Text};
+use fluidlet::rear::RearError;
+use fluidlet::wire::{Body, ErrorCode, ListFlavours, Message, MAX_PAYLOAD};
+use fluidlet_tests::*;
+
+/// Runs each case once per broker kind.
+macro_rules! on_both_brokers {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test]
+            async fn $name() {
+                if let Some(b) = super::broker(super::BrokerKind::Embedded) {
+                    super::$name(b.port).await;
+                }
+            })*
+        }
+        mod mosquitto {
+            $(#[tokio::test]
+            async fn $name() {
+                if let Some(b) = super::broker(super::BrokerKind::Mosquitto) {
+                    super::$name(b.port).await;
+                }
+            })*
+        }
+    };
+}
+
+on_both_brokers!(
+    discovery_finds_the_providers_flavour,
+    catalog_advert_becomes_a_peering_candidate_without_discovery,
+    reservation_replaces_the_flavour_with_a_reduced_one_and_both_sides_hold_the_contract,
+    reservation_that_no_longer_fits_is_refused,
+    retried_transaction_returns_the_same_contract_without_reserving_twice,
+    two_consumers_racing_for_the_last_capacity_exactly_one_wins,
+    provider_restarted_after_ok_still_holds_the_contract_and_the_reduced_flavour,
+    bad_messages_get_error_and_the_provider_keeps_serving,
+    request_for_what_nobody_offers_ends_with_a_clear_error,
+);
+
+const GI: u64 = 1 << 30;
+
+fn want(cpu: u64, mem_gi: u64) -> FlavourSelector {
+    FlavourSelector {
+        min: Some(Resources {
+            cpu,
+            memory: mem_gi * GI,
+            pods: 1,
+            storage: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+fn discovery_only(mut cfg: fluidlet::Config) -> fluidlet::Config {
+    cfg.watch_catalog = false;
+    cfg
+}
+
+async fn discovery_finds_the_providers_flavour(port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let steps = Steps::default();
+    let p = start(provider_config("prov", &d, port, dir.path()), Some(&steps)).await;
+    let c = start(
+        discovery_only(config("cons", &d, port, dir.path())),
+        Some(&steps),
+    )
+    .await;
+
+    c.acquire(&want(1000, 1)).await.expect("a contract");
+
+    let cands = c.tables().candidates().unwrap();
+    assert!(
+        cands.iter().any(|k| k.flavour.provider.as_str() == "prov"),
+        "the provider's flavour is a peering candidate: {cands:?}"
+    );
+    // The seed workflow, in order, on each side.
+    assert_eq!(steps.of("cons"), [5, 6, 7, 10, 11, 12, 13, 14, 19, 20]);
+    assert_eq!(steps.of("prov"), [8, 9, 15, 16, 17, 18]);
+    c.shutdown().await;
+    p.shutdown().await;
+}
+
+async fn catalog_advert_becomes_a_peering_candidate_without_discovery(port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let steps = Steps::default();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let c = start(config("cons", &d, port, dir.path()), Some(&steps)).await;
+    eventually("the retained advert in the candidates table", || {
+        c.tables()
+            .candidates()
+            .unwrap()
+            .iter()
+            .any(|k| k.flavour.provider.as_str() == "prov")
+    })
+    .await;
+    c.acquire(&want(500, 1)).await.expect("a contract");
+    assert!(
+        !steps.of("cons").contains(&7),
+        "no LIST_FLAVOURS needed: {:?}",
+        steps.of("cons")
+    );
+    // The provider's new advert replaces the candidate with the reduced flavour.
+    let reduced = flavours(&p);
+    eventually("the reduced flavour advertised", || {
+        let cands = c.tables().candidates().unwrap();
+        cands.len() == 1 && cands[0].flavour.id == reduced[0].id
+    })
+    .await;
+    // A clean stop withdraws the advert; the consumer forgets the provider.
+    p.shutdown().await;
+    eventually("the withdrawn advert", || {
+        c.tables().candidates().unwrap().is_empty()
+    })
+    .await;
+    c.shutdown().await;
+}
+
+async fn reservation_replaces_the_flavour_with_a_reduced_one_and_both_sides_hold_the_contract(
+    port: u16,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let c = start(discovery_only(config("cons", &d, port, dir.path())), None).await;
+    let before = flavours(&p);
+    assert_eq!(before.len(), 1);
+
+    let contract = c.acquire(&want(1500, 3)).await.expect("a contract");
+
+    // 1500m rounds up to the 500m step: 1500; 3 GiB is on the 1 GiB step.
+    assert_eq!(contract.resources.cpu, 1500);
+    assert_eq!(contract.resources.memory, 3 * GI);
+    assert_eq!(contract.flavour.id, before[0].id);
+    let after = flavours(&p);
+    assert_eq!(after.len(), 1, "one reduced flavour");
+    assert_ne!(
+        after[0].id, before[0].id,
+        "the old flavour is deleted, the reduced one is new"
+    );
+    assert_eq!(after[0].resources.cpu, 2500);
+    assert_eq!(after[0].resources.memory, 5 * GI);
+    assert_eq!(after[0].resources.pods, 109);
+    // Capacity is conserved: advertised + reserved = offered.
+    let total = after[0].resources.saturating_add(&contract.resources);
+    assert_eq!(total, before[0].resources);
+
+    for (side, kind) in [
+        (&p, AllocationKind::Node),
+        (&c, AllocationKind::VirtualNode),
+    ] {
+        let contracts = side.tables().contracts().unwrap();
+        assert_eq!(contracts.len(), 1);
+        assert_eq!(contracts[0].id, contract.id);
+        assert_eq!(contracts[0].state, ContractState::Reserved);
+        let allocs = side.tables().allocations().unwrap();
+        assert_eq!(allocs.len(), 1);
+        assert_eq!(allocs[0].kind, kind);
+        assert_eq!(allocs[0].status, AllocationStatus::Inactive);
+        assert_eq!(allocs[0].resources, contract.resources);
+    }
+    assert_eq!(
+        c.tables()
+            .rating(&Id::new("prov").unwrap())
+            .unwrap()
+            .unwrap()
+            .reservations_ok,
+        1
+    );
+    c.shutdown().await;
+    p.shutdown().await;
+}
+
+fn reserve(tx: &str, flavour: &Id, buyer: &str, partition: Option<Resources>) -> Body {
+    Body::ReserveFlavour(ReserveRequest {
+        transaction: Id::new(tx).unwrap(),
+        flavour: flavour.clone(),
+        buyer: Id::new(buyer).unwrap(),
+        partition,
+    })
+}
+
+fn error_code(m: &Message) -> Option<ErrorCode> {
+    match &m.body {
+        Body::Error(e) => e.code(),
+        _ => None,
+    }
+}
+
+async fn reservation_that_no_longer_fits_is_refused(port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let mut r = Rogue::connect(port, &d, "rogue").await;
+    let f = flavours(&p)[0].clone();
+    let big = Resources {
+        cpu: 4500,
+        memory: GI,
+        pods: 1,
+        storage: 0,
+    };
+    let id = r
+        .send("prov", reserve("rogue.t1", &f.id, "rogue", Some(big)))
+        .await;
+    let m = r.recv().await;
+    assert_eq!(m.correlation, Some(id));
+    assert_eq!(error_code(&m), Some(ErrorCode::NoFit));
+
+    // Take 3 of the 4 CPUs; then 1.5 CPUs no longer fit in what is left.
+    let three = Resources { cpu: 3000, ..big };
+    r.send("prov", reserve("rogue.t2", &f.id, "rogue", Some(three)))
+        .await;
+    let Body::Reserved(_) = r.recv().await.body else {
+        panic!("first reservation refused")
+    };
+    let left = flavours(&p)[0].clone();
+    let more = Resources { cpu: 1500, ..big };
+    r.send("prov", reserve("rogue.t3", &left.id, "rogue", Some(more)))
+        .await;
+    assert_eq!(error_code(&r.recv().await), Some(ErrorCode::NoFit));
+    // The old flavour id is gone for good.
+    r.send(
+        "prov",
+        reserve(
+            "rogue.t4",
+            &f.id,
+            "rogue",
+            Some(Resources { cpu: 500, ..big }),
+        ),
+    )
+    .await;
+    assert_eq!(error_code(&r.recv().await), Some(ErrorCode::FlavourGone));
+    // A piece off the step is refused as such.
+    r.send(
+        "prov",
+        reserve(
+            "rogue.t5",
+            &left.id,
+            "rogue",
+            Some(Resources { cpu: 700, ..big }),
+        ),
+    )
+    .await;
+    assert_eq!(error_code(&r.recv().await), Some(ErrorCode::BadPartition));
+    assert_eq!(
+        p.tables().contracts().unwrap().len(),
+        1,
+        "only the one that fitted"
+    );
+    p.shutdown().await;
+}
+
+async fn retried_transaction_returns_the_same_contract_without_reserving_twice(port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let mut r = Rogue::connect(port, &d, "rogue").await;
+    let f = flavours(&p)[0].clone();
+    let piece = Some(Resources {
+        cpu: 1000,
+        memory: GI,
+        pods: 1,
+        storage: 0,
+    });
+    r.send("prov", reserve("rogue.t7", &f.id, "rogue", piece))
+        .await;
+    let Body::Reserved(first) = r.recv().await.body else {
+        panic!("refused")
+    };
+    let after_first = flavours(&p);
+    // The retry names the old flavour id, which no longer exists: it still gets the first
+    // answer, because the transaction id decides.
+    r.send("prov", reserve("rogue.t7", &f.id, "rogue", piece))
+        .await;
+    let Body::Reserved(second) = r.recv().await.body else {
+        panic!("retry refused")
+    };
+    assert_eq!(first, second);
+    assert_eq!(flavours(&p), after_first, "nothing reserved twice");
+    assert_eq!(p.tables().contracts().unwrap().len(), 1);
+    p.shutdown().await;
+}
+
+async fn two_consumers_racing_for_the_last_capacity_exactly_one_wins(port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(whole_provider_config("prov", &d, port, dir.path()), None).await;
+    let a = start(discovery_only(config("cons-a", &d, port, dir.path())), None).await;
+    let b = start(discovery_only(config("cons-b", &d, port, dir.path())), None).await;
+    let sel = want(1000, 1);
+    let (ra, rb) = tokio::join!(a.acquire(&sel), b.acquire(&sel));
+    let wins = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1, "exactly one winner: {ra:?} / {rb:?}");
+    let loser = if ra.is_ok() { rb } else { ra };
+    assert!(
+        matches!(
+            loser,
+            Err(RearError::Refused {
+                code: Some(ErrorCode::FlavourGone),
+                ..
+            }) | Err(RearError::NoProvider(_))
+        ),
+        "{loser:?}"
+    );
+    assert_eq!(p.tables().contracts().unwrap().len(), 1);
+    assert!(flavours(&p).is_empty(), "the whole flavour is sold");
+
+    // Many raw buyers at once for the same flavour of a fresh provider: one wins.
+    let p2 = start(whole_provider_config("prov2", &d, port, dir.path()), None).await;
+    let f = flavours(&p2)[0].clone();
+    let mut rogues = Vec::new();
+    for i in 0..6 {
+        rogues.push(Rogue::connect(port, &d, &format!("buyer{i}")).await);
+    }
+    for (i, r) in rogues.iter_mut().enumerate() {
+        let buyer = format!("buyer{i}");
+        r.send(
+            "prov2",
+            reserve(&format!("{buyer}.t1"), &f.id, &buyer, None),
+        )
+        .await;
+    }
+    let mut ok = 0;
+    for r in rogues.iter_mut() {
+        match r.recv().await.body {
+            Body::Reserved(_) => ok += 1,
+            Body::Error(e) => assert_eq!(e.code(), Some(ErrorCode::FlavourGone)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(p2.tables().contracts().unwrap().len(), 1);
+    for n in [a, b, p, p2] {
+        n.shutdown().await;
+    }
+}
+
+async fn provider_restarted_after_ok_still_holds_the_contract_and_the_reduced_flavour(port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let mut r = Rogue::connect(port, &d, "rogue").await;
+    let f = flavours(&p)[0].clone();
+    let piece = Some(Resources {
+        cpu: 2000,
+        memory: 2 * GI,
+        pods: 1,
+        storage: 0,
+    });
+    r.send("prov", reserve("rogue.t1", &f.id, "rogue", piece))
+        .await;
+    let Body::Reserved(contract) = r.recv().await.body else {
+        panic!("refused")
+    };
+    let reduced = flavours(&p);
+    p.shutdown().await;
+
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    assert_eq!(
+        flavours(&p),
+        reduced,
+        "the reduced flavour survives; full capacity is not re-created"
+    );
+    let contracts = p.tables().contracts().unwrap();
+    assert_eq!(contracts, [(*contract).clone()]);
+    // The same transaction after the restart: the first answer, nothing new.
+    r.send("prov", reserve("rogue.t1", &f.id, "rogue", piece))
+        .await;
+    let Body::Reserved(again) = r.recv().await.body else {
+        panic!("retry refused")
+    };
+    assert_eq!(again, contract);
+    assert_eq!(p.tables().contracts().unwrap().len(), 1);
+    p.shutdown().await;
+}
+
+async fn bad_messages_get_error_and_the_provider_keeps_serving(port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let mut r = Rogue::connect(port, &d, "rogue").await;
+
+    r.send_raw("prov", b"\xff\x00 definitely not cbor".to_vec())
+        .await;
+    let m = r.recv().await;
+    assert_eq!(error_code(&m), Some(ErrorCode::Malformed));
+    assert_eq!(m.sender.as_str(), "prov");
+
+    r.send_raw("prov", vec![0u8; MAX_PAYLOAD + 1024]).await;
+    assert_eq!(error_code(&r.recv().await), Some(ErrorCode::TooLarge));
+
+    // {0: 9, 1: 1, 2: 42}: a version-9 header.
+    r.send_raw("prov", vec![0xa3, 0x00, 0x09, 0x01, 0x01, 0x02, 0x18, 0x2a])
+        .await;
+    let m = r.recv().await;
+    assert_eq!(error_code(&m), Some(ErrorCode::UnsupportedVersion));
+    assert_eq!(m.correlation, Some(42));
+
+    // A valid envelope with kind 99.
+    let mut bytes = Message {
+        id: 77,
+        correlation: None,
+        sent_at: 0,
+        sender: Id::new("rogue").unwrap(),
+        body: Body::ListFlavours(ListFlavours::default()),
+    }
+    .encode()
+    .unwrap();
+    bytes[4] = 0x18;
+    bytes.insert(5, 99);
+    r.send_raw("prov", bytes).await;
+    let m = r.recv().await;
+    assert_eq!(error_code(&m), Some(ErrorCode::UnknownKind));
+    assert_eq!(m.correlation, Some(77));
+
+    // An envelope that claims another sender than the topic.
+    let forged = Message {
+        id: 5,
+        correlation: None,
+        sent_at: 0,
+        sender: Id::new("someone-else").unwrap(),
+        body: Body::ListFlavours(ListFlavours::default()),
+    };
+    r.send_raw("prov", forged.encode().unwrap()).await;
+    assert_eq!(error_code(&r.recv().await), Some(ErrorCode::Unexpected));
+
+    // A RESERVE_FLAVOUR whose buyer is not the sender.
+    let f = flavours(&p)[0].clone();
+    r.send("prov", reserve("x.t1", &f.id, "victim", None)).await;
+    assert_eq!(error_code(&r.recv().await), Some(ErrorCode::Unexpected));
+
+    // And the provider still serves a good request.
+    let sel = FlavourSelector {
+        architecture: Some(Text::new(fluidlet::demo::k8s_arch()).unwrap()),
+        ..Default::default()
+    };
+    let id = r
+        .send("prov", Body::ListFlavours(ListFlavours { selector: sel }))
+        .await;
+    let m = r.recv().await;
+    assert_eq!(m.correlation, Some(id));
+    let Body::Flavours(list) = m.body else {
+        panic!("expected FLAVOURS, got {:?}", m.body)
+    };
+    assert_eq!(list.flavours.len(), 1);
+    assert!(
+        p.tables().contracts().unwrap().is_empty(),
+        "nothing was reserved by bad input"
+    );
+    p.shutdown().await;
+}
+
+async fn request_for_what_nobody_offers_ends_with_a_clear_error(port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let mut cfg = discovery_only(config("cons", &d, port, dir.path()));
+    cfg.discovery_window = std::time::Duration::from_millis(300);
+    let c = start(cfg, None).await;
+    let err = c.acquire(&want(64_000, 1)).await.unwrap_err();
+    assert!(matches!(err, RearError::NoProvider(_)), "{err:?}");
+    assert!(err.to_string().starts_with("no provider offers"), "{err}");
+    assert!(c.tables().contracts().unwrap().is_empty());
+    c.shutdown().await;
+    p.shutdown().await;
+}

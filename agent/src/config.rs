@@ -516,6 +516,14 @@ pods_step = 1
     }
 
     #[test]
+    fn the_documented_example_config_is_valid() {
+        let c = Config::from_toml(include_str!("../../docs/agent.example.toml")).unwrap();
+        assert_eq!(c.offers.len(), 1);
+        assert_eq!(c.offers[0].price.amount, 900_000);
+        assert!(c.watch_catalog);
+    }
+
+    #[test]
     fn misspelt_field_is_an_error_naming_it() {
         let e = err_of(&GOOD.replace("keepalive_secs", "keepalive_sec"));
         assert!(e.contains("keepalive_sec"), "{e}");

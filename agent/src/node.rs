@@ -34,6 +34,9 @@ use tracing::{debug, error, info, warn};
 /// the protocol: beyond it a new request fails with `Busy` rather than growing a map.
 pub const MAX_PENDING: usize = 64;
 
+/// Longest wait for room in the MQTT client's request queue.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Who waits for answers to one request id.
 pub(crate) enum Waiter {
     /// A discovery: every FLAVOURS answer, from anyone, until the window closes.
@@ -105,10 +108,13 @@ impl Shared {
         msg: &Message,
     ) -> Result<(), RearError> {
         let bytes = msg.encode().map_err(RearError::Wire)?;
-        self.client
-            .publish(topic, QoS::AtLeastOnce, retain, bytes)
-            .await
-            .map_err(|e| RearError::Broker(e.to_string()))
+        // The request queue only drains while the session polls; during a long outage it
+        // fills up, and a publish would wait for the broker's return. Give up instead.
+        let queued = self.client.publish(topic, QoS::AtLeastOnce, retain, bytes);
+        match tokio::time::timeout(PUBLISH_TIMEOUT, queued).await {
+            Ok(r) => r.map_err(|e| RearError::Broker(e.to_string())),
+            Err(_) => Err(RearError::PublishTimeout),
+        }
     }
 
     /// Registers a waiter for answers correlated with `id`; `Busy` when the map is full.
@@ -201,12 +207,13 @@ impl Agent {
         if !shared.cfg.offers.is_empty() {
             shared.publish_advert().await?;
         }
-        let node = tokio::spawn(serve(shared.clone(), inbound_rx, stop_rx));
+        let node = tokio::spawn(serve(shared.clone(), inbound_rx, stop_rx.clone()));
+        let resumer = tokio::spawn(resume_when_connected(shared.clone(), stop_rx));
         info!(node = %shared.me(), domain = %shared.cfg.domain, "fluidlet node started");
         Ok(Agent {
             shared,
             stop: stop_tx,
-            tasks: vec![node, session],
+            tasks: vec![resumer, node, session],
         })
     }
 
@@ -248,6 +255,28 @@ impl Agent {
             error!(error = %e, "final flush failed");
         }
         info!(node = %self.shared.me(), "fluidlet node stopped");
+    }
+}
+
+/// Finishes purchases left in flight by a previous run, once the broker is reachable.
+async fn resume_when_connected(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    if shared
+        .tables
+        .purchases_in_flight()
+        .map_or(true, |p| p.is_empty())
+    {
+        return;
+    }
+    let mut status = shared.status.clone();
+    // Cancel safety: the resume may stop between two attempts; the records stay in the
+    // table and the next start resumes them again.
+    tokio::select! {
+        _ = stop.changed() => {}
+        _ = async {
+            if status.wait_for(|s| s.connected).await.is_ok() {
+                rear::resume(&shared).await;
+            }
+        } => {}
     }
 }
 

@@ -48,6 +48,10 @@ pub enum RearError {
     Busy,
     #[error("broker: {0}")]
     Broker(String),
+    #[error("not connected to the domain broker ({0})")]
+    Disconnected(String),
+    #[error("the MQTT client could not queue a message in time (broker unreachable?)")]
+    PublishTimeout,
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error(transparent)]
@@ -85,6 +89,15 @@ fn ranked(shared: &Shared, sel: &FlavourSelector) -> Result<Vec<(Candidate, Fit)
 
 /// The whole consumer flow for one selector.
 pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Contract, RearError> {
+    // Without a broker, discovery would hear nothing and report "no provider offers ...",
+    // which would send an operator looking in the wrong place.
+    let status = shared.status.borrow().clone();
+    if !status.connected {
+        let why = status
+            .last_error
+            .unwrap_or_else(|| "not connected yet".into());
+        return Err(RearError::Disconnected(why));
+    }
     let mut found = ranked(shared, sel)?;
     shared.step(
         5,
@@ -197,21 +210,31 @@ async fn discover(shared: &Shared, sel: &FlavourSelector) -> Result<(), RearErro
 
 /// Contract Manager, consumer side (steps 13-14, 19-20).
 async fn reserve(shared: &Shared, cand: &Candidate, fit: &Fit) -> Result<Contract, RearError> {
-    let provider = &cand.flavour.provider;
     let n = shared.tables.generate_id()?;
     let transaction =
         Id::new(&format!("{}.t{n}", shared.me())).map_err(|e| RearError::Broker(e.to_string()))?;
-    let request = ReserveRequest {
-        transaction: transaction.clone(),
-        flavour: cand.flavour.id.clone(),
-        buyer: shared.me().clone(),
-        partition: fit.partition,
-    };
-    shared.tables.begin_purchase(&Outgoing {
-        request: request.clone(),
-        seller: provider.clone(),
+    let out = Outgoing {
+        request: ReserveRequest {
+            transaction,
+            flavour: cand.flavour.id.clone(),
+            buyer: shared.me().clone(),
+            partition: fit.partition,
+        },
+        seller: cand.flavour.provider.clone(),
         started_at: unix_ms(),
-    })?;
+    };
+    shared.tables.begin_purchase(&out)?;
+    pursue(shared, &out).await
+}
+
+/// Sends RESERVE_FLAVOUR for a recorded purchase until it is answered or the attempts run
+/// out, always under the purchase's transaction id.
+///
+/// The purchase record is made durable while the first request travels (not before it
+/// leaves, which would add an fsync to every reservation): if this node crashes before the
+/// flush, it never received an OK either, and the provider's reservation lapses at expiry.
+async fn pursue(shared: &Shared, out: &Outgoing) -> Result<Contract, RearError> {
+    let (provider, request) = (&out.seller, &out.request);
     let started = Instant::now();
     for attempt in 1..=shared.cfg.reserve_attempts {
         let id = shared.next_id();
@@ -230,25 +253,49 @@ async fn reserve(shared: &Shared, cand: &Candidate, fit: &Fit) -> Result<Contrac
             sender: shared.me().clone(),
             body: Body::ReserveFlavour(request.clone()),
         };
-        shared
-            .publish(shared.topics.to(provider), false, &msg)
-            .await?;
+        let send = shared.publish(shared.topics.to(provider), false, &msg);
+        if attempt == 1 {
+            let (flushed, sent) = tokio::join!(shared.tables.flush(), send);
+            flushed?;
+            sent?;
+        } else {
+            send.await?;
+        }
         shared.step(
             14,
             "Contract Manager",
             format!(
-                "RESERVE_FLAVOUR sent to {provider} (transaction {transaction}, attempt {attempt})"
+                "RESERVE_FLAVOUR sent to {provider} (transaction {}, attempt {attempt})",
+                request.transaction
             ),
         );
         let answer = match tokio::time::timeout(shared.cfg.reserve_timeout, rx).await {
             Ok(Ok(body)) => body,
             _ => continue,
         };
-        return finish(shared, provider, &request, answer, started.elapsed()).await;
+        return finish(shared, provider, request, answer, started.elapsed()).await;
     }
-    shared.tables.abandon_purchase(&transaction)?;
+    shared.tables.abandon_purchase(&request.transaction)?;
     shared.tables.rate(provider, false, 0)?;
     Err(RearError::Timeout(provider.to_string()))
+}
+
+/// Finishes the purchases a previous run of this node left in flight (it stopped between
+/// sending RESERVE_FLAVOUR and storing the answer): asks again under the same transaction
+/// ids, so a reservation the provider made is recovered rather than left to lapse.
+pub(crate) async fn resume(shared: &Shared) {
+    let pending = match shared.tables.purchases_in_flight() {
+        Ok(p) => p,
+        Err(e) => return warn!(error = %e, "cannot read purchases in flight"),
+    };
+    for out in pending {
+        let tx = &out.request.transaction;
+        info!(%tx, seller = %out.seller, "resuming a purchase left in flight");
+        match pursue(shared, &out).await {
+            Ok(c) => info!(contract = %c.id, %tx, "purchase recovered"),
+            Err(e) => warn!(%tx, error = %e, "purchase in flight abandoned"),
+        }
+    }
 }
 
 async fn finish(

@@ -417,6 +417,139 @@ impl Topics {
     }
 }
 
+/// One example message of each kind, with fixed values: the hex dumps in
+/// `docs/protocol.md` are these, byte for byte (a test checks it), and they seed fuzzing.
+pub fn examples() -> Vec<(&'static str, Message)> {
+    use crate::model::{
+        Contract, ContractState, Flavour, Location, Partitionability, Price, Resources,
+    };
+    let id = |s: &str| Id::new(s).unwrap_or_default();
+    fn text<const N: usize>(s: &str) -> Text<N> {
+        Text::new(s).unwrap_or_default()
+    }
+    const GIB: u64 = 1 << 30;
+    const T0: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    let flavour = Flavour {
+        id: id("edge-pool.7"),
+        provider: id("provider-1"),
+        architecture: text("arm64"),
+        resources: Resources {
+            cpu: 4000,
+            memory: 8 * GIB,
+            pods: 110,
+            storage: 0,
+        },
+        gpu: None,
+        partitionability: Some(Partitionability {
+            cpu_min: 500,
+            memory_min: GIB,
+            pods_min: 1,
+            cpu_step: 500,
+            memory_step: GIB,
+            pods_step: 1,
+        }),
+        price: Price {
+            amount: 2_000_000,
+            currency: text("EUR"),
+            period: text("hour"),
+        },
+        available: true,
+        location: Some(Location {
+            country: Some(text("IT")),
+            city: Some(text("Turin")),
+            notes: None,
+        }),
+    };
+    let piece = Resources {
+        cpu: 1000,
+        memory: 2 * GIB,
+        pods: 1,
+        storage: 0,
+    };
+    let request = ReserveRequest {
+        transaction: id("consumer-1.t5"),
+        flavour: flavour.id.clone(),
+        buyer: id("consumer-1"),
+        partition: Some(piece),
+    };
+    let contract = Contract {
+        id: id("provider-1.c9"),
+        transaction: request.transaction.clone(),
+        flavour: flavour.clone(),
+        buyer: id("consumer-1"),
+        seller: id("provider-1"),
+        resources: piece,
+        price: 500_000,
+        created_at: T0 + 30,
+        expires_at: T0 + 30 + 600_000,
+        state: ContractState::Reserved,
+    };
+    let list = Flavours {
+        flavours: FlavourList::from_slice_truncated(std::slice::from_ref(&flavour)),
+    };
+    let msg = |n: u64, corr: Option<u64>, from: &str, body: Body| Message {
+        id: n,
+        correlation: corr,
+        sent_at: T0 + n * 10,
+        sender: id(from),
+        body,
+    };
+    vec![
+        (
+            "LIST_FLAVOURS",
+            msg(
+                1,
+                None,
+                "consumer-1",
+                Body::ListFlavours(ListFlavours {
+                    selector: FlavourSelector {
+                        architecture: Some(text("arm64")),
+                        min: Some(piece),
+                        max: None,
+                        max_price: Some(1_000_000),
+                        gpu: None,
+                    },
+                }),
+            ),
+        ),
+        (
+            "FLAVOURS",
+            msg(2, Some(1), "provider-1", Body::Flavours(list.clone())),
+        ),
+        (
+            "RESERVE_FLAVOUR",
+            msg(3, None, "consumer-1", Body::ReserveFlavour(request)),
+        ),
+        (
+            "RESERVED",
+            msg(4, Some(3), "provider-1", Body::Reserved(Box::new(contract))),
+        ),
+        (
+            "ERROR",
+            msg(
+                5,
+                Some(3),
+                "provider-1",
+                Body::Error(ErrorBody::new(
+                    ErrorCode::NoFit,
+                    "the partition does not fit in what is left of flavour edge-pool.7",
+                )),
+            ),
+        ),
+        ("ADVERT", msg(6, None, "provider-1", Body::Advert(list))),
+    ]
+}
+
+/// Formats bytes as the hex dumps of `docs/protocol.md`: 16 bytes a line, offset first.
+pub fn hex_dump(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (i, chunk) in bytes.chunks(16).enumerate() {
+        let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+        out.push_str(&format!("{:04x}  {}\n", i * 16, hex.join(" ")));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,137 +744,4 @@ mod tests {
         assert!(b.text.as_str().len() <= MAX_ERROR_TEXT);
         assert!(b.text.as_str().chars().all(|c| c == 'é'));
     }
-}
-
-/// One example message of each kind, with fixed values: the hex dumps in
-/// `docs/protocol.md` are these, byte for byte (a test checks it), and they seed fuzzing.
-pub fn examples() -> Vec<(&'static str, Message)> {
-    use crate::model::{
-        Contract, ContractState, Flavour, Location, Partitionability, Price, Resources,
-    };
-    let id = |s: &str| Id::new(s).unwrap_or_default();
-    fn text<const N: usize>(s: &str) -> Text<N> {
-        Text::new(s).unwrap_or_default()
-    }
-    const GIB: u64 = 1 << 30;
-    const T0: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
-    let flavour = Flavour {
-        id: id("edge-pool.7"),
-        provider: id("provider-1"),
-        architecture: text("arm64"),
-        resources: Resources {
-            cpu: 4000,
-            memory: 8 * GIB,
-            pods: 110,
-            storage: 0,
-        },
-        gpu: None,
-        partitionability: Some(Partitionability {
-            cpu_min: 500,
-            memory_min: GIB,
-            pods_min: 1,
-            cpu_step: 500,
-            memory_step: GIB,
-            pods_step: 1,
-        }),
-        price: Price {
-            amount: 2_000_000,
-            currency: text("EUR"),
-            period: text("hour"),
-        },
-        available: true,
-        location: Some(Location {
-            country: Some(text("IT")),
-            city: Some(text("Turin")),
-            notes: None,
-        }),
-    };
-    let piece = Resources {
-        cpu: 1000,
-        memory: 2 * GIB,
-        pods: 1,
-        storage: 0,
-    };
-    let request = ReserveRequest {
-        transaction: id("consumer-1.t5"),
-        flavour: flavour.id.clone(),
-        buyer: id("consumer-1"),
-        partition: Some(piece),
-    };
-    let contract = Contract {
-        id: id("provider-1.c9"),
-        transaction: request.transaction.clone(),
-        flavour: flavour.clone(),
-        buyer: id("consumer-1"),
-        seller: id("provider-1"),
-        resources: piece,
-        price: 500_000,
-        created_at: T0 + 30,
-        expires_at: T0 + 30 + 600_000,
-        state: ContractState::Reserved,
-    };
-    let list = Flavours {
-        flavours: FlavourList::from_slice_truncated(std::slice::from_ref(&flavour)),
-    };
-    let msg = |n: u64, corr: Option<u64>, from: &str, body: Body| Message {
-        id: n,
-        correlation: corr,
-        sent_at: T0 + n * 10,
-        sender: id(from),
-        body,
-    };
-    vec![
-        (
-            "LIST_FLAVOURS",
-            msg(
-                1,
-                None,
-                "consumer-1",
-                Body::ListFlavours(ListFlavours {
-                    selector: FlavourSelector {
-                        architecture: Some(text("arm64")),
-                        min: Some(piece),
-                        max: None,
-                        max_price: Some(1_000_000),
-                        gpu: None,
-                    },
-                }),
-            ),
-        ),
-        (
-            "FLAVOURS",
-            msg(2, Some(1), "provider-1", Body::Flavours(list.clone())),
-        ),
-        (
-            "RESERVE_FLAVOUR",
-            msg(3, None, "consumer-1", Body::ReserveFlavour(request)),
-        ),
-        (
-            "RESERVED",
-            msg(4, Some(3), "provider-1", Body::Reserved(Box::new(contract))),
-        ),
-        (
-            "ERROR",
-            msg(
-                5,
-                Some(3),
-                "provider-1",
-                Body::Error(ErrorBody::new(
-                    ErrorCode::NoFit,
-                    "the partition does not fit in what is left of flavour edge-pool.7",
-                )),
-            ),
-        ),
-        ("ADVERT", msg(6, None, "provider-1", Body::Advert(list))),
-    ]
-}
-
-/// Formats bytes as the hex dumps of `docs/protocol.md`: 16 bytes a line, offset first.
-pub fn hex_dump(bytes: &[u8]) -> String {
-    let mut out = String::new();
-    for (i, chunk) in bytes.chunks(16).enumerate() {
-        let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
-        out.push_str(&format!("{:04x}  {}\n", i * 16, hex.join(" ")));
-    }
-    out
 }

@@ -90,7 +90,7 @@ pub fn broker(kind: BrokerKind) -> Option<Broker> {
                 ),
             )
             .expect("write mosquitto.conf");
-            let child = Command::new(bin)
+            let mut child = Command::new(bin)
                 .arg("-c")
                 .arg(&conf)
                 .stdout(Stdio::null())
@@ -107,6 +107,8 @@ pub fn broker(kind: BrokerKind) -> Option<Broker> {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
+            let _ = child.kill();
+            let _ = child.wait();
             panic!("mosquitto did not listen on port {port}");
         }
     }
@@ -220,7 +222,13 @@ pub struct Rogue {
 impl Rogue {
     /// Connects as `id` and subscribes to its own mail (waits for the SUBACK).
     pub async fn connect(port: u16, domain: &str, id: &str) -> Rogue {
-        let mut opts = MqttOptions::new(format!("{id}@{domain}"), "127.0.0.1", port);
+        Rogue::connect_as(port, domain, id, &format!("{id}@{domain}")).await
+    }
+
+    /// Like [`Rogue::connect`] with another MQTT client id (to speak as a node that is
+    /// itself connected, on a broker without ACLs).
+    pub async fn connect_as(port: u16, domain: &str, id: &str, client_id: &str) -> Rogue {
+        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_max_packet_size(128 * 1024, 128 * 1024);
         let (client, mut events) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::channel(64);

@@ -5,6 +5,7 @@
 use fluidlet::model::{AllocationKind, AllocationStatus, ContractState};
 use fluidlet::model::{FlavourSelector, Id, ReserveRequest, Resources, Text};
 use fluidlet::rear::RearError;
+use fluidlet::tables::Outgoing;
 use fluidlet::wire::{Body, ErrorCode, ListFlavours, Message, MAX_PAYLOAD};
 use fluidlet_tests::*;
 
@@ -40,6 +41,7 @@ on_both_brokers!(
     provider_restarted_after_ok_still_holds_the_contract_and_the_reduced_flavour,
     bad_messages_get_error_and_the_provider_keeps_serving,
     request_for_what_nobody_offers_ends_with_a_clear_error,
+    consumer_restarted_mid_purchase_recovers_the_contract_the_provider_made,
 );
 
 const GI: u64 = 1 << 30;
@@ -467,6 +469,59 @@ async fn request_for_what_nobody_offers_ends_with_a_clear_error(port: u16) {
     assert!(matches!(err, RearError::NoProvider(_)), "{err:?}");
     assert!(err.to_string().starts_with("no provider offers"), "{err}");
     assert!(c.tables().contracts().unwrap().is_empty());
+    c.shutdown().await;
+    p.shutdown().await;
+}
+
+async fn consumer_restarted_mid_purchase_recovers_the_contract_the_provider_made(port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let f = flavours(&p)[0].clone();
+    let piece = Some(Resources {
+        cpu: 1000,
+        memory: GI,
+        pods: 1,
+        storage: 0,
+    });
+    // The consumer's first run: it recorded the purchase, its RESERVE_FLAVOUR reached the
+    // provider, which reserved and answered; then the consumer died before storing the answer.
+    let ccfg = config("cons", &d, port, dir.path());
+    let out = Outgoing {
+        request: ReserveRequest {
+            transaction: Id::new("cons.t41").unwrap(),
+            flavour: f.id.clone(),
+            buyer: Id::new("cons").unwrap(),
+            partition: piece,
+        },
+        seller: Id::new("prov").unwrap(),
+        started_at: 0,
+    };
+    {
+        let t = fluidlet::tables::Tables::open(&ccfg.data_dir).unwrap();
+        t.begin_purchase(&out).unwrap();
+        t.flush().await.unwrap();
+    }
+    let mut first_run = Rogue::connect_as(port, &d, "cons", &format!("cons-first-run@{d}")).await;
+    first_run
+        .send("prov", Body::ReserveFlavour(out.request.clone()))
+        .await;
+    let Body::Reserved(made) = first_run.recv().await.body else {
+        panic!("refused")
+    };
+    drop(first_run);
+
+    // The restarted consumer asks again under the same transaction and keeps the contract.
+    let c = start(ccfg, None).await;
+    eventually("the recovered contract", || {
+        c.tables().contracts().unwrap().len() == 1
+    })
+    .await;
+    assert_eq!(c.tables().contracts().unwrap()[0], *made);
+    assert!(c.tables().purchases_in_flight().unwrap().is_empty());
+    let allocs = c.tables().allocations().unwrap();
+    assert_eq!(allocs[0].kind, AllocationKind::VirtualNode);
+    assert_eq!(p.tables().contracts().unwrap().len(), 1, "reserved once");
     c.shutdown().await;
     p.shutdown().await;
 }

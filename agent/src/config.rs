@@ -517,7 +517,7 @@ pods_step = 1
 
     #[test]
     fn the_documented_example_config_is_valid() {
-        let c = Config::from_toml(include_str!("../../docs/agent.example.toml")).unwrap();
+        let c = Config::from_toml(include_str!("../../packaging/agent.toml")).unwrap();
         assert_eq!(c.offers.len(), 1);
         assert_eq!(c.offers[0].price.amount, 900_000);
         assert!(c.watch_catalog);

@@ -84,3 +84,48 @@ fn help_lists_the_commands() {
         assert!(text.contains(cmd), "{cmd} missing from --help:\n{text}");
     }
 }
+
+/// `run` handles SIGTERM: it stops cleanly (exit 0) and, with `--log-json`, every log line is
+/// one JSON object. The broker address is unreachable on purpose: stopping must not wait for it.
+#[test]
+fn run_stops_cleanly_on_sigterm_and_logs_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "node_id = \"gw-1\"\ndomain = \"d1\"\nbroker = \"mqtt://127.0.0.1:9\"\ndata_dir = \"{}\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fluidlet"))
+        .args(["run", "--log-json", "-c", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut first).unwrap();
+    assert!(first.contains("fluidlet node started"), "{first}");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(status.success(), "exit {status:?}; logs:\n{first}{rest}");
+    for line in first.lines().chain(rest.lines()) {
+        assert!(
+            line.starts_with('{') && line.ends_with('}') && line.contains("\"level\":"),
+            "not a JSON log line: {line}"
+        );
+    }
+    assert!(rest.contains("fluidlet node stopped"), "{rest}");
+    assert!(
+        dir.path().join("data").join("conf").exists(),
+        "the tables were created"
+    );
+}

@@ -35,6 +35,9 @@ struct RunCmd {
         default = "PathBuf::from(\"/etc/fluidlet/agent.toml\")"
     )]
     config: PathBuf,
+    /// log one JSON object per line instead of human-readable lines
+    #[argh(switch)]
+    log_json: bool,
 }
 
 /// Validate a config file and print what it configures; exits 1 on the first problem.
@@ -56,7 +59,7 @@ struct CheckCmd {
 #[argh(subcommand, name = "demo")]
 struct DemoCmd {}
 
-fn init_logs(default: &str) {
+fn init_logs(default: &str, json: bool) {
     let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
     let filter: tracing_subscriber::filter::Targets = spec.parse().unwrap_or_else(|e| {
         eprintln!("fluidlet: log filter {spec:?} not understood ({e}); using \"info\"");
@@ -64,26 +67,38 @@ fn init_logs(default: &str) {
     });
     // The embedded broker logs normal disconnects at ERROR: keep it quiet unless asked.
     let filter = filter.with_target("rumqttd", tracing_subscriber::filter::LevelFilter::OFF);
+    use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
+    let human = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+    });
+    let machine = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(human)
+        .with(machine)
         .with(filter)
         .init();
 }
 
-async fn stop_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when
+/// the future is first polled, so a signal that arrives while the node starts is not lost
+/// (nor does it kill the process the default way, without a flush).
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
+    })
 }
 
 fn main() -> ExitCode {
@@ -100,8 +115,13 @@ fn main() -> ExitCode {
     };
     let result = match cli.cmd {
         Cmd::Run(r) => Config::load(&r.config).map_err(Into::into).and_then(|cfg| {
-            init_logs(&cfg.log);
-            rt.block_on(node::run(cfg, stop_signal()))
+            init_logs(&cfg.log, r.log_json);
+            rt.block_on(async {
+                let stop = stop_signal().map_err(|e| {
+                    fluidlet::AgentError::Other(format!("cannot install signal handlers: {e}"))
+                })?;
+                node::run(cfg, stop).await
+            })
         }),
         Cmd::Check(c) => Config::load(&c.config).map_err(Into::into).map(|cfg| {
             println!(
@@ -117,7 +137,7 @@ fn main() -> ExitCode {
         }),
         #[cfg(feature = "demo")]
         Cmd::Demo(_) => {
-            init_logs("warn");
+            init_logs("warn", false);
             rt.block_on(fluidlet::demo::run()).map(|_| ())
         }
     };

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds the static gateway binary (no demo, no embedded broker) for one target and prints
+# its path and size:  cross/gateway-build.sh aarch64|armv7|x86_64
+# Needs the host tools listed at the top of .cargo/config.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+    x86_64) target=x86_64-unknown-linux-musl; extra=() ;;
+    aarch64) target=aarch64-unknown-linux-musl; extra=() ;;
+    armv7)
+        target=armv7-unknown-linux-musleabihf
+        # No prebuilt std for this target on the mirror: build std from source. build-std
+        # is an unstable cargo flag; RUSTC_BOOTSTRAP lets the stable toolchain use it for
+        # this one build.
+        [ -f /usr/local/lib/fluidlet/armv7-musl/libc.a ] || {
+            echo "missing armv7 musl sysroot: run cross/armv7-musl-sysroot.sh (as root)" >&2
+            exit 1
+        }
+        export RUSTC_BOOTSTRAP=1
+        extra=(-Z build-std=std,panic_abort)
+        ;;
+    *) echo "usage: $0 x86_64|aarch64|armv7" >&2; exit 2 ;;
+esac
+cargo build --release -p fluidlet --no-default-features --target "$target" "${extra[@]}" >&2
+bin="target/$target/release/fluidlet"
+printf '%s\t%s bytes\n' "$bin" "$(stat -c %s "$bin")"

@@ -7,6 +7,7 @@
 //! millionths. Parsing produces [`Config`], whose fields are already model types: nothing
 //! downstream re-validates. See `docs/operations.md` for a commented example.
 
+use crate::fabric::{Backend, FabricConfig};
 use crate::model::{
     Flavour, Gpu, Id, Location, Partitionability, Price, Resources, Text, MAX_NODE_ID,
 };
@@ -32,7 +33,7 @@ pub enum ConfigError {
     Invalid { field: String, problem: String },
 }
 
-fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         problem: problem.into(),
@@ -74,12 +75,21 @@ pub struct Config {
     pub log: String,
     /// What this node sells: one template flavour per offer, id = offer id, total resources.
     pub offers: Vec<Flavour>,
+    /// The control socket `fluidlet intent`, `status` and `contract` talk to.
+    pub control_socket: PathBuf,
+    /// How often lapsed reservations are looked for.
+    pub expiry_check: Duration,
+    /// The Virtual Fabric Manager's backend and tools.
+    pub fabric: FabricConfig,
 }
 
 impl Config {
     /// A consumer-only config with every default; tests and the demo start from it.
     pub fn new(node_id: Id, domain: Id, broker: BrokerAddr, data_dir: PathBuf) -> Config {
         Config {
+            control_socket: data_dir.join("control.sock"),
+            expiry_check: Duration::from_secs(1),
+            fabric: FabricConfig::default(),
             node_id,
             domain,
             broker,
@@ -125,13 +135,13 @@ impl Config {
 /// suffix.
 #[derive(Deserialize, Debug, Clone)]
 #[serde(untagged)]
-enum Size {
+pub(crate) enum Size {
     Bytes(u64),
     Text(String),
 }
 
 impl Size {
-    fn bytes(&self, field: &str) -> Result<u64, ConfigError> {
+    pub(crate) fn bytes(&self, field: &str) -> Result<u64, ConfigError> {
         let s = match self {
             Size::Bytes(b) => return Ok(*b),
             Size::Text(s) => s.trim(),
@@ -178,6 +188,21 @@ struct RawConfig {
     provider: RawProvider,
     #[serde(default, rename = "offer")]
     offers: Vec<RawOffer>,
+    control_socket: Option<PathBuf>,
+    #[serde(default)]
+    fabric: RawFabric,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFabric {
+    backend: Option<String>,
+    kubeconfig: Option<PathBuf>,
+    kubectl: Option<PathBuf>,
+    liqoctl: Option<PathBuf>,
+    command_timeout_secs: Option<u64>,
+    peering_timeout_secs: Option<u64>,
+    cluster_id: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -241,7 +266,7 @@ struct RawLocation {
     notes: Option<String>,
 }
 
-fn text<const N: usize>(field: &str, s: &str) -> Result<Text<N>, ConfigError> {
+pub(crate) fn text<const N: usize>(field: &str, s: &str) -> Result<Text<N>, ConfigError> {
     Text::new(s).map_err(|e| invalid(field, e.to_string()))
 }
 
@@ -252,7 +277,7 @@ fn opt_text<const N: usize>(
     s.as_deref().map(|s| text(field, s)).transpose()
 }
 
-fn node_id(field: &str, s: &str) -> Result<Id, ConfigError> {
+pub(crate) fn node_id(field: &str, s: &str) -> Result<Id, ConfigError> {
     if s.len() > MAX_NODE_ID {
         return Err(invalid(
             field,
@@ -270,7 +295,7 @@ fn positive(field: &str, v: u64) -> Result<u64, ConfigError> {
 }
 
 /// Parses a decimal price (`"1.50"`) into millionths of the currency unit.
-fn price_micros(field: &str, s: &str) -> Result<u64, ConfigError> {
+pub(crate) fn price_micros(field: &str, s: &str) -> Result<u64, ConfigError> {
     let bad = || {
         invalid(
             field,
@@ -443,6 +468,39 @@ impl RawConfig {
         }
         if let Some(v) = self.provider.reservation_ttl_secs {
             cfg.reservation_ttl = secs(positive("provider.reservation_ttl_secs", v)?);
+        }
+        if let Some(p) = self.control_socket {
+            cfg.control_socket = p;
+        }
+        let f = &self.fabric;
+        match f.backend.as_deref() {
+            None | Some("dry-run") => cfg.fabric.backend = Backend::DryRun,
+            Some("liqo") => cfg.fabric.backend = Backend::Liqo,
+            Some(other) => {
+                return Err(invalid(
+                    "fabric.backend",
+                    format!("{other:?}: expected \"dry-run\" or \"liqo\""),
+                ))
+            }
+        }
+        if let Some(v) = &f.kubeconfig {
+            cfg.fabric.kubeconfig = v.clone();
+        }
+        if let Some(v) = &f.kubectl {
+            cfg.fabric.kubectl = v.clone();
+        }
+        if let Some(v) = &f.liqoctl {
+            cfg.fabric.liqoctl = v.clone();
+        }
+        if let Some(v) = f.command_timeout_secs {
+            cfg.fabric.command_timeout = secs(positive("fabric.command_timeout_secs", v)?);
+        }
+        if let Some(v) = f.peering_timeout_secs {
+            cfg.fabric.peering_timeout = secs(positive("fabric.peering_timeout_secs", v)?);
+        }
+        if let Some(v) = &f.cluster_id {
+            cfg.fabric.cluster_id =
+                Some(Id::new(v).map_err(|e| invalid("fabric.cluster_id", e.to_string()))?);
         }
         if self.offers.len() > MAX_OFFERS {
             return Err(invalid(

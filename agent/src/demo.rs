@@ -12,7 +12,10 @@
 //! isolate themselves by domain instead.
 
 use crate::config::BrokerAddr;
-use crate::model::{Flavour, FlavourSelector, Id, Partitionability, Price, Resources, Text};
+use crate::model::{
+    Flavour, FlavourSelector, Id, IntentState, LongText, Partitionability, Price, Resources, Text,
+};
+use crate::orchestrator::IntentSpec;
 use crate::wire::MAX_PACKET;
 use crate::{Agent, AgentError, Config, Observer, Step};
 use std::collections::HashMap;
@@ -154,8 +157,17 @@ pub fn demo_config(node: &str, domain: &str, port: u16, dir: &Path) -> Result<Co
 /// Runs the demo and prints it; returns the number of workflow steps seen.
 pub async fn run() -> Result<usize, AgentError> {
     let t0 = Instant::now();
-    let port = embedded_broker()?;
-    println!("fluidlet demo: two nodes, same domain (seed workflow steps 5-20)");
+    // FLUIDLET_DEMO_BROKER_PORT: run the demo through another broker on loopback (to compare
+    // brokers); by default the embedded one.
+    let port = match std::env::var("FLUIDLET_DEMO_BROKER_PORT") {
+        Ok(p) => p.parse().map_err(|_| {
+            AgentError::Other(format!("FLUIDLET_DEMO_BROKER_PORT={p:?} is not a port"))
+        })?,
+        Err(_) => embedded_broker()?,
+    };
+    println!(
+        "fluidlet demo: two nodes, same domain (the seed workflow's 31 steps, dry-run fabric)"
+    );
     println!("embedded MQTT broker on 127.0.0.1:{port} (the domain's Supernode / Catalog)\n");
     let dir = std::env::temp_dir().join(format!(
         "fluidlet-demo-{}-{}",
@@ -173,7 +185,7 @@ async fn run_in(dir: &Path, port: u16, t0: Instant) -> Result<usize, AgentError>
     let observer: Observer = Arc::new(move |s: &Step| {
         let at = t0.elapsed();
         println!(
-            "[{:>8.2} ms] step {:>2}  {:<9} {:<18} {}",
+            "[{:>8.2} ms] step {:>2}  {:<9} {:<22} {}",
             at.as_secs_f64() * 1e3,
             s.number,
             s.node.as_str(),
@@ -203,50 +215,127 @@ async fn run_in(dir: &Path, port: u16, t0: Instant) -> Result<usize, AgentError>
         }
     }
     println!(
-        "provider offers {}; consumer wants 1 CPU and 2 GiB on {}\n",
+        "provider offers {}; consumer submits an intent needing 1 CPU and 2 GiB on {}\n",
         describe_flavour(&offer),
         k8s_arch()
     );
-    let selector = FlavourSelector {
-        architecture: Some(Text::new(k8s_arch()).unwrap_or_default()),
-        min: Some(Resources {
-            cpu: 1000,
-            memory: 2 << 30,
-            pods: 1,
-            storage: 0,
-        }),
-        max_price: Some(1_000_000),
-        ..Default::default()
+    let spec = IntentSpec {
+        name: Id::new("camera-analytics").unwrap_or_default(),
+        namespace: Id::new("camera-analytics").unwrap_or_default(),
+        manifest: LongText::new(DEMO_MANIFEST).unwrap_or_default(),
+        selector: FlavourSelector {
+            architecture: Some(Text::new(k8s_arch()).unwrap_or_default()),
+            min: Some(Resources {
+                cpu: 1000,
+                memory: 2 << 30,
+                pods: 1,
+                storage: 0,
+            }),
+            max_price: Some(1_000_000),
+            ..Default::default()
+        },
     };
     let started = Instant::now();
-    let outcome = consumer.acquire(&selector).await;
+    let outcome = consumer.submit_intent(spec).await;
     let took = started.elapsed();
     let summary = match &outcome {
-        Ok(c) => {
-            println!("\nreservation done in {:.2} ms", took.as_secs_f64() * 1e3);
+        Ok(i) if i.state == IntentState::Placed => {
             println!(
-                "contract {}: {} buys {} from {} for {} millionths EUR/hour",
-                c.id,
-                c.buyer,
-                describe(&c.resources),
-                c.seller,
-                c.price
+                "\nintent {} placed on {} in {:.2} ms",
+                i.id,
+                i.placement.as_ref().map_or("?", |p| p.as_str()),
+                took.as_secs_f64() * 1e3
             );
+            if let Some(c) = i
+                .contract
+                .as_ref()
+                .and_then(|c| consumer.tables().contract(c).ok().flatten())
+            {
+                println!(
+                    "contract {}: {} buys {} from {} for {} millionths EUR/hour",
+                    c.id,
+                    c.buyer,
+                    describe(&c.resources),
+                    c.seller,
+                    c.price
+                );
+            }
             print_tables("provider", &provider);
             print_tables("consumer", &consumer);
             print_phases(&steps);
+            print_fabric_record(dir);
             Ok(())
         }
-        Err(e) => Err(AgentError::Other(format!(
-            "the demo's reservation failed: {e}"
+        Ok(i) => Err(AgentError::Other(format!(
+            "the demo's intent ended {:?}: {}",
+            i.state,
+            i.error.as_ref().map_or("", |e| e.as_str())
         ))),
+        Err(e) => Err(AgentError::Other(format!("the demo's intent failed: {e}"))),
     };
     consumer.shutdown().await;
     provider.shutdown().await;
     summary?;
     let n = steps.lock().map(|v| v.len()).unwrap_or(0);
-    println!("\n{n} workflow steps in {:.1} ms (including broker start). Steps 1-4 and 21-31 (intent, peering, workload) are not built yet.", t0.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "\n{n} workflow steps in {:.1} ms (including broker start)",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
     Ok(n)
+}
+
+/// The workload the demo's intent deploys.
+const DEMO_MANIFEST: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: camera-analytics
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: camera-analytics}
+  template:
+    metadata:
+      labels: {app: camera-analytics}
+    spec:
+      containers:
+      - name: analytics
+        image: registry.example/camera-analytics:1.0
+        resources:
+          limits: {cpu: 1000m, memory: 2Gi}
+";
+
+/// Lists what the dry-run fabric wrote: the exact objects and commands a cluster would get.
+fn print_fabric_record(dir: &Path) {
+    println!("\nthe dry-run fabric wrote (what the liqo backend would apply and run):");
+    for node in ["provider", "consumer"] {
+        let mut files = Vec::new();
+        collect(&dir.join(node).join("fabric"), &mut files);
+        files.sort();
+        for f in files {
+            println!("  {}", f.strip_prefix(dir).unwrap_or(&f).display());
+        }
+    }
+    let mut scripts = Vec::new();
+    collect(&dir.join("consumer").join("fabric"), &mut scripts);
+    scripts.retain(|p| p.ends_with("commands.sh"));
+    scripts.sort();
+    for p in scripts {
+        println!("\n{}:", p.strip_prefix(dir).unwrap_or(&p).display());
+        for line in std::fs::read_to_string(&p).unwrap_or_default().lines() {
+            println!("  {line}");
+        }
+    }
+}
+
+fn collect(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
 }
 
 fn describe(r: &Resources) -> String {
@@ -296,8 +385,12 @@ fn print_phases(steps: &Mutex<Vec<(u8, Duration)>>) {
     };
     println!("\ntime per phase:");
     for (name, from, to) in [
-        ("candidates lookup + discovery", 5, 12),
-        ("reservation", 13, 20),
+        ("intent and local lookup (1-4)", 1, 4),
+        ("candidates and discovery (5-12)", 5, 12),
+        ("reservation (13-20)", 13, 20),
+        ("peering (21-28)", 21, 28),
+        ("workload placement (29-31)", 29, 31),
+        ("whole workflow (1-31)", 1, 31),
     ] {
         if let Some(d) = span(from, to) {
             println!("  {name:<30} {:>8.2} ms", d.as_secs_f64() * 1e3);

@@ -67,6 +67,12 @@ pub fn fit(flavour: &Flavour, sel: &FlavourSelector) -> Option<Fit> {
     if sel.gpu == Some(true) && flavour.gpu.is_none() {
         return None;
     }
+    if let Some(country) = &sel.country {
+        let theirs = flavour.location.as_ref().and_then(|l| l.country.as_ref());
+        if theirs != Some(country) {
+            return None;
+        }
+    }
     let min = sel.min.unwrap_or_default();
     let max = sel.max.unwrap_or_default();
     let have = flavour.resources;

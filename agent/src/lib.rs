@@ -26,11 +26,14 @@
 pub mod broker;
 pub mod config;
 pub mod contracts;
+pub mod control;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
+pub mod fabric;
 pub mod model;
 pub mod node;
+pub mod orchestrator;
 pub mod rear;
 pub mod tables;
 pub mod wire;

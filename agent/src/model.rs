@@ -50,6 +50,12 @@ impl<const N: usize> fmt::Display for Text<N> {
     }
 }
 
+impl<const N: usize> serde::Serialize for Text<N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 impl<const N: usize> fmt::Debug for Text<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
@@ -71,6 +77,57 @@ impl<'b, C, const N: usize> Decode<'b, C> for Text<N> {
     fn decode(d: &mut minicbor::Decoder<'b>, _: &mut C) -> Result<Self, minicbor::decode::Error> {
         let s = d.str()?;
         Text::new(s).map_err(|e| minicbor::decode::Error::message(e.to_string()))
+    }
+}
+
+/// A longer bounded UTF-8 text, kept on the heap (workload manifests, kubeconfigs): decoding
+/// refuses anything longer than `N` bytes before copying it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct LongText<const N: usize>(String);
+
+impl<const N: usize> LongText<N> {
+    pub fn new(s: &str) -> Result<Self, ModelError> {
+        if s.len() > N {
+            return Err(ModelError::TooLong {
+                max: N,
+                len: s.len(),
+            });
+        }
+        Ok(LongText(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<const N: usize> fmt::Debug for LongText<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+impl<const N: usize> serde::Serialize for LongText<N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<C, const N: usize> Encode<C> for LongText<N> {
+    fn encode<W: minicbor::encode::Write>(
+        &self,
+        e: &mut minicbor::Encoder<W>,
+        _: &mut C,
+    ) -> Result<(), minicbor::encode::Error<W::Error>> {
+        e.str(self.as_str())?;
+        Ok(())
+    }
+}
+
+impl<'b, C, const N: usize> Decode<'b, C> for LongText<N> {
+    fn decode(d: &mut minicbor::Decoder<'b>, _: &mut C) -> Result<Self, minicbor::decode::Error> {
+        let s = d.str()?;
+        LongText::new(s).map_err(|e| minicbor::decode::Error::message(e.to_string()))
     }
 }
 
@@ -107,6 +164,12 @@ impl fmt::Display for Id {
     }
 }
 
+impl serde::Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 impl fmt::Debug for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
@@ -134,6 +197,12 @@ impl<'b, C> Decode<'b, C> for Id {
 /// A list of at most `N` items: decoding refuses a longer array before decoding its items.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bounded<T, const N: usize>(pub heapless::Vec<T, N>);
+
+impl<T: serde::Serialize, const N: usize> serde::Serialize for Bounded<T, N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter())
+    }
+}
 
 impl<T, const N: usize> Default for Bounded<T, N> {
     fn default() -> Self {
@@ -216,7 +285,7 @@ pub enum ModelError {
 }
 
 /// GPU characteristics of a flavour (optional, as in the reference K8Slice).
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct Gpu {
     #[n(0)]
@@ -231,7 +300,7 @@ pub struct Gpu {
 ///
 /// A valid piece of resource `r` is a value `v` with `v >= r_min` and `v % r_step == 0`
 /// (a step of 0 means any value at or above the minimum).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct Partitionability {
     #[n(0)]
@@ -250,7 +319,7 @@ pub struct Partitionability {
 
 /// Price of a whole flavour for one period. `amount` is in millionths of the currency unit
 /// (1.50 EUR = 1_500_000), so prices stay exact integers.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct Price {
     #[n(0)]
@@ -262,7 +331,7 @@ pub struct Price {
 }
 
 /// Where a provider is (optional).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct Location {
     #[n(0)]
@@ -274,7 +343,7 @@ pub struct Location {
 }
 
 /// An amount of each resource: what a partition takes, what an allocation holds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct Resources {
     /// CPU in millicores.
@@ -317,7 +386,7 @@ impl Resources {
 }
 
 /// A flavour: a piece of a provider's capacity on offer (the reference K8Slice flavour).
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct Flavour {
     #[n(0)]
@@ -344,7 +413,7 @@ pub struct Flavour {
 }
 
 /// Upper bounds per resource; an absent field means no bound.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct Limits {
     #[n(0)]
@@ -358,7 +427,7 @@ pub struct Limits {
 }
 
 /// What a consumer looks for. Every bound is optional; an empty selector matches any flavour.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct FlavourSelector {
     #[n(0)]
@@ -375,10 +444,13 @@ pub struct FlavourSelector {
     /// Required GPU: any flavour with a GPU matches when true.
     #[n(4)]
     pub gpu: Option<bool>,
+    /// Required country (the flavour's `location.country`, compared exactly).
+    #[n(5)]
+    pub country: Option<Text<32>>,
 }
 
 /// RESERVE_FLAVOUR body.
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct ReserveRequest {
     /// Chosen by the buyer; the provider answers a repeated id with its first answer.
@@ -394,7 +466,7 @@ pub struct ReserveRequest {
 }
 
 /// Where a contract is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(index_only)]
 pub enum ContractState {
     /// Signed, resources set aside, peering not done yet.
@@ -412,7 +484,7 @@ pub enum ContractState {
 }
 
 /// A signed reservation: what was bought, by whom, from whom, until when.
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct Contract {
     #[n(0)]
@@ -443,7 +515,7 @@ pub struct Contract {
 }
 
 /// Which side of a contract an allocation is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(index_only)]
 pub enum AllocationKind {
     /// Provider side: local capacity set aside for a buyer.
@@ -454,7 +526,7 @@ pub enum AllocationKind {
     VirtualNode,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(index_only)]
 pub enum AllocationStatus {
     #[n(0)]
@@ -466,7 +538,7 @@ pub enum AllocationStatus {
 }
 
 /// An entry of the Available Resources table's allocations (workflow steps 16, 20, 25).
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct Allocation {
     #[n(0)]
@@ -490,7 +562,7 @@ pub struct Allocation {
 
 /// A flavour this node sells, with the configured offer it was cut from. The flavour's
 /// resources are always the offer's total minus what live Node allocations hold.
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct OwnFlavour {
     #[n(0)]
@@ -500,7 +572,7 @@ pub struct OwnFlavour {
 }
 
 /// A flavour another node sells, as last heard (Peering Candidates table).
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
 pub struct Candidate {
     #[n(0)]
@@ -508,6 +580,73 @@ pub struct Candidate {
     /// Unix milliseconds when it was last advertised or listed.
     #[n(1)]
     pub seen_at: u64,
+}
+
+/// Largest workload manifest an intent may carry.
+pub const MAX_MANIFEST: usize = 64 * 1024;
+
+/// Where an intent is in the workflow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
+#[cbor(index_only)]
+pub enum IntentState {
+    /// Received, not looked up yet (steps 1-3).
+    #[n(0)]
+    Submitted,
+    /// Discovery and reservation running (steps 4-20).
+    #[n(1)]
+    Reserving,
+    /// A contract is held; peering is being set up (steps 21-28).
+    #[n(2)]
+    Peering,
+    /// Capacity found; the workload is being applied (steps 29-31).
+    #[n(3)]
+    Deploying,
+    /// The workload runs where `placement` says.
+    #[n(4)]
+    Placed,
+    /// Ended without a placement; `error` says why.
+    #[n(5)]
+    Failed,
+}
+
+impl IntentState {
+    /// Placed and Failed are final; every other state resumes after a restart.
+    pub fn is_final(self) -> bool {
+        matches!(self, IntentState::Placed | IntentState::Failed)
+    }
+}
+
+/// A service request (workflow step 1): a workload, what it needs, and where it got to.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
+#[cbor(map)]
+pub struct Intent {
+    #[n(0)]
+    pub id: Id,
+    #[n(1)]
+    pub name: Id,
+    /// Kubernetes namespace the workload is applied in.
+    #[n(2)]
+    pub namespace: Id,
+    /// The workload: a Kubernetes manifest (YAML or JSON), applied as it is plus placement.
+    #[n(3)]
+    pub manifest: LongText<MAX_MANIFEST>,
+    /// What the workload needs (the decomposed resource request, step 2).
+    #[n(4)]
+    pub selector: FlavourSelector,
+    #[n(5)]
+    pub state: IntentState,
+    /// The contract that pays for the placement, once there is one.
+    #[n(6)]
+    pub contract: Option<Id>,
+    /// Where the workload runs: a virtual node's name, or `local`.
+    #[n(7)]
+    pub placement: Option<Text<128>>,
+    #[n(8)]
+    pub error: Option<Text<256>>,
+    #[n(9)]
+    pub created_at: u64,
+    #[n(10)]
+    pub updated_at: u64,
 }
 
 /// The list of flavours in an advert or a FLAVOURS answer.

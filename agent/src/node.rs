@@ -17,22 +17,36 @@
 use crate::broker::{self, AdvertSlot, Inbound, Status};
 use crate::config::Config;
 use crate::discovery;
+use crate::fabric::Fabric;
+use crate::model::ContractState;
 use crate::model::{Contract, FlavourList, FlavourSelector, Id};
 use crate::rear::{self, RearError};
 use crate::tables::{Reservation, Tables};
 use crate::wire::{Body, ErrorBody, ErrorCode, Flavours, Message, Route, Topics, WireError};
+use crate::wire::{ContractRef, PeerAccept, PeerRequest};
 use crate::{unix_ms, AgentError, Observer, Step};
 use rumqttc::{AsyncClient, QoS};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 /// Consumer requests waiting for answers at once (discoveries and reservations). A bound of
 /// the protocol: beyond it a new request fails with `Busy` rather than growing a map.
 pub const MAX_PENDING: usize = 64;
+
+/// What the Network Manager does when a contract is signed (steps 18 and 19). With Liqo v1
+/// there is nothing to deploy yet: `liqoctl peer` (steps 26-27) sets up the WireGuard
+/// gateways that give the two clusters reachability. See docs/fabric.md.
+pub(crate) const NETWORK_NOTE: &str =
+    "informed of the contract: reachability comes with the Liqo peering (gateway set up at step 27)";
+
+/// Steps buffered for a control-socket client that reads slowly; older ones are dropped.
+const STEP_QUEUE: usize = 64;
+/// Provider-side peering set-ups running at once; more are refused with BUSY.
+const MAX_PEERINGS: usize = 4;
 
 /// Longest wait for room in the MQTT client's request queue.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,6 +70,12 @@ pub(crate) struct Shared {
     advert: AdvertSlot,
     observer: Option<Observer>,
     pub status: watch::Receiver<Status>,
+    /// The Virtual Fabric Manager.
+    pub fabric: Fabric,
+    /// Every workflow step, for control-socket clients following an intent.
+    pub steps: broadcast::Sender<Step>,
+    /// Provider-side peerings set up at once (each may run kubectl/liqoctl for seconds).
+    peerings: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -80,6 +100,8 @@ impl Shared {
         if let Some(o) = &self.observer {
             o(&step);
         }
+        // No receiver is the normal case; a slow one loses old steps, never blocks the node.
+        let _ = self.steps.send(step);
     }
 
     /// Builds and publishes a message for `to` (QoS 1).
@@ -125,7 +147,7 @@ impl Shared {
     }
 
     /// Publishes the current flavours as this node's retained catalog entry.
-    async fn publish_advert(&self) -> Result<(), AgentError> {
+    pub(crate) async fn publish_advert(&self) -> Result<(), AgentError> {
         let own = self.tables.flavours()?;
         let flavours: Vec<_> = own.into_iter().map(|o| o.flavour).collect();
         let msg = Message {
@@ -183,7 +205,12 @@ impl Agent {
         let (status_tx, status_rx) = watch::channel(Status::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let advert = AdvertSlot::default();
+        let fabric = Fabric::new(cfg.fabric.clone(), &cfg.data_dir, &cfg.node_id);
+        let (steps, _) = broadcast::channel(STEP_QUEUE);
         let shared = Arc::new(Shared {
+            fabric,
+            steps,
+            peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
             tables,
             topics: topics.clone(),
             client: client.clone(),
@@ -208,12 +235,19 @@ impl Agent {
             shared.publish_advert().await?;
         }
         let node = tokio::spawn(serve(shared.clone(), inbound_rx, stop_rx.clone()));
-        let resumer = tokio::spawn(resume_when_connected(shared.clone(), stop_rx));
+        let resumer = tokio::spawn(resume_when_connected(shared.clone(), stop_rx.clone()));
+        let sweeper = tokio::spawn(sweep_lapsed(shared.clone(), stop_rx.clone()));
+        let mut tasks = vec![resumer, sweeper];
+        tasks.extend(crate::orchestrator::start(shared.clone(), stop_rx).await?);
         info!(node = %shared.me(), domain = %shared.cfg.domain, "fluidlet node started");
         Ok(Agent {
             shared,
             stop: stop_tx,
-            tasks: vec![resumer, node, session],
+            tasks: {
+                tasks.push(node);
+                tasks.push(session);
+                tasks
+            },
         })
     }
 
@@ -236,6 +270,20 @@ impl Agent {
         tokio::time::timeout(limit, rx.wait_for(|s| s.connected))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Workflow steps 1-31 for one intent: stores it, finds or buys capacity, peers, deploys.
+    /// Returns the intent as it ended (Placed, or Failed with the reason).
+    pub async fn submit_intent(
+        &self,
+        spec: crate::orchestrator::IntentSpec,
+    ) -> Result<crate::model::Intent, AgentError> {
+        crate::orchestrator::submit(&self.shared, spec).await
+    }
+
+    /// Releases a contract this node bought (RELEASE to the seller, peering torn down).
+    pub async fn release(&self, contract: &Id) -> Result<Contract, RearError> {
+        rear::release(&self.shared, contract).await
     }
 
     /// The consumer side of REAR for one selector: candidates, discovery if needed,
@@ -280,6 +328,48 @@ async fn resume_when_connected(shared: Arc<Shared>, mut stop: watch::Receiver<bo
     }
 }
 
+/// Contract Manager: ends reservations that were never peered before their expiry, on both
+/// sides; a provider gets the capacity back and re-advertises it at once.
+async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.cfg.expiry_check);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Cancel safety: a tick has no state; an expiry in progress is not interrupted
+        // because the work happens after select! has chosen.
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let lapsed = match shared.tables.lapsed(unix_ms()) {
+            Ok(v) => v,
+            Err(e) => {
+                error!(error = %e, "cannot read contracts for expiry");
+                continue;
+            }
+        };
+        for c in lapsed {
+            match shared
+                .tables
+                .end_contract(&c.id, ContractState::Expired, unix_ms())
+                .await
+            {
+                Ok(Some(_)) => {
+                    info!(contract = %c.id, buyer = %c.buyer, seller = %c.seller, "reservation expired unpeered; resources returned");
+                    if &c.seller == shared.me() {
+                        if let Err(e) = shared.publish_advert().await {
+                            warn!(error = %e, "could not re-publish the advert");
+                        }
+                    } else {
+                        rear::teardown_bought(&shared, &c).await;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => error!(contract = %c.id, error = %e, "expiry failed"),
+            }
+        }
+    }
+}
+
 /// The node task: one inbound message at a time until told to stop.
 async fn serve(
     shared: Arc<Shared>,
@@ -299,7 +389,7 @@ async fn serve(
     }
 }
 
-async fn handle(shared: &Shared, Inbound { topic, payload }: Inbound) {
+async fn handle(shared: &Arc<Shared>, Inbound { topic, payload }: Inbound) {
     let Some(route) = shared.topics.parse(&topic) else {
         warn!(%topic, "message on a topic outside this node's scheme ignored");
         return;
@@ -406,7 +496,7 @@ async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
     debug!(%node, flavours = flavours.len(), "catalog advert stored as peering candidates");
 }
 
-async fn on_addressed(shared: &Shared, from: Id, msg: Message) {
+async fn on_addressed(shared: &Arc<Shared>, from: Id, msg: Message) {
     match msg.body {
         Body::ListFlavours(l) => answer_list(shared, &from, msg.id, &l.selector, true).await,
         Body::ReserveFlavour(req) => {
@@ -417,7 +507,13 @@ async fn on_addressed(shared: &Shared, from: Id, msg: Message) {
             }
             on_reserve(shared, &from, msg.id, req).await
         }
-        Body::Flavours(_) | Body::Reserved(_) | Body::Error(_) => deliver(shared, from, msg),
+        Body::PeerRequest(req) => on_peer_request(shared, from, msg.id, req).await,
+        Body::Release(r) => on_release(shared, &from, msg.id, r).await,
+        Body::Flavours(_)
+        | Body::Reserved(_)
+        | Body::Error(_)
+        | Body::PeerAccept(_)
+        | Body::Released(_) => deliver(shared, from, msg),
         Body::Advert(_) => unexpected(shared, &from, msg.id, msg.body.kind(), "addressed").await,
     }
 }
@@ -549,13 +645,208 @@ async fn on_reserve(shared: &Shared, from: &Id, id: u64, req: crate::model::Rese
     };
     let ok = matches!(body, Body::Reserved(_));
     match shared.send(from, Some(id), body).await {
-        Ok(_) if ok => shared.step(
-            18,
-            "Contract Manager",
-            format!("OK (RESERVED) sent to {from}"),
-        ),
+        Ok(_) if ok => {
+            shared.step(
+                18,
+                "Contract Manager",
+                format!("OK (RESERVED) sent to {from}"),
+            );
+            shared.step(18, "Network Manager", NETWORK_NOTE);
+        }
         Ok(_) => {}
         Err(e) => warn!(%from, error = %e, "could not answer RESERVE_FLAVOUR"),
+    }
+}
+
+/// Finds the contract `id` that this node sold to `buyer`, or says why not.
+fn sold_to(shared: &Shared, id: &Id, buyer: &Id) -> Result<crate::model::Contract, String> {
+    match shared.tables.contract(id) {
+        Ok(Some(c)) if &c.seller == shared.me() && &c.buyer == buyer => Ok(c),
+        Ok(_) => Err(format!("no contract {id} sold to {buyer}")),
+        Err(e) => Err(format!("cannot read contracts: {e}")),
+    }
+}
+
+/// Virtual Fabric Manager, provider side (workflow steps 23-26): a peering is granted only for
+/// a signed, live contract of the node asking; anything else is refused. A repeated request
+/// gets the first grant again (the peering user cannot be generated twice).
+async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req: PeerRequest) {
+    let c = match sold_to(shared, &req.contract, &from) {
+        Ok(c) if matches!(c.state, ContractState::Reserved | ContractState::Active) => c,
+        Ok(c) => {
+            let text = format!("contract {} is {:?}", c.id, c.state);
+            return answer_error(shared, &from, Some(id), ErrorCode::NoContract, &text).await;
+        }
+        Err(text) => {
+            warn!(%from, contract = %req.contract, "peering refused: {text}");
+            return answer_error(shared, &from, Some(id), ErrorCode::NoContract, &text).await;
+        }
+    };
+    if let Ok(Some(grant)) = shared.tables.peer_grant(&c.id) {
+        if let Err(e) = shared.send(&from, Some(id), Body::PeerAccept(grant)).await {
+            warn!(%from, error = %e, "could not answer PEER_REQUEST");
+        }
+        return;
+    }
+    let Ok(permit) = shared.peerings.clone().try_acquire_owned() else {
+        return answer_error(
+            shared,
+            &from,
+            Some(id),
+            ErrorCode::Busy,
+            "too many peerings in progress",
+        )
+        .await;
+    };
+    let shared = shared.clone();
+    // The fabric may take seconds: the node task goes on serving meanwhile.
+    tokio::spawn(async move {
+        let _permit = permit;
+        shared.step(
+            23,
+            "Virtual Fabric Manager",
+            format!(
+                "contract {} signed with {from} found: granting the peering to cluster {}",
+                c.id, req.cluster_id
+            ),
+        );
+        let reuse = shared
+            .tables
+            .contracts()
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.id != c.id && o.buyer == c.buyer && o.state == ContractState::Active);
+        let plan = crate::fabric::plan_grant(&req.cluster_id, reuse);
+        let identity = match shared.fabric.execute(c.id.as_str(), &plan).await {
+            Ok(out) if !plan.is_empty() => match crate::model::LongText::new(&out) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    let text = format!("peering identity too large: {e}");
+                    return answer_error(&shared, &from, Some(id), ErrorCode::PeeringFailed, &text)
+                        .await;
+                }
+            },
+            Ok(_) => None,
+            Err(e) => {
+                error!(contract = %c.id, error = %e, "peering grant failed");
+                return answer_error(
+                    &shared,
+                    &from,
+                    Some(id),
+                    ErrorCode::PeeringFailed,
+                    &e.to_string(),
+                )
+                .await;
+            }
+        };
+        let grant = PeerAccept {
+            contract: c.id.clone(),
+            cluster_id: match shared.fabric.cluster_id().await {
+                Ok(cid) => cid,
+                Err(e) => {
+                    return answer_error(
+                        &shared,
+                        &from,
+                        Some(id),
+                        ErrorCode::PeeringFailed,
+                        &e.to_string(),
+                    )
+                    .await
+                }
+            },
+            identity,
+        };
+        let stored = shared
+            .tables
+            .put_peer_grant(&grant)
+            .and_then(|_| shared.tables.put_peer_cluster(&c.id, &req.cluster_id));
+        let activated = shared.tables.activate(&c.id, unix_ms()).await;
+        if let Err(e) = stored.and(activated.map(|_| ())) {
+            error!(contract = %c.id, error = %e, "could not record the peering");
+            return answer_error(
+                &shared,
+                &from,
+                Some(id),
+                ErrorCode::Storage,
+                "could not record the peering",
+            )
+            .await;
+        }
+        shared.step(
+            24,
+            "Virtual Fabric Manager",
+            format!("peering for {} granted; REAR Manager informed", c.id),
+        );
+        shared.step(
+            25,
+            "REAR Manager",
+            format!("Node allocation {} active", c.id),
+        );
+        match shared.send(&from, Some(id), Body::PeerAccept(grant)).await {
+            Ok(_) => shared.step(
+                26,
+                "Virtual Fabric Manager",
+                format!("peering artefacts (Liqo ResourceOffer) sent to {from}"),
+            ),
+            Err(e) => warn!(%from, error = %e, "could not send PEER_ACCEPT"),
+        }
+    });
+}
+
+/// Contract Manager, provider side of a release: the capacity goes back into the offer (and
+/// the advert), the peering user goes when no other contract of that consumer needs it.
+/// Releasing an already released contract is answered RELEASED again.
+async fn on_release(shared: &Shared, from: &Id, id: u64, r: ContractRef) {
+    let c = match sold_to(shared, &r.contract, from) {
+        Ok(c) => c,
+        Err(text) => {
+            return answer_error(shared, from, Some(id), ErrorCode::NoContract, &text).await
+        }
+    };
+    match shared
+        .tables
+        .end_contract(&c.id, ContractState::Released, unix_ms())
+        .await
+    {
+        Ok(Some(_)) => {
+            info!(contract = %c.id, buyer = %from, "contract released; resources returned");
+            if let Err(e) = shared.publish_advert().await {
+                warn!(error = %e, "could not re-publish the advert");
+            }
+            let others = shared
+                .tables
+                .contracts()
+                .unwrap_or_default()
+                .iter()
+                .any(|o| {
+                    o.id != c.id
+                        && o.buyer == c.buyer
+                        && matches!(o.state, ContractState::Reserved | ContractState::Active)
+                });
+            let consumer_cluster = shared.tables.peer_cluster(&c.id).ok().flatten();
+            if let Some(cluster) = consumer_cluster {
+                let plan = crate::fabric::plan_teardown_provider(&cluster, !others);
+                if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
+                    warn!(contract = %c.id, error = %e, "peering teardown failed");
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            error!(contract = %c.id, error = %e, "release failed");
+            return answer_error(
+                shared,
+                from,
+                Some(id),
+                ErrorCode::Storage,
+                "could not store the release",
+            )
+            .await;
+        }
+    }
+    let body = Body::Released(ContractRef { contract: c.id });
+    if let Err(e) = shared.send(from, Some(id), body).await {
+        warn!(%from, error = %e, "could not send RELEASED");
     }
 }
 

@@ -14,11 +14,12 @@
 
 use crate::contracts::{check_answer, BadAnswer};
 use crate::discovery::{rank, Fit};
+use crate::model::ContractState;
 use crate::model::{Candidate, Contract, FlavourSelector, Id, ReserveRequest};
 use crate::node::{Shared, Waiter};
 use crate::tables::{Outgoing, TableError};
 use crate::unix_ms;
-use crate::wire::{Body, ErrorCode, ListFlavours, Message, WireError};
+use crate::wire::{Body, ContractRef, ErrorCode, ListFlavours, Message, PeerRequest, WireError};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -56,6 +57,10 @@ pub enum RearError {
     Wire(#[from] WireError),
     #[error(transparent)]
     Table(#[from] TableError),
+    #[error("peering: {0}")]
+    Fabric(#[from] crate::fabric::FabricError),
+    #[error("no contract {0} on this node")]
+    NoContract(String),
 }
 
 /// Says in words what a selector asks for, for "no provider offers ..." errors.
@@ -321,6 +326,7 @@ async fn finish(
                 "Contract Manager",
                 format!("contract {} stored; resources reserved at {provider}", c.id),
             );
+            shared.step(19, "Network Manager", crate::node::NETWORK_NOTE);
             shared.step(
                 20,
                 "REAR Manager",
@@ -343,5 +349,213 @@ async fn finish(
             code: None,
             text: format!("answered {:?} to RESERVE_FLAVOUR", other.kind()),
         }),
+    }
+}
+
+/// Sends `body` to `to` and waits for the answer, resending up to the configured attempts.
+/// The request must be idempotent on the receiving side (all of REAR's are).
+async fn ask(shared: &Shared, to: &Id, body: Body, timeout: Duration) -> Result<Body, RearError> {
+    for _ in 0..shared.cfg.reserve_attempts {
+        let id = shared.next_id();
+        let (tx, rx) = oneshot::channel();
+        let _guard = shared.wait_for(
+            id,
+            Waiter::Reply {
+                from: to.clone(),
+                tx,
+            },
+        )?;
+        let msg = Message {
+            id,
+            correlation: None,
+            sent_at: unix_ms(),
+            sender: shared.me().clone(),
+            body: body.clone(),
+        };
+        shared.publish(shared.topics.to(to), false, &msg).await?;
+        if let Ok(Ok(answer)) = tokio::time::timeout(timeout, rx).await {
+            return Ok(answer);
+        }
+    }
+    Err(RearError::Timeout(to.to_string()))
+}
+
+fn refused(provider: &Id, e: &crate::wire::ErrorBody) -> RearError {
+    RearError::Refused {
+        provider: provider.to_string(),
+        code: e.code(),
+        text: e.text.to_string(),
+    }
+}
+
+/// Attempts of the fabric's peering set-up, and the pause before the first retry (doubled
+/// each time): a kubectl that fails or hangs is rolled back and tried again.
+pub const PEERING_ATTEMPTS: u32 = 3;
+const PEERING_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Peering phase, consumer side (workflow steps 21-22, 26-28): asks the seller for the
+/// peering artefacts, sets the peering up through the Virtual Fabric Manager, and marks the
+/// contract and the VirtualNode allocation active. Returns the virtual node's name.
+pub(crate) async fn peer(shared: &Shared, contract: &Contract) -> Result<String, RearError> {
+    let seller = &contract.seller;
+    shared.step(
+        21,
+        "REAR Manager",
+        format!(
+            "contract {}: peering phase to the Virtual Fabric Manager",
+            contract.id
+        ),
+    );
+    let cluster_id = shared.fabric.cluster_id().await?;
+    let request = Body::PeerRequest(PeerRequest {
+        contract: contract.id.clone(),
+        cluster_id: cluster_id.clone(),
+    });
+    shared.step(
+        22,
+        "Virtual Fabric Manager",
+        format!(
+            "peering request (Liqo ResourceRequest) for {} sent to {seller}, cluster {cluster_id}",
+            contract.id
+        ),
+    );
+    let grant = match ask(shared, seller, request, shared.cfg.reserve_timeout).await? {
+        Body::PeerAccept(g) if g.contract == contract.id => g,
+        Body::Error(e) => return Err(refused(seller, &e)),
+        other => {
+            return Err(RearError::Refused {
+                provider: seller.to_string(),
+                code: None,
+                text: format!("answered {:?} to PEER_REQUEST", other.kind()),
+            })
+        }
+    };
+    shared.step(
+        26,
+        "Virtual Fabric Manager",
+        format!(
+            "peering accepted by {seller} (Liqo ResourceOffer), provider cluster {}",
+            grant.cluster_id
+        ),
+    );
+    // Kept (without the identity, which goes to an owner-only file) for the teardown.
+    shared.tables.put_peer_grant(&crate::wire::PeerAccept {
+        identity: None,
+        ..grant.clone()
+    })?;
+    let identity = match &grant.identity {
+        Some(kubeconfig) => {
+            let path = shared.fabric.identity_path(&grant.cluster_id);
+            let file = crate::fabric::Action::File {
+                what: "the provider's peering identity".into(),
+                path: path.clone(),
+                contents: kubeconfig.as_str().to_owned(),
+                private: true,
+            };
+            shared.fabric.execute(contract.id.as_str(), &[file]).await?;
+            Some(path)
+        }
+        None => None,
+    };
+    let plan = crate::fabric::plan_establish(
+        contract,
+        &grant.cluster_id,
+        identity.as_deref(),
+        shared.fabric.ready_timeout(),
+    );
+    let mut pause = PEERING_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        match shared.fabric.execute(contract.id.as_str(), &plan).await {
+            Ok(_) => break,
+            Err(e) if attempt < PEERING_ATTEMPTS => {
+                warn!(contract = %contract.id, attempt, error = %e, "peering failed; rolling back and retrying");
+                let undo =
+                    crate::fabric::plan_teardown_consumer(contract, &grant.cluster_id, None, false);
+                if let Err(e) = shared.fabric.execute(contract.id.as_str(), &undo).await {
+                    warn!(contract = %contract.id, error = %e, "rollback failed");
+                }
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let node = crate::fabric::virtual_node_name(&contract.id);
+    shared.step(
+        27,
+        "Virtual Fabric Manager",
+        format!("virtual node {node} ready; REAR Manager informed"),
+    );
+    shared.tables.activate(&contract.id, unix_ms()).await?;
+    shared.step(
+        28,
+        "REAR Manager",
+        format!("VirtualNode allocation {} active", contract.id),
+    );
+    Ok(node)
+}
+
+/// Releases a contract this node bought: tears its peering down, tells the seller (RELEASE,
+/// answered by RELEASED once the seller restored its capacity) and marks it released here.
+/// When the seller does not answer, the contract is released here anyway and the error says
+/// so: the seller keeps the capacity until its operator releases it.
+pub(crate) async fn release(shared: &Shared, contract: &Id) -> Result<Contract, RearError> {
+    let Some(c) = shared.tables.contract(contract)? else {
+        return Err(RearError::NoContract(contract.to_string()));
+    };
+    if &c.buyer != shared.me() {
+        return Err(RearError::NoContract(format!(
+            "{contract} (this node sold it; the buyer releases it)"
+        )));
+    }
+    teardown_bought(shared, &c).await;
+    let answer = ask(
+        shared,
+        &c.seller,
+        Body::Release(ContractRef {
+            contract: contract.clone(),
+        }),
+        shared.cfg.reserve_timeout,
+    )
+    .await;
+    let ended = shared
+        .tables
+        .end_contract(contract, ContractState::Released, unix_ms())
+        .await?;
+    info!(%contract, "contract released");
+    match answer {
+        Ok(Body::Released(_)) => Ok(ended.unwrap_or(c)),
+        Ok(Body::Error(e)) => Err(refused(&c.seller, &e)),
+        Ok(other) => Err(RearError::Refused {
+            provider: c.seller.to_string(),
+            code: None,
+            text: format!("answered {:?} to RELEASE", other.kind()),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the fabric objects of a bought contract (best effort: a failure is logged).
+pub(crate) async fn teardown_bought(shared: &Shared, c: &Contract) {
+    let Ok(Some(grant)) = shared.tables.peer_grant(&c.id) else {
+        return;
+    };
+    let others = shared
+        .tables
+        .contracts()
+        .unwrap_or_default()
+        .into_iter()
+        .any(|o| {
+            o.id != c.id
+                && o.seller == c.seller
+                && matches!(o.state, ContractState::Reserved | ContractState::Active)
+        });
+    let identity = shared.fabric.identity_path(&grant.cluster_id);
+    let plan =
+        crate::fabric::plan_teardown_consumer(c, &grant.cluster_id, Some(&identity), !others);
+    if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
+        warn!(contract = %c.id, error = %e, "peering teardown failed");
     }
 }

@@ -9,6 +9,7 @@
 //! | `contracts` | contract id | [`Contract`] |
 //! | `transactions` | `in/{buyer}/{tx}` or `out/{tx}` | first answer given, or a purchase in flight |
 //! | `ratings` | provider id | [`Rating`] (Ratings and Metrics) |
+//! | `intents` | intent id | [`Intent`] |
 //!
 //! Why one sled transaction per reservation: the provider removes the old flavour, creates
 //! the reduced one, the Node allocation, the contract and the transaction record together
@@ -25,8 +26,9 @@ use crate::contracts::{self, Plan, Refusal};
 use crate::discovery::price_of;
 use crate::model::{
     Allocation, AllocationKind, AllocationStatus, Candidate, Contract, ContractState, Flavour, Id,
-    OwnFlavour, ReserveRequest, Resources,
+    Intent, OwnFlavour, ReserveRequest, Resources,
 };
+use crate::wire::PeerAccept;
 use minicbor::{Decode, Encode};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
@@ -97,6 +99,7 @@ pub struct Tables {
     contracts: Tree,
     transactions: Tree,
     ratings: Tree,
+    intents: Tree,
 }
 
 fn enc<T: Encode<()>>(v: &T) -> Vec<u8> {
@@ -187,6 +190,7 @@ impl Tables {
             contracts: db.open_tree("contracts")?,
             transactions: db.open_tree("transactions")?,
             ratings: db.open_tree("ratings")?,
+            intents: db.open_tree("intents")?,
             db,
         })
     }
@@ -428,6 +432,186 @@ impl Tables {
 
     pub fn allocations(&self) -> Result<Vec<Allocation>, TableError> {
         all("allocations", &self.allocations)
+    }
+
+    pub fn contract(&self, id: &Id) -> Result<Option<Contract>, TableError> {
+        let key = id.as_str().as_bytes();
+        self.contracts
+            .get(key)?
+            .map(|v| dec("contracts", key, &v))
+            .transpose()
+    }
+
+    pub fn allocation(&self, contract: &Id) -> Result<Option<Allocation>, TableError> {
+        let key = contract.as_str().as_bytes();
+        self.allocations
+            .get(key)?
+            .map(|v| dec("allocations", key, &v))
+            .transpose()
+    }
+
+    /// Peering completed on this side (steps 25 and 28): the contract becomes Active and
+    /// its allocation active, together. Returns false if the contract is not Reserved (already
+    /// active is fine for a repeated call; released or expired is not).
+    pub async fn activate(&self, contract: &Id, now: u64) -> Result<bool, TableError> {
+        let key = contract.as_str().as_bytes();
+        let changed = flatten((&self.contracts, &self.allocations).transaction(
+            |(contracts, allocations)| {
+                let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? else {
+                    return Ok(false);
+                };
+                if c.state == ContractState::Active {
+                    return Ok(true);
+                }
+                if !contracts::can_move(c.state, ContractState::Active) {
+                    return Ok(false);
+                }
+                c.state = ContractState::Active;
+                contracts.insert(key, enc(&c))?;
+                if let Some(mut a) = tx_get::<Allocation>("allocations", allocations, key)? {
+                    a.status = AllocationStatus::Active;
+                    a.updated_at = now;
+                    allocations.insert(key, enc(&a))?;
+                }
+                Ok(true)
+            },
+        ))?;
+        self.flush().await?;
+        Ok(changed)
+    }
+
+    /// Ends a live contract as Released or Expired: its allocation is released and, on the
+    /// provider, the resources go back into the offer's flavour (the old flavour is deleted
+    /// and a larger one created under a new id), all in one transaction, flushed. Returns
+    /// the ended contract, or `None` if it was not live (ending twice is harmless).
+    pub async fn end_contract(
+        &self,
+        contract: &Id,
+        end: ContractState,
+        now: u64,
+    ) -> Result<Option<Contract>, TableError> {
+        let key = contract.as_str().as_bytes();
+        // The offer's current flavour, found outside the transaction (sled transactions cannot
+        // scan) and re-read inside it, so a concurrent change makes the transaction retry.
+        let alloc = self.allocation(contract)?;
+        let offer_id = alloc.as_ref().and_then(|a| a.offer.clone());
+        let current = match &offer_id {
+            Some(o) => self
+                .flavours()?
+                .into_iter()
+                .find(|f| &f.offer == o)
+                .map(|f| f.flavour.id),
+            None => None,
+        };
+        let ended = flatten(
+            (
+                &self.offers,
+                &self.available,
+                &self.allocations,
+                &self.contracts,
+            )
+                .transaction(|(offers, available, allocations, contracts)| {
+                    let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? else {
+                        return Ok(None);
+                    };
+                    if !contracts::can_move(c.state, end) {
+                        return Ok(None);
+                    }
+                    c.state = end;
+                    contracts.insert(key, enc(&c))?;
+                    let Some(mut a) = tx_get::<Allocation>("allocations", allocations, key)? else {
+                        return Ok(Some(c));
+                    };
+                    a.status = AllocationStatus::Released;
+                    a.updated_at = now;
+                    allocations.insert(key, enc(&a))?;
+                    let (AllocationKind::Node, Some(offer_id)) = (a.kind, &a.offer) else {
+                        return Ok(Some(c));
+                    };
+                    let Some(offer) =
+                        tx_get::<Flavour>("offers", offers, offer_id.as_str().as_bytes())?
+                    else {
+                        // The offer was withdrawn from the config: nothing to give back to.
+                        return Ok(Some(c));
+                    };
+                    let mut back = a.resources;
+                    if let Some(old) = &current {
+                        if let Some(own) =
+                            tx_get::<OwnFlavour>("available", available, old.as_str().as_bytes())?
+                        {
+                            back = back.saturating_add(&own.flavour.resources);
+                            available.remove(old.as_str())?;
+                        }
+                    }
+                    let new_id = flavour_id(offer_id, available.generate_id()?)?;
+                    let own = OwnFlavour {
+                        offer: offer_id.clone(),
+                        flavour: cut(&offer, &new_id, back),
+                    };
+                    available.insert(new_id.as_str(), enc(&own))?;
+                    Ok(Some(c))
+                }),
+        )?;
+        self.flush().await?;
+        Ok(ended)
+    }
+
+    /// Reserved contracts whose peering deadline has passed.
+    pub fn lapsed(&self, now: u64) -> Result<Vec<Contract>, TableError> {
+        Ok(self
+            .contracts()?
+            .into_iter()
+            .filter(|c| c.state == ContractState::Reserved && c.expires_at <= now)
+            .collect())
+    }
+
+    /// Remembers the PEER_ACCEPT given for a contract, so a repeated PEER_REQUEST gets the
+    /// same answer (the peering user cannot be generated twice).
+    pub fn put_peer_grant(&self, grant: &PeerAccept) -> Result<(), TableError> {
+        let key = format!("peer/{}", grant.contract);
+        self.transactions.insert(key, enc(grant))?;
+        Ok(())
+    }
+
+    pub fn peer_grant(&self, contract: &Id) -> Result<Option<PeerAccept>, TableError> {
+        let key = format!("peer/{contract}");
+        self.transactions
+            .get(&key)?
+            .map(|v| dec("transactions", key.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Remembers the consumer's cluster id a peering was granted to (for the teardown).
+    pub fn put_peer_cluster(&self, contract: &Id, cluster: &Id) -> Result<(), TableError> {
+        self.transactions
+            .insert(format!("peer-cluster/{contract}"), enc(cluster))?;
+        Ok(())
+    }
+
+    pub fn peer_cluster(&self, contract: &Id) -> Result<Option<Id>, TableError> {
+        let key = format!("peer-cluster/{contract}");
+        self.transactions
+            .get(&key)?
+            .map(|v| dec("transactions", key.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Stores an intent, flushed: a submitted intent survives a crash.
+    pub async fn put_intent(&self, intent: &Intent) -> Result<(), TableError> {
+        self.intents.insert(intent.id.as_str(), enc(intent))?;
+        self.flush().await
+    }
+
+    pub fn intents(&self) -> Result<Vec<Intent>, TableError> {
+        all("intents", &self.intents)
+    }
+
+    pub fn intent(&self, id: &Id) -> Result<Option<Intent>, TableError> {
+        let key = id.as_str().as_bytes();
+        self.intents
+            .get(key)?
+            .map(|v| dec("intents", key, &v))
+            .transpose()
     }
 
     /// Replaces everything known of `provider` with `flavours` (an advert or an answer).

@@ -25,8 +25,11 @@ use minicbor::{Decode, Encode};
 /// The only protocol version this agent speaks.
 pub const VERSION: u8 = 1;
 /// Largest payload accepted or sent, checked before decoding. A full advert of 16 flavours
-/// with every optional field is under 4 KiB; 8 KiB leaves room without inviting abuse.
-pub const MAX_PAYLOAD: usize = 8 * 1024;
+/// with every optional field is under 4 KiB; the largest message is a PEER_ACCEPT carrying a
+/// peering kubeconfig (at most [`MAX_IDENTITY`]).
+pub const MAX_PAYLOAD: usize = 16 * 1024;
+/// Largest peering identity (a kubeconfig with embedded certificates) in PEER_ACCEPT.
+pub const MAX_IDENTITY: usize = 12 * 1024;
 /// Largest MQTT packet the client accepts at all. Larger than [`MAX_PAYLOAD`] on purpose:
 /// an oversized but otherwise normal publish then reaches the agent, which answers it with
 /// ERROR `TooLarge`, instead of making the MQTT client drop the whole connection.
@@ -43,6 +46,10 @@ pub enum Kind {
     Reserved = 4,
     Error = 5,
     Advert = 6,
+    PeerRequest = 7,
+    PeerAccept = 8,
+    Release = 9,
+    Released = 10,
 }
 
 impl Kind {
@@ -54,6 +61,10 @@ impl Kind {
             4 => Kind::Reserved,
             5 => Kind::Error,
             6 => Kind::Advert,
+            7 => Kind::PeerRequest,
+            8 => Kind::PeerAccept,
+            9 => Kind::Release,
+            10 => Kind::Released,
             _ => return None,
         })
     }
@@ -84,6 +95,10 @@ pub enum ErrorCode {
     Storage = 9,
     /// Too many requests; retry later.
     Busy = 10,
+    /// No signed, live contract matches the request (PEER_REQUEST, RELEASE).
+    NoContract = 11,
+    /// The provider's fabric could not set the peering up; the text says why.
+    PeeringFailed = 12,
 }
 
 impl ErrorCode {
@@ -100,6 +115,8 @@ impl ErrorCode {
             8 => Unexpected,
             9 => Storage,
             10 => Busy,
+            11 => NoContract,
+            12 => PeeringFailed,
             _ => return None,
         })
     }
@@ -150,6 +167,40 @@ impl ErrorBody {
     }
 }
 
+/// PEER_REQUEST body: the consumer asks the seller to peer for a contract (steps 21-22).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct PeerRequest {
+    #[n(0)]
+    pub contract: Id,
+    /// The consumer's Liqo cluster id.
+    #[n(1)]
+    pub cluster_id: Id,
+}
+
+/// PEER_ACCEPT body: the seller's answer (step 26, Liqo's "ResourceOffer").
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct PeerAccept {
+    #[n(0)]
+    pub contract: Id,
+    /// The provider's Liqo cluster id.
+    #[n(1)]
+    pub cluster_id: Id,
+    /// A kubeconfig for Liqo's peering user (`liqoctl generate peering-user`); absent when
+    /// the consumer already peers with this provider and reuses that peering.
+    #[n(2)]
+    pub identity: Option<crate::model::LongText<MAX_IDENTITY>>,
+}
+
+/// RELEASE and RELEASED body.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct ContractRef {
+    #[n(0)]
+    pub contract: Id,
+}
+
 /// A decoded message body, one variant per kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Body {
@@ -159,6 +210,10 @@ pub enum Body {
     Reserved(Box<Contract>),
     Error(ErrorBody),
     Advert(Flavours),
+    PeerRequest(PeerRequest),
+    PeerAccept(PeerAccept),
+    Release(ContractRef),
+    Released(ContractRef),
 }
 
 impl Body {
@@ -170,6 +225,10 @@ impl Body {
             Body::Reserved(_) => Kind::Reserved,
             Body::Error(_) => Kind::Error,
             Body::Advert(_) => Kind::Advert,
+            Body::PeerRequest(_) => Kind::PeerRequest,
+            Body::PeerAccept(_) => Kind::PeerAccept,
+            Body::Release(_) => Kind::Release,
+            Body::Released(_) => Kind::Released,
         }
     }
 
@@ -181,6 +240,9 @@ impl Body {
             Body::ReserveFlavour(b) => minicbor::to_vec(b),
             Body::Reserved(b) => minicbor::to_vec(b.as_ref()),
             Body::Error(b) => minicbor::to_vec(b),
+            Body::PeerRequest(b) => minicbor::to_vec(b),
+            Body::PeerAccept(b) => minicbor::to_vec(b),
+            Body::Release(b) | Body::Released(b) => minicbor::to_vec(b),
         };
         r.unwrap_or_default()
     }
@@ -193,6 +255,10 @@ impl Body {
             Kind::Reserved => Body::Reserved(Box::new(minicbor::decode(b)?)),
             Kind::Error => Body::Error(minicbor::decode(b)?),
             Kind::Advert => Body::Advert(minicbor::decode(b)?),
+            Kind::PeerRequest => Body::PeerRequest(minicbor::decode(b)?),
+            Kind::PeerAccept => Body::PeerAccept(minicbor::decode(b)?),
+            Kind::Release => Body::Release(minicbor::decode(b)?),
+            Kind::Released => Body::Released(minicbor::decode(b)?),
         })
     }
 }
@@ -508,6 +574,7 @@ pub fn examples() -> Vec<(&'static str, Message)> {
                         max: None,
                         max_price: Some(1_000_000),
                         gpu: None,
+                        country: None,
                     },
                 }),
             ),
@@ -537,6 +604,53 @@ pub fn examples() -> Vec<(&'static str, Message)> {
             ),
         ),
         ("ADVERT", msg(6, None, "provider-1", Body::Advert(list))),
+        (
+            "PEER_REQUEST",
+            msg(
+                7,
+                None,
+                "consumer-1",
+                Body::PeerRequest(PeerRequest {
+                    contract: id("provider-1.c9"),
+                    cluster_id: id("gw-consumer-cluster"),
+                }),
+            ),
+        ),
+        (
+            "PEER_ACCEPT",
+            msg(
+                8,
+                Some(7),
+                "provider-1",
+                Body::PeerAccept(PeerAccept {
+                    contract: id("provider-1.c9"),
+                    cluster_id: id("gw-provider-cluster"),
+                    identity: crate::model::LongText::new("apiVersion: v1\nkind: Config\n").ok(),
+                }),
+            ),
+        ),
+        (
+            "RELEASE",
+            msg(
+                9,
+                None,
+                "consumer-1",
+                Body::Release(ContractRef {
+                    contract: id("provider-1.c9"),
+                }),
+            ),
+        ),
+        (
+            "RELEASED",
+            msg(
+                10,
+                Some(9),
+                "provider-1",
+                Body::Released(ContractRef {
+                    contract: id("provider-1.c9"),
+                }),
+            ),
+        ),
     ]
 }
 

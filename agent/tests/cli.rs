@@ -9,9 +9,9 @@ fn fluidlet(args: &[&str]) -> std::process::Output {
         .expect("run fluidlet")
 }
 
-/// The README's first command: the demo runs steps 5-20 of the seed workflow and exits 0.
+/// The README's first command: the demo runs the 31 steps of the seed workflow and exits 0.
 #[test]
-fn demo_prints_every_step_from_5_to_20_and_exits_0() {
+fn demo_prints_every_step_from_1_to_31_and_exits_0() {
     let out = fluidlet(&["demo"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -19,18 +19,18 @@ fn demo_prints_every_step_from_5_to_20_and_exits_0() {
         "demo failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for step in 5..=20 {
+    for step in 1..=31 {
         assert!(
             stdout.contains(&format!("step {step:>2} ")),
             "step {step} missing from:\n{stdout}"
         );
     }
     assert!(
-        stdout.contains("Node Inactive"),
+        stdout.contains("Node Active"),
         "provider allocation shown:\n{stdout}"
     );
     assert!(
-        stdout.contains("VirtualNode Inactive"),
+        stdout.contains("VirtualNode Active"),
         "consumer allocation shown:\n{stdout}"
     );
 }
@@ -106,8 +106,14 @@ fn run_stops_cleanly_on_sigterm_and_logs_json_lines() {
         .unwrap();
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut first = String::new();
-    std::io::BufRead::read_line(&mut stderr, &mut first).unwrap();
-    assert!(first.contains("fluidlet node started"), "{first}");
+    while !first.contains("fluidlet node started") {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() == 0 {
+            let _ = child.kill();
+            panic!("the agent ended before it started: {first}");
+        }
+        first.push_str(&line);
+    }
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -305,3 +305,46 @@ impl Rogue {
         Message::decode(&payload).unwrap_or_else(|e| panic!("undecodable answer on {topic}: {e}"))
     }
 }
+
+/// An intent for a small Deployment needing `cpu` millicores and `mem_gi` GiB on this
+/// machine's architecture.
+pub fn intent_spec(name: &str, cpu: u64, mem_gi: u64) -> fluidlet::orchestrator::IntentSpec {
+    use fluidlet::model::{FlavourSelector, LongText, Resources, Text};
+    fluidlet::orchestrator::IntentSpec {
+        name: Id::new(name).expect("name"),
+        namespace: Id::new(name).expect("namespace"),
+        manifest: LongText::new(&format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n"
+        ))
+        .expect("manifest"),
+        selector: FlavourSelector {
+            architecture: Some(Text::new(fluidlet::demo::k8s_arch()).expect("arch")),
+            min: Some(Resources {
+                cpu,
+                memory: mem_gi << 30,
+                pods: 1,
+                storage: 0,
+            }),
+            ..Default::default()
+        },
+    }
+}
+
+/// Every file under `dir`, recursively, with its contents.
+pub fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                out.push((p, text));
+            }
+        }
+    }
+    out.sort();
+    out
+}

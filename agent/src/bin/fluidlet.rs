@@ -20,6 +20,9 @@ struct Cli {
 enum Cmd {
     Run(RunCmd),
     Check(CheckCmd),
+    Intent(IntentCmd),
+    Status(StatusCmd),
+    Contract(ContractCmd),
     #[cfg(feature = "demo")]
     Demo(DemoCmd),
 }
@@ -51,6 +54,112 @@ struct CheckCmd {
         default = "PathBuf::from(\"/etc/fluidlet/agent.toml\")"
     )]
     config: PathBuf,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "intent")]
+/// Submit, list and show intents (workloads with their resource needs) on the running agent.
+struct IntentCmd {
+    #[argh(subcommand)]
+    cmd: IntentSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum IntentSub {
+    Submit(IntentSubmit),
+    List(IntentList),
+    Show(IntentShow),
+}
+
+/// Submit an intent file and follow it step by step until the workload is placed or fails.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "submit")]
+struct IntentSubmit {
+    /// the intent file (TOML; see docs/intents.md)
+    #[argh(positional)]
+    file: PathBuf,
+    #[argh(option, short = 'c', default = "default_config()")]
+    /// the agent's config, to find its control socket
+    config: PathBuf,
+    /// the control socket (overrides the config's)
+    #[argh(option)]
+    socket: Option<PathBuf>,
+}
+
+/// List the intents and where they got to.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+struct IntentList {
+    #[argh(option, short = 'c', default = "default_config()")]
+    /// the agent's config, to find its control socket
+    config: PathBuf,
+    /// the control socket (overrides the config's)
+    #[argh(option)]
+    socket: Option<PathBuf>,
+}
+
+/// Show one intent.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "show")]
+struct IntentShow {
+    /// the intent id (from `intent list`)
+    #[argh(positional)]
+    id: String,
+    #[argh(option, short = 'c', default = "default_config()")]
+    /// the agent's config, to find its control socket
+    config: PathBuf,
+    /// the control socket (overrides the config's)
+    #[argh(option)]
+    socket: Option<PathBuf>,
+}
+
+/// Show the node's flavours, contracts, allocations, intents and broker connection.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "status")]
+struct StatusCmd {
+    /// print JSON instead of tables
+    #[argh(switch)]
+    json: bool,
+    #[argh(option, short = 'c', default = "default_config()")]
+    /// the agent's config, to find its control socket
+    config: PathBuf,
+    /// the control socket (overrides the config's)
+    #[argh(option)]
+    socket: Option<PathBuf>,
+}
+
+/// Manage contracts this node bought.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "contract")]
+struct ContractCmd {
+    #[argh(subcommand)]
+    cmd: ContractSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum ContractSub {
+    Release(ContractRelease),
+}
+
+/// Release a contract: the seller gets its capacity back, the peering is torn down.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "release")]
+struct ContractRelease {
+    /// the contract id (from `status`)
+    #[argh(positional)]
+    id: String,
+    #[argh(option, short = 'c', default = "default_config()")]
+    /// the agent's config, to find its control socket
+    config: PathBuf,
+    /// the control socket (overrides the config's)
+    #[argh(option)]
+    socket: Option<PathBuf>,
+}
+
+fn default_config() -> PathBuf {
+    PathBuf::from("/etc/fluidlet/agent.toml")
 }
 
 /// Run the two-node demo: an embedded broker, a provider and a consumer in this process.
@@ -135,6 +244,11 @@ fn main() -> ExitCode {
                 cfg.offers.len()
             );
         }),
+        Cmd::Intent(IntentCmd { cmd }) => rt.block_on(cli::intent(cmd)),
+        Cmd::Status(c) => rt.block_on(cli::status(c)),
+        Cmd::Contract(ContractCmd {
+            cmd: ContractSub::Release(c),
+        }) => rt.block_on(cli::release(c)),
         #[cfg(feature = "demo")]
         Cmd::Demo(_) => {
             init_logs("warn", false);
@@ -146,6 +260,181 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("fluidlet: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The control-socket commands: send one request, print what comes back.
+mod cli {
+    use super::*;
+    use fluidlet::control::{Client, Request, Response};
+    use fluidlet::model::{Id, Intent};
+    use fluidlet::AgentError;
+
+    fn socket(config: &std::path::Path, socket: &Option<PathBuf>) -> Result<PathBuf, AgentError> {
+        match socket {
+            Some(s) => Ok(s.clone()),
+            None => Ok(Config::load(config)?.control_socket),
+        }
+    }
+
+    fn other(e: impl std::fmt::Display) -> AgentError {
+        AgentError::Other(e.to_string())
+    }
+
+    async fn ask(path: &std::path::Path, req: Request) -> Result<Response, AgentError> {
+        let mut c = Client::connect(path).await.map_err(other)?;
+        c.send(&req).await.map_err(other)?;
+        c.recv()
+            .await
+            .map_err(other)?
+            .ok_or_else(|| other("the agent closed the connection"))
+    }
+
+    fn print_intent(i: &Intent) {
+        println!(
+            "{}  {:<20} {:<10?} contract {:<24} placement {}{}",
+            i.id,
+            i.name.as_str(),
+            i.state,
+            i.contract.as_ref().map_or("-", |c| c.as_str()),
+            i.placement.as_ref().map_or("-", |p| p.as_str()),
+            i.error
+                .as_ref()
+                .map_or(String::new(), |e| format!("  error: {e}")),
+        );
+    }
+
+    pub async fn intent(cmd: IntentSub) -> Result<(), AgentError> {
+        match cmd {
+            IntentSub::Submit(s) => {
+                let text = std::fs::read_to_string(&s.file)
+                    .map_err(|e| other(format!("cannot read {}: {e}", s.file.display())))?;
+                let base = s.file.parent().unwrap_or(std::path::Path::new("."));
+                let spec = fluidlet::orchestrator::parse_intent(&text, base)?;
+                let mut c = Client::connect(&socket(&s.config, &s.socket)?)
+                    .await
+                    .map_err(other)?;
+                c.send(&Request::Submit(Box::new(spec))).await.map_err(other)?;
+                while let Some(r) = c.recv().await.map_err(other)? {
+                    match r {
+                        Response::Step {
+                            number,
+                            element,
+                            text,
+                        } => {
+                            println!("step {number:>2}  {:<22} {text}", element.as_str())
+                        }
+                        Response::Intent(i) => {
+                            print_intent(&i);
+                            return match &i.error {
+                                Some(e) => Err(other(format!("intent {} failed: {e}", i.id))),
+                                None => Ok(()),
+                            };
+                        }
+                        Response::Error(e) => return Err(other(e)),
+                        _ => {}
+                    }
+                }
+                Err(other(
+                    "the agent closed the connection before the intent ended",
+                ))
+            }
+            IntentSub::List(l) => {
+                match ask(&socket(&l.config, &l.socket)?, Request::ListIntents).await? {
+                    Response::Intents(v) => {
+                        v.iter().for_each(print_intent);
+                        Ok(())
+                    }
+                    Response::Error(e) => Err(other(e)),
+                    _ => Err(other("unexpected answer")),
+                }
+            }
+            IntentSub::Show(sh) => {
+                let id = Id::new(&sh.id).map_err(|e| other(format!("intent id: {e}")))?;
+                match ask(&socket(&sh.config, &sh.socket)?, Request::ShowIntent(id)).await? {
+                    Response::Intent(i) => {
+                        print_intent(&i);
+                        println!("namespace {}, needs {:?}", i.namespace, i.selector);
+                        Ok(())
+                    }
+                    Response::Error(e) => Err(other(e)),
+                    _ => Err(other("unexpected answer")),
+                }
+            }
+        }
+    }
+
+    pub async fn status(c: StatusCmd) -> Result<(), AgentError> {
+        let Response::Status(st) = ask(&socket(&c.config, &c.socket)?, Request::Status).await?
+        else {
+            return Err(other("unexpected answer"));
+        };
+        if c.json {
+            println!("{}", serde_json::to_string_pretty(&st).map_err(other)?);
+            return Ok(());
+        }
+        println!(
+            "node {} in domain {}: broker {} ({} connects{}), fabric {}",
+            st.node,
+            st.domain,
+            if st.connected {
+                "connected"
+            } else {
+                "DISCONNECTED"
+            },
+            st.connects,
+            st.last_error
+                .as_ref()
+                .map_or(String::new(), |e| format!(", last error: {e}")),
+            st.fabric
+        );
+        println!("\nflavours:");
+        for f in &st.flavours {
+            let r = &f.resources;
+            println!(
+                "  {:<24} {}m cpu  {} MiB  {} pods  price {}",
+                f.id,
+                r.cpu,
+                r.memory >> 20,
+                r.pods,
+                f.price.amount
+            );
+        }
+        println!("\ncontracts:");
+        for k in &st.contracts {
+            let r = &k.resources;
+            println!(
+                "  {:<24} {:<9?} buyer {:<16} seller {:<16} {}m cpu  {} MiB",
+                k.id,
+                k.state,
+                k.buyer,
+                k.seller,
+                r.cpu,
+                r.memory >> 20
+            );
+        }
+        println!("\nallocations:");
+        for a in &st.allocations {
+            println!(
+                "  {:<24} {:<11?} {:<8?} peer {}",
+                a.contract, a.kind, a.status, a.peer
+            );
+        }
+        println!("\nintents:");
+        st.intents.iter().for_each(print_intent);
+        Ok(())
+    }
+
+    pub async fn release(c: ContractRelease) -> Result<(), AgentError> {
+        let id = Id::new(&c.id).map_err(|e| other(format!("contract id: {e}")))?;
+        match ask(&socket(&c.config, &c.socket)?, Request::Release(id)).await? {
+            Response::Released(k) => {
+                println!("contract {} released ({:?})", k.id, k.state);
+                Ok(())
+            }
+            Response::Error(e) => Err(other(e)),
+            _ => Err(other("unexpected answer")),
         }
     }
 }

@@ -1,0 +1,800 @@
+//! Virtual Fabric Manager and Network Manager: the shim to k3s + Liqo v1, and a dry-run
+//! backend for devices without a cluster.
+//!
+//! Every fabric operation is first *planned* as a list of [`Action`]s (a file to write, a
+//! `kubectl` or `liqoctl` invocation with its standard input) by pure functions, then
+//! *executed* by one of two backends:
+//! - `liqo` runs the actions against the local k3s cluster (kubeconfig
+//!   `/etc/rancher/k3s/k3s.yaml` by default), each with a timeout; a command that fails or
+//!   hangs becomes a [`FabricError`] that names the command and quotes its error output;
+//! - `dry-run` runs nothing: it writes each action (manifests as files, commands as lines of a
+//!   `commands.sh`) under `{data_dir}/fabric/{scope}/`, logs it, and reports success.
+//!
+//! Planning apart from execution means the dry run shows exactly what a real gateway would do,
+//! and the plans are unit-tested without a cluster. Which Liqo objects and commands are used,
+//! and why, is in `docs/fabric.md`.
+
+use crate::model::{Contract, Id, Intent};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+/// Which backend runs the fabric's actions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    DryRun,
+    Liqo,
+}
+
+/// Fabric settings (config section `[fabric]`).
+#[derive(Clone, Debug)]
+pub struct FabricConfig {
+    pub backend: Backend,
+    pub kubeconfig: PathBuf,
+    pub kubectl: PathBuf,
+    pub liqoctl: PathBuf,
+    /// Longest any single command may run.
+    pub command_timeout: Duration,
+    /// Longest wait for a virtual node to become ready.
+    pub peering_timeout: Duration,
+    /// This cluster's Liqo cluster id; asked from `liqoctl info` when absent.
+    pub cluster_id: Option<Id>,
+}
+
+impl Default for FabricConfig {
+    fn default() -> Self {
+        FabricConfig {
+            backend: Backend::DryRun,
+            kubeconfig: PathBuf::from("/etc/rancher/k3s/k3s.yaml"),
+            kubectl: PathBuf::from("kubectl"),
+            liqoctl: PathBuf::from("liqoctl"),
+            command_timeout: Duration::from_secs(30),
+            peering_timeout: Duration::from_secs(120),
+            cluster_id: None,
+        }
+    }
+}
+
+/// Why a fabric operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FabricError {
+    #[error("{what}: cannot run {program}: {err}")]
+    Spawn {
+        what: String,
+        program: String,
+        err: std::io::Error,
+    },
+    #[error("{what}: `{command}` failed ({status}): {stderr}")]
+    Failed {
+        what: String,
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{what}: `{command}` did not finish within {secs} s")]
+    Timeout {
+        what: String,
+        command: String,
+        secs: u64,
+    },
+    #[error("{what}: {err}")]
+    Io { what: String, err: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tool {
+    Kubectl,
+    Liqoctl,
+}
+
+/// One step of a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write a file the next commands read (a kustomization, a kubeconfig).
+    File {
+        what: String,
+        path: PathBuf,
+        contents: String,
+        private: bool,
+    },
+    /// Run a tool (with `--kubeconfig` added) and capture its standard output.
+    Run {
+        what: String,
+        tool: Tool,
+        args: Vec<String>,
+        stdin: Option<String>,
+        /// What the dry run reports as the command's output.
+        dry_output: String,
+        /// Longer than the command timeout, for waits.
+        timeout: Option<Duration>,
+    },
+}
+
+fn run(what: &str, tool: Tool, args: &[&str]) -> Action {
+    Action::Run {
+        what: what.into(),
+        tool,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        stdin: None,
+        dry_output: String::new(),
+        timeout: None,
+    }
+}
+
+fn apply(what: &str, manifest: String) -> Action {
+    Action::Run {
+        what: what.into(),
+        tool: Tool::Kubectl,
+        args: vec!["apply".into(), "-f".into(), "-".into()],
+        stdin: Some(manifest),
+        dry_output: String::new(),
+        timeout: None,
+    }
+}
+
+/// A Kubernetes object name (DNS-1123 label) for `prefix` + `id`: lower case, `.` and `_`
+/// turned into `-`, at most 63 characters (a longer one ends in a hash of the whole id).
+pub fn k8s_name(prefix: &str, id: &str) -> String {
+    let mut s: String = format!("{prefix}{id}")
+        .chars()
+        .map(|c| match c {
+            'A'..='Z' => c.to_ascii_lowercase(),
+            'a'..='z' | '0'..='9' | '-' => c,
+            _ => '-',
+        })
+        .collect();
+    if s.len() > 63 {
+        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        s.truncate(46);
+        let _ = write!(s, "-{hash:016x}");
+    }
+    s.trim_matches('-').to_owned()
+}
+
+/// The virtual node (and ResourceSlice) a contract becomes on the consumer.
+pub fn virtual_node_name(contract: &Id) -> String {
+    k8s_name("fluidos-", contract.as_str())
+}
+
+/// The tenant namespace Liqo uses on the consumer for a provider cluster.
+pub fn tenant_namespace(provider_cluster: &Id) -> String {
+    k8s_name("liqo-tenant-", provider_cluster.as_str())
+}
+
+/// Quantities as Kubernetes writes them.
+fn cpu_quantity(millicores: u64) -> String {
+    format!("{millicores}m")
+}
+
+/// Provider side of step 23: a peering user for the consumer's cluster, whose kubeconfig is
+/// the identity the consumer needs. Nothing to do when the consumer already peers with us.
+pub fn plan_grant(consumer_cluster: &Id, reuse: bool) -> Vec<Action> {
+    if reuse {
+        return Vec::new();
+    }
+    let mut a = run(
+        "generate the consumer's peering user",
+        Tool::Liqoctl,
+        &[
+            "generate",
+            "peering-user",
+            "--consumer-cluster-id",
+            consumer_cluster.as_str(),
+        ],
+    );
+    if let Action::Run { dry_output, .. } = &mut a {
+        *dry_output = format!(
+            "# dry-run: the kubeconfig of Liqo's peering user for cluster {consumer_cluster}\n"
+        );
+    }
+    vec![a]
+}
+
+/// Consumer side of steps 26-27: peer with the provider (network and authentication) using
+/// the identity it sent, ask for exactly the contract's resources with a ResourceSlice that
+/// creates a virtual node, and wait for that node to be ready.
+pub fn plan_establish(
+    contract: &Contract,
+    provider_cluster: &Id,
+    identity: Option<&Path>,
+    ready_timeout: Duration,
+) -> Vec<Action> {
+    let mut plan = Vec::new();
+    if let Some(path) = identity {
+        let path = path.to_string_lossy();
+        plan.push(run(
+            "peer with the provider (network and authentication, no resources yet)",
+            Tool::Liqoctl,
+            &[
+                "peer",
+                "--remote-kubeconfig",
+                &path,
+                "--create-resource-slice=false",
+            ],
+        ));
+    }
+    let name = virtual_node_name(&contract.id);
+    let ns = tenant_namespace(provider_cluster);
+    let r = &contract.resources;
+    let slice = format!(
+        "apiVersion: authentication.liqo.io/v1beta1
+kind: ResourceSlice
+metadata:
+  name: {name}
+  namespace: {ns}
+  annotations:
+    liqo.io/create-virtual-node: \"true\"
+  labels:
+    liqo.io/remote-cluster-id: {provider_cluster}
+    liqo.io/remoteID: {provider_cluster}
+    fluidos.eu/contract: {contract_label}
+spec:
+  class: default
+  providerClusterID: {provider_cluster}
+  resources:
+    cpu: {cpu}
+    memory: \"{memory}\"
+    pods: \"{pods}\"
+",
+        contract_label = k8s_name("", contract.id.as_str()),
+        cpu = cpu_quantity(r.cpu),
+        memory = r.memory,
+        pods = r.pods,
+    );
+    plan.push(apply(
+        "ask for the contract's resources (ResourceSlice)",
+        slice,
+    ));
+    let wait = format!("--timeout={}s", ready_timeout.as_secs());
+    let node = format!("node/{name}");
+    let mut w = run(
+        "wait for the virtual node",
+        Tool::Kubectl,
+        &["wait", "--for=condition=Ready", &node, &wait],
+    );
+    if let Action::Run { timeout, .. } = &mut w {
+        *timeout = Some(ready_timeout + Duration::from_secs(5));
+    }
+    plan.push(w);
+    plan
+}
+
+/// Step 31: the workload in its namespace, pinned to the virtual node when there is one
+/// (node selector on the node's hostname label, and the toleration of Liqo's virtual-node
+/// taint), through a kustomization so that any Deployment, StatefulSet, DaemonSet, Job or Pod
+/// in the manifest is pinned without parsing it here.
+pub fn plan_deploy(intent: &Intent, virtual_node: Option<&str>, dir: &Path) -> Vec<Action> {
+    let ns = intent.namespace.as_str();
+    let mut plan = vec![apply(
+        "the workload's namespace",
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n"),
+    )];
+    let mut kustomization =
+        format!("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {ns}\nresources:\n- workload.yaml\n");
+    if let Some(node) = virtual_node {
+        plan.push(run(
+            "offload the namespace to the provider",
+            Tool::Liqoctl,
+            &[
+                "offload",
+                "namespace",
+                ns,
+                "--namespace-mapping-strategy",
+                "EnforceSameName",
+                "--pod-offloading-strategy",
+                "Remote",
+            ],
+        ));
+        kustomization.push_str("patches:\n");
+        for (kind, spec) in [
+            (
+                "Deployment|StatefulSet|DaemonSet|ReplicaSet",
+                "/spec/template/spec",
+            ),
+            ("Job", "/spec/template/spec"),
+            ("Pod", "/spec"),
+        ] {
+            let _ = write!(
+                kustomization,
+                "- target:\n    kind: {kind}\n  patch: |-\n    - op: add\n      path: {spec}/nodeSelector\n      value:\n        kubernetes.io/hostname: {node}\n    - op: add\n      path: {spec}/tolerations\n      value:\n      - key: virtual-node.liqo.io/not-allowed\n        operator: Exists\n        effect: NoExecute\n"
+            );
+        }
+    }
+    plan.push(Action::File {
+        what: "the workload manifest".into(),
+        path: dir.join("workload.yaml"),
+        contents: intent.manifest.as_str().to_owned(),
+        private: false,
+    });
+    plan.push(Action::File {
+        what: "the placement (kustomization)".into(),
+        path: dir.join("kustomization.yaml"),
+        contents: kustomization,
+        private: false,
+    });
+    let dir = dir.to_string_lossy();
+    plan.push(run(
+        "apply the workload",
+        Tool::Kubectl,
+        &["apply", "-k", &dir],
+    ));
+    plan
+}
+
+/// Consumer teardown: the contract's ResourceSlice (its virtual node goes with it), and the
+/// whole peering when no other live contract uses it.
+pub fn plan_teardown_consumer(
+    contract: &Contract,
+    provider_cluster: &Id,
+    identity: Option<&Path>,
+    last: bool,
+) -> Vec<Action> {
+    let name = virtual_node_name(&contract.id);
+    let ns = tenant_namespace(provider_cluster);
+    let mut plan = vec![run(
+        "remove the contract's ResourceSlice",
+        Tool::Kubectl,
+        &[
+            "delete",
+            "resourceslice",
+            &name,
+            "-n",
+            &ns,
+            "--ignore-not-found",
+        ],
+    )];
+    if let (true, Some(path)) = (last, identity) {
+        let path = path.to_string_lossy();
+        plan.push(run(
+            "unpeer from the provider",
+            Tool::Liqoctl,
+            &["unpeer", "--remote-kubeconfig", &path, "--skip-confirm"],
+        ));
+    }
+    plan
+}
+
+/// Provider teardown: the consumer's peering user, when no other live contract needs it.
+pub fn plan_teardown_provider(consumer_cluster: &Id, last: bool) -> Vec<Action> {
+    if !last {
+        return Vec::new();
+    }
+    vec![run(
+        "delete the consumer's peering user",
+        Tool::Liqoctl,
+        &[
+            "delete",
+            "peering-user",
+            "--consumer-cluster-id",
+            consumer_cluster.as_str(),
+        ],
+    )]
+}
+
+/// Executes plans with the configured backend.
+#[derive(Clone, Debug)]
+pub struct Fabric {
+    cfg: FabricConfig,
+    /// `{data_dir}/fabric`: kubeconfigs received, kustomizations, and the dry run's record.
+    dir: PathBuf,
+    me: Id,
+}
+
+impl Fabric {
+    pub fn new(cfg: FabricConfig, data_dir: &Path, me: &Id) -> Fabric {
+        Fabric {
+            cfg,
+            dir: data_dir.join("fabric"),
+            me: me.clone(),
+        }
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.cfg.backend
+    }
+
+    pub fn ready_timeout(&self) -> Duration {
+        self.cfg.peering_timeout
+    }
+
+    /// The working directory of one contract or intent.
+    pub fn scope_dir(&self, scope: &str) -> PathBuf {
+        self.dir.join(k8s_name("", scope))
+    }
+
+    /// Where the identity received for a provider cluster is kept (owner-only).
+    pub fn identity_path(&self, provider_cluster: &Id) -> PathBuf {
+        self.dir.join("identities").join(format!(
+            "{}.kubeconfig",
+            k8s_name("", provider_cluster.as_str())
+        ))
+    }
+
+    /// This cluster's Liqo cluster id.
+    pub async fn cluster_id(&self) -> Result<Id, FabricError> {
+        if let Some(id) = &self.cfg.cluster_id {
+            return Ok(id.clone());
+        }
+        let mut a = run(
+            "read this cluster's Liqo id",
+            Tool::Liqoctl,
+            &["info", "--get", "clusterid"],
+        );
+        if let Action::Run { dry_output, .. } = &mut a {
+            *dry_output = k8s_name("dryrun-", self.me.as_str());
+        }
+        let out = self.execute("cluster-id", &[a]).await?;
+        Id::new(out.trim()).map_err(|e| {
+            FabricError::Invalid(format!(
+                "liqoctl printed {:?} as cluster id: {e}",
+                out.trim()
+            ))
+        })
+    }
+
+    /// Runs a plan; returns the standard output of its last command.
+    pub async fn execute(&self, scope: &str, plan: &[Action]) -> Result<String, FabricError> {
+        let mut last = String::new();
+        for (i, action) in plan.iter().enumerate() {
+            last = match self.cfg.backend {
+                Backend::DryRun => self.record(scope, i, action)?,
+                Backend::Liqo => self.perform(action).await?,
+            };
+        }
+        Ok(last)
+    }
+
+    fn program(&self, tool: Tool) -> &Path {
+        match tool {
+            Tool::Kubectl => &self.cfg.kubectl,
+            Tool::Liqoctl => &self.cfg.liqoctl,
+        }
+    }
+
+    fn full_args(&self, args: &[String]) -> Vec<String> {
+        let mut v = vec![
+            "--kubeconfig".to_owned(),
+            self.cfg.kubeconfig.to_string_lossy().into_owned(),
+        ];
+        v.extend(args.iter().cloned());
+        v
+    }
+
+    fn command_line(&self, tool: Tool, args: &[String]) -> String {
+        let mut s = self.program(tool).to_string_lossy().into_owned();
+        for a in self.full_args(args) {
+            s.push(' ');
+            if a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c))
+            {
+                s.push_str(&a);
+            } else {
+                s.push('\'');
+                s.push_str(&a.replace('\'', "'\\''"));
+                s.push('\'');
+            }
+        }
+        s
+    }
+
+    fn write_file(
+        &self,
+        what: &str,
+        path: &Path,
+        contents: &str,
+        private: bool,
+    ) -> Result<(), FabricError> {
+        let io = |err| FabricError::Io {
+            what: what.to_owned(),
+            err,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(path, contents).map_err(io)?;
+        if private {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// The dry run: writes the action down instead of doing it.
+    fn record(&self, scope: &str, i: usize, action: &Action) -> Result<String, FabricError> {
+        let dir = self.scope_dir(scope);
+        match action {
+            Action::File {
+                what,
+                path,
+                contents,
+                private,
+            } => {
+                self.write_file(what, path, contents, *private)?;
+                info!(backend = "dry-run", %what, path = %path.display(), "file written");
+                Ok(String::new())
+            }
+            Action::Run {
+                what,
+                tool,
+                args,
+                stdin,
+                dry_output,
+                ..
+            } => {
+                let mut line = format!("# {what}\n{}", self.command_line(*tool, args));
+                if let Some(input) = stdin {
+                    let file = dir.join(format!("{:02}-{}.yaml", i, k8s_name("", what)));
+                    self.write_file(what, &file, input, false)?;
+                    let _ = write!(line, " < {}", file.display());
+                }
+                line.push('\n');
+                let script = dir.join("commands.sh");
+                let io = |err| FabricError::Io {
+                    what: what.clone(),
+                    err,
+                };
+                std::fs::create_dir_all(&dir).map_err(io)?;
+                use std::io::Write;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&script)
+                    .and_then(|mut f| f.write_all(line.as_bytes()))
+                    .map_err(io)?;
+                info!(backend = "dry-run", %what, command = %self.command_line(*tool, args), "not run");
+                Ok(dry_output.clone())
+            }
+        }
+    }
+
+    /// The real thing: runs the action, with a timeout, killing the command if it hangs.
+    async fn perform(&self, action: &Action) -> Result<String, FabricError> {
+        let (what, tool, args, stdin, timeout) = match action {
+            Action::File {
+                what,
+                path,
+                contents,
+                private,
+            } => {
+                self.write_file(what, path, contents, *private)?;
+                return Ok(String::new());
+            }
+            Action::Run {
+                what,
+                tool,
+                args,
+                stdin,
+                timeout,
+                ..
+            } => (
+                what,
+                *tool,
+                args,
+                stdin,
+                timeout.unwrap_or(self.cfg.command_timeout),
+            ),
+        };
+        let program = self.program(tool);
+        let command = self.command_line(tool, args);
+        info!(%what, %command, "running");
+        let mut child = tokio::process::Command::new(program)
+            .args(self.full_args(args))
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|err| FabricError::Spawn {
+                what: what.clone(),
+                program: program.to_string_lossy().into_owned(),
+                err,
+            })?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // A tool that exits without reading its input is reported by its exit status.
+            let _ = pipe.write_all(input.as_bytes()).await;
+        }
+        let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(r) => r.map_err(|err| FabricError::Io {
+                what: what.clone(),
+                err,
+            })?,
+            Err(_) => {
+                warn!(%what, %command, "command timed out and was killed");
+                return Err(FabricError::Timeout {
+                    what: what.clone(),
+                    command,
+                    secs: timeout.as_secs(),
+                });
+            }
+        };
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let tail: String = stderr
+                .trim()
+                .chars()
+                .rev()
+                .take(400)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            return Err(FabricError::Failed {
+                what: what.clone(),
+                command,
+                status: out.status.to_string(),
+                stderr: tail,
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        ContractState, Flavour, FlavourSelector, IntentState, LongText, Price, Resources, Text,
+    };
+
+    fn build_contract() -> Contract {
+        let flavour = Flavour {
+            id: Id::new("pool.1").unwrap(),
+            provider: Id::new("prov").unwrap(),
+            architecture: Text::new("arm64").unwrap(),
+            resources: Resources::default(),
+            gpu: None,
+            partitionability: None,
+            price: Price::default(),
+            available: true,
+            location: None,
+        };
+        Contract {
+            id: Id::new("prov.c7").unwrap(),
+            transaction: Id::new("cons.t1").unwrap(),
+            flavour,
+            buyer: Id::new("cons").unwrap(),
+            seller: Id::new("prov").unwrap(),
+            resources: Resources {
+                cpu: 1500,
+                memory: 2 << 30,
+                pods: 3,
+                storage: 0,
+            },
+            price: 1,
+            created_at: 0,
+            expires_at: 1,
+            state: ContractState::Reserved,
+        }
+    }
+
+    fn stdin_of(a: &Action) -> &str {
+        match a {
+            Action::Run { stdin: Some(s), .. } => s,
+            _ => panic!("no stdin in {a:?}"),
+        }
+    }
+
+    #[test]
+    fn k8s_names_are_dns_labels() {
+        assert_eq!(k8s_name("fluidos-", "Prov_1.c7"), "fluidos-prov-1-c7");
+        let long = k8s_name("fluidos-", &"x".repeat(90));
+        assert_eq!(long.len(), 63);
+        assert_ne!(
+            long,
+            k8s_name("fluidos-", &"x".repeat(91)),
+            "hash keeps them apart"
+        );
+    }
+
+    #[test]
+    fn resource_slice_asks_for_exactly_the_contracts_resources() {
+        let plan = plan_establish(
+            &build_contract(),
+            &Id::new("prov-cluster").unwrap(),
+            Some(Path::new("/d/id.kubeconfig")),
+            Duration::from_secs(60),
+        );
+        assert_eq!(plan.len(), 3);
+        match &plan[0] {
+            Action::Run { tool, args, .. } => {
+                assert_eq!(*tool, Tool::Liqoctl);
+                assert_eq!(
+                    args[..3],
+                    ["peer", "--remote-kubeconfig", "/d/id.kubeconfig"]
+                );
+                assert!(args.contains(&"--create-resource-slice=false".to_string()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let slice = stdin_of(&plan[1]);
+        assert!(slice.contains("kind: ResourceSlice"));
+        assert!(slice.contains("namespace: liqo-tenant-prov-cluster"));
+        assert!(slice.contains("name: fluidos-prov-c7"));
+        assert!(slice.contains("providerClusterID: prov-cluster"));
+        assert!(slice.contains("cpu: 1500m"));
+        assert!(slice.contains(&format!("memory: \"{}\"", 2u64 << 30)));
+        assert!(slice.contains("pods: \"3\""));
+        assert!(slice.contains("liqo.io/create-virtual-node: \"true\""));
+        match &plan[2] {
+            Action::Run { args, timeout, .. } => {
+                assert_eq!(args[2], "node/fluidos-prov-c7");
+                assert_eq!(args[3], "--timeout=60s");
+                assert_eq!(*timeout, Some(Duration::from_secs(65)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reusing_a_peering_skips_liqoctl_peer_and_the_peering_user() {
+        let plan = plan_establish(
+            &build_contract(),
+            &Id::new("p").unwrap(),
+            None,
+            Duration::from_secs(1),
+        );
+        assert_eq!(plan.len(), 2);
+        assert!(plan_grant(&Id::new("c").unwrap(), true).is_empty());
+        assert_eq!(plan_grant(&Id::new("c").unwrap(), false).len(), 1);
+    }
+
+    #[test]
+    fn deployment_is_pinned_to_the_virtual_node_with_the_liqo_toleration() {
+        let intent = Intent {
+            id: Id::new("i1").unwrap(),
+            name: Id::new("cam").unwrap(),
+            namespace: Id::new("cam-ns").unwrap(),
+            manifest: LongText::new("kind: Deployment\n").unwrap(),
+            selector: FlavourSelector::default(),
+            state: IntentState::Deploying,
+            contract: None,
+            placement: None,
+            error: None,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let plan = plan_deploy(&intent, Some("fluidos-prov-c7"), Path::new("/d/i1"));
+        let kustomization = plan
+            .iter()
+            .find_map(|a| match a {
+                Action::File { path, contents, .. } if path.ends_with("kustomization.yaml") => {
+                    Some(contents)
+                }
+                _ => None,
+            })
+            .unwrap();
+        assert!(kustomization.contains("namespace: cam-ns"));
+        assert!(kustomization.contains("kubernetes.io/hostname: fluidos-prov-c7"));
+        assert!(kustomization.contains("key: virtual-node.liqo.io/not-allowed"));
+        assert!(plan
+            .iter()
+            .any(|a| matches!(a, Action::Run { args, .. } if args[0] == "offload")));
+        // Locally (no virtual node): no offloading, no pinning.
+        let local = plan_deploy(&intent, None, Path::new("/d/i1"));
+        assert!(!local
+            .iter()
+            .any(|a| matches!(a, Action::Run { args, .. } if args[0] == "offload")));
+    }
+
+    #[test]
+    fn teardown_removes_the_peering_only_with_the_last_contract() {
+        let c = build_contract();
+        let p = Id::new("p").unwrap();
+        let id = Path::new("/d/id");
+        assert_eq!(plan_teardown_consumer(&c, &p, Some(id), false).len(), 1);
+        assert_eq!(plan_teardown_consumer(&c, &p, Some(id), true).len(), 2);
+        assert!(plan_teardown_provider(&p, false).is_empty());
+        assert_eq!(plan_teardown_provider(&p, true).len(), 1);
+    }
+}

@@ -1,0 +1,582 @@
+//! Node Orchestrator: from an intent to a placed workload (workflow steps 1-4 and 29-31),
+//! handing over to the REAR Manager only when nothing local fits.
+//!
+//! An intent moves through [`IntentState`]s and is written to the `intents` table at every
+//! move, so an agent restarted mid-intent picks it up where it was ([`start`]): a reservation
+//! in progress is retried, a contract waiting for peering is peered, a deployment is applied
+//! again (`kubectl apply` is idempotent).
+//!
+//! Step 3 looks in two places, in this order: VirtualNode allocations already bought and
+//! active that still have room for the request (capacity a previous intent paid for), then
+//! this node's own flavours (a node may run its own workloads on capacity it would otherwise
+//! sell; the piece is reserved from its offer like any sale, so capacity stays conserved).
+//! Ratings and Metrics order the virtual nodes: among those with room, the one whose provider
+//! failed least is used first.
+
+use crate::config::{invalid, node_id, price_micros, text, ConfigError, Size};
+use crate::discovery::fit;
+use crate::model::{
+    AllocationKind, AllocationStatus, Contract, ContractState, FlavourSelector, Id, Intent,
+    IntentState, LongText, ReserveRequest, Resources, Text, MAX_MANIFEST,
+};
+use crate::node::Shared;
+use crate::rear::{self, RearError};
+use crate::tables::{Reservation, TableError};
+use crate::{unix_ms, AgentError};
+use minicbor::{Decode, Encode};
+use serde::Deserialize;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+/// What a user asks for: the intent file, parsed (see `docs/intents.md`).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct IntentSpec {
+    #[n(0)]
+    pub name: Id,
+    #[n(1)]
+    pub namespace: Id,
+    #[n(2)]
+    pub manifest: LongText<MAX_MANIFEST>,
+    #[n(3)]
+    pub selector: FlavourSelector,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntent {
+    name: String,
+    namespace: Option<String>,
+    manifest: std::path::PathBuf,
+    resources: RawNeeds,
+    #[serde(default)]
+    constraints: RawConstraints,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNeeds {
+    cpu_millicores: u64,
+    memory: Size,
+    #[serde(default = "one")]
+    pods: u32,
+    storage: Option<Size>,
+    architecture: Option<String>,
+    gpu: Option<bool>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConstraints {
+    max_price: Option<String>,
+    country: Option<String>,
+}
+
+/// Parses an intent file; the manifest path is taken relative to `base` (the file's folder).
+pub fn parse_intent(toml_text: &str, base: &Path) -> Result<IntentSpec, ConfigError> {
+    let raw: RawIntent =
+        toml::from_str(toml_text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+    let path = base.join(&raw.manifest);
+    let len = std::fs::metadata(&path)
+        .map_err(|err| ConfigError::Io {
+            path: path.clone(),
+            err,
+        })?
+        .len();
+    if len > MAX_MANIFEST as u64 {
+        return Err(invalid(
+            "manifest",
+            format!("{} is {len} bytes; at most {MAX_MANIFEST}", path.display()),
+        ));
+    }
+    let manifest = std::fs::read_to_string(&path).map_err(|err| ConfigError::Io {
+        path: path.clone(),
+        err,
+    })?;
+    let name = node_id("name", &raw.name)?;
+    let namespace = match &raw.namespace {
+        Some(ns) => node_id("namespace", ns)?,
+        None => name.clone(),
+    };
+    let r = &raw.resources;
+    if r.cpu_millicores == 0 {
+        return Err(invalid(
+            "resources.cpu_millicores",
+            "must be greater than 0",
+        ));
+    }
+    Ok(IntentSpec {
+        name,
+        namespace,
+        manifest: LongText::new(&manifest).map_err(|e| invalid("manifest", e.to_string()))?,
+        selector: FlavourSelector {
+            architecture: r
+                .architecture
+                .as_deref()
+                .map(|a| text("resources.architecture", a))
+                .transpose()?,
+            min: Some(Resources {
+                cpu: r.cpu_millicores,
+                memory: r.memory.bytes("resources.memory")?,
+                pods: r.pods,
+                storage: match &r.storage {
+                    Some(s) => s.bytes("resources.storage")?,
+                    None => 0,
+                },
+            }),
+            max: None,
+            max_price: raw
+                .constraints
+                .max_price
+                .as_deref()
+                .map(|p| price_micros("constraints.max_price", p))
+                .transpose()?,
+            gpu: r.gpu,
+            country: raw
+                .constraints
+                .country
+                .as_deref()
+                .map(|c| text("constraints.country", c))
+                .transpose()?,
+        },
+    })
+}
+
+/// Where step 3 found room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On a bought virtual node: the contract paying for it and the node's name.
+    Virtual { contract: Id, node: String },
+    /// On this node's own capacity: the flavour to reserve from and the piece.
+    Local {
+        flavour: Id,
+        partition: Option<Resources>,
+    },
+}
+
+/// Room left on a bought capacity: the contract's resources minus what the intents placed
+/// on it asked for. Pure, so the bookkeeping is unit-tested.
+pub fn room(contract: &Contract, intents: &[Intent]) -> Resources {
+    let mut used = Resources::default();
+    for i in intents {
+        let on_it = i.contract.as_ref() == Some(&contract.id)
+            && matches!(i.state, IntentState::Deploying | IntentState::Placed);
+        if on_it {
+            used = used.saturating_add(&i.selector.min.unwrap_or_default());
+        }
+    }
+    contract.resources.checked_sub(&used).unwrap_or_default()
+}
+
+/// Whether `need` fits in `room` on a contract's flavour (architecture, GPU and country
+/// must also match; the price was paid already).
+pub fn fits_room(room: &Resources, contract: &Contract, sel: &FlavourSelector) -> bool {
+    let need = sel.min.unwrap_or_default();
+    let probe = FlavourSelector {
+        min: None,
+        max: None,
+        max_price: None,
+        ..sel.clone()
+    };
+    room.checked_sub(&need).is_some() && fit(&contract.flavour, &probe).is_some()
+}
+
+/// Step 3 (and 31): room for `intent` in Available Resources, ranked with Ratings and Metrics.
+fn lookup(shared: &Shared, intent: &Intent) -> Result<Option<Placement>, TableError> {
+    let intents = shared.tables.intents()?;
+    let mut virtual_nodes = Vec::new();
+    for a in shared.tables.allocations()? {
+        if a.kind != AllocationKind::VirtualNode || a.status != AllocationStatus::Active {
+            continue;
+        }
+        let Some(c) = shared.tables.contract(&a.contract)? else {
+            continue;
+        };
+        if c.state == ContractState::Active && fits_room(&room(&c, &intents), &c, &intent.selector)
+        {
+            let failures = shared
+                .tables
+                .rating(&c.seller)?
+                .map_or(0, |r| r.reservations_failed);
+            virtual_nodes.push((failures, c.id.clone()));
+        }
+    }
+    virtual_nodes.sort();
+    if let Some((_, contract)) = virtual_nodes.into_iter().next() {
+        let node = crate::fabric::virtual_node_name(&contract);
+        return Ok(Some(Placement::Virtual { contract, node }));
+    }
+    for own in shared.tables.flavours()? {
+        if let Some(f) = fit(&own.flavour, &intent.selector) {
+            return Ok(Some(Placement::Local {
+                flavour: own.flavour.id,
+                partition: f.partition,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Takes a piece of this node's own flavour for its own workload (a sale to itself).
+async fn reserve_locally(
+    shared: &Shared,
+    flavour: &Id,
+    partition: Option<Resources>,
+) -> Result<Contract, RearError> {
+    let n = shared.tables.generate_id()?;
+    let me = shared.me();
+    let req = ReserveRequest {
+        transaction: Id::new(&format!("{me}.t{n}"))
+            .map_err(|e| RearError::Broker(e.to_string()))?,
+        flavour: flavour.clone(),
+        buyer: me.clone(),
+        partition,
+    };
+    let ttl = shared.cfg.reservation_ttl.as_millis() as u64;
+    match shared.tables.reserve(me, &req, unix_ms(), ttl).await? {
+        Reservation::New(c) | Reservation::Repeat(c) => {
+            shared.tables.activate(&c.id, unix_ms()).await?;
+            if let Err(e) = shared.publish_advert().await {
+                warn!(error = %e, "could not re-publish the advert");
+            }
+            Ok(c)
+        }
+        Reservation::Refused(r) => Err(RearError::Refused {
+            provider: me.to_string(),
+            code: Some(r.code()),
+            text: r.to_string(),
+        }),
+    }
+}
+
+async fn save(shared: &Shared, intent: &mut Intent) {
+    intent.updated_at = unix_ms();
+    if let Err(e) = shared.tables.put_intent(intent).await {
+        error!(intent = %intent.id, error = %e, "could not store the intent");
+    }
+}
+
+fn fail(intent: &mut Intent, why: &str) {
+    warn!(intent = %intent.id, "intent failed: {why}");
+    intent.state = IntentState::Failed;
+    let mut end = why.len().min(256);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    intent.error = Text::new(&why[..end]).ok();
+}
+
+/// Moves an intent from wherever it is to Placed or Failed.
+pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
+    loop {
+        match intent.state {
+            IntentState::Submitted => {
+                shared.step(
+                    2,
+                    "Node Orchestrator",
+                    format!(
+                        "intent {} decomposed into a resource request: {}",
+                        intent.id,
+                        rear::describe(&intent.selector)
+                    ),
+                );
+                match lookup(shared, &intent) {
+                    Ok(Some(Placement::Virtual { contract, node })) => {
+                        shared.step(
+                            3,
+                            "Node Orchestrator",
+                            format!("room on virtual node {node} (contract {contract})"),
+                        );
+                        intent.contract = Some(contract);
+                        intent.placement = Text::new(&node).ok();
+                        intent.state = IntentState::Deploying;
+                    }
+                    Ok(Some(Placement::Local { flavour, partition })) => {
+                        shared.step(
+                            3,
+                            "Node Orchestrator",
+                            format!("own flavour {flavour} fits: running locally"),
+                        );
+                        match reserve_locally(shared, &flavour, partition).await {
+                            Ok(c) => {
+                                intent.contract = Some(c.id);
+                                intent.placement = Text::new("local").ok();
+                                intent.state = IntentState::Deploying;
+                            }
+                            Err(e) => fail(&mut intent, &e.to_string()),
+                        }
+                    }
+                    Ok(None) => {
+                        shared.step(3, "Node Orchestrator", "nothing in Available Resources fits (own flavours, virtual nodes with room; Ratings and Metrics consulted)");
+                        shared.step(4, "Node Orchestrator", "request handed to the REAR Manager");
+                        intent.state = IntentState::Reserving;
+                    }
+                    Err(e) => fail(&mut intent, &e.to_string()),
+                }
+            }
+            IntentState::Reserving => match rear::acquire(shared, &intent.selector).await {
+                Ok(c) => {
+                    intent.contract = Some(c.id);
+                    intent.state = IntentState::Peering;
+                }
+                Err(e) => fail(&mut intent, &e.to_string()),
+            },
+            IntentState::Peering => {
+                let contract = match &intent.contract {
+                    Some(id) => shared.tables.contract(id).ok().flatten(),
+                    None => None,
+                };
+                let Some(c) = contract else {
+                    fail(&mut intent, "the intent's contract is missing");
+                    save(shared, &mut intent).await;
+                    continue;
+                };
+                match rear::peer(shared, &c).await {
+                    Ok(_) => {
+                        shared.step(
+                            29,
+                            "REAR Manager",
+                            "discovery, reservation and peering over: Node Orchestrator informed",
+                        );
+                        shared.step(
+                            30,
+                            "Node Orchestrator",
+                            format!("continuing intent {}", intent.id),
+                        );
+                        match lookup(shared, &intent) {
+                            Ok(Some(Placement::Virtual { contract, node })) if contract == c.id => {
+                                shared.step(
+                                    31,
+                                    "Node Orchestrator",
+                                    format!("Available Resources: virtual node {node} has room"),
+                                );
+                                intent.placement = Text::new(&node).ok();
+                                intent.state = IntentState::Deploying;
+                            }
+                            other => fail(
+                                &mut intent,
+                                &format!(
+                                    "the new virtual node does not fit the request ({other:?})"
+                                ),
+                            ),
+                        }
+                    }
+                    Err(e) => {
+                        let why = e.to_string();
+                        // Give the capacity back rather than keep paying for a failed peering.
+                        if let Err(e) = rear::release(shared, &c.id).await {
+                            warn!(contract = %c.id, error = %e, "release after a failed peering");
+                        }
+                        fail(
+                            &mut intent,
+                            &format!("peering with {} failed: {why}", c.seller),
+                        );
+                    }
+                }
+            }
+            IntentState::Deploying => {
+                let node = intent.placement.as_ref().map(|p| p.as_str().to_owned());
+                let virtual_node = node.as_deref().filter(|n| *n != "local");
+                let dir = shared.fabric.scope_dir(intent.id.as_str());
+                let plan = crate::fabric::plan_deploy(&intent, virtual_node, &dir);
+                match shared.fabric.execute(intent.id.as_str(), &plan).await {
+                    Ok(_) => {
+                        let place = virtual_node
+                            .map_or("this node".to_owned(), |n| format!("virtual node {n}"));
+                        shared.step(
+                            31,
+                            "Node Orchestrator",
+                            format!(
+                                "workload {} deployed on {place}, namespace {}",
+                                intent.name, intent.namespace
+                            ),
+                        );
+                        info!(intent = %intent.id, placement = node.as_deref().unwrap_or("?"), "intent placed");
+                        intent.state = IntentState::Placed;
+                    }
+                    Err(e) => fail(&mut intent, &format!("deployment failed: {e}")),
+                }
+            }
+            IntentState::Placed | IntentState::Failed => return intent,
+        }
+        save(shared, &mut intent).await;
+    }
+}
+
+/// Workflow step 1: stores a new intent, then drives it to its end.
+pub(crate) async fn submit(shared: &Shared, spec: IntentSpec) -> Result<Intent, AgentError> {
+    let n = shared.tables.generate_id()?;
+    let now = unix_ms();
+    let mut intent = Intent {
+        id: Id::new(&format!("i{n}")).map_err(|e| AgentError::Other(e.to_string()))?,
+        name: spec.name,
+        namespace: spec.namespace,
+        manifest: spec.manifest,
+        selector: spec.selector,
+        state: IntentState::Submitted,
+        contract: None,
+        placement: None,
+        error: None,
+        created_at: now,
+        updated_at: now,
+    };
+    shared.tables.put_intent(&intent).await?;
+    shared.step(
+        1,
+        "Service Handler",
+        format!(
+            "intent {} ({}) received: {} bytes of manifest",
+            intent.id,
+            intent.name,
+            intent.manifest.as_str().len()
+        ),
+    );
+    intent = drive(shared, intent).await;
+    Ok(intent)
+}
+
+/// Starts the control socket and resumes the intents a previous run left unfinished.
+pub(crate) async fn start(
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) -> Result<Vec<JoinHandle<()>>, AgentError> {
+    let mut tasks = vec![crate::control::serve(shared.clone(), stop.clone())?];
+    for intent in shared.tables.intents()? {
+        if intent.state.is_final() {
+            continue;
+        }
+        info!(intent = %intent.id, state = ?intent.state, "resuming an unfinished intent");
+        let shared = shared.clone();
+        let mut stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut status = shared.status.clone();
+            // Cancel safety: every state change is stored before the next await, so a stop
+            // here loses at most the step in progress, which the next start repeats.
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = async {
+                    if status.wait_for(|s| s.connected).await.is_ok() {
+                        drive(&shared, intent).await;
+                    }
+                } => {}
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Flavour, Price};
+
+    fn build_contract(cpu: u64) -> Contract {
+        Contract {
+            id: Id::new("p.c1").unwrap(),
+            transaction: Id::new("c.t1").unwrap(),
+            flavour: Flavour {
+                id: Id::new("f.1").unwrap(),
+                provider: Id::new("p").unwrap(),
+                architecture: Text::new("arm64").unwrap(),
+                resources: Resources::default(),
+                gpu: None,
+                partitionability: None,
+                price: Price::default(),
+                available: true,
+                location: None,
+            },
+            buyer: Id::new("c").unwrap(),
+            seller: Id::new("p").unwrap(),
+            resources: Resources {
+                cpu,
+                memory: 4000,
+                pods: 10,
+                storage: 0,
+            },
+            price: 0,
+            created_at: 0,
+            expires_at: 0,
+            state: ContractState::Active,
+        }
+    }
+
+    fn build_intent(cpu: u64, state: IntentState, contract: Option<&str>) -> Intent {
+        Intent {
+            id: Id::new("i1").unwrap(),
+            name: Id::new("w").unwrap(),
+            namespace: Id::new("w").unwrap(),
+            manifest: LongText::default(),
+            selector: FlavourSelector {
+                min: Some(Resources {
+                    cpu,
+                    memory: 1000,
+                    pods: 1,
+                    storage: 0,
+                }),
+                ..Default::default()
+            },
+            state,
+            contract: contract.map(|c| Id::new(c).unwrap()),
+            placement: None,
+            error: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn room_subtracts_what_placed_intents_asked_for() {
+        let c = build_contract(2000);
+        let placed = build_intent(1500, IntentState::Placed, Some("p.c1"));
+        let elsewhere = build_intent(1000, IntentState::Placed, Some("q.c1"));
+        let failed = build_intent(1000, IntentState::Failed, Some("p.c1"));
+        let r = room(&c, &[placed, elsewhere, failed]);
+        assert_eq!(r.cpu, 500);
+        assert_eq!(r.memory, 3000);
+        assert!(!fits_room(
+            &r,
+            &c,
+            &build_intent(600, IntentState::Submitted, None).selector
+        ));
+        assert!(fits_room(
+            &r,
+            &c,
+            &build_intent(500, IntentState::Submitted, None).selector
+        ));
+    }
+
+    #[test]
+    fn room_on_another_architecture_does_not_fit() {
+        let c = build_contract(2000);
+        let mut sel = build_intent(100, IntentState::Submitted, None).selector;
+        sel.architecture = Some(Text::new("amd64").unwrap());
+        assert!(!fits_room(&c.resources, &c, &sel));
+    }
+
+    #[test]
+    fn intent_file_parses_with_units_and_a_relative_manifest() {
+        let dir = std::env::temp_dir().join(format!("fluidlet-intent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("app.yaml"), "kind: Deployment\n").unwrap();
+        let spec = parse_intent(
+            "name = \"cam\"\nmanifest = \"app.yaml\"\n[resources]\ncpu_millicores = 500\nmemory = \"256Mi\"\narchitecture = \"arm64\"\n[constraints]\nmax_price = \"0.5\"\ncountry = \"IT\"\n",
+            &dir,
+        )
+        .unwrap();
+        assert_eq!(spec.namespace.as_str(), "cam");
+        assert_eq!(spec.selector.min.unwrap().memory, 256 << 20);
+        assert_eq!(spec.selector.min.unwrap().pods, 1);
+        assert_eq!(spec.selector.max_price, Some(500_000));
+        assert_eq!(spec.selector.country.as_ref().unwrap().as_str(), "IT");
+        let missing = parse_intent("name = \"cam\"\nmanifest = \"nope.yaml\"\n[resources]\ncpu_millicores = 1\nmemory = 1\n", &dir);
+        assert!(missing.unwrap_err().to_string().contains("nope.yaml"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

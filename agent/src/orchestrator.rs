@@ -561,6 +561,15 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_intent_is_valid() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples");
+        let text = std::fs::read_to_string(base.join("intent.toml")).unwrap();
+        let spec = parse_intent(&text, &base).unwrap();
+        assert_eq!(spec.selector.min.unwrap().cpu, 1000);
+        assert!(spec.manifest.as_str().contains("kind: Deployment"));
+    }
+
+    #[test]
     fn intent_file_parses_with_units_and_a_relative_manifest() {
         let dir = std::env::temp_dir().join(format!("fluidlet-intent-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

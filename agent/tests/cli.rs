@@ -135,3 +135,120 @@ fn run_stops_cleanly_on_sigterm_and_logs_json_lines() {
         "the tables were created"
     );
 }
+
+/// The control socket, as an operator uses it: a consumer agent runs as a process, and
+/// `fluidlet intent submit` follows an intent to its placement; `intent list`, `status
+/// --json` and `contract release` read and act on the running agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intent_status_and_release_through_the_control_socket() {
+    use fluidlet::demo::{demo_config, demo_offer, embedded_broker, k8s_arch};
+    let port = embedded_broker().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let domain = format!("cli{}", std::process::id());
+    let mut pcfg = demo_config("cli-prov", &domain, port, dir.path()).unwrap();
+    pcfg.offers.push(demo_offer(&pcfg.node_id));
+    let provider = fluidlet::Agent::start(pcfg, None).await.unwrap();
+    assert!(provider.connected(std::time::Duration::from_secs(10)).await);
+
+    let cfg = dir.path().join("consumer.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node_id = \"cli-cons\"\ndomain = \"{domain}\"\nbroker = \"mqtt://127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[consumer]\nwatch_catalog = false\n",
+            dir.path().join("cli-cons").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("app.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app\n",
+    )
+    .unwrap();
+    let intent = dir.path().join("intent.toml");
+    std::fs::write(
+        &intent,
+        format!("name = \"app\"\nmanifest = \"app.yaml\"\n[resources]\ncpu_millicores = 500\nmemory = \"1Gi\"\narchitecture = \"{}\"\n", k8s_arch()),
+    )
+    .unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_fluidlet"))
+        .args(["run", "-c", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = dir.path().join("cli-cons").join("control.sock");
+    for _ in 0..500 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let c = cfg.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = fluidlet(args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The agent may still be connecting: the first submit can fail with "not connected".
+    let mut submitted = run(&["intent", "submit", intent.to_str().unwrap(), "-c", c]);
+    for _ in 0..50 {
+        if submitted.0 || !submitted.2.contains("not connected") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        submitted = run(&["intent", "submit", intent.to_str().unwrap(), "-c", c]);
+    }
+    let (ok, out, err) = submitted;
+    let _ = (&out, &err);
+    if !ok {
+        let _ = agent.kill();
+        panic!("submit failed: {out}\n{err}");
+    }
+    for step in [1, 4, 7, 14, 22, 26, 28, 31] {
+        assert!(
+            out.contains(&format!("step {step:>2} ")),
+            "step {step} not streamed:\n{out}"
+        );
+    }
+    assert!(out.contains("Placed"), "{out}");
+
+    let (ok, list, _) = run(&["intent", "list", "-c", c]);
+    assert!(
+        ok && list.contains("app") && list.contains("Placed"),
+        "{list}"
+    );
+    let (ok, json, err) = run(&["status", "--json", "-c", c]);
+    assert!(ok, "{err}");
+    let st: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(st["node"], "cli-cons");
+    assert_eq!(st["connected"], true);
+    assert_eq!(st["contracts"][0]["state"], "Active");
+    assert_eq!(st["allocations"][0]["kind"], "VirtualNode");
+    assert_eq!(st["intents"][0]["state"], "Placed");
+    let contract = st["contracts"][0]["id"].as_str().unwrap().to_owned();
+    let (ok, table, _) = run(&["status", "-c", c]);
+    assert!(
+        ok && table.contains(&contract) && table.contains("connected"),
+        "{table}"
+    );
+
+    let (ok, out, err) = run(&["contract", "release", &contract, "-c", c]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("Released"), "{out}");
+    let id = fluidlet::model::Id::new(&contract).unwrap();
+    assert_eq!(
+        provider.tables().contract(&id).unwrap().unwrap().state,
+        fluidlet::model::ContractState::Released
+    );
+    // An unknown contract is a clear error.
+    let (ok, _, err) = run(&["contract", "release", "nope.c1", "-c", c]);
+    assert!(!ok && err.contains("no contract nope.c1"), "{err}");
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    assert!(agent.wait().unwrap().success());
+    provider.shutdown().await;
+}

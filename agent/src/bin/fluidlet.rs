@@ -315,7 +315,9 @@ mod cli {
                 let mut c = Client::connect(&socket(&s.config, &s.socket)?)
                     .await
                     .map_err(other)?;
-                c.send(&Request::Submit(Box::new(spec))).await.map_err(other)?;
+                c.send(&Request::Submit(Box::new(spec)))
+                    .await
+                    .map_err(other)?;
                 while let Some(r) = c.recv().await.map_err(other)? {
                     match r {
                         Response::Step {

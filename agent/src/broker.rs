@@ -111,6 +111,7 @@ impl Session {
                     self.on_connect();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    tracing::trace!(topic = %p.topic, bytes = p.payload.len(), "publish received");
                     let msg = Inbound {
                         topic: p.topic,
                         payload: p.payload.to_vec(),
@@ -119,7 +120,7 @@ impl Session {
                         warn!(topic = %m.topic, "node busy: inbound queue full, message dropped");
                     }
                 }
-                Ok(_) => {}
+                Ok(ev) => tracing::trace!(?ev, "mqtt event"),
                 Err(e) => {
                     let was = self.status.borrow().connected;
                     self.status.send_modify(|s| {

@@ -71,6 +71,8 @@ pub struct Config {
     pub candidate_ttl: Duration,
     /// How long a reservation waits for peering before it lapses (provider side).
     pub reservation_ttl: Duration,
+    /// Make reservations that arrive together durable with one flush (provider side).
+    pub group_commit: bool,
     /// Log filter, `tracing` target syntax (`info`, `fluidlet=debug,info`); `RUST_LOG` wins.
     pub log: String,
     /// What this node sells: one template flavour per offer, id = offer id, total resources.
@@ -102,6 +104,7 @@ impl Config {
             watch_catalog: true,
             candidate_ttl: Duration::from_secs(120),
             reservation_ttl: Duration::from_secs(600),
+            group_commit: true,
             log: "info".into(),
             offers: Vec::new(),
         }
@@ -220,6 +223,7 @@ struct RawConsumer {
 #[serde(deny_unknown_fields)]
 struct RawProvider {
     reservation_ttl_secs: Option<u64>,
+    group_commit: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -465,6 +469,9 @@ impl RawConfig {
         }
         if let Some(v) = c.watch_catalog {
             cfg.watch_catalog = v;
+        }
+        if let Some(v) = self.provider.group_commit {
+            cfg.group_commit = v;
         }
         if let Some(v) = self.provider.reservation_ttl_secs {
             cfg.reservation_ttl = secs(positive("provider.reservation_ttl_secs", v)?);

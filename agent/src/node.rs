@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::discovery;
 use crate::fabric::Fabric;
 use crate::model::ContractState;
-use crate::model::{Contract, FlavourList, FlavourSelector, Id};
+use crate::model::{Contract, FlavourList, FlavourSelector, Id, ReserveRequest};
 use crate::rear::{self, RearError};
 use crate::tables::{Reservation, Tables};
 use crate::wire::{Body, ErrorBody, ErrorCode, Flavours, Message, Route, Topics, WireError};
@@ -42,6 +42,9 @@ pub const MAX_PENDING: usize = 64;
 /// gateways that give the two clusters reachability. See docs/fabric.md.
 pub(crate) const NETWORK_NOTE: &str =
     "informed of the contract: reachability comes with the Liqo peering (gateway set up at step 27)";
+
+/// Most reservations made durable by one flush (group commit).
+const MAX_BATCH: usize = 64;
 
 /// Steps buffered for a control-socket client that reads slowly; older ones are dropped.
 const STEP_QUEUE: usize = 64;
@@ -376,16 +379,44 @@ async fn serve(
     mut inbound: mpsc::Receiver<Inbound>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // A message taken from the queue while a batch was being gathered, handled next.
+    let mut held: Option<Inbound> = None;
     loop {
-        // Cancel safety: neither branch mutates state before it completes; a message is
-        // handled in the body, after select! has chosen, so it is never half-handled.
-        let msg = tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            m = inbound.recv() => m,
+        let msg = match held.take() {
+            Some(m) => m,
+            None => {
+                // Cancel safety: neither branch mutates state before it completes; a message
+                // is handled in the body, after select! has chosen, so it is never
+                // half-handled.
+                let m = tokio::select! {
+                    biased;
+                    _ = stop.changed() => break,
+                    m = inbound.recv() => m,
+                };
+                let Some(m) = m else { break };
+                m
+            }
         };
-        let Some(msg) = msg else { break };
-        handle(&shared, msg).await;
+        let Some(first) = as_reserve(&shared, &msg) else {
+            handle(&shared, msg).await;
+            continue;
+        };
+        // Group commit: take the RESERVE_FLAVOURs already queued behind this one (never
+        // waiting for more), stopping at the first other message, which keeps its place.
+        let mut batch = vec![first];
+        while shared.cfg.group_commit && batch.len() < MAX_BATCH {
+            match inbound.try_recv() {
+                Ok(m) => match as_reserve(&shared, &m) {
+                    Some(r) => batch.push(r),
+                    None => {
+                        held = Some(m);
+                        break;
+                    }
+                },
+                Err(_) => break,
+            }
+        }
+        on_reserve_batch(&shared, batch).await;
     }
 }
 
@@ -505,7 +536,7 @@ async fn on_addressed(shared: &Arc<Shared>, from: Id, msg: Message) {
                 return answer_error(shared, &from, Some(msg.id), ErrorCode::Unexpected, &text)
                     .await;
             }
-            on_reserve(shared, &from, msg.id, req).await
+            on_reserve_batch(shared, vec![(from, msg.id, req)]).await
         }
         Body::PeerRequest(req) => on_peer_request(shared, from, msg.id, req).await,
         Body::Release(r) => on_release(shared, &from, msg.id, r).await,
@@ -591,70 +622,119 @@ async fn answer_list(
     }
 }
 
-/// Contract Manager and REAR Manager, provider side (workflow steps 15-18).
-async fn on_reserve(shared: &Shared, from: &Id, id: u64, req: crate::model::ReserveRequest) {
-    shared.step(
-        15,
-        "Contract Manager",
-        format!(
-            "RESERVE_FLAVOUR from {from} for {} (transaction {})",
-            req.flavour, req.transaction
-        ),
-    );
+/// A RESERVE_FLAVOUR waiting in a group commit: who asked, the request id, the request.
+type PendingReserve = (Id, u64, ReserveRequest);
+
+/// Contract Manager and REAR Manager, provider side (workflow steps 15-18), for a batch of
+/// requests that arrived together (group commit): each is checked and written in its own sled
+/// transaction, then ONE flush makes them all durable, then they are answered. No OK leaves
+/// before the flush that covers it has returned; if the flush fails, every new reservation of
+/// the batch is answered STORAGE instead (it may survive in the tables, unpeered, and lapse at
+/// expiry, so it is never sold twice nor acknowledged without being on disk).
+async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
     let ttl = shared.cfg.reservation_ttl.as_millis() as u64;
-    let outcome = shared
-        .tables
-        .reserve(shared.me(), &req, unix_ms(), ttl)
-        .await;
-    let body = match outcome {
-        Ok(Reservation::New(c)) => {
-            shared.step(
-                16,
-                "REAR Manager",
-                format!(
-                    "flavour {} removed, reduced flavour created, Node allocation {} inactive",
-                    req.flavour, c.id
-                ),
-            );
-            shared.step(
-                17,
-                "REAR Manager",
-                format!("resources reserved; contract {} flushed to disk", c.id),
-            );
-            if let Err(e) = shared.publish_advert().await {
-                warn!(error = %e, "could not re-publish the advert");
-            }
-            info!(contract = %c.id, buyer = %from, "reservation made");
-            Body::Reserved(Box::new(c))
-        }
-        Ok(Reservation::Repeat(c)) => {
-            info!(contract = %c.id, tx = %req.transaction, "repeated transaction: first answer sent again");
-            Body::Reserved(Box::new(c))
-        }
-        Ok(Reservation::Refused(r)) => {
-            info!(%from, flavour = %req.flavour, reason = %r, "reservation refused");
-            Body::Error(ErrorBody::new(r.code(), &r.to_string()))
-        }
-        Err(e) => {
-            error!(error = %e, "reservation could not be made durable; refused");
-            Body::Error(ErrorBody::new(
-                ErrorCode::Storage,
-                "the provider could not store the reservation; nothing was reserved",
-            ))
-        }
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (from, id, req) in batch {
+        shared.step(
+            15,
+            "Contract Manager",
+            format!(
+                "RESERVE_FLAVOUR from {from} for {} (transaction {})",
+                req.flavour, req.transaction
+            ),
+        );
+        let outcome = shared
+            .tables
+            .reserve_unflushed(shared.me(), &req, unix_ms(), ttl);
+        outcomes.push((from, id, req, outcome));
+    }
+    let any_new = outcomes
+        .iter()
+        .any(|(.., o)| matches!(o, Ok(Reservation::New(_))));
+    let durable = if any_new {
+        shared.tables.flush().await.map_err(|e| e.to_string())
+    } else {
+        Ok(())
     };
-    let ok = matches!(body, Body::Reserved(_));
-    match shared.send(from, Some(id), body).await {
-        Ok(_) if ok => {
-            shared.step(
-                18,
-                "Contract Manager",
-                format!("OK (RESERVED) sent to {from}"),
-            );
-            shared.step(18, "Network Manager", NETWORK_NOTE);
+    if any_new && durable.is_ok() {
+        if let Err(e) = shared.publish_advert().await {
+            warn!(error = %e, "could not re-publish the advert");
         }
-        Ok(_) => {}
-        Err(e) => warn!(%from, error = %e, "could not answer RESERVE_FLAVOUR"),
+    }
+    for (from, id, req, outcome) in outcomes {
+        let body = match (outcome, &durable) {
+            (Ok(Reservation::New(c)), Ok(())) => {
+                shared.step(
+                    16,
+                    "REAR Manager",
+                    format!(
+                        "flavour {} removed, reduced flavour created, Node allocation {} inactive",
+                        req.flavour, c.id
+                    ),
+                );
+                shared.step(
+                    17,
+                    "REAR Manager",
+                    format!("resources reserved; contract {} flushed to disk", c.id),
+                );
+                info!(contract = %c.id, buyer = %from, "reservation made");
+                Body::Reserved(Box::new(c))
+            }
+            (Ok(Reservation::Repeat(c)), _) => {
+                info!(contract = %c.id, tx = %req.transaction, "repeated transaction: first answer sent again");
+                Body::Reserved(Box::new(c))
+            }
+            (Ok(Reservation::Refused(r)), _) => {
+                info!(%from, flavour = %req.flavour, reason = %r, "reservation refused");
+                Body::Error(ErrorBody::new(r.code(), &r.to_string()))
+            }
+            (Ok(Reservation::New(c)), Err(e)) => {
+                error!(contract = %c.id, error = %e, "flush failed: reservation not acknowledged");
+                Body::Error(ErrorBody::new(
+                    ErrorCode::Storage,
+                    "the provider could not make the reservation durable; retry later",
+                ))
+            }
+            (Err(e), _) => {
+                error!(error = %e, "reservation could not be stored; refused");
+                Body::Error(ErrorBody::new(
+                    ErrorCode::Storage,
+                    "the provider could not store the reservation; nothing was reserved",
+                ))
+            }
+        };
+        let ok = matches!(body, Body::Reserved(_));
+        match shared.send(&from, Some(id), body).await {
+            Ok(_) if ok => {
+                shared.step(
+                    18,
+                    "Contract Manager",
+                    format!("OK (RESERVED) sent to {from}"),
+                );
+                shared.step(18, "Network Manager", NETWORK_NOTE);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(%from, error = %e, "could not answer RESERVE_FLAVOUR"),
+        }
+    }
+}
+
+/// The request, if `msg` is a well-formed RESERVE_FLAVOUR for this node whose envelope
+/// sender and buyer are the topic's sender; anything else goes through [`handle`], which
+/// answers errors.
+fn as_reserve(shared: &Shared, msg: &Inbound) -> Option<PendingReserve> {
+    let Some(Route::Addressed { to, from }) = shared.topics.parse(&msg.topic) else {
+        return None;
+    };
+    if &to != shared.me() {
+        return None;
+    }
+    let m = Message::decode(&msg.payload).ok()?;
+    match m.body {
+        Body::ReserveFlavour(req) if m.sender == from && req.buyer == from => {
+            Some((from, m.id, req))
+        }
+        _ => None,
     }
 }
 

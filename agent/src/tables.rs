@@ -289,6 +289,22 @@ impl Tables {
         now: u64,
         ttl_ms: u64,
     ) -> Result<Reservation, TableError> {
+        let outcome = self.reserve_unflushed(me, req, now, ttl_ms)?;
+        if matches!(outcome, Reservation::New(_)) {
+            self.flush().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// [`Tables::reserve`] without the flush, for group commit: the caller flushes once for
+    /// a batch and answers none of it before that flush returned.
+    pub fn reserve_unflushed(
+        &self,
+        me: &Id,
+        req: &ReserveRequest,
+        now: u64,
+        ttl_ms: u64,
+    ) -> Result<Reservation, TableError> {
         let key = in_key(&req.buyer, &req.transaction);
         let outcome = flatten(
             (
@@ -369,9 +385,6 @@ impl Tables {
                     },
                 ),
         )?;
-        if matches!(outcome, Reservation::New(_)) {
-            self.flush().await?;
-        }
         Ok(outcome)
     }
 

@@ -656,11 +656,6 @@ async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
     } else {
         Ok(())
     };
-    if any_new && durable.is_ok() {
-        if let Err(e) = shared.publish_advert().await {
-            warn!(error = %e, "could not re-publish the advert");
-        }
-    }
     for (from, id, req, outcome) in outcomes {
         let body = match (outcome, &durable) {
             (Ok(Reservation::New(c)), Ok(())) => {
@@ -715,6 +710,13 @@ async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
             }
             Ok(_) => {}
             Err(e) => warn!(%from, error = %e, "could not answer RESERVE_FLAVOUR"),
+        }
+    }
+    // The new advert goes out after the answers: buyers wait on the answer, the catalog
+    // only informs.
+    if any_new && durable.is_ok() {
+        if let Err(e) = shared.publish_advert().await {
+            warn!(error = %e, "could not re-publish the advert");
         }
     }
 }

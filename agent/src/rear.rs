@@ -109,54 +109,64 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
         "REAR Manager",
         format!("{} matching peering candidate(s) in the table", found.len()),
     );
-    if found.is_empty() {
-        shared.step(
-            6,
-            "REAR Manager",
-            format!(
-                "no candidate: flavour selector ({}) to the Discovery Manager",
-                describe(sel)
-            ),
-        );
-        discover(shared, sel).await?;
-        found = ranked(shared, sel)?;
-        shared.step(
-            12,
-            "REAR Manager",
-            format!(
-                "{} matching peering candidate(s) after discovery",
-                found.len()
-            ),
-        );
-    }
-    if found.is_empty() {
-        return Err(RearError::NoProvider(describe(sel)));
-    }
+    let mut discovered = false;
     let mut last = None;
-    for (cand, fit) in found.into_iter().take(MAX_TRIED) {
-        shared.step(
-            13,
-            "REAR Manager",
-            format!(
-                "best candidate {} from {}: reservation phase to the Contract Manager",
-                cand.flavour.id, cand.flavour.provider
-            ),
-        );
-        match reserve(shared, &cand, &fit).await {
-            Ok(c) => return Ok(c),
-            Err(
-                e @ (RearError::Refused { .. } | RearError::Timeout(_) | RearError::BadAnswer(_)),
-            ) => {
-                warn!(provider = %cand.flavour.provider, error = %e, "candidate failed; trying the next");
-                let _ = shared
-                    .tables
-                    .remove_candidate(&cand.flavour.provider, &cand.flavour.id);
-                last = Some(e);
+    loop {
+        if found.is_empty() && !discovered {
+            shared.step(
+                6,
+                "REAR Manager",
+                format!(
+                    "no candidate: flavour selector ({}) to the Discovery Manager",
+                    describe(sel)
+                ),
+            );
+            discover(shared, sel).await?;
+            discovered = true;
+            found = ranked(shared, sel)?;
+            shared.step(
+                12,
+                "REAR Manager",
+                format!(
+                    "{} matching peering candidate(s) after discovery",
+                    found.len()
+                ),
+            );
+        }
+        if found.is_empty() {
+            return Err(last.unwrap_or_else(|| RearError::NoProvider(describe(sel))));
+        }
+        for (cand, fit) in found.drain(..).take(MAX_TRIED) {
+            shared.step(
+                13,
+                "REAR Manager",
+                format!(
+                    "best candidate {} from {}: reservation phase to the Contract Manager",
+                    cand.flavour.id, cand.flavour.provider
+                ),
+            );
+            match reserve(shared, &cand, &fit).await {
+                Ok(c) => return Ok(c),
+                Err(
+                    e @ (RearError::Refused { .. }
+                    | RearError::Timeout(_)
+                    | RearError::BadAnswer(_)),
+                ) => {
+                    warn!(provider = %cand.flavour.provider, error = %e, "candidate failed; trying the next");
+                    let _ = shared
+                        .tables
+                        .remove_candidate(&cand.flavour.provider, &cand.flavour.id);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
+        }
+        // Every candidate known before discovery failed (sold since, or stale): ask the
+        // domain once more rather than give up on what may be an old view.
+        if discovered {
+            return Err(last.unwrap_or_else(|| RearError::NoProvider(describe(sel))));
         }
     }
-    Err(last.unwrap_or_else(|| RearError::NoProvider(describe(sel))))
 }
 
 /// Discovery Manager, consumer side (steps 7, 10, 11).

@@ -1,0 +1,862 @@
+//! fluidlet benchmarks: each figure next to a floor measured in the same run on the same
+//! machine, because these machines are shared and noisy and absolute times alone mean little.
+//!
+//! `cargo run --release -p fluidlet-bench` (add `-- --quick` for the short run CI does). It
+//! builds the gateway binary (`fluidlet` without the demo) into `target/bench-agent`, starts a
+//! mosquitto on a free loopback port (the embedded broker if mosquitto is missing), runs the
+//! provider as a real process, prints a markdown table and writes JSON
+//! (`target/fluidlet-bench.json`). The quick mode asserts nothing about speed.
+
+use argh::FromArgs;
+use fluidlet::model::{Flavour, Id, ReserveRequest, Resources};
+use fluidlet::wire::{Body, Flavours, Message};
+use fluidlet_tests::{broker, BrokerKind};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// fluidlet benchmarks (reservation latency and throughput, discovery, footprint, wire size,
+/// cold start, whole workflow).
+#[derive(FromArgs)]
+struct Args {
+    /// short run (CI): fewer iterations, smaller N; asserts nothing about speed
+    #[argh(switch)]
+    quick: bool,
+    /// where to write the JSON results
+    #[argh(option, default = "PathBuf::from(\"target/fluidlet-bench.json\")")]
+    out: PathBuf,
+    /// the gateway binary to run as provider (built into target/bench-agent when absent)
+    #[argh(option)]
+    agent: Option<PathBuf>,
+}
+
+type Res<T> = Result<T, String>;
+
+fn main() {
+    let args: Args = argh::from_env();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return eprintln!("fluidlet-bench: runtime: {e}"),
+    };
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("fluidlet-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+struct Row {
+    figure: String,
+    value: String,
+    floor: String,
+    ratio: String,
+    target: String,
+}
+
+fn row(figure: &str, value: String, floor: String, ratio: String, target: &str) -> Row {
+    Row {
+        figure: figure.into(),
+        value,
+        floor,
+        ratio,
+        target: target.into(),
+    }
+}
+
+async fn run(args: Args) -> Res<()> {
+    let agent = agent_binary(args.agent.clone())?;
+    let (kind, b) = match broker(BrokerKind::Mosquitto) {
+        Some(b) => ("mosquitto (set_tcp_nodelay true)", b),
+        None => (
+            "embedded rumqttd",
+            broker(BrokerKind::Embedded).ok_or("no broker")?,
+        ),
+    };
+    let port = b.port;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let q = args.quick;
+    println!(
+        "fluidlet-bench{}: broker {kind} on 127.0.0.1:{port}, agent {}",
+        if q { " (quick)" } else { "" },
+        agent.display()
+    );
+    let mut rows = Vec::new();
+    let mut json = serde_json::Map::new();
+
+    // 6. Cold start (also starts the provider used below).
+    let starts = if q { 2 } else { 5 };
+    let mut cold = Vec::new();
+    for i in 0..starts {
+        let (mut child, took) = start_provider(
+            &agent,
+            dir.path(),
+            &format!("cold{i}"),
+            "cold",
+            port,
+            true,
+            1,
+        )
+        .await?;
+        cold.push(took);
+        stop(&mut child);
+    }
+    cold.sort();
+    let cold_p50 = percentile(&cold, 0.5);
+    rows.push(row(
+        "cold start: process start to retained advert on the broker (p50)",
+        format!("{:.1} ms", ms(cold_p50)),
+        "-".into(),
+        "-".into(),
+        "≤ 50 ms",
+    ));
+    json.insert(
+        "cold_start_ms".into(),
+        json!(cold.iter().map(|d| ms(*d)).collect::<Vec<_>>()),
+    );
+
+    // The provider for latency, throughput and footprint: 16 offers, pieces of 1m / 1 B / 1 pod.
+    let (mut prov, _) = start_provider(&agent, dir.path(), "prov", "bench", port, true, 16).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_kb(prov.id()).unwrap_or(0);
+    rows.push(row(
+        "idle RSS of a connected provider (tables open, advert out)",
+        format!("{idle} kB"),
+        "-".into(),
+        "-".into(),
+        "≤ 5 MB",
+    ));
+    json.insert("idle_rss_kb".into(), json!(idle));
+
+    // 1. Latency against its floor.
+    let n = if q { 100 } else { 1000 };
+    let echo = echo_floor(port, n).await?;
+    let fsync = fsync_floor(dir.path(), n)?;
+    let lat = reserve_latency(port, n).await?;
+    let floor = percentile(&echo, 0.5) + percentile(&fsync, 0.5);
+    let p50 = percentile(&lat, 0.5);
+    rows.push(row(
+        "RESERVE_FLAVOUR latency p50 (p99)",
+        format!("{:.3} ms ({:.3} ms)", ms(p50), ms(percentile(&lat, 0.99))),
+        format!(
+            "{:.3} ms = RTT {:.3} + fsync {:.3}",
+            ms(floor),
+            ms(percentile(&echo, 0.5)),
+            ms(percentile(&fsync, 0.5))
+        ),
+        format!("{:.2}x", p50.as_secs_f64() / floor.as_secs_f64().max(1e-9)),
+        "≤ 1.5x floor",
+    ));
+    json.insert("reserve_latency".into(), json!({
+        "n": n, "p50_ms": ms(p50), "p99_ms": ms(percentile(&lat, 0.99)),
+        "floor_ms": ms(floor), "echo_rtt_p50_ms": ms(percentile(&echo, 0.5)), "fsync_p50_ms": ms(percentile(&fsync, 0.5)),
+    }));
+
+    // 2. Throughput with group commit, then without (a second provider).
+    let secs = if q { 1 } else { 5 };
+    let with = throughput(port, "bench", "prov", Duration::from_secs(secs)).await?;
+    let peak = hwm_kb(prov.id()).unwrap_or(0);
+    stop(&mut prov);
+    let (mut plain, _) =
+        start_provider(&agent, dir.path(), "plain", "bench2", port, false, 16).await?;
+    let without = throughput(port, "bench2", "plain", Duration::from_secs(secs)).await?;
+    stop(&mut plain);
+    rows.push(row(
+        "durable reservations/s, 16 consumers (group commit on; off)",
+        format!("{with:.0}/s; {without:.0}/s"),
+        format!(
+            "{:.0}/s = 1 / fsync p50",
+            1.0 / percentile(&fsync, 0.5).as_secs_f64().max(1e-9)
+        ),
+        format!(
+            "{:.2}x the one-fsync-per-reservation ceiling",
+            with * percentile(&fsync, 0.5).as_secs_f64()
+        ),
+        "≥ 10,000/s",
+    ));
+    rows.push(row(
+        "peak RSS of the provider under the throughput run",
+        format!("{peak} kB"),
+        "-".into(),
+        "-".into(),
+        "≤ 8 MB",
+    ));
+    json.insert("throughput".into(), json!({"group_commit_per_s": with, "no_group_commit_per_s": without, "seconds": secs, "peak_rss_kb": peak}));
+
+    // 3. Discovery at scale.
+    let sizes: &[usize] = if q {
+        &[10, 100]
+    } else {
+        &[10, 100, 1000, 5000]
+    };
+    let mut disc = Vec::new();
+    for &size in sizes {
+        let (took, rank) = discovery(port, dir.path(), size).await?;
+        rows.push(row(
+            &format!("discovery, N = {size}: catalog to chosen candidate (of which ranking)"),
+            format!("{:.1} ms ({:.2} ms)", ms(took), ms(rank)),
+            "-".into(),
+            format!(
+                "{:.1} µs per provider",
+                took.as_secs_f64() * 1e6 / size as f64
+            ),
+            if size == 1000 { "≤ 100 ms" } else { "linear" },
+        ));
+        disc.push(json!({"n": size, "ms": ms(took), "rank_ms": ms(rank)}));
+    }
+    json.insert("discovery".into(), json!(disc));
+
+    // 5. Wire size.
+    let (cbor, js, advert) = wire_sizes();
+    rows.push(row(
+        "flavour in CBOR vs the reference node's JSON Flavor",
+        format!("{cbor} B (whole advert message {advert} B)"),
+        format!("{js} B JSON"),
+        format!("{:.2}", cbor as f64 / js as f64),
+        "≤ 0.33",
+    ));
+    json.insert(
+        "wire".into(),
+        json!({"flavour_cbor": cbor, "flavour_json": js, "advert_message": advert}),
+    );
+
+    // 7. Whole workflow.
+    let runs = if q { 3 } else { 20 };
+    let (discover, catalog) = workflow(port, dir.path(), runs).await?;
+    rows.push(row(
+        "whole workflow, intent to placed workload, dry-run fabric (p50): discovery; catalog",
+        format!(
+            "{:.1} ms; {:.1} ms",
+            ms(percentile(&discover, 0.5)),
+            ms(percentile(&catalog, 0.5))
+        ),
+        format!("{:.3} ms = 5 round trips", ms(percentile(&echo, 0.5)) * 5.0),
+        "-".into(),
+        "≤ 50 ms",
+    ));
+    json.insert(
+        "workflow".into(),
+        json!({
+            "with_discovery_ms": discover.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            "from_catalog_ms": catalog.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        }),
+    );
+
+    // 4. Binary sizes, where gateway builds exist.
+    let mut sizes_json = serde_json::Map::new();
+    for t in [
+        "x86_64-unknown-linux-musl",
+        "aarch64-unknown-linux-musl",
+        "armv7-unknown-linux-musleabihf",
+    ] {
+        if let Ok(m) = std::fs::metadata(format!("target/{t}/release/fluidlet")) {
+            rows.push(row(
+                &format!("stripped gateway binary, {t}"),
+                format!("{} bytes", m.len()),
+                "-".into(),
+                "-".into(),
+                "aarch64 ≤ 3 MB",
+            ));
+            sizes_json.insert(t.into(), json!(m.len()));
+        }
+    }
+    json.insert("binary_bytes".into(), Value::Object(sizes_json));
+
+    println!("\n| figure | measured | floor | ratio | target |\n| --- | --- | --- | --- | --- |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.figure, r.value, r.floor, r.ratio, r.target
+        );
+    }
+    json.insert("broker".into(), json!(kind));
+    json.insert("quick".into(), json!(q));
+    if let Some(parent) = args.out.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    std::fs::write(
+        &args.out,
+        serde_json::to_string_pretty(&Value::Object(json)).unwrap_or_default(),
+    )
+    .map_err(|e| format!("{}: {e}", args.out.display()))?;
+    println!("\nJSON written to {}", args.out.display());
+    Ok(())
+}
+
+/// The gateway binary: the one given, or built now with cargo into target/bench-agent.
+fn agent_binary(given: Option<PathBuf>) -> Res<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "fluidlet",
+            "--no-default-features",
+            "--target-dir",
+            "target/bench-agent",
+        ])
+        .status()
+        .map_err(|e| format!("cannot run cargo to build the agent: {e}"))?;
+    if !status.success() {
+        return Err("building the agent failed".into());
+    }
+    Ok(PathBuf::from("target/bench-agent/release/fluidlet"))
+}
+
+fn proc_status(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    proc_status(pid, "VmRSS:")
+}
+
+fn hwm_kb(pid: u32) -> Option<u64> {
+    proc_status(pid, "VmHWM:")
+}
+
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// A bare MQTT client that hands every publish it receives to a channel, stamped.
+struct Peer {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<(String, Vec<u8>, Instant)>,
+}
+
+async fn peer(port: u16, client_id: &str, subs: &[String]) -> Res<Peer> {
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_max_packet_size(256 * 1024, 256 * 1024)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_inflight(200);
+    let (client, mut events) = AsyncClient::new(opts, 1024);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    events.set_network_options(net);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, mut ready_rx) = watch::channel(0usize);
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => ready_tx.send_modify(|n| *n += 1),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx
+                        .send((p.topic, p.payload.to_vec(), Instant::now()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    });
+    for s in subs {
+        client
+            .subscribe(s, QoS::AtLeastOnce)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let want = subs.len();
+    tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|n| *n >= want))
+        .await
+        .map_err(|_| "no SUBACK in 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(Peer { client, rx })
+}
+
+fn provider_toml(
+    node: &str,
+    domain: &str,
+    port: u16,
+    data: &Path,
+    group_commit: bool,
+    offers: usize,
+) -> String {
+    let mut s = format!(
+        "node_id = \"{node}\"\ndomain = \"{domain}\"\nbroker = \"mqtt://127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlog = \"warn\"\n[provider]\ngroup_commit = {group_commit}\n",
+        data.display()
+    );
+    for i in 0..offers {
+        s.push_str(&format!(
+            "[[offer]]\nid = \"o{i:02}\"\narchitecture = \"amd64\"\ncpu_millicores = 1000000000000\nmemory = 1000000000000000\npods = 4000000000\nprice = \"1\"\ncurrency = \"EUR\"\n[offer.partition]\ncpu_min = 1\ncpu_step = 1\nmemory_min = 1\nmemory_step = 1\npods_min = 1\npods_step = 1\n"
+        ));
+    }
+    s
+}
+
+/// Starts a provider process and returns it with the time until its advert was on the broker.
+async fn start_provider(
+    agent: &Path,
+    dir: &Path,
+    node: &str,
+    domain: &str,
+    port: u16,
+    group_commit: bool,
+    offers: usize,
+) -> Res<(Child, Duration)> {
+    let cfg = dir.join(format!("{node}.toml"));
+    std::fs::write(
+        &cfg,
+        provider_toml(node, domain, port, &dir.join(node), group_commit, offers),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut watcher = peer(
+        port,
+        &format!("watch-{node}@{domain}"),
+        &[format!("fluidos/v1/{domain}/catalog/{node}")],
+    )
+    .await?;
+    let t0 = Instant::now();
+    let child = Command::new(agent)
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", agent.display()))?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), watcher.rx.recv()).await {
+            Ok(Some((_, payload, at))) if !payload.is_empty() => return Ok((child, at - t0)),
+            Ok(Some(_)) => continue,
+            _ => return Err(format!("provider {node} published no advert in 20 s")),
+        }
+    }
+}
+
+/// Floor part 1: a bare MQTT request/reply round trip (QoS 1 both ways) through the broker.
+async fn echo_floor(port: u16, n: usize) -> Res<Vec<Duration>> {
+    let mut echo = peer(port, "echo@bench", &["bench/echo/req".into()]).await?;
+    let mut asker = peer(port, "asker@bench", &["bench/echo/rep".into()]).await?;
+    let echo_client = echo.client.clone();
+    tokio::spawn(async move {
+        while let Some((_, payload, _)) = echo.rx.recv().await {
+            let _ = echo_client
+                .publish("bench/echo/rep", QoS::AtLeastOnce, false, payload)
+                .await;
+        }
+    });
+    let payload = vec![0u8; 120];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n + 20 {
+        let t = Instant::now();
+        asker
+            .client
+            .publish("bench/echo/req", QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(Duration::from_secs(5), asker.rx.recv())
+            .await
+            .map_err(|_| "echo timed out")?;
+        v.push(t.elapsed());
+    }
+    v.drain(..20);
+    v.sort();
+    Ok(v)
+}
+
+/// Floor part 2: one small write plus fdatasync in the same file system as the tables.
+fn fsync_floor(dir: &Path, n: usize) -> Res<Vec<Duration>> {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| e.to_string())?;
+    let block = [7u8; 256];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&block).map_err(|e| e.to_string())?;
+        f.sync_data().map_err(|e| e.to_string())?;
+        v.push(t.elapsed());
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// Tracks the provider's current flavour id per offer from its retained adverts.
+fn offer_of(f: &Flavour) -> String {
+    f.id.as_str()
+        .rsplit_once('.')
+        .map_or(f.id.as_str(), |(o, _)| o)
+        .to_owned()
+}
+
+fn reserve_msg(id: u64, buyer: &str, tx: u64, flavour: &Id) -> Vec<u8> {
+    let me = Id::new(buyer).unwrap_or_default();
+    Message {
+        id,
+        correlation: None,
+        sent_at: 0,
+        sender: me.clone(),
+        body: Body::ReserveFlavour(ReserveRequest {
+            transaction: Id::new(&format!("{buyer}.t{tx}")).unwrap_or_default(),
+            flavour: flavour.clone(),
+            buyer: me,
+            partition: Some(Resources {
+                cpu: 1,
+                memory: 1,
+                pods: 1,
+                storage: 0,
+            }),
+        }),
+    }
+    .encode()
+    .unwrap_or_default()
+}
+
+/// One consumer reserving pieces of one offer as fast as the id churn allows: each
+/// reservation replaces the flavour with a reduced one under a new id, learnt from the advert.
+/// Where a consumer loop buys, and until when.
+struct Buyer {
+    port: u16,
+    domain: String,
+    prov: String,
+    buyer: String,
+    offer: String,
+    deadline: Option<Instant>,
+    count: Option<usize>,
+}
+
+async fn consumer_loop(b: Buyer, ok: Arc<AtomicU64>) -> Res<Vec<Duration>> {
+    let Buyer {
+        port,
+        domain,
+        prov,
+        buyer,
+        offer,
+        deadline,
+        count,
+    } = b;
+    let subs = [
+        format!("fluidos/v1/{domain}/to/{buyer}/from/{prov}"),
+        format!("fluidos/v1/{domain}/catalog/{prov}"),
+    ];
+    let mut p = peer(port, &format!("{buyer}@{domain}"), &subs).await?;
+    let to = format!("fluidos/v1/{domain}/to/{prov}/from/{buyer}");
+    let mut current: Option<Id> = None;
+    let mut lat = Vec::new();
+    let mut i = 0u64;
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) || count.is_some_and(|c| lat.len() >= c) {
+            return Ok(lat);
+        }
+        // The flavour to ask for: from the newest advert.
+        while current.is_none() {
+            let Some((topic, payload, _)) =
+                tokio::time::timeout(Duration::from_secs(5), p.rx.recv())
+                    .await
+                    .map_err(|_| "no advert")?
+            else {
+                return Err("peer closed".into());
+            };
+            if topic.contains("/catalog/") {
+                current = advert_flavour(&payload, &offer);
+            }
+        }
+        let flavour = current.take().unwrap_or_default();
+        i += 1;
+        let t = Instant::now();
+        p.client
+            .publish(
+                &to,
+                QoS::AtLeastOnce,
+                false,
+                reserve_msg(i, &buyer, i, &flavour),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answered = false;
+        while !answered || current.as_ref().is_none_or(|c| *c == flavour) {
+            let Ok(Some((topic, payload, at))) =
+                tokio::time::timeout(Duration::from_secs(5), p.rx.recv()).await
+            else {
+                return Err(format!("{buyer}: no answer in 5 s"));
+            };
+            if topic.contains("/catalog/") {
+                current = advert_flavour(&payload, &offer);
+                continue;
+            }
+            if let Ok(m) = Message::decode(&payload) {
+                if m.correlation == Some(i) {
+                    answered = true;
+                    if matches!(m.body, Body::Reserved(_)) {
+                        lat.push(at - t);
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn advert_flavour(payload: &[u8], offer: &str) -> Option<Id> {
+    let m = Message::decode(payload).ok()?;
+    let Body::Advert(Flavours { flavours }) = m.body else {
+        return None;
+    };
+    flavours
+        .iter()
+        .find(|f| offer_of(f) == offer)
+        .map(|f| f.id.clone())
+}
+
+async fn reserve_latency(port: u16, n: usize) -> Res<Vec<Duration>> {
+    let ok = Arc::new(AtomicU64::new(0));
+    let b = Buyer {
+        port,
+        domain: "bench".into(),
+        prov: "prov".into(),
+        buyer: "lat".into(),
+        offer: "o00".into(),
+        deadline: None,
+        count: Some(n + 20),
+    };
+    let mut v = consumer_loop(b, ok).await?;
+    v.drain(..20.min(v.len()));
+    v.sort();
+    Ok(v)
+}
+
+/// Durable reservations per second: 16 consumers, one per offer, for `span`.
+async fn throughput(port: u16, domain: &str, prov: &str, span: Duration) -> Res<f64> {
+    let ok = Arc::new(AtomicU64::new(0));
+    let start = Instant::now() + Duration::from_millis(300);
+    let deadline = start + span;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let ok = ok.clone();
+        let (domain, prov) = (domain.to_owned(), prov.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let b = Buyer {
+                port,
+                domain,
+                prov,
+                buyer: format!("tp{i:02}"),
+                offer: format!("o{i:02}"),
+                deadline: Some(deadline),
+                count: None,
+            };
+            consumer_loop(b, ok).await
+        }));
+    }
+    tokio::time::sleep_until(start.into()).await;
+    let before = ok.load(Ordering::Relaxed);
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let done = ok.load(Ordering::Relaxed) - before;
+    Ok(done as f64 / span.as_secs_f64())
+}
+
+/// N simulated providers with retained adverts; a consumer node starts and picks the best
+/// candidate. Returns (connect to chosen candidate, of which ranking).
+async fn discovery(port: u16, dir: &Path, n: usize) -> Res<(Duration, Duration)> {
+    let domain = format!("disc{n}");
+    let publisher = peer(port, &format!("sim@{domain}"), &[]).await?;
+    for i in 0..n {
+        let node = format!("sim{i}");
+        let mut f = fluidlet::demo::demo_offer(&Id::new(&node).unwrap_or_default());
+        f.id = Id::new(&format!("pool.{i}")).unwrap_or_default();
+        f.price.amount = 1_000_000 + (i as u64 * 7919) % 1_000_000;
+        let msg = Message {
+            id: i as u64,
+            correlation: None,
+            sent_at: 0,
+            sender: Id::new(&node).unwrap_or_default(),
+            body: Body::Advert(Flavours {
+                flavours: fluidlet::model::FlavourList::from_slice_truncated(&[f]),
+            }),
+        };
+        publisher
+            .client
+            .publish(
+                format!("fluidos/v1/{domain}/catalog/{node}"),
+                QoS::AtLeastOnce,
+                true,
+                msg.encode().unwrap_or_default(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    // Let the broker store them all.
+    let mut probe = peer(
+        port,
+        &format!("probe@{domain}"),
+        &[format!("fluidos/v1/{domain}/catalog/+")],
+    )
+    .await?;
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(30), probe.rx.recv())
+            .await
+            .map_err(|_| "adverts not retained")?;
+    }
+    let cfg = fluidlet_tests::config("cons", &domain, port, &dir.join(format!("disc{n}")));
+    let t0 = Instant::now();
+    let agent = fluidlet::Agent::start(cfg, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sel = fluidlet_tests::intent_spec("x", 1000, 1).selector;
+    let (took, rank) = loop {
+        if agent.tables().candidate_count().unwrap_or(0) >= n {
+            let r0 = Instant::now();
+            let ranked = fluidlet::discovery::rank(
+                agent.tables().candidates().unwrap_or_default(),
+                &sel,
+                fluidlet::unix_ms(),
+                60_000,
+            );
+            let rank = r0.elapsed();
+            if ranked.is_empty() {
+                return Err("no candidate chosen".into());
+            }
+            break (t0.elapsed(), rank);
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "only {} of {n} candidates after 60 s",
+                agent.tables().candidate_count().unwrap_or(0)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    agent.shutdown().await;
+    Ok((took, rank))
+}
+
+/// The 31 steps with the dry-run fabric, in process: with discovery (no catalog) and from
+/// the catalog.
+async fn workflow(port: u16, dir: &Path, runs: usize) -> Res<(Vec<Duration>, Vec<Duration>)> {
+    let d = "flow";
+    let p = fluidlet::Agent::start(
+        fluidlet_tests::provider_config("fprov", d, port, &dir.join("flow")),
+        None,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut out = (Vec::new(), Vec::new());
+    for (k, catalog) in [(0, false), (1, true)] {
+        let mut c = fluidlet_tests::config(&format!("fcons{k}"), d, port, &dir.join("flow"));
+        c.watch_catalog = catalog;
+        let c = fluidlet::Agent::start(c, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !c.connected(Duration::from_secs(10)).await {
+            return Err("consumer did not connect".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for i in 0..runs {
+            let t = Instant::now();
+            let intent = c
+                .submit_intent(fluidlet_tests::intent_spec(&format!("w{k}x{i}"), 100, 1))
+                .await
+                .map_err(|e| e.to_string())?;
+            let took = t.elapsed();
+            if intent.state != fluidlet::model::IntentState::Placed {
+                return Err(format!(
+                    "intent ended {:?}: {:?}",
+                    intent.state, intent.error
+                ));
+            }
+            // Release so that the next intent buys again instead of using the room.
+            if let Some(id) = &intent.contract {
+                let _ = c.release(id).await;
+            }
+            if catalog {
+                out.1.push(took);
+            } else {
+                out.0.push(took);
+            }
+        }
+        c.shutdown().await;
+    }
+    p.shutdown().await;
+    out.0.sort();
+    out.1.sort();
+    Ok(out)
+}
+
+/// (one flavour in CBOR, the same flavour as the reference node's JSON Flavor, a whole advert
+/// message) in bytes.
+fn wire_sizes() -> (usize, usize, usize) {
+    let f = fluidlet::demo::demo_offer(&Id::new("provider-1").unwrap_or_default());
+    let cbor = minicbor::to_vec(&f).map(|v| v.len()).unwrap_or(0);
+    // The FLUIDOS reference node's Flavor custom resource (nodecore.fluidos.eu/v1alpha1), with
+    // the same fields and values, as its REAR gateway serialises it.
+    let js = json!({
+        "apiVersion": "nodecore.fluidos.eu/v1alpha1",
+        "kind": "Flavor",
+        "metadata": {"name": f.id.as_str(), "namespace": "fluidos"},
+        "spec": {
+            "flavorType": {
+                "typeIdentifier": "K8Slice",
+                "typeData": {
+                    "characteristics": {
+                        "architecture": f.architecture.as_str(),
+                        "cpu": format!("{}m", f.resources.cpu),
+                        "memory": format!("{}Mi", f.resources.memory >> 20),
+                        "pods": f.resources.pods.to_string(),
+                        "storage": "0"
+                    },
+                    "properties": {},
+                    "policies": {"partitionability": {
+                        "cpuMin": "500m", "memoryMin": "1Gi", "podsMin": "1",
+                        "cpuStep": "500m", "memoryStep": "1Gi", "podsStep": "1"
+                    }}
+                }
+            },
+            "owner": {"domain": "fluidos.eu", "nodeID": "provider-1", "ip": "", "additionalInformation": null},
+            "providerID": "provider-1",
+            "availability": true,
+            "networkPropertyType": "",
+            "location": null,
+            "price": {"amount": "2.00", "currency": "EUR", "period": "hour"}
+        }
+    });
+    let js_len = serde_json::to_vec(&js).map(|v| v.len()).unwrap_or(0);
+    let advert = Message {
+        id: 1,
+        correlation: None,
+        sent_at: 1_767_225_600_000,
+        sender: Id::new("provider-1").unwrap_or_default(),
+        body: Body::Advert(Flavours {
+            flavours: fluidlet::model::FlavourList::from_slice_truncated(&[f]),
+        }),
+    }
+    .encode()
+    .map(|v| v.len())
+    .unwrap_or(0);
+    (cbor, js_len, advert)
+}

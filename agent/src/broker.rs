@@ -37,6 +37,57 @@ pub struct Inbound {
     pub payload: Vec<u8>,
 }
 
+/// Catalog adverts waiting for the node, coalesced: only the newest advert of each provider
+/// matters, so a newer one replaces an older one still waiting. This is what lets a node join
+/// a domain of thousands of providers: the broker delivers every retained advert at once, far
+/// faster than they can be stored, and a queue would have to drop some (retained messages are
+/// not sent again). Bounded by [`CATALOG_BACKLOG_BYTES`]; beyond it new providers are dropped
+/// with a warning until the node catches up.
+#[derive(Default)]
+pub struct CatalogInbox {
+    pending: Mutex<(std::collections::HashMap<String, Vec<u8>>, usize)>,
+    ready: tokio::sync::Notify,
+}
+
+/// Most advert bytes waiting in the [`CatalogInbox`] (about 50,000 typical adverts).
+pub const CATALOG_BACKLOG_BYTES: usize = 8 * 1024 * 1024;
+
+impl CatalogInbox {
+    /// Stores the newest advert of a topic; false if it had to be dropped.
+    fn put(&self, topic: String, payload: Vec<u8>) -> bool {
+        let Ok(mut g) = self.pending.lock() else {
+            return false;
+        };
+        let (map, bytes) = &mut *g;
+        let old = map.get(&topic).map_or(0, |p| p.len() + topic.len());
+        let new = payload.len() + topic.len();
+        if *bytes - old + new > CATALOG_BACKLOG_BYTES {
+            return false;
+        }
+        *bytes = *bytes - old + new;
+        map.insert(topic, payload);
+        drop(g);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Waits until adverts are waiting.
+    pub async fn wait(&self) {
+        self.ready.notified().await
+    }
+
+    /// Takes every waiting advert.
+    pub fn take(&self) -> Vec<Inbound> {
+        let Ok(mut g) = self.pending.lock() else {
+            return Vec::new();
+        };
+        g.1 = 0;
+        g.0.drain()
+            .map(|(topic, payload)| Inbound { topic, payload })
+            .collect()
+    }
+}
+
 /// What the node knows of its broker connection.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Status {
@@ -85,6 +136,8 @@ pub struct Session {
     /// Subscribe to the whole catalog (see `Config::watch_catalog`).
     pub watch_catalog: bool,
     pub inbound: mpsc::Sender<Inbound>,
+    /// Catalog adverts go here instead, coalesced per provider.
+    pub catalog: Arc<CatalogInbox>,
     pub advert: AdvertSlot,
     pub status: watch::Sender<Status>,
 }
@@ -112,6 +165,13 @@ impl Session {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     tracing::trace!(topic = %p.topic, bytes = p.payload.len(), "publish received");
+                    if self.topics.is_catalog(&p.topic) {
+                        let topic = p.topic.clone();
+                        if !self.catalog.put(p.topic, p.payload.to_vec()) {
+                            warn!(%topic, "catalog backlog full, advert dropped");
+                        }
+                        continue;
+                    }
                     let msg = Inbound {
                         topic: p.topic,
                         payload: p.payload.to_vec(),

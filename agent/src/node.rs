@@ -205,6 +205,7 @@ impl Agent {
         let topics = Topics::new(&cfg.domain, &cfg.node_id);
         let (client, events) = broker::connect(&cfg, &topics);
         let (inbound_tx, inbound_rx) = mpsc::channel(broker::INBOUND_QUEUE);
+        let catalog = Arc::new(broker::CatalogInbox::default());
         let (status_tx, status_rx) = watch::channel(Status::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let advert = AdvertSlot::default();
@@ -230,6 +231,7 @@ impl Agent {
             topics,
             watch_catalog: shared.cfg.watch_catalog,
             inbound: inbound_tx,
+            catalog: catalog.clone(),
             advert,
             status: status_tx,
         };
@@ -237,7 +239,7 @@ impl Agent {
         if !shared.cfg.offers.is_empty() {
             shared.publish_advert().await?;
         }
-        let node = tokio::spawn(serve(shared.clone(), inbound_rx, stop_rx.clone()));
+        let node = tokio::spawn(serve(shared.clone(), inbound_rx, catalog, stop_rx.clone()));
         let resumer = tokio::spawn(resume_when_connected(shared.clone(), stop_rx.clone()));
         let sweeper = tokio::spawn(sweep_lapsed(shared.clone(), stop_rx.clone()));
         let mut tasks = vec![resumer, sweeper];
@@ -377,6 +379,7 @@ async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 async fn serve(
     shared: Arc<Shared>,
     mut inbound: mpsc::Receiver<Inbound>,
+    catalog: Arc<broker::CatalogInbox>,
     mut stop: watch::Receiver<bool>,
 ) {
     // A message taken from the queue while a batch was being gathered, handled next.
@@ -392,6 +395,12 @@ async fn serve(
                     biased;
                     _ = stop.changed() => break,
                     m = inbound.recv() => m,
+                    _ = catalog.wait() => {
+                        for advert in catalog.take() {
+                            handle(&shared, advert).await;
+                        }
+                        continue;
+                    }
                 };
                 let Some(m) = m else { break };
                 m

@@ -462,6 +462,13 @@ impl Topics {
         v
     }
 
+    /// Whether `topic` is a catalog entry of this domain (cheap: no id validation).
+    pub fn is_catalog(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix(self.root.as_str())
+            .is_some_and(|r| r.starts_with("/catalog/"))
+    }
+
     /// Parses a topic of this domain. Anything else (another domain, an extra level, an id
     /// outside the id alphabet) is `None`: the broker delivered something it should not have.
     pub fn parse(&self, topic: &str) -> Option<Route> {

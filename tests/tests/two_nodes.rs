@@ -44,6 +44,22 @@ on_both_brokers!(
     consumer_restarted_mid_purchase_recovers_the_contract_the_provider_made,
 );
 
+/// rumqttd 0.20 forwards at most 100 retained messages per subscription (it truncates them to
+/// its inflight slots), so the embedded broker is tested at 90 providers and mosquitto at 800.
+#[tokio::test]
+async fn embedded_broker_joining_a_domain_of_90_providers_sees_them_all() {
+    if let Some(b) = broker(BrokerKind::Embedded) {
+        a_node_joining_a_big_domain_sees_every_provider(b.port, 90).await;
+    }
+}
+
+#[tokio::test]
+async fn mosquitto_joining_a_domain_of_800_providers_sees_them_all() {
+    if let Some(b) = broker(BrokerKind::Mosquitto) {
+        a_node_joining_a_big_domain_sees_every_provider(b.port, 800).await;
+    }
+}
+
 const GI: u64 = 1 << 30;
 
 fn want(cpu: u64, mem_gi: u64) -> FlavourSelector {
@@ -524,4 +540,64 @@ async fn consumer_restarted_mid_purchase_recovers_the_contract_the_provider_made
     assert_eq!(p.tables().contracts().unwrap().len(), 1, "reserved once");
     c.shutdown().await;
     p.shutdown().await;
+}
+
+/// A node joining a domain receives every retained advert at once, faster than it can store
+/// them; none may be lost (retained messages are not sent again).
+async fn a_node_joining_a_big_domain_sees_every_provider(port: u16, n: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let mut opts = rumqttc::MqttOptions::new(format!("sim@{d}"), "127.0.0.1", port);
+    opts.set_inflight(100);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut acks = 0;
+        while let Ok(ev) = events.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = ev {
+                acks += 1;
+                if acks == n {
+                    let _ = done_tx.send(()).await;
+                }
+            }
+        }
+    });
+    for i in 0..n {
+        let node = format!("sim{i}");
+        let mut f = fluidlet::demo::demo_offer(&Id::new(&node).unwrap());
+        f.id = Id::new(&format!("pool.{i}")).unwrap();
+        let msg = Message {
+            id: i,
+            correlation: None,
+            sent_at: 0,
+            sender: Id::new(&node).unwrap(),
+            body: Body::Advert(fluidlet::wire::Flavours {
+                flavours: fluidlet::model::FlavourList::from_slice_truncated(&[f]),
+            }),
+        };
+        let topic = format!("fluidos/v1/{d}/catalog/{node}");
+        client
+            .publish(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                true,
+                msg.encode().unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(WAIT, done_rx.recv())
+        .await
+        .expect("all adverts retained");
+    let c = start(config("cons", &d, port, dir.path()), None).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while (c.tables().candidate_count().unwrap() as u64) < n {
+        let got = c.tables().candidate_count().unwrap();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {got} of {n} providers became candidates"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    c.shutdown().await;
 }

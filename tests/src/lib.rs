@@ -86,7 +86,7 @@ pub fn broker(kind: BrokerKind) -> Option<Broker> {
                 &conf,
                 format!(
                     "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                     max_packet_size 65536\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n"
+                     max_packet_size 65536\nset_tcp_nodelay true\nmax_queued_messages 20000\nlog_dest stderr\nlog_type error\n"
                 ),
             )
             .expect("write mosquitto.conf");

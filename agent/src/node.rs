@@ -21,7 +21,7 @@ use crate::fabric::Fabric;
 use crate::model::ContractState;
 use crate::model::{Contract, FlavourList, FlavourSelector, Id, ReserveRequest};
 use crate::rear::{self, RearError};
-use crate::tables::{Reservation, Tables};
+use crate::tables::{Reservation, TableError, Tables};
 use crate::wire::{Body, ErrorBody, ErrorCode, Flavours, Message, Route, Topics, WireError};
 use crate::wire::{ContractRef, PeerAccept, PeerRequest};
 use crate::{unix_ms, AgentError, Observer, Step};
@@ -801,68 +801,13 @@ async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req: PeerReque
                 c.id, req.cluster_id
             ),
         );
-        let reuse = shared
-            .tables
-            .contracts()
-            .unwrap_or_default()
-            .iter()
-            .any(|o| o.id != c.id && o.buyer == c.buyer && o.state == ContractState::Active);
-        let plan = crate::fabric::plan_grant(&req.cluster_id, reuse);
-        let identity = match shared.fabric.execute(c.id.as_str(), &plan).await {
-            Ok(out) if !plan.is_empty() => match crate::model::LongText::new(&out) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    let text = format!("peering identity too large: {e}");
-                    return answer_error(&shared, &from, Some(id), ErrorCode::PeeringFailed, &text)
-                        .await;
-                }
-            },
-            Ok(_) => None,
-            Err(e) => {
-                error!(contract = %c.id, error = %e, "peering grant failed");
-                return answer_error(
-                    &shared,
-                    &from,
-                    Some(id),
-                    ErrorCode::PeeringFailed,
-                    &e.to_string(),
-                )
-                .await;
+        let grant = match grant_peering(&shared, &c, &req).await {
+            Ok(g) => g,
+            Err((code, text)) => {
+                error!(contract = %c.id, "peering grant failed: {text}");
+                return answer_error(&shared, &from, Some(id), code, &text).await;
             }
         };
-        let grant = PeerAccept {
-            contract: c.id.clone(),
-            cluster_id: match shared.fabric.cluster_id().await {
-                Ok(cid) => cid,
-                Err(e) => {
-                    return answer_error(
-                        &shared,
-                        &from,
-                        Some(id),
-                        ErrorCode::PeeringFailed,
-                        &e.to_string(),
-                    )
-                    .await
-                }
-            },
-            identity,
-        };
-        let stored = shared
-            .tables
-            .put_peer_grant(&grant)
-            .and_then(|_| shared.tables.put_peer_cluster(&c.id, &req.cluster_id));
-        let activated = shared.tables.activate(&c.id, unix_ms()).await;
-        if let Err(e) = stored.and(activated.map(|_| ())) {
-            error!(contract = %c.id, error = %e, "could not record the peering");
-            return answer_error(
-                &shared,
-                &from,
-                Some(id),
-                ErrorCode::Storage,
-                "could not record the peering",
-            )
-            .await;
-        }
         shared.step(
             24,
             "Virtual Fabric Manager",
@@ -882,6 +827,57 @@ async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req: PeerReque
             Err(e) => warn!(%from, error = %e, "could not send PEER_ACCEPT"),
         }
     });
+}
+
+/// Step 23's work: the peering user (unless the buyer already peers with us), this cluster's
+/// id, and the record of both, with the contract activated (steps 24-25).
+async fn grant_peering(
+    shared: &Shared,
+    c: &Contract,
+    req: &PeerRequest,
+) -> Result<PeerAccept, (ErrorCode, String)> {
+    let failed = |e: &dyn std::fmt::Display| (ErrorCode::PeeringFailed, e.to_string());
+    let reuse = shared
+        .tables
+        .contracts()
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.id != c.id && o.buyer == c.buyer && o.state == ContractState::Active);
+    let plan = crate::fabric::plan_grant(&req.cluster_id, reuse);
+    let out = shared
+        .fabric
+        .execute(c.id.as_str(), &plan)
+        .await
+        .map_err(|e| failed(&e))?;
+    let identity = match plan.is_empty() {
+        true => None,
+        false => Some(
+            crate::model::LongText::new(&out)
+                .map_err(|e| failed(&format!("peering identity too large: {e}")))?,
+        ),
+    };
+    let grant = PeerAccept {
+        contract: c.id.clone(),
+        cluster_id: shared.fabric.cluster_id().await.map_err(|e| failed(&e))?,
+        identity,
+    };
+    let storage = |e: TableError| {
+        (
+            ErrorCode::Storage,
+            format!("could not record the peering: {e}"),
+        )
+    };
+    shared.tables.put_peer_grant(&grant).map_err(storage)?;
+    shared
+        .tables
+        .put_peer_cluster(&c.id, &req.cluster_id)
+        .map_err(storage)?;
+    shared
+        .tables
+        .activate(&c.id, unix_ms())
+        .await
+        .map_err(storage)?;
+    Ok(grant)
 }
 
 /// Contract Manager, provider side of a release: the capacity goes back into the offer (and

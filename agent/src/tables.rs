@@ -128,6 +128,15 @@ fn all<T: for<'a> Decode<'a, ()>>(name: &'static str, tree: &Tree) -> Result<Vec
         .collect()
 }
 
+/// One record of `tree`, decoded.
+fn one<T: for<'a> Decode<'a, ()>>(
+    name: &'static str,
+    tree: &Tree,
+    key: &[u8],
+) -> Result<Option<T>, TableError> {
+    tree.get(key)?.map(|v| dec(name, key, &v)).transpose()
+}
+
 type TxResult<T> = Result<T, ConflictableTransactionError<TableError>>;
 
 fn tx_get<T: for<'a> Decode<'a, ()>>(
@@ -450,19 +459,15 @@ impl Tables {
     }
 
     pub fn contract(&self, id: &Id) -> Result<Option<Contract>, TableError> {
-        let key = id.as_str().as_bytes();
-        self.contracts
-            .get(key)?
-            .map(|v| dec("contracts", key, &v))
-            .transpose()
+        one("contracts", &self.contracts, id.as_str().as_bytes())
     }
 
     pub fn allocation(&self, contract: &Id) -> Result<Option<Allocation>, TableError> {
-        let key = contract.as_str().as_bytes();
-        self.allocations
-            .get(key)?
-            .map(|v| dec("allocations", key, &v))
-            .transpose()
+        one(
+            "allocations",
+            &self.allocations,
+            contract.as_str().as_bytes(),
+        )
     }
 
     /// Peering completed on this side (steps 25 and 28): the contract becomes Active and
@@ -589,11 +594,11 @@ impl Tables {
     }
 
     pub fn peer_grant(&self, contract: &Id) -> Result<Option<PeerAccept>, TableError> {
-        let key = format!("peer/{contract}");
-        self.transactions
-            .get(&key)?
-            .map(|v| dec("transactions", key.as_bytes(), &v))
-            .transpose()
+        one(
+            "transactions",
+            &self.transactions,
+            format!("peer/{contract}").as_bytes(),
+        )
     }
 
     /// Remembers the consumer's cluster id a peering was granted to (for the teardown).
@@ -605,10 +610,7 @@ impl Tables {
 
     pub fn peer_cluster(&self, contract: &Id) -> Result<Option<Id>, TableError> {
         let key = format!("peer-cluster/{contract}");
-        self.transactions
-            .get(&key)?
-            .map(|v| dec("transactions", key.as_bytes(), &v))
-            .transpose()
+        one("transactions", &self.transactions, key.as_bytes())
     }
 
     /// Stores an intent, flushed: a submitted intent survives a crash.
@@ -622,11 +624,7 @@ impl Tables {
     }
 
     pub fn intent(&self, id: &Id) -> Result<Option<Intent>, TableError> {
-        let key = id.as_str().as_bytes();
-        self.intents
-            .get(key)?
-            .map(|v| dec("intents", key, &v))
-            .transpose()
+        one("intents", &self.intents, id.as_str().as_bytes())
     }
 
     /// Replaces everything known of `provider` with `flavours` (an advert or an answer).
@@ -685,10 +683,7 @@ impl Tables {
     /// Records the outcome of a reservation attempt with `provider`.
     pub fn rate(&self, provider: &Id, ok: bool, latency_ms: u64) -> Result<(), TableError> {
         let key = provider.as_str().as_bytes();
-        let mut r: Rating = match self.ratings.get(key)? {
-            Some(v) => dec("ratings", key, &v)?,
-            None => Rating::default(),
-        };
+        let mut r: Rating = one("ratings", &self.ratings, key)?.unwrap_or_default();
         if ok {
             r.reservations_ok += 1;
             r.last_latency_ms = latency_ms;
@@ -700,11 +695,7 @@ impl Tables {
     }
 
     pub fn rating(&self, provider: &Id) -> Result<Option<Rating>, TableError> {
-        let key = provider.as_str().as_bytes();
-        self.ratings
-            .get(key)?
-            .map(|v| dec("ratings", key, &v))
-            .transpose()
+        one("ratings", &self.ratings, provider.as_str().as_bytes())
     }
 }
 

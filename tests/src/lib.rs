@@ -19,6 +19,31 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Declares each named `async fn case(port: u16)` as two tests, one per broker: modules
+/// `embedded` and `mosquitto`. A broker that cannot be had (mosquitto missing outside CI)
+/// skips the case with a message.
+#[macro_export]
+macro_rules! on_both_brokers {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test]
+            async fn $name() {
+                if let Some(b) = $crate::broker($crate::BrokerKind::Embedded) {
+                    super::$name(b.port).await;
+                }
+            })*
+        }
+        mod mosquitto {
+            $(#[tokio::test]
+            async fn $name() {
+                if let Some(b) = $crate::broker($crate::BrokerKind::Mosquitto) {
+                    super::$name(b.port).await;
+                }
+            })*
+        }
+    };
+}
+
 /// Upper bound for anything a test waits for; never a latency assertion.
 pub const WAIT: Duration = Duration::from_secs(10);
 

@@ -9,28 +9,6 @@ use fluidlet::tables::Outgoing;
 use fluidlet::wire::{Body, ErrorCode, ListFlavours, Message, MAX_PAYLOAD};
 use fluidlet_tests::*;
 
-/// Runs each case once per broker kind.
-macro_rules! on_both_brokers {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test]
-            async fn $name() {
-                if let Some(b) = super::broker(super::BrokerKind::Embedded) {
-                    super::$name(b.port).await;
-                }
-            })*
-        }
-        mod mosquitto {
-            $(#[tokio::test]
-            async fn $name() {
-                if let Some(b) = super::broker(super::BrokerKind::Mosquitto) {
-                    super::$name(b.port).await;
-                }
-            })*
-        }
-    };
-}
-
 on_both_brokers!(
     discovery_finds_the_providers_flavour,
     catalog_advert_becomes_a_peering_candidate_without_discovery,

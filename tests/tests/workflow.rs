@@ -9,27 +9,6 @@ use fluidlet::wire::{Body, ContractRef, ErrorCode, PeerRequest};
 use fluidlet_tests::*;
 use std::time::Duration;
 
-macro_rules! on_both_brokers {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test]
-            async fn $name() {
-                if let Some(b) = super::broker(super::BrokerKind::Embedded) {
-                    super::$name(b.port).await;
-                }
-            })*
-        }
-        mod mosquitto {
-            $(#[tokio::test]
-            async fn $name() {
-                if let Some(b) = super::broker(super::BrokerKind::Mosquitto) {
-                    super::$name(b.port).await;
-                }
-            })*
-        }
-    };
-}
-
 on_both_brokers!(
     intent_goes_through_all_31_steps_and_the_workload_is_placed,
     second_intent_uses_the_room_left_on_the_bought_virtual_node,

@@ -8,18 +8,18 @@
 //! (`target/fluidlet-bench.json`). The quick mode asserts nothing about speed.
 
 use argh::FromArgs;
-use fluidlet::model::{Flavour, Id, ReserveRequest, Resources};
+use fluidlet::model::Id;
 use fluidlet::wire::{Body, Flavours, Message};
+use fluidlet_bench::*;
 use fluidlet_tests::{broker, BrokerKind};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
 
 /// fluidlet benchmarks (reservation latency and throughput, discovery, footprint, wire size,
 /// cold start, whole workflow).
@@ -35,8 +35,6 @@ struct Args {
     #[argh(option)]
     agent: Option<PathBuf>,
 }
-
-type Res<T> = Result<T, String>;
 
 fn main() {
     let args: Args = argh::from_env();
@@ -327,133 +325,6 @@ fn agent_binary(given: Option<PathBuf>) -> Res<PathBuf> {
     Ok(PathBuf::from("target/bench-agent/release/fluidlet"))
 }
 
-fn proc_status(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with(key))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn rss_kb(pid: u32) -> Option<u64> {
-    proc_status(pid, "VmRSS:")
-}
-
-fn hwm_kb(pid: u32) -> Option<u64> {
-    proc_status(pid, "VmHWM:")
-}
-
-fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-}
-
-/// A bare MQTT client that hands every publish it receives to a channel, stamped.
-struct Peer {
-    client: AsyncClient,
-    rx: mpsc::UnboundedReceiver<(String, Vec<u8>, Instant)>,
-}
-
-async fn peer(port: u16, client_id: &str, subs: &[String]) -> Res<Peer> {
-    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
-    opts.set_max_packet_size(256 * 1024, 256 * 1024)
-        .set_keep_alive(Duration::from_secs(30))
-        .set_inflight(200);
-    let (client, mut events) = AsyncClient::new(opts, 1024);
-    let mut net = rumqttc::NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    events.set_network_options(net);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (ready_tx, mut ready_rx) = watch::channel(0usize);
-    tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => ready_tx.send_modify(|n| *n += 1),
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx
-                        .send((p.topic, p.payload.to_vec(), Instant::now()))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    });
-    for s in subs {
-        client
-            .subscribe(s, QoS::AtLeastOnce)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    let want = subs.len();
-    tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|n| *n >= want))
-        .await
-        .map_err(|_| "no SUBACK in 10 s".to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(Peer { client, rx })
-}
-
-fn provider_toml(
-    node: &str,
-    domain: &str,
-    port: u16,
-    data: &Path,
-    group_commit: bool,
-    offers: usize,
-) -> String {
-    let mut s = format!(
-        "node_id = \"{node}\"\ndomain = \"{domain}\"\nbroker = \"mqtt://127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlog = \"warn\"\n[provider]\ngroup_commit = {group_commit}\n",
-        data.display()
-    );
-    for i in 0..offers {
-        s.push_str(&format!(
-            "[[offer]]\nid = \"o{i:02}\"\narchitecture = \"amd64\"\ncpu_millicores = 1000000000000\nmemory = 1000000000000000\npods = 4000000000\nprice = \"1\"\ncurrency = \"EUR\"\n[offer.partition]\ncpu_min = 1\ncpu_step = 1\nmemory_min = 1\nmemory_step = 1\npods_min = 1\npods_step = 1\n"
-        ));
-    }
-    s
-}
-
-/// Starts a provider process and returns it with the time until its advert was on the broker.
-async fn start_provider(
-    agent: &Path,
-    dir: &Path,
-    node: &str,
-    domain: &str,
-    port: u16,
-    group_commit: bool,
-    offers: usize,
-) -> Res<(Child, Duration)> {
-    let cfg = dir.join(format!("{node}.toml"));
-    std::fs::write(
-        &cfg,
-        provider_toml(node, domain, port, &dir.join(node), group_commit, offers),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut watcher = peer(
-        port,
-        &format!("watch-{node}@{domain}"),
-        &[format!("fluidos/v1/{domain}/catalog/{node}")],
-    )
-    .await?;
-    let t0 = Instant::now();
-    let child = Command::new(agent)
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", agent.display()))?;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), watcher.rx.recv()).await {
-            Ok(Some((_, payload, at))) if !payload.is_empty() => return Ok((child, at - t0)),
-            Ok(Some(_)) => continue,
-            _ => return Err(format!("provider {node} published no advert in 20 s")),
-        }
-    }
-}
-
 /// Floor part 1: a bare MQTT request/reply round trip (QoS 1 both ways) through the broker.
 async fn echo_floor(port: u16, n: usize) -> Res<Vec<Duration>> {
     let mut echo = peer(port, "echo@bench", &["bench/echo/req".into()]).await?;
@@ -504,37 +375,6 @@ fn fsync_floor(dir: &Path, n: usize) -> Res<Vec<Duration>> {
     }
     v.sort();
     Ok(v)
-}
-
-/// Tracks the provider's current flavour id per offer from its retained adverts.
-fn offer_of(f: &Flavour) -> String {
-    f.id.as_str()
-        .rsplit_once('.')
-        .map_or(f.id.as_str(), |(o, _)| o)
-        .to_owned()
-}
-
-fn reserve_msg(id: u64, buyer: &str, tx: u64, flavour: &Id) -> Vec<u8> {
-    let me = Id::new(buyer).unwrap_or_default();
-    Message {
-        id,
-        correlation: None,
-        sent_at: 0,
-        sender: me.clone(),
-        body: Body::ReserveFlavour(ReserveRequest {
-            transaction: Id::new(&format!("{buyer}.t{tx}")).unwrap_or_default(),
-            flavour: flavour.clone(),
-            buyer: me,
-            partition: Some(Resources {
-                cpu: 1,
-                memory: 1,
-                pods: 1,
-                storage: 0,
-            }),
-        }),
-    }
-    .encode()
-    .unwrap_or_default()
 }
 
 /// One consumer reserving pieces of one offer as fast as the id churn allows: each
@@ -620,17 +460,6 @@ async fn consumer_loop(b: Buyer, ok: Arc<AtomicU64>) -> Res<Vec<Duration>> {
             }
         }
     }
-}
-
-fn advert_flavour(payload: &[u8], offer: &str) -> Option<Id> {
-    let m = Message::decode(payload).ok()?;
-    let Body::Advert(Flavours { flavours }) = m.body else {
-        return None;
-    };
-    flavours
-        .iter()
-        .find(|f| offer_of(f) == offer)
-        .map(|f| f.id.clone())
 }
 
 async fn reserve_latency(port: u16, n: usize) -> Res<Vec<Duration>> {

@@ -326,6 +326,16 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     intent.contract = Some(c.id);
                     intent.state = IntentState::Peering;
                 }
+                Err(RearError::Disconnected(why)) => {
+                    // A gateway's link comes and goes: the intent waits for the broker
+                    // rather than failing on an outage.
+                    info!(intent = %intent.id, %why, "waiting for the domain broker");
+                    let mut status = shared.status.clone();
+                    if status.wait_for(|s| s.connected).await.is_err() {
+                        fail(&mut intent, &format!("the broker connection ended: {why}"));
+                    }
+                    continue;
+                }
                 Err(e) => fail(&mut intent, &e.to_string()),
             },
             IntentState::Peering => {

@@ -106,35 +106,63 @@ pub fn broker(kind: BrokerKind) -> Option<Broker> {
             };
             let dir = tempfile::tempdir().expect("tempdir");
             let port = free_port();
-            let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                     max_packet_size 65536\nset_tcp_nodelay true\nmax_queued_messages 20000\nlog_dest stderr\nlog_type error\n"
-                ),
-            )
-            .expect("write mosquitto.conf");
-            let mut child = Command::new(bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("start mosquitto");
-            for _ in 0..500 {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Some(Broker {
-                        port,
-                        child: Some(child),
-                        _dir: Some(dir),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            let child = start_mosquitto(&bin, dir.path(), port);
+            Some(Broker {
+                port,
+                child: Some(child),
+                _dir: Some(dir),
+            })
+        }
+    }
+}
+
+fn start_mosquitto(bin: &str, dir: &Path, port: u16) -> Child {
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+             max_packet_size 65536\nset_tcp_nodelay true\nmax_queued_messages 20000\n\
+             log_dest stderr\nlog_type error\n"
+        ),
+    )
+    .expect("write mosquitto.conf");
+    let mut child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start mosquitto");
+    for _ in 0..500 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("mosquitto did not listen on port {port}");
+}
+
+impl Broker {
+    /// Stops a mosquitto broker (an outage); the embedded broker cannot be stopped.
+    pub fn stop(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+                true
             }
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("mosquitto did not listen on port {port}");
+            None => false,
+        }
+    }
+
+    /// Starts a stopped mosquitto again on the same port (its retained messages are gone:
+    /// persistence is off, as after a broker that lost its disk).
+    pub fn restart(&mut self) {
+        if let (Some(bin), Some(dir)) = (mosquitto_path(), &self._dir) {
+            self.child = Some(start_mosquitto(&bin, dir.path(), self.port));
         }
     }
 }

@@ -198,16 +198,18 @@ async fn consumer(
                     }
                     continue 'tx;
                 }
+                // Nothing reserved; ask again with the newest flavour (unless a newer advert
+                // already came while this request was in flight).
+                Some(Body::Error(e))
+                    if (e.code() == Some(ErrorCode::FlavourGone)
+                        || e.code() == Some(ErrorCode::NoFit))
+                        && current.as_ref() == Some(&flavour) =>
+                {
+                    current = None;
+                }
                 Some(Body::Error(e))
                     if e.code() == Some(ErrorCode::FlavourGone)
-                        || e.code() == Some(ErrorCode::NoFit) =>
-                {
-                    // Nothing reserved; ask again with the newest flavour (unless a newer
-                    // advert already came while this request was in flight).
-                    if current.as_ref() == Some(&flavour) {
-                        current = None;
-                    }
-                }
+                        || e.code() == Some(ErrorCode::NoFit) => {}
                 Some(_) => continue 'tx,
                 None => {} // no answer: retry the same transaction
             }

@@ -200,7 +200,7 @@ impl Agent {
     /// Opens the tables, brings the offers in line with the config, connects to the broker
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
-        let tables = Tables::open(&cfg.data_dir)?;
+        let tables = Tables::open_for(&cfg.data_dir, &cfg.node_id).await?;
         tables.sync_offers(&cfg.offers).await?;
         let topics = Topics::new(&cfg.domain, &cfg.node_id);
         let (client, events) = broker::connect(&cfg, &topics);

@@ -46,6 +46,23 @@ pub enum TableError {
         reason: String,
     },
     #[error(
+        "the database in {dir} is damaged or was replaced: this directory held node {node}'s \
+         tables (marker file {marker}) but the database is empty. Starting would re-offer \
+         capacity already sold. Restore the directory from a backup, or, to start this node \
+         afresh, delete {marker}"
+    )]
+    Damaged {
+        dir: String,
+        node: String,
+        marker: String,
+    },
+    #[error("{dir} holds the tables of node {theirs}, not of {ours}: use another data_dir")]
+    OtherNode {
+        dir: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error(
         "offer {offer} now offers less than its live reservations hold ({held:?}); \
          restore its size or release those contracts first"
     )]
@@ -204,6 +221,49 @@ impl Tables {
             intents: db.open_tree("intents")?,
             db,
         })
+    }
+
+    /// Opens the tables of node `me` for running it, and checks they are the ones it left.
+    ///
+    /// sled recovers from a damaged log by truncating it, silently: a node whose database was
+    /// damaged (or replaced by an empty one) would come back with no contracts and re-offer
+    /// capacity it already sold. So the node's id is kept both inside the database (tree
+    /// `meta`) and in a marker file beside it (`fluidlet.node`); a marker without the record
+    /// is reported as [`TableError::Damaged`] and the node refuses to start.
+    pub async fn open_for(dir: &Path, me: &Id) -> Result<Tables, TableError> {
+        let t = Tables::open(dir)?;
+        let meta = t.db.open_tree("meta")?;
+        let marker = dir.join("fluidlet.node");
+        let recorded: Option<Id> = one("meta", &meta, b"node")?;
+        let marked = std::fs::read_to_string(&marker).ok();
+        let shown = |p: &Path| p.display().to_string();
+        match (&recorded, &marked) {
+            (Some(theirs), _) if theirs != me => {
+                return Err(TableError::OtherNode {
+                    dir: shown(dir),
+                    theirs: theirs.to_string(),
+                    ours: me.to_string(),
+                })
+            }
+            (None, Some(node)) => {
+                return Err(TableError::Damaged {
+                    dir: shown(dir),
+                    node: node.trim().to_owned(),
+                    marker: shown(&marker),
+                })
+            }
+            _ => {}
+        }
+        if recorded.is_none() {
+            meta.insert(b"node", enc(me))?;
+            t.flush().await?;
+        }
+        if marked.is_none() {
+            std::fs::write(&marker, format!("{me}\n")).map_err(|e| {
+                TableError::Sled(sled::Error::Io(e))
+            })?;
+        }
+        Ok(t)
     }
 
     /// Makes everything written so far durable.

@@ -259,9 +259,8 @@ impl Tables {
             t.flush().await?;
         }
         if marked.is_none() {
-            std::fs::write(&marker, format!("{me}\n")).map_err(|e| {
-                TableError::Sled(sled::Error::Io(e))
-            })?;
+            std::fs::write(&marker, format!("{me}\n"))
+                .map_err(|e| TableError::Sled(sled::Error::Io(e)))?;
         }
         Ok(t)
     }

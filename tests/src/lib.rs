@@ -284,6 +284,9 @@ impl Rogue {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_max_packet_size(128 * 1024, 128 * 1024);
         let (client, mut events) = AsyncClient::new(opts, 64);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        events.set_network_options(net);
         let (tx, rx) = mpsc::channel(64);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let mut ready = Some(ready_tx);

@@ -2,9 +2,7 @@
 //! dry-run fabric, and the allocation lifecycle around it: room on bought capacity, own
 //! capacity, expiry, release, refusals and resumption after a restart.
 
-use fluidlet::model::{
-    AllocationKind, AllocationStatus, ContractState, Id, IntentState, Resources,
-};
+use fluidlet::model::{AllocationKind, AllocationStatus, ContractState, Id, IntentState};
 use fluidlet::wire::{Body, ContractRef, ErrorCode, PeerRequest};
 use fluidlet_tests::*;
 use std::time::Duration;
@@ -361,7 +359,6 @@ async fn consumer_restarted_mid_intent_resumes_it(port: u16) {
         1,
         "no second purchase"
     );
-    let _ = Resources::default();
     c.shutdown().await;
     p.shutdown().await;
 }

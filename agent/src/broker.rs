@@ -92,6 +92,8 @@ impl CatalogInbox {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Status {
     pub connected: bool,
+    /// The broker acknowledged this connection's subscriptions: mail reaches the node.
+    pub subscribed: bool,
     /// Connections made since start (1 after the first).
     pub connects: u64,
     /// Last connection error, if any.
@@ -158,6 +160,7 @@ impl Session {
                     backoff = BACKOFF_MIN;
                     self.status.send_modify(|s| {
                         s.connected = true;
+                        s.subscribed = false;
                         s.connects += 1;
                     });
                     info!(broker = ?self.events.mqtt_options.broker_address(), "connected to the domain broker");
@@ -180,11 +183,15 @@ impl Session {
                         warn!(topic = %m.topic, "node busy: inbound queue full, message dropped");
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    self.status.send_modify(|s| s.subscribed = true);
+                }
                 Ok(ev) => tracing::trace!(?ev, "mqtt event"),
                 Err(e) => {
                     let was = self.status.borrow().connected;
                     self.status.send_modify(|s| {
                         s.connected = false;
+                        s.subscribed = false;
                         s.last_error = Some(e.to_string());
                     });
                     if was {

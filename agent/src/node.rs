@@ -269,10 +269,11 @@ impl Agent {
         self.shared.status.borrow().clone()
     }
 
-    /// Waits until the broker session is up, at most `limit`.
+    /// Waits until the broker session is up and its subscriptions are acknowledged (so
+    /// requests addressed to this node reach it), at most `limit`.
     pub async fn connected(&self, limit: Duration) -> bool {
         let mut rx = self.shared.status.clone();
-        tokio::time::timeout(limit, rx.wait_for(|s| s.connected))
+        tokio::time::timeout(limit, rx.wait_for(|s| s.connected && s.subscribed))
             .await
             .is_ok_and(|r| r.is_ok())
     }

@@ -8,7 +8,7 @@
 //! unit test. The I/O half of discovery (broadcasting LIST_FLAVOURS, collecting FLAVOURS and
 //! catalog adverts into the candidates table) lives in [`crate::rear`] and [`crate::node`].
 
-use crate::model::{Candidate, Flavour, FlavourSelector, Resources};
+use crate::model::{Candidate, Flavour, FlavourSelector, Id, Resources};
 
 /// What a selector would buy of a flavour.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,28 +125,31 @@ pub fn matching<'a>(
         .collect()
 }
 
-/// Fresh candidates that match `sel`, best first: lowest price, then least waste, then
-/// provider and flavour id so the order is deterministic.
+/// Fresh candidates that match `sel`, best first: lowest price, then the provider's record
+/// (`failures`: failed reservations and peerings, from Ratings and Metrics; fewer first), then
+/// least waste, then provider and flavour id so the order is deterministic.
 pub fn rank(
     candidates: impl IntoIterator<Item = Candidate>,
     sel: &FlavourSelector,
     now: u64,
     max_age_ms: u64,
+    failures: impl Fn(&Id) -> u64,
 ) -> Vec<(Candidate, Fit)> {
-    let mut v: Vec<(Candidate, Fit)> = candidates
+    let mut v: Vec<(u64, Candidate, Fit)> = candidates
         .into_iter()
         .filter(|c| now.saturating_sub(c.seen_at) <= max_age_ms)
-        .filter_map(|c| fit(&c.flavour, sel).map(|f| (c, f)))
+        .filter_map(|c| fit(&c.flavour, sel).map(|f| (failures(&c.flavour.provider), c, f)))
         .collect();
-    v.sort_by(|(a, fa), (b, fb)| {
-        (fa.price, fa.waste, &a.flavour.provider, &a.flavour.id).cmp(&(
+    v.sort_by(|(ra, a, fa), (rb, b, fb)| {
+        (fa.price, ra, fa.waste, &a.flavour.provider, &a.flavour.id).cmp(&(
             fb.price,
+            rb,
             fb.waste,
             &b.flavour.provider,
             &b.flavour.id,
         ))
     });
-    v
+    v.into_iter().map(|(_, c, f)| (c, f)).collect()
 }
 
 #[cfg(test)]
@@ -346,8 +349,40 @@ mod tests {
             &build_selector(2000, 4),
             1500,
             600,
+            |_| 0,
         );
         let ids: Vec<&str> = ranked.iter().map(|(c, _)| c.flavour.id.as_str()).collect();
         assert_eq!(ids, ["b", "a", "c"]);
+    }
+
+    #[test]
+    fn rank_prefers_the_provider_that_failed_less_at_the_same_price() {
+        let mut shaky = build_flavour("s", 2000, 4, 50);
+        shaky.provider = Id::new("shaky").unwrap();
+        let mut steady = build_flavour("t", 8000, 16, 50);
+        steady.provider = Id::new("steady").unwrap();
+        let failures = |p: &Id| if p.as_str() == "shaky" { 3 } else { 0 };
+        let ranked = rank(
+            [
+                build_candidate(shaky.clone(), 0),
+                build_candidate(steady, 0),
+            ],
+            &build_selector(2000, 4),
+            0,
+            600,
+            failures,
+        );
+        let ids: Vec<&str> = ranked.iter().map(|(c, _)| c.flavour.id.as_str()).collect();
+        assert_eq!(ids, ["t", "s"], "reliability before fit");
+        // But price still comes first.
+        shaky.price.amount = 49;
+        let ranked = rank(
+            [build_candidate(shaky, 0)],
+            &build_selector(2000, 4),
+            0,
+            600,
+            failures,
+        );
+        assert_eq!(ranked.len(), 1);
     }
 }

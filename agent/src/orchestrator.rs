@@ -201,10 +201,7 @@ fn lookup(shared: &Shared, intent: &Intent) -> Result<Option<Placement>, TableEr
         };
         if c.state == ContractState::Active && fits_room(&room(&c, &intents), &c, &intent.selector)
         {
-            let failures = shared
-                .tables
-                .rating(&c.seller)?
-                .map_or(0, |r| r.reservations_failed);
+            let failures = shared.tables.rating(&c.seller)?.map_or(0, |r| r.failures());
             virtual_nodes.push((failures, c.id.clone()));
         }
     }

@@ -89,7 +89,21 @@ pub fn describe(sel: &FlavourSelector) -> String {
 
 fn ranked(shared: &Shared, sel: &FlavourSelector) -> Result<Vec<(Candidate, Fit)>, RearError> {
     let ttl = shared.cfg.candidate_ttl.as_millis() as u64;
-    Ok(rank(shared.tables.candidates()?, sel, unix_ms(), ttl))
+    let failures = |p: &Id| {
+        shared
+            .tables
+            .rating(p)
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.failures())
+    };
+    Ok(rank(
+        shared.tables.candidates()?,
+        sel,
+        unix_ms(),
+        ttl,
+        failures,
+    ))
 }
 
 /// The whole consumer flow for one selector.
@@ -407,6 +421,19 @@ const PEERING_BACKOFF: Duration = Duration::from_millis(500);
 /// peering artefacts, sets the peering up through the Virtual Fabric Manager, and marks the
 /// contract and the VirtualNode allocation active. Returns the virtual node's name.
 pub(crate) async fn peer(shared: &Shared, contract: &Contract) -> Result<String, RearError> {
+    let started = Instant::now();
+    let outcome = peer_inner(shared, contract).await;
+    let ms = started.elapsed().as_millis() as u64;
+    if let Err(e) = shared
+        .tables
+        .rate_peering(&contract.seller, outcome.is_ok(), ms)
+    {
+        warn!(error = %e, "could not record the peering in Ratings and Metrics");
+    }
+    outcome
+}
+
+async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, RearError> {
     let seller = &contract.seller;
     shared.step(
         21,

@@ -103,6 +103,21 @@ pub struct Rating {
     /// Milliseconds from RESERVE_FLAVOUR sent to RESERVED received, last success.
     #[n(2)]
     pub last_latency_ms: u64,
+    // Keys 3-5 came later: `default` lets records written before them decode.
+    #[cbor(n(3), default)]
+    pub peerings_ok: u64,
+    #[cbor(n(4), default)]
+    pub peerings_failed: u64,
+    /// Milliseconds from PEER_REQUEST sent to the virtual node ready, last success.
+    #[cbor(n(5), default)]
+    pub last_peering_ms: u64,
+}
+
+impl Rating {
+    /// What ranking weighs: everything that went wrong with this provider.
+    pub fn failures(&self) -> u64 {
+        self.reservations_failed + self.peerings_failed
+    }
 }
 
 /// The open tables of one node. Cloning is cheap (sled handles are reference-counted).
@@ -748,6 +763,20 @@ impl Tables {
             r.last_latency_ms = latency_ms;
         } else {
             r.reservations_failed += 1;
+        }
+        self.ratings.insert(key, enc(&r))?;
+        Ok(())
+    }
+
+    /// Records the outcome of a peering with `provider`.
+    pub fn rate_peering(&self, provider: &Id, ok: bool, ms: u64) -> Result<(), TableError> {
+        let key = provider.as_str().as_bytes();
+        let mut r: Rating = one("ratings", &self.ratings, key)?.unwrap_or_default();
+        if ok {
+            r.peerings_ok += 1;
+            r.last_peering_ms = ms;
+        } else {
+            r.peerings_failed += 1;
         }
         self.ratings.insert(key, enc(&r))?;
         Ok(())

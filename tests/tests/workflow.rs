@@ -68,6 +68,13 @@ async fn intent_goes_through_all_31_steps_and_the_workload_is_placed(port: u16) 
         c.tables().intent(&intent.id).unwrap().unwrap().state,
         IntentState::Placed
     );
+    // Ratings and Metrics: the reservation and the peering are on the provider's record.
+    let r = c
+        .tables()
+        .rating(&Id::new("prov").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.reservations_ok, r.peerings_ok, r.failures()), (1, 1, 0));
 
     // What the dry-run fabric recorded is what a cluster would have been given.
     let files = files_under(&dir.path().join("cons").join("fabric"));

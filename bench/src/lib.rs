@@ -4,7 +4,7 @@
 use fluidlet::model::{Flavour, Id, ReserveRequest, Resources};
 use fluidlet::wire::{Body, Flavours, Message};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -178,4 +178,28 @@ pub fn advert_flavour(payload: &[u8], offer: &str) -> Option<Id> {
         .iter()
         .find(|f| offer_of(f) == offer)
         .map(|f| f.id.clone())
+}
+
+/// The gateway binary: the one given, or built now with cargo into target/bench-agent.
+pub fn agent_binary(given: Option<PathBuf>) -> Res<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "fluidlet",
+            "--no-default-features",
+            "--target-dir",
+            "target/bench-agent",
+        ])
+        .status()
+        .map_err(|e| format!("cannot run cargo to build the agent: {e}"))?;
+    if !status.success() {
+        return Err("building the agent failed".into());
+    }
+    Ok(PathBuf::from("target/bench-agent/release/fluidlet"))
 }

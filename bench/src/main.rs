@@ -301,30 +301,6 @@ async fn run(args: Args) -> Res<()> {
     Ok(())
 }
 
-/// The gateway binary: the one given, or built now with cargo into target/bench-agent.
-fn agent_binary(given: Option<PathBuf>) -> Res<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "fluidlet",
-            "--no-default-features",
-            "--target-dir",
-            "target/bench-agent",
-        ])
-        .status()
-        .map_err(|e| format!("cannot run cargo to build the agent: {e}"))?;
-    if !status.success() {
-        return Err("building the agent failed".into());
-    }
-    Ok(PathBuf::from("target/bench-agent/release/fluidlet"))
-}
-
 /// Floor part 1: a bare MQTT request/reply round trip (QoS 1 both ways) through the broker.
 async fn echo_floor(port: u16, n: usize) -> Res<Vec<Duration>> {
     let mut echo = peer(port, "echo@bench", &["bench/echo/req".into()]).await?;

@@ -550,29 +550,7 @@ async fn broker_outage(
 }
 
 async fn run(args: Args) -> Res<bool> {
-    let agent = match args.agent {
-        Some(a) => a,
-        None => {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let ok = std::process::Command::new(cargo)
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "fluidlet",
-                    "--no-default-features",
-                    "--target-dir",
-                    "target/bench-agent",
-                ])
-                .status()
-                .map_err(|e| e.to_string())?
-                .success();
-            if !ok {
-                return Err("building the agent failed".into());
-            }
-            PathBuf::from("target/bench-agent/release/fluidlet")
-        }
-    };
+    let agent = agent_binary(args.agent)?;
     let mut b =
         broker(BrokerKind::Mosquitto).ok_or("mosquitto is required (apt-get install mosquitto)")?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;

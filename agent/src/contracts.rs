@@ -50,7 +50,7 @@ fn check_piece(name: &str, v: u64, min: u64, step: u64) -> Result<(), Refusal> {
             "{name} {v} is below the minimum {min}"
         )));
     }
-    if step != 0 && v % step != 0 {
+    if step != 0 && !v.is_multiple_of(step) {
         return Err(Refusal::BadPartition(format!(
             "{name} {v} is not a multiple of the step {step}"
         )));

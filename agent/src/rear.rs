@@ -266,22 +266,8 @@ async fn pursue(shared: &Shared, out: &Outgoing) -> Result<Contract, RearError> 
     let (provider, request) = (&out.seller, &out.request);
     let started = Instant::now();
     for attempt in 1..=shared.cfg.reserve_attempts {
-        let id = shared.next_id();
-        let (tx, rx) = oneshot::channel();
-        let _guard = shared.wait_for(
-            id,
-            Waiter::Reply {
-                from: provider.clone(),
-                tx,
-            },
-        )?;
-        let msg = Message {
-            id,
-            correlation: None,
-            sent_at: unix_ms(),
-            sender: shared.me().clone(),
-            body: Body::ReserveFlavour(request.clone()),
-        };
+        let (_guard, rx, msg) =
+            new_request(shared, provider, Body::ReserveFlavour(request.clone()))?;
         let send = shared.publish(shared.topics.to(provider), false, &msg);
         if attempt == 1 {
             let (flushed, sent) = tokio::join!(shared.tables.flush(), send);
@@ -376,26 +362,44 @@ async fn finish(
     }
 }
 
+/// A request for `to` under a fresh message id, with the waiter for its one answer
+/// registered (and removed when the guard drops).
+fn new_request<'a>(
+    shared: &'a Shared,
+    to: &Id,
+    body: Body,
+) -> Result<
+    (
+        crate::node::PendingGuard<'a>,
+        oneshot::Receiver<Body>,
+        Message,
+    ),
+    RearError,
+> {
+    let id = shared.next_id();
+    let (tx, rx) = oneshot::channel();
+    let guard = shared.wait_for(
+        id,
+        Waiter::Reply {
+            from: to.clone(),
+            tx,
+        },
+    )?;
+    let msg = Message {
+        id,
+        correlation: None,
+        sent_at: unix_ms(),
+        sender: shared.me().clone(),
+        body,
+    };
+    Ok((guard, rx, msg))
+}
+
 /// Sends `body` to `to` and waits for the answer, resending up to the configured attempts.
 /// The request must be idempotent on the receiving side (all of REAR's are).
 async fn ask(shared: &Shared, to: &Id, body: Body, timeout: Duration) -> Result<Body, RearError> {
     for _ in 0..shared.cfg.reserve_attempts {
-        let id = shared.next_id();
-        let (tx, rx) = oneshot::channel();
-        let _guard = shared.wait_for(
-            id,
-            Waiter::Reply {
-                from: to.clone(),
-                tx,
-            },
-        )?;
-        let msg = Message {
-            id,
-            correlation: None,
-            sent_at: unix_ms(),
-            sender: shared.me().clone(),
-            body: body.clone(),
-        };
+        let (_guard, rx, msg) = new_request(shared, to, body.clone())?;
         shared.publish(shared.topics.to(to), false, &msg).await?;
         if let Ok(Ok(answer)) = tokio::time::timeout(timeout, rx).await {
             return Ok(answer);

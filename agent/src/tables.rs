@@ -341,12 +341,7 @@ impl Tables {
                         own.offer == o.id && own.flavour == cut(o, &own.flavour.id, *left)
                     });
                     if !kept && !left.is_zero() {
-                        let id = flavour_id(&o.id, available.generate_id()?)?;
-                        let own = OwnFlavour {
-                            offer: o.id.clone(),
-                            flavour: cut(o, &id, *left),
-                        };
-                        available.insert(id.as_str(), enc(&own))?;
+                        offer_cut(available, &o.id, o, *left)?;
                     }
                 }
                 Ok(())
@@ -432,15 +427,10 @@ impl Tables {
                         })?;
                         available.remove(req.flavour.as_str())?;
                         if let Some(left) = remainder {
-                            let new_id = flavour_id(&own.offer, available.generate_id()?)?;
                             let offer: Flavour =
                                 tx_get("offers", offers, own.offer.as_str().as_bytes())?
                                     .unwrap_or_else(|| own.flavour.clone());
-                            let reduced = OwnFlavour {
-                                offer: own.offer.clone(),
-                                flavour: cut(&offer, &new_id, left),
-                            };
-                            available.insert(new_id.as_str(), enc(&reduced))?;
+                            offer_cut(available, &own.offer, &offer, left)?;
                         }
                         let contract = Contract {
                             id: id.clone(),
@@ -637,12 +627,7 @@ impl Tables {
                             available.remove(old.as_str())?;
                         }
                     }
-                    let new_id = flavour_id(offer_id, available.generate_id()?)?;
-                    let own = OwnFlavour {
-                        offer: offer_id.clone(),
-                        flavour: cut(&offer, &new_id, back),
-                    };
-                    available.insert(new_id.as_str(), enc(&own))?;
+                    offer_cut(available, offer_id, &offer, back)?;
                     Ok(Some(c))
                 }),
         )?;
@@ -785,6 +770,23 @@ impl Tables {
     pub fn rating(&self, provider: &Id) -> Result<Option<Rating>, TableError> {
         one("ratings", &self.ratings, provider.as_str().as_bytes())
     }
+}
+
+/// Puts the flavour offering `left` of `offer` (whose id is `offer_id`) on offer under a new
+/// flavour id, inside a transaction.
+fn offer_cut(
+    available: &TransactionalTree,
+    offer_id: &Id,
+    offer: &Flavour,
+    left: Resources,
+) -> TxResult<()> {
+    let id = flavour_id(offer_id, available.generate_id()?)?;
+    let own = OwnFlavour {
+        offer: offer_id.clone(),
+        flavour: cut(offer, &id, left),
+    };
+    available.insert(id.as_str(), enc(&own))?;
+    Ok(())
 }
 
 /// The flavour that offers `left` of `offer` under `id`, priced pro rata from the offer's

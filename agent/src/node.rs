@@ -384,9 +384,9 @@ async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     // A message taken from the queue while a batch was being gathered, handled next.
-    let mut held: Option<Inbound> = None;
+    let mut held: Option<Sorted> = None;
     loop {
-        let msg = match held.take() {
+        let sorted = match held.take() {
             Some(m) => m,
             None => {
                 // Cancel safety: neither branch mutates state before it completes; a message
@@ -404,22 +404,29 @@ async fn serve(
                     }
                 };
                 let Some(m) = m else { break };
-                m
+                sort(&shared, m)
             }
         };
-        let Some(first) = as_reserve(&shared, &msg) else {
-            handle(&shared, msg).await;
-            continue;
+        let first = match sorted {
+            Sorted::Reserve(r) => r,
+            Sorted::Mail(from, m) => {
+                on_addressed(&shared, from, m).await;
+                continue;
+            }
+            Sorted::Other(m) => {
+                handle(&shared, m).await;
+                continue;
+            }
         };
         // Group commit: take the RESERVE_FLAVOURs already queued behind this one (never
         // waiting for more), stopping at the first other message, which keeps its place.
         let mut batch = vec![first];
         while shared.cfg.group_commit && batch.len() < MAX_BATCH {
             match inbound.try_recv() {
-                Ok(m) => match as_reserve(&shared, &m) {
-                    Some(r) => batch.push(r),
-                    None => {
-                        held = Some(m);
+                Ok(m) => match sort(&shared, m) {
+                    Sorted::Reserve(r) => batch.push(r),
+                    other => {
+                        held = Some(other);
                         break;
                     }
                 },
@@ -731,22 +738,32 @@ async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
     }
 }
 
-/// The request, if `msg` is a well-formed RESERVE_FLAVOUR for this node whose envelope
-/// sender and buyer are the topic's sender; anything else goes through [`handle`], which
-/// answers errors.
-fn as_reserve(shared: &Shared, msg: &Inbound) -> Option<PendingReserve> {
+/// An inbound message, decoded once and sorted for the node task. Only one or two exist at a
+/// time (the message in hand and one held back), so the inline request is not worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Sorted {
+    /// A well-formed RESERVE_FLAVOUR for this node whose envelope sender and buyer are the
+    /// topic's sender: goes into a group commit.
+    Reserve(PendingReserve),
+    /// Any other well-formed mail for this node from the sender its topic names.
+    Mail(Id, Message),
+    /// Everything else (catalog, discovery, errors to answer): [`handle`] deals with it.
+    Other(Inbound),
+}
+
+fn sort(shared: &Shared, msg: Inbound) -> Sorted {
     let Some(Route::Addressed { to, from }) = shared.topics.parse(&msg.topic) else {
-        return None;
+        return Sorted::Other(msg);
     };
     if &to != shared.me() {
-        return None;
+        return Sorted::Other(msg);
     }
-    let m = Message::decode(&msg.payload).ok()?;
-    match m.body {
-        Body::ReserveFlavour(req) if m.sender == from && req.buyer == from => {
-            Some((from, m.id, req))
-        }
-        _ => None,
+    match Message::decode(&msg.payload) {
+        Ok(m) if m.sender == from => match m.body {
+            Body::ReserveFlavour(req) if req.buyer == from => Sorted::Reserve((from, m.id, req)),
+            _ => Sorted::Mail(from, m),
+        },
+        _ => Sorted::Other(msg),
     }
 }
 

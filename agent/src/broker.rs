@@ -35,6 +35,81 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 pub struct Inbound {
     pub topic: String,
     pub payload: Vec<u8>,
+    /// The sender is over its rate limit: answer BUSY, do not serve. Only the first message
+    /// over the limit arrives so marked; the rest are dropped in the session task.
+    pub limited: bool,
+}
+
+/// Most senders whose rate is tracked at once. Beyond it, idle ones are forgotten; if none
+/// is idle, messages from senders not yet tracked are dropped until one is.
+pub const MAX_TRACKED_SENDERS: usize = 4096;
+
+/// What to do with a message, by its sender's rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// First message over the limit: tell the sender (BUSY).
+    Tell,
+    /// Over the limit and already told, or no room to track the sender: drop.
+    Drop,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+    told: bool,
+}
+
+/// Token buckets per sender: `rate` messages per second on average, `burst` at once.
+pub struct SenderLimits {
+    rate: f64,
+    burst: f64,
+    buckets: std::collections::HashMap<String, Bucket>,
+}
+
+impl SenderLimits {
+    pub fn new(rate: u32, burst: u32) -> SenderLimits {
+        SenderLimits {
+            rate: rate.max(1) as f64,
+            burst: burst.max(1) as f64,
+            buckets: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Counts one message from `sender` at `now`.
+    pub fn check(&mut self, sender: &str, now: std::time::Instant) -> Verdict {
+        if !self.buckets.contains_key(sender) && self.buckets.len() >= MAX_TRACKED_SENDERS {
+            let (rate, burst) = (self.rate, self.burst);
+            self.buckets.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst
+            });
+            if self.buckets.len() >= MAX_TRACKED_SENDERS {
+                return Verdict::Drop;
+            }
+        }
+        let burst = self.burst;
+        let b = self
+            .buckets
+            .entry(sender.to_owned())
+            .or_insert_with(|| Bucket {
+                tokens: burst,
+                at: now,
+                told: false,
+            });
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            b.told = false;
+            Verdict::Pass
+        } else if b.told {
+            Verdict::Drop
+        } else {
+            b.told = true;
+            Verdict::Tell
+        }
+    }
 }
 
 /// Catalog adverts waiting for the node, coalesced: only the newest advert of each provider
@@ -83,7 +158,11 @@ impl CatalogInbox {
         };
         g.1 = 0;
         g.0.drain()
-            .map(|(topic, payload)| Inbound { topic, payload })
+            .map(|(topic, payload)| Inbound {
+                topic,
+                payload,
+                limited: false,
+            })
             .collect()
     }
 }
@@ -108,9 +187,20 @@ pub type AdvertSlot = Arc<Mutex<Vec<u8>>>;
 /// The client id is `{node}@{domain}`: unique across domains that share one broker
 /// process (a mosquitto forced to `use_username_as_clientid` replaces it with the
 /// certificate's CN, which is also unique).
-pub fn connect(cfg: &Config, topics: &Topics) -> (AsyncClient, EventLoop) {
+/// With `tls`, the connection is mutual TLS (see [`crate::tls`]); the broker's certificate
+/// must name `cfg.broker.host`.
+pub fn connect(
+    cfg: &Config,
+    topics: &Topics,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> (AsyncClient, EventLoop) {
     let client_id = format!("{}@{}", cfg.node_id, cfg.domain);
     let mut opts = MqttOptions::new(client_id, &cfg.broker.host, cfg.broker.port);
+    if let Some(tls) = tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
+    }
     opts.set_keep_alive(cfg.keepalive)
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
@@ -142,6 +232,8 @@ pub struct Session {
     pub catalog: Arc<CatalogInbox>,
     pub advert: AdvertSlot,
     pub status: watch::Sender<Status>,
+    /// Per-sender rate limits on addressed mail and discovery broadcasts.
+    pub limits: SenderLimits,
 }
 
 impl Session {
@@ -175,9 +267,18 @@ impl Session {
                         }
                         continue;
                     }
+                    let verdict = match self.topics.sender_of(&p.topic) {
+                        Some(from) => self.limits.check(from, std::time::Instant::now()),
+                        None => Verdict::Pass,
+                    };
+                    if verdict == Verdict::Drop {
+                        tracing::debug!(topic = %p.topic, "sender over its rate limit: dropped");
+                        continue;
+                    }
                     let msg = Inbound {
                         topic: p.topic,
                         payload: p.payload.to_vec(),
+                        limited: verdict == Verdict::Tell,
                     };
                     if let Err(mpsc::error::TrySendError::Full(m)) = self.inbound.try_send(msg) {
                         warn!(topic = %m.topic, "node busy: inbound queue full, message dropped");
@@ -267,4 +368,52 @@ fn unix_nanos() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_sender_over_its_rate_is_told_once_then_dropped_and_others_pass() {
+        let mut l = SenderLimits::new(10, 5);
+        let t = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(l.check("eve", t), Verdict::Pass);
+        }
+        assert_eq!(l.check("eve", t), Verdict::Tell);
+        assert_eq!(l.check("eve", t), Verdict::Drop);
+        assert_eq!(
+            l.check("carol", t),
+            Verdict::Pass,
+            "others are not affected"
+        );
+        // 100 ms at 10/s refills one token.
+        let later = t + Duration::from_millis(100);
+        assert_eq!(l.check("eve", later), Verdict::Pass);
+        assert_eq!(
+            l.check("eve", later),
+            Verdict::Tell,
+            "told again after passing"
+        );
+    }
+
+    #[test]
+    fn the_sender_table_is_bounded_and_forgets_idle_senders() {
+        let mut l = SenderLimits::new(1, 2);
+        let t = Instant::now();
+        for i in 0..MAX_TRACKED_SENDERS {
+            assert_eq!(l.check(&format!("n{i}"), t), Verdict::Pass);
+        }
+        assert_eq!(
+            l.check("new", t),
+            Verdict::Drop,
+            "table full of busy senders"
+        );
+        assert_eq!(l.buckets.len(), MAX_TRACKED_SENDERS);
+        // After a second everyone's bucket is full again: idle senders are forgotten.
+        assert_eq!(l.check("new", t + Duration::from_secs(2)), Verdict::Pass);
+        assert_eq!(l.buckets.len(), 1);
+    }
 }

@@ -47,12 +47,28 @@ pub struct BrokerAddr {
     pub port: u16,
 }
 
+/// The PEM files of mutual TLS to the broker (`[tls]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The domain CA: the broker's certificate must chain to it.
+    pub ca: PathBuf,
+    /// This node's certificate (chain); its subject CN must be the node id.
+    pub cert: PathBuf,
+    /// This node's private key; should be readable by its owner only.
+    pub key: PathBuf,
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub node_id: Id,
     pub domain: Id,
     pub broker: BrokerAddr,
+    /// Mutual TLS to the broker (`mqtts://`); `None`: plain MQTT (loopback or explicitly
+    /// allowed with `insecure_plaintext`).
+    pub tls: Option<TlsFiles>,
+    /// Plain MQTT to a broker that is not on loopback was allowed explicitly.
+    pub insecure_plaintext: bool,
     pub data_dir: PathBuf,
     /// MQTT keepalive; the broker declares the node dead (and fires its will) after 1.5x.
     pub keepalive: Duration,
@@ -83,6 +99,33 @@ pub struct Config {
     pub expiry_check: Duration,
     /// The Virtual Fabric Manager's backend and tools.
     pub fabric: FabricConfig,
+    /// Bounds on what other nodes may make this node do.
+    pub limits: Limits,
+}
+
+/// Bounds on what other nodes may make this node do (`[limits]`). The protocol's own bounds
+/// (message size, flavours per advert, candidates per provider) are constants in
+/// [`crate::wire`] and [`crate::tables`]; these are policy, so they are configurable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Messages per second one sender may address to this node (discovery broadcasts
+    /// included), on average; beyond it they are dropped and the sender is told BUSY once.
+    pub sender_rate: u32,
+    /// Messages one sender may send at once before the rate applies.
+    pub sender_burst: u32,
+    /// Reservations one buyer may hold unpeered at once (provider side); more are refused
+    /// with TOO_MANY_PENDING until it peers, releases or they lapse.
+    pub pending_per_buyer: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            sender_rate: 50,
+            sender_burst: 100,
+            pending_per_buyer: 8,
+        }
+    }
 }
 
 impl Config {
@@ -92,9 +135,12 @@ impl Config {
             control_socket: data_dir.join("control.sock"),
             expiry_check: Duration::from_secs(1),
             fabric: FabricConfig::default(),
+            limits: Limits::default(),
             node_id,
             domain,
             broker,
+            tls: None,
+            insecure_plaintext: false,
             data_dir,
             keepalive: Duration::from_secs(30),
             reserve_timeout: Duration::from_secs(2),
@@ -182,6 +228,9 @@ struct RawConfig {
     node_id: String,
     domain: String,
     broker: String,
+    #[serde(default)]
+    insecure_plaintext: bool,
+    tls: Option<RawTls>,
     data_dir: PathBuf,
     keepalive_secs: Option<u64>,
     log: Option<String>,
@@ -194,6 +243,24 @@ struct RawConfig {
     control_socket: Option<PathBuf>,
     #[serde(default)]
     fabric: RawFabric,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    sender_rate: Option<u32>,
+    sender_burst: Option<u32>,
+    pending_per_buyer: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Deserialize, Default)]
@@ -320,16 +387,19 @@ pub(crate) fn price_micros(field: &str, s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(bad)
 }
 
-/// Parses `mqtt://host[:port]` (port 1883 by default; IPv6 hosts in brackets).
-fn broker_addr(s: &str) -> Result<BrokerAddr, ConfigError> {
-    let rest = s.strip_prefix("mqtt://").ok_or_else(|| {
-        invalid(
+/// Parses `mqtt://host[:port]` (port 1883 by default) or `mqtts://host[:port]` (TLS, port
+/// 8883 by default); IPv6 hosts in brackets. Returns the address and whether it is TLS.
+fn broker_addr(s: &str) -> Result<(BrokerAddr, bool), ConfigError> {
+    let (rest, tls) = if let Some(r) = s.strip_prefix("mqtts://") {
+        (r, true)
+    } else if let Some(r) = s.strip_prefix("mqtt://") {
+        (r, false)
+    } else {
+        return Err(invalid(
             "broker",
-            format!(
-                "{s:?}: expected mqtt://HOST[:PORT] (TLS arrives with mqtts:// in a later release)"
-            ),
-        )
-    })?;
+            format!("{s:?}: expected mqtts://HOST[:PORT] (TLS) or mqtt://HOST[:PORT]"),
+        ));
+    };
     let rest = rest.trim_end_matches('/');
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
         let (h, after) = v6
@@ -346,6 +416,7 @@ fn broker_addr(s: &str) -> Result<BrokerAddr, ConfigError> {
         return Err(invalid("broker", "no host"));
     }
     let port = match port {
+        None if tls => 8883,
         None => 1883,
         Some(p) => p
             .parse::<u16>()
@@ -353,10 +424,19 @@ fn broker_addr(s: &str) -> Result<BrokerAddr, ConfigError> {
             .filter(|p| *p != 0)
             .ok_or_else(|| invalid("broker", format!("{p:?} is not a port (1-65535)")))?,
     };
-    Ok(BrokerAddr {
+    let addr = BrokerAddr {
         host: host.to_owned(),
         port,
-    })
+    };
+    Ok((addr, tls))
+}
+
+/// Whether `host` names this machine (plain MQTT to it never crosses a network).
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl RawOffer {
@@ -428,12 +508,48 @@ impl RawOffer {
 impl RawConfig {
     fn validate(self) -> Result<Config, ConfigError> {
         let node = node_id("node_id", &self.node_id)?;
+        let (broker, tls) = broker_addr(&self.broker)?;
+        let plain_ok = self.insecure_plaintext || is_loopback(&broker.host);
         let mut cfg = Config::new(
             node.clone(),
             node_id("domain", &self.domain)?,
-            broker_addr(&self.broker)?,
+            broker,
             self.data_dir,
         );
+        cfg.insecure_plaintext = self.insecure_plaintext;
+        match (tls, self.tls) {
+            (true, Some(t)) => {
+                cfg.tls = Some(TlsFiles {
+                    ca: t.ca,
+                    cert: t.cert,
+                    key: t.key,
+                })
+            }
+            (true, None) => {
+                return Err(invalid(
+                    "tls",
+                    "mqtts:// needs a [tls] table with ca, cert and key (PEM files)",
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(invalid(
+                    "tls",
+                    "a [tls] table was given but the broker is mqtt:// (plain); use mqtts://",
+                ))
+            }
+            (false, None) if !plain_ok => {
+                return Err(invalid(
+                    "broker",
+                    format!(
+                        "{:?} is plain MQTT to another machine: anyone on the path can read \
+                         and forge this node's messages. Use mqtts:// with a [tls] table, or \
+                         set insecure_plaintext = true to accept that",
+                        self.broker
+                    ),
+                ))
+            }
+            (false, None) => {}
+        }
         let ms = Duration::from_millis;
         let secs = Duration::from_secs;
         if let Some(v) = self.keepalive_secs {
@@ -508,6 +624,16 @@ impl RawConfig {
         if let Some(v) = &f.cluster_id {
             cfg.fabric.cluster_id =
                 Some(Id::new(v).map_err(|e| invalid("fabric.cluster_id", e.to_string()))?);
+        }
+        let l = &self.limits;
+        if let Some(v) = l.sender_rate {
+            cfg.limits.sender_rate = positive("limits.sender_rate", v.into())? as u32;
+        }
+        if let Some(v) = l.sender_burst {
+            cfg.limits.sender_burst = positive("limits.sender_burst", v.into())? as u32;
+        }
+        if let Some(v) = l.pending_per_buyer {
+            cfg.limits.pending_per_buyer = positive("limits.pending_per_buyer", v.into())? as u32;
         }
         if self.offers.len() > MAX_OFFERS {
             return Err(invalid(
@@ -636,8 +762,55 @@ pods_step = 1
 
     #[test]
     fn broker_addresses_parse_with_default_port_and_ipv6() {
-        assert_eq!(broker_addr("mqtt://gw").unwrap().port, 1883);
-        let v6 = broker_addr("mqtt://[::1]:1999").unwrap();
+        assert_eq!(broker_addr("mqtt://gw").unwrap().0.port, 1883);
+        assert_eq!(
+            broker_addr("mqtts://gw").unwrap(),
+            (
+                BrokerAddr {
+                    host: "gw".into(),
+                    port: 8883
+                },
+                true
+            )
+        );
+        let (v6, _) = broker_addr("mqtt://[::1]:1999").unwrap();
         assert_eq!((v6.host.as_str(), v6.port), ("::1", 1999));
+    }
+
+    const TLS: &str = "\n[tls]\nca = \"/e/ca.pem\"\ncert = \"/e/n.pem\"\nkey = \"/e/n.key\"\n";
+
+    #[test]
+    fn plain_mqtt_to_another_machine_is_refused_unless_explicitly_allowed() {
+        let remote = GOOD.replace("mqtt://127.0.0.1:1884", "mqtt://broker.lan");
+        let e = err_of(&remote);
+        assert!(
+            e.contains("insecure_plaintext") && e.contains("mqtts://"),
+            "{e}"
+        );
+        let allowed = remote.replace(
+            "keepalive_secs = 10",
+            "keepalive_secs = 10\ninsecure_plaintext = true",
+        );
+        let c = Config::from_toml(&allowed).unwrap();
+        assert!(c.insecure_plaintext && c.tls.is_none());
+        for local in ["mqtt://localhost", "mqtt://127.0.0.2:1883", "mqtt://[::1]"] {
+            assert!(
+                Config::from_toml(&GOOD.replace("mqtt://127.0.0.1:1884", local)).is_ok(),
+                "{local}"
+            );
+        }
+    }
+
+    #[test]
+    fn mqtts_needs_the_tls_table_and_the_tls_table_needs_mqtts() {
+        let tls = GOOD.replace("mqtt://127.0.0.1:1884", "mqtts://broker.lan");
+        assert!(err_of(&tls).contains("[tls]"));
+        let with = tls.replace("keepalive_secs = 10", &format!("keepalive_secs = 10{TLS}"));
+        // The [tls] table must come before other tables: put it right after the top keys.
+        let c = Config::from_toml(&with).unwrap();
+        assert_eq!(c.broker.port, 8883);
+        assert_eq!(c.tls.unwrap().key, PathBuf::from("/e/n.key"));
+        let plain = GOOD.replace("keepalive_secs = 10", &format!("keepalive_secs = 10{TLS}"));
+        assert!(err_of(&plain).contains("mqtts://"));
     }
 }

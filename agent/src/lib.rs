@@ -17,11 +17,13 @@
 //! - [`contracts`]: Contract Manager: reservation planning and contract rules. Pure.
 //! - [`rear`]: REAR Manager, consumer side: candidates, discovery, reservation.
 //! - [`node`]: the running node: provider side of REAR, answer routing, clean stop.
+//! - [`tls`]: mutual TLS to the broker (rustls + ring), the node-id = CN check.
+//! - [`orchestrator`]: Node Orchestrator: intents, placement, the workflow state machine.
+//! - [`fabric`]: Virtual Fabric Manager: the k3s + Liqo shim and its dry-run backend.
+//! - [`control`]: the local control socket (`fluidlet intent`, `status`, `contract`).
 //! - `demo` (feature `demo`): an embedded broker and two nodes in one process.
 //!
 //! Data flows one way: broker -> wire -> manager -> tables, and back out through wire.
-//! Not built yet (each has its own issue): the Node Orchestrator and intents, the Virtual
-//! Fabric / Network Manager shim to k3s + Liqo, contract expiry and release, TLS.
 
 pub mod broker;
 pub mod config;
@@ -36,6 +38,7 @@ pub mod node;
 pub mod orchestrator;
 pub mod rear;
 pub mod tables;
+pub mod tls;
 pub mod wire;
 
 pub use config::Config;
@@ -53,6 +56,8 @@ pub enum AgentError {
     Table(#[from] tables::TableError),
     #[error(transparent)]
     Wire(#[from] wire::WireError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("broker: {0}")]
     Broker(String),
     #[error("{0}")]

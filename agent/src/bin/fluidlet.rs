@@ -43,7 +43,8 @@ struct RunCmd {
     log_json: bool,
 }
 
-/// Validate a config file and print what it configures; exits 1 on the first problem.
+/// Validate a config file (and its TLS files: readable, CN = node_id, in date) and print what
+/// it configures; exits 1 on the first problem.
 #[derive(FromArgs)]
 #[argh(subcommand, name = "check")]
 struct CheckCmd {
@@ -232,18 +233,9 @@ fn main() -> ExitCode {
                 node::run(cfg, stop).await
             })
         }),
-        Cmd::Check(c) => Config::load(&c.config).map_err(Into::into).map(|cfg| {
-            println!(
-                "{}: node {} in domain {}, broker {}:{}, data in {}, {} offer(s)",
-                c.config.display(),
-                cfg.node_id,
-                cfg.domain,
-                cfg.broker.host,
-                cfg.broker.port,
-                cfg.data_dir.display(),
-                cfg.offers.len()
-            );
-        }),
+        Cmd::Check(c) => Config::load(&c.config)
+            .map_err(Into::into)
+            .and_then(|cfg| check(&c.config, &cfg)),
         Cmd::Intent(IntentCmd { cmd }) => rt.block_on(cli::intent(cmd)),
         Cmd::Status(c) => rt.block_on(cli::status(c)),
         Cmd::Contract(ContractCmd {
@@ -439,4 +431,30 @@ mod cli {
             _ => Err(other("unexpected answer")),
         }
     }
+}
+
+/// `fluidlet check`: the config is valid; with TLS, the PEM files are too.
+fn check(path: &std::path::Path, cfg: &Config) -> Result<(), fluidlet::AgentError> {
+    let transport = match &cfg.tls {
+        Some(files) => {
+            let loaded = fluidlet::tls::load(files, &cfg.node_id)?;
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
+            format!("mutual TLS as CN {}", loaded.identity.common_name)
+        }
+        None if cfg.insecure_plaintext => "PLAIN MQTT (insecure_plaintext = true)".into(),
+        None => "plain MQTT on loopback".into(),
+    };
+    println!(
+        "{}: node {} in domain {}, broker {}:{} ({transport}), data in {}, {} offer(s)",
+        path.display(),
+        cfg.node_id,
+        cfg.domain,
+        cfg.broker.host,
+        cfg.broker.port,
+        cfg.data_dir.display(),
+        cfg.offers.len()
+    );
+    Ok(())
 }

@@ -26,6 +26,7 @@ use crate::wire::{Body, ErrorBody, ErrorCode, Flavours, Message, Route, Topics, 
 use crate::wire::{ContractRef, PeerAccept, PeerRequest};
 use crate::{unix_ms, AgentError, Observer, Step};
 use rumqttc::{AsyncClient, QoS};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -79,6 +80,10 @@ pub(crate) struct Shared {
     pub steps: broadcast::Sender<Step>,
     /// Provider-side peerings set up at once (each may run kubectl/liqoctl for seconds).
     peerings: Arc<Semaphore>,
+    /// Unpeered reservations per buyer (provider side), for `limits.pending_per_buyer`.
+    /// Counted up at every new reservation and never down: a buyer that reaches the limit
+    /// is counted again from the contracts table (peered, released and lapsed ones drop out).
+    unpeered: Mutex<HashMap<Id, u32>>,
 }
 
 impl Shared {
@@ -142,6 +147,37 @@ impl Shared {
         }
     }
 
+    /// `Some(limit)` when `buyer` holds `limits.pending_per_buyer` unpeered reservations.
+    fn pending_full(&self, buyer: &Id) -> Option<u32> {
+        let limit = self.cfg.limits.pending_per_buyer;
+        let Ok(mut map) = self.unpeered.lock() else {
+            return None;
+        };
+        if map.get(buyer).copied().unwrap_or(0) < limit {
+            return None;
+        }
+        // At the limit by the running count: count again from the table.
+        let n = match self.tables.unpeered_by_buyer(self.me()) {
+            Ok(all) => all.get(buyer).copied().unwrap_or(0),
+            Err(e) => {
+                error!(error = %e, "cannot count unpeered reservations; assuming the limit");
+                limit
+            }
+        };
+        if n == 0 {
+            map.remove(buyer);
+        } else {
+            map.insert(buyer.clone(), n);
+        }
+        (n >= limit).then_some(limit)
+    }
+
+    fn count_unpeered(&self, buyer: &Id) {
+        if let Ok(mut map) = self.unpeered.lock() {
+            *map.entry(buyer.clone()).or_insert(0) += 1;
+        }
+    }
+
     /// Registers a waiter for answers correlated with `id`; `Busy` when the map is full.
     pub fn wait_for(&self, id: u64, w: Waiter) -> Result<PendingGuard<'_>, RearError> {
         let mut p = self.pending.lock().map_err(|_| RearError::Busy)?;
@@ -200,21 +236,24 @@ impl Agent {
     /// Opens the tables, brings the offers in line with the config, connects to the broker
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
+        let tls = prepare_transport(&cfg)?;
         let tables = Tables::open_for(&cfg.data_dir, &cfg.node_id).await?;
         tables.sync_offers(&cfg.offers).await?;
         let topics = Topics::new(&cfg.domain, &cfg.node_id);
-        let (client, events) = broker::connect(&cfg, &topics);
+        let (client, events) = broker::connect(&cfg, &topics, tls);
         let (inbound_tx, inbound_rx) = mpsc::channel(broker::INBOUND_QUEUE);
         let catalog = Arc::new(broker::CatalogInbox::default());
         let (status_tx, status_rx) = watch::channel(Status::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let advert = AdvertSlot::default();
         let fabric = Fabric::new(cfg.fabric.clone(), &cfg.data_dir, &cfg.node_id);
+        let unpeered = Mutex::new(tables.unpeered_by_buyer(&cfg.node_id)?);
         let (steps, _) = broadcast::channel(STEP_QUEUE);
         let shared = Arc::new(Shared {
             fabric,
             steps,
             peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
+            unpeered,
             tables,
             topics: topics.clone(),
             client: client.clone(),
@@ -234,6 +273,10 @@ impl Agent {
             catalog: catalog.clone(),
             advert,
             status: status_tx,
+            limits: broker::SenderLimits::new(
+                shared.cfg.limits.sender_rate,
+                shared.cfg.limits.sender_burst,
+            ),
         };
         let session = tokio::spawn(session.run(stop_rx.clone()));
         if !shared.cfg.offers.is_empty() {
@@ -310,6 +353,33 @@ impl Agent {
         }
         info!(node = %self.shared.me(), "fluidlet node stopped");
     }
+
+    /// Stops every task at once without a word to the broker, as a crash would: the
+    /// connection drops without DISCONNECT (the broker fires the will) and nothing is
+    /// flushed beyond what was already durable. For tests of crash behaviour.
+    #[doc(hidden)]
+    pub fn abort(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Loads and checks the TLS material (an error names the file and the problem), logs its
+/// warnings, and warns about plain MQTT that leaves the machine.
+pub fn prepare_transport(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>, AgentError> {
+    let Some(files) = &cfg.tls else {
+        if !crate::config::is_loopback(&cfg.broker.host) {
+            warn!(broker = %cfg.broker.host, "plain MQTT to another machine (insecure_plaintext = true): anyone on the path can read and forge this node's messages");
+        }
+        return Ok(None);
+    };
+    let loaded = crate::tls::load(files, &cfg.node_id)?;
+    for w in &loaded.warnings {
+        warn!("{w}");
+    }
+    info!(cn = %loaded.identity.common_name, "mutual TLS to the domain broker");
+    Ok(Some(loaded.client))
 }
 
 /// Finishes purchases left in flight by a previous run, once the broker is reachable.
@@ -437,11 +507,23 @@ async fn serve(
     }
 }
 
-async fn handle(shared: &Arc<Shared>, Inbound { topic, payload }: Inbound) {
+async fn handle(
+    shared: &Arc<Shared>,
+    Inbound {
+        topic,
+        payload,
+        limited,
+    }: Inbound,
+) {
     let Some(route) = shared.topics.parse(&topic) else {
         warn!(%topic, "message on a topic outside this node's scheme ignored");
         return;
     };
+    if limited {
+        if let Route::Addressed { from, .. } | Route::Discovery { from } = &route {
+            return over_rate(shared, from, &payload).await;
+        }
+    }
     match route {
         Route::Catalog { node } => on_catalog(shared, node, &payload).await,
         Route::Addressed { to, from } => {
@@ -467,6 +549,26 @@ async fn handle(shared: &Arc<Shared>, Inbound { topic, payload }: Inbound) {
             }
         }
     }
+}
+
+/// The first message of a sender over its rate limit: answered BUSY (the ones after it are
+/// dropped by the session task until the sender slows down).
+async fn over_rate(shared: &Shared, from: &Id, payload: &[u8]) {
+    let l = &shared.cfg.limits;
+    warn!(%from, rate = l.sender_rate, burst = l.sender_burst, "sender over its rate limit; its messages are dropped until it slows down");
+    let msg = Message::decode(payload).ok();
+    if msg
+        .as_ref()
+        .is_some_and(|m| matches!(m.body, Body::Error(_)))
+    {
+        return;
+    }
+    let text = format!(
+        "rate limit: at most {} messages/s (bursts of {}) per sender; \
+         this and further messages are dropped until the rate falls",
+        l.sender_rate, l.sender_burst
+    );
+    answer_error(shared, from, msg.map(|m| m.id), ErrorCode::Busy, &text).await;
 }
 
 /// Decodes a payload from `from`; on failure answers ERROR and returns `None`. Also refuses
@@ -660,9 +762,13 @@ async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
                 req.flavour, req.transaction
             ),
         );
+        let full = shared.pending_full(&req.buyer);
         let outcome = shared
             .tables
-            .reserve_unflushed(shared.me(), &req, unix_ms(), ttl);
+            .reserve_unflushed(shared.me(), &req, unix_ms(), ttl, full);
+        if let Ok(Reservation::New(_)) = &outcome {
+            shared.count_unpeered(&req.buyer);
+        }
         outcomes.push((from, id, req, outcome));
     }
     let any_new = outcomes
@@ -752,6 +858,9 @@ enum Sorted {
 }
 
 fn sort(shared: &Shared, msg: Inbound) -> Sorted {
+    if msg.limited {
+        return Sorted::Other(msg);
+    }
     let Some(Route::Addressed { to, from }) = shared.topics.parse(&msg.topic) else {
         return Sorted::Other(msg);
     };

@@ -6,6 +6,7 @@
 //! free loopback port. When mosquitto is not installed the mosquitto variant is skipped
 //! with a message, except under CI (`CI` set), where it fails: CI must test both.
 
+use fluidlet::config::TlsFiles;
 use fluidlet::demo::{demo_config, demo_offer, embedded_broker};
 use fluidlet::model::{Flavour, Id};
 use fluidlet::wire::{Body, Message};
@@ -281,8 +282,30 @@ impl Rogue {
     /// Like [`Rogue::connect`] with another MQTT client id (to speak as a node that is
     /// itself connected, on a broker without ACLs).
     pub async fn connect_as(port: u16, domain: &str, id: &str, client_id: &str) -> Rogue {
+        Rogue::connect_with(port, domain, id, client_id, None).await
+    }
+
+    /// Connects over mutual TLS with `files` (a certificate whose CN may differ from `id`:
+    /// the rogue then claims a name that is not its own).
+    pub async fn connect_tls(port: u16, domain: &str, id: &str, files: &TlsFiles) -> Rogue {
+        let tls = rogue_tls(files);
+        Rogue::connect_with(port, domain, id, &format!("{id}@{domain}"), Some(tls)).await
+    }
+
+    async fn connect_with(
+        port: u16,
+        domain: &str,
+        id: &str,
+        client_id: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Rogue {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_max_packet_size(128 * 1024, 128 * 1024);
+        if let Some(tls) = tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        }
         let (client, mut events) = AsyncClient::new(opts, 64);
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
@@ -326,6 +349,30 @@ impl Rogue {
             rx,
             next: 1,
         }
+    }
+
+    /// Subscribes to any filter (waits until the broker took the request).
+    pub async fn subscribe(&self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+    }
+
+    /// Publishes `payload` to any topic (QoS 1).
+    pub async fn publish(&self, topic: &str, retain: bool, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .expect("publish");
+    }
+
+    /// The next publish received within `limit`, with its topic; `None` if none came.
+    pub async fn recv_within(&mut self, limit: Duration) -> Option<(String, Vec<u8>)> {
+        tokio::time::timeout(limit, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Publishes raw bytes to `to`'s mailbox, as this rogue.
@@ -403,4 +450,126 @@ pub fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, String)> {
     }
     out.sort();
     out
+}
+
+/// A rustls client config from PEM files without the node-id check (a rogue may lie).
+fn rogue_tls(files: &TlsFiles) -> Arc<rustls::ClientConfig> {
+    let cert = std::fs::read(&files.cert).expect("read cert");
+    let cn = fluidlet::tls::identity(&pem_first_der(&cert))
+        .expect("cert")
+        .common_name;
+    fluidlet::tls::load(files, &Id::new(&cn).expect("cn"))
+        .expect("tls material")
+        .client
+}
+
+fn pem_first_der(pem: &[u8]) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem)
+        .expect("PEM certificate")
+        .to_vec()
+}
+
+/// The shipped `broker-config/domain.sh`.
+pub fn domain_script() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker-config/domain.sh")
+}
+
+/// A domain broker as shipped in `broker-config/`: a mosquitto on a free loopback port with
+/// mutual TLS and the domain ACL, and freshly minted certificates. Killed on drop.
+pub struct TlsDomain {
+    pub domain: String,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Drop for TlsDomain {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run_script(args: &[&str]) {
+    let out = Command::new("sh")
+        .arg(domain_script())
+        .args(args)
+        .output()
+        .expect("run domain.sh");
+    assert!(
+        out.status.success(),
+        "domain.sh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TlsDomain {
+    /// Mints a domain and starts its broker; `None` (skip) when mosquitto or openssl is
+    /// missing outside CI.
+    pub fn start() -> Option<TlsDomain> {
+        let bin = mosquitto_path();
+        let openssl = Command::new("openssl").arg("version").output().is_ok();
+        let (Some(bin), true) = (bin, openssl) else {
+            if std::env::var_os("CI").is_some() {
+                panic!("mosquitto or openssl missing and CI is set: .ci/run must install them");
+            }
+            eprintln!("SKIPPED: mosquitto or openssl not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        // mosquitto started as root drops to its own user, which must reach the files.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let domain = fresh_domain();
+        let port = free_port();
+        let d = dir.path().to_str().expect("utf-8 path");
+        run_script(&["init", d, &domain, &port.to_string(), "127.0.0.1"]);
+        let conf = dir.path().join("mosquitto.conf");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        let mut me = TlsDomain {
+            domain,
+            port,
+            dir,
+            child: Some(child),
+        };
+        for _ in 0..500 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(me);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(c) = &mut me.child {
+            let _ = c.kill();
+        }
+        panic!("the TLS mosquitto did not listen on port {port}");
+    }
+
+    /// Enrols `node` (mints its certificate) and returns its PEM files.
+    pub fn enrol(&self, node: &str) -> TlsFiles {
+        let d = self.dir.path().to_str().expect("utf-8 path");
+        run_script(&["node", d, node]);
+        let n = self.dir.path().join("nodes").join(node);
+        TlsFiles {
+            ca: n.join("domain-ca.pem"),
+            cert: n.join("node.pem"),
+            key: n.join("node.key"),
+        }
+    }
+
+    /// A node config for `name` over mutual TLS with `files`.
+    pub fn config(&self, name: &str, files: TlsFiles, data: &Path) -> Config {
+        let mut cfg = config(name, &self.domain, self.port, data);
+        cfg.tls = Some(files);
+        cfg
+    }
 }

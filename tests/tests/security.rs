@@ -1,0 +1,342 @@
+//! The domain broker as shipped in `broker-config/` (mosquitto, mutual TLS, the domain ACL,
+//! certificates minted by `domain.sh`) with fluidlet nodes and a rogue node on it.
+//!
+//! A rogue here holds a real certificate of the domain (its own), which is the threat the
+//! ACL exists for: an enrolled node that tries to speak for, or listen to, another.
+
+use fluidlet::model::{FlavourSelector, Id, Resources};
+use fluidlet::wire::{Body, ErrorCode, Message};
+use fluidlet_tests::{eventually, flavours, provider_config, start, Rogue, TlsDomain, WAIT};
+use std::time::Duration;
+
+fn want(cpu: u64, mem_gi: u64) -> FlavourSelector {
+    FlavourSelector {
+        architecture: Some(fluidlet::model::Text::new(fluidlet::demo::k8s_arch()).unwrap()),
+        min: Some(Resources {
+            cpu,
+            memory: mem_gi << 30,
+            pods: 1,
+            storage: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A provider config for `name` in the TLS domain (the demo's partitionable pool).
+fn tls_provider(d: &TlsDomain, name: &str, data: &std::path::Path) -> fluidlet::Config {
+    let mut cfg = provider_config(name, &d.domain, d.port, data);
+    cfg.tls = Some(d.enrol(name));
+    cfg
+}
+
+#[tokio::test]
+async fn full_workflow_runs_over_mutual_tls() {
+    let Some(d) = TlsDomain::start() else { return };
+    let (pd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let provider = start(tls_provider(&d, "prov", pd.path()), None).await;
+    let consumer = start(d.config("cons", d.enrol("cons"), cd.path()), None).await;
+    let spec = fluidlet_tests::intent_spec("web", 1000, 1);
+    let intent = consumer.submit_intent(spec).await.expect("intent accepted");
+    eventually("the intent to be placed over TLS", || {
+        consumer
+            .tables()
+            .intent(&intent.id)
+            .ok()
+            .flatten()
+            .is_some_and(|i| i.state == fluidlet::model::IntentState::Placed)
+    })
+    .await;
+    let bought = consumer.tables().contracts().unwrap();
+    let sold = provider.tables().contracts().unwrap();
+    assert_eq!(bought.len(), 1);
+    assert_eq!(sold.len(), 1);
+    assert_eq!(bought[0].id, sold[0].id);
+    assert_eq!(sold[0].buyer.as_str(), "cons");
+    consumer.shutdown().await;
+    provider.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_cannot_publish_as_another() {
+    let Some(d) = TlsDomain::start() else { return };
+    let (pd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let bob = start(tls_provider(&d, "bob", pd.path()), None).await;
+    let carol = start(d.config("carol", d.enrol("carol"), cd.path()), None).await;
+    eventually("carol to see bob's advert", || {
+        carol.tables().candidates().unwrap().len() == 1
+    })
+    .await;
+    let offered = flavours(&bob)[0].clone();
+    let eve_files = d.enrol("eve");
+    let mut eve = Rogue::connect_tls(d.port, &d.domain, "eve", &eve_files).await;
+    let dom = &d.domain;
+
+    // Eve writes as carol: a reservation for bob's whole pool in carol's name, a
+    // discovery broadcast, a wipe and a fake of bob's catalog entry.
+    let forged = Message {
+        id: 1,
+        correlation: None,
+        sent_at: fluidlet::unix_ms(),
+        sender: Id::new("carol").unwrap(),
+        body: Body::ReserveFlavour(fluidlet::model::ReserveRequest {
+            transaction: Id::new("forged-tx").unwrap(),
+            flavour: offered.id.clone(),
+            buyer: Id::new("carol").unwrap(),
+            partition: None,
+        }),
+    };
+    eve.publish(
+        &format!("fluidos/v1/{dom}/to/bob/from/carol"),
+        false,
+        forged.encode().unwrap(),
+    )
+    .await;
+    eve.publish(&format!("fluidos/v1/{dom}/catalog/bob"), true, Vec::new())
+        .await;
+    // Eve's own catalog entry claiming bob's flavour: the ACL lets it through (it is
+    // eve's entry), the agents ignore it (the flavour's provider is not the topic's node).
+    let mut fake = offered.clone();
+    fake.id = Id::new("cheap").unwrap();
+    fake.price.amount = 1;
+    let advert = Message {
+        id: 2,
+        correlation: None,
+        sent_at: fluidlet::unix_ms(),
+        sender: Id::new("eve").unwrap(),
+        body: Body::Advert(fluidlet::wire::Flavours {
+            flavours: fluidlet::model::Bounded::from_slice_truncated(&[fake]),
+        }),
+    };
+    eve.publish(
+        &format!("fluidos/v1/{dom}/catalog/eve"),
+        true,
+        advert.encode().unwrap(),
+    )
+    .await;
+    // Then a legitimate request under eve's own name: when its answer is back, everything
+    // eve sent before it has been through the broker.
+    let id = eve
+        .send(
+            "bob",
+            Body::ReserveFlavour(fluidlet::model::ReserveRequest {
+                transaction: Id::new("eve-tx").unwrap(),
+                flavour: Id::new("no-such-flavour").unwrap(),
+                buyer: Id::new("eve").unwrap(),
+                partition: None,
+            }),
+        )
+        .await;
+    let answer = eve.recv().await;
+    assert_eq!(answer.correlation, Some(id));
+    assert!(matches!(answer.body, Body::Error(_)), "{:?}", answer.body);
+
+    assert!(
+        bob.tables().contracts().unwrap().is_empty(),
+        "the reservation forged in carol's name reached bob"
+    );
+    assert_eq!(flavours(&bob)[0].id, offered.id, "bob's pool is untouched");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = carol.tables().candidates().unwrap();
+    assert_eq!(
+        seen.len(),
+        1,
+        "carol knows bob's real flavour only: {seen:?}"
+    );
+    assert_eq!(
+        seen[0].flavour.id, offered.id,
+        "bob's catalog entry survived eve's wipe"
+    );
+    assert_eq!(seen[0].flavour.provider.as_str(), "bob");
+    carol.shutdown().await;
+    bob.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_cannot_read_another_nodes_mail() {
+    let Some(d) = TlsDomain::start() else { return };
+    let (pd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let bob = start(tls_provider(&d, "bob", pd.path()), None).await;
+    let carol = start(d.config("carol", d.enrol("carol"), cd.path()), None).await;
+    let mut eve = Rogue::connect_tls(d.port, &d.domain, "eve", &d.enrol("eve")).await;
+    let dom = &d.domain;
+    // mosquitto grants these subscriptions and filters at delivery: what matters is that
+    // nothing addressed to bob or carol is delivered.
+    for f in [
+        format!("fluidos/v1/{dom}/to/bob/from/+"),
+        format!("fluidos/v1/{dom}/to/+/from/+"),
+        "fluidos/#".to_string(),
+        "#".to_string(),
+    ] {
+        eve.subscribe(&f).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let contract = carol
+        .acquire(&want(1000, 1))
+        .await
+        .expect("carol buys from bob");
+    carol.release(&contract.id).await.expect("carol releases");
+    let mut topics = Vec::new();
+    while let Some((topic, _)) = eve.recv_within(Duration::from_millis(500)).await {
+        topics.push(topic);
+    }
+    assert!(
+        topics.iter().any(|t| t.ends_with("/catalog/bob")),
+        "eve does see the catalog (the test's subscriptions work): {topics:?}"
+    );
+    let leaked: Vec<_> = topics.iter().filter(|t| t.contains("/to/")).collect();
+    assert!(leaked.is_empty(), "eve read others' mail: {leaked:?}");
+    carol.shutdown().await;
+    bob.shutdown().await;
+}
+
+#[tokio::test]
+async fn clients_without_a_domain_certificate_are_refused() {
+    let Some(d) = TlsDomain::start() else { return };
+    let Some(other) = TlsDomain::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A node enrolled in another domain (another CA) pointed at this broker.
+    let mut foreign = d.config("stranger", other.enrol("stranger"), dir.path());
+    foreign.broker.port = d.port;
+    let node = fluidlet::Agent::start(foreign, None).await.expect("starts");
+    assert!(
+        !node.connected(Duration::from_secs(2)).await,
+        "a certificate from another CA was accepted"
+    );
+    let status = node.broker_status();
+    assert!(
+        status.connects == 0 && status.last_error.is_some(),
+        "{status:?}"
+    );
+    node.shutdown().await;
+
+    // No client certificate at all, and plain MQTT, each from a bare client.
+    let files = d.enrol("probe");
+    let roots = {
+        use rustls::pki_types::pem::PemObject;
+        let mut r = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&files.ca).unwrap() {
+            r.add(c.unwrap()).unwrap();
+        }
+        r
+    };
+    let no_cert = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    assert!(
+        connack(d.port, Some(no_cert)).await.is_err(),
+        "no client certificate accepted"
+    );
+    assert!(connack(d.port, None).await.is_err(), "plain MQTT accepted");
+    // The same probe with its certificate gets in: the refusals above are about identity.
+    let ok = rogue_config(&files);
+    connack(d.port, Some(ok))
+        .await
+        .expect("an enrolled node connects");
+}
+
+fn rogue_config(files: &fluidlet::config::TlsFiles) -> rustls::ClientConfig {
+    let loaded = fluidlet::tls::load(files, &Id::new("probe").unwrap()).unwrap();
+    (*loaded.client).clone()
+}
+
+/// Connects once: Ok on CONNACK accepted, Err with the error otherwise.
+async fn connack(port: u16, tls: Option<rustls::ClientConfig>) -> Result<(), String> {
+    use rumqttc::{Event, MqttOptions, Packet};
+    let mut opts = MqttOptions::new("probe", "127.0.0.1", port);
+    if let Some(tls) = tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+        ));
+    }
+    let (_client, mut events) = rumqttc::AsyncClient::new(opts, 8);
+    let attempt = async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                    return match a.code {
+                        rumqttc::ConnectReturnCode::Success => Ok(()),
+                        c => Err(format!("{c:?}")),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, attempt)
+        .await
+        .unwrap_or_else(|_| Err("no answer".into()))
+}
+
+#[tokio::test]
+async fn node_id_that_is_not_the_certificates_cn_is_refused_at_start() {
+    let Some(d) = TlsDomain::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = d.config("mallory", d.enrol("alice"), dir.path());
+    let e = fluidlet::Agent::start(cfg, None)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("\"alice\"") && e.contains("\"mallory\"") && e.contains("CN"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn last_will_clears_the_catalog_entry_under_tls() {
+    let Some(d) = TlsDomain::start() else { return };
+    let (pd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let bob = start(tls_provider(&d, "bob", pd.path()), None).await;
+    let carol = start(d.config("carol", d.enrol("carol"), cd.path()), None).await;
+    eventually("carol to see bob's advert", || {
+        carol.tables().candidates().unwrap().len() == 1
+    })
+    .await;
+    bob.abort(); // a crash: the TLS connection drops without DISCONNECT
+    eventually("the will to clear bob's catalog entry", || {
+        carol.tables().candidates().unwrap().is_empty()
+    })
+    .await;
+    // And the retained entry is gone for a node arriving later.
+    let mut late = Rogue::connect_tls(d.port, &d.domain, "late", &d.enrol("late")).await;
+    late.subscribe(&format!("fluidos/v1/{}/catalog/+", d.domain))
+        .await;
+    assert_eq!(late.recv_within(Duration::from_millis(500)).await, None);
+    carol.shutdown().await;
+}
+
+#[tokio::test]
+async fn error_answers_reach_only_the_sender() {
+    // A forged envelope (sender carol on eve's topic) is answered to eve, the topic's sender,
+    // never to carol: a rogue cannot make a provider spam a third node.
+    let Some(d) = TlsDomain::start() else { return };
+    let pd = tempfile::tempdir().unwrap();
+    let bob = start(tls_provider(&d, "bob", pd.path()), None).await;
+    let mut eve = Rogue::connect_tls(d.port, &d.domain, "eve", &d.enrol("eve")).await;
+    let mut carol = Rogue::connect_tls(d.port, &d.domain, "carol", &d.enrol("carol")).await;
+    let lie = Message {
+        id: 7,
+        correlation: None,
+        sent_at: fluidlet::unix_ms(),
+        sender: Id::new("carol").unwrap(),
+        body: Body::ListFlavours(fluidlet::wire::ListFlavours {
+            selector: FlavourSelector::default(),
+        }),
+    };
+    eve.send_raw("bob", lie.encode().unwrap()).await;
+    let answer = eve.recv().await;
+    match &answer.body {
+        Body::Error(e) => assert_eq!(e.code(), Some(ErrorCode::Unexpected), "{e:?}"),
+        other => panic!("expected ERROR, got {other:?}"),
+    }
+    assert_eq!(carol.recv_within(Duration::from_millis(300)).await, None);
+    bob.shutdown().await;
+}

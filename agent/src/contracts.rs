@@ -21,6 +21,11 @@ pub enum Refusal {
     NoFit(Id),
     #[error("bad partition: {0}")]
     BadPartition(String),
+    #[error(
+        "this buyer already holds {0} reservations not yet peered, the most this provider \
+         keeps per buyer; peer, release or let them lapse first"
+    )]
+    TooManyPending(u32),
 }
 
 impl Refusal {
@@ -29,6 +34,7 @@ impl Refusal {
             Refusal::FlavourGone(_) => ErrorCode::FlavourGone,
             Refusal::NoFit(_) => ErrorCode::NoFit,
             Refusal::BadPartition(_) => ErrorCode::BadPartition,
+            Refusal::TooManyPending(_) => ErrorCode::TooManyPending,
         }
     }
 }

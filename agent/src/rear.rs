@@ -216,7 +216,10 @@ async fn discover(shared: &Shared, sel: &FlavourSelector) -> Result<(), RearErro
         let flavours: Vec<_> = list.iter().cloned().collect();
         for f in &flavours {
             // Add, do not replace: an answer lists only what matched this selector.
-            shared.tables.replace_candidate(f, unix_ms())?;
+            let forgotten = shared.tables.replace_candidate(f, unix_ms())?;
+            if forgotten > 0 {
+                warn!(%from, forgotten, limit = crate::tables::MAX_CANDIDATES_PER_PROVIDER, "provider offers more flavours than kept per provider; the oldest were forgotten");
+            }
         }
         answers += 1;
         shared.step(

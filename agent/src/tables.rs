@@ -34,6 +34,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Transactional, Tree};
 use std::path::Path;
 
+/// Peering candidates kept per provider: twice the flavours of one advert, since answers to
+/// different selectors list different flavours and ids change as flavours are cut.
+pub const MAX_CANDIDATES_PER_PROVIDER: usize = 2 * crate::model::MAX_FLAVOURS;
+
 /// Why a table operation failed. Refusals of a reservation are not errors: see [`Reservation`].
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -369,7 +373,7 @@ impl Tables {
         now: u64,
         ttl_ms: u64,
     ) -> Result<Reservation, TableError> {
-        let outcome = self.reserve_unflushed(me, req, now, ttl_ms)?;
+        let outcome = self.reserve_unflushed(me, req, now, ttl_ms, None)?;
         if matches!(outcome, Reservation::New(_)) {
             self.flush().await?;
         }
@@ -378,12 +382,16 @@ impl Tables {
 
     /// [`Tables::reserve`] without the flush, for group commit: the caller flushes once for
     /// a batch and answers none of it before that flush returned.
+    ///
+    /// `pending_full`: the buyer already holds the most unpeered reservations allowed; a new
+    /// transaction is refused (a repeated one still gets its first answer).
     pub fn reserve_unflushed(
         &self,
         me: &Id,
         req: &ReserveRequest,
         now: u64,
         ttl_ms: u64,
+        pending_full: Option<u32>,
     ) -> Result<Reservation, TableError> {
         let key = in_key(&req.buyer, &req.transaction);
         let outcome = flatten(
@@ -398,6 +406,9 @@ impl Tables {
                     |(offers, available, allocations, contracts, transactions)| {
                         if let Some(first) = tx_get("transactions", transactions, &key)? {
                             return Ok(Reservation::Repeat(first));
+                        }
+                        if let Some(n) = pending_full {
+                            return Ok(Reservation::Refused(Refusal::TooManyPending(n)));
                         }
                         let Some(own) = tx_get::<OwnFlavour>(
                             "available",
@@ -635,6 +646,20 @@ impl Tables {
         Ok(ended)
     }
 
+    /// How many reservations each buyer holds from `me` that are not peered yet.
+    pub fn unpeered_by_buyer(
+        &self,
+        me: &Id,
+    ) -> Result<std::collections::HashMap<Id, u32>, TableError> {
+        let mut out = std::collections::HashMap::new();
+        for c in self.contracts()? {
+            if &c.seller == me && c.state == ContractState::Reserved {
+                *out.entry(c.buyer).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
+    }
+
     /// Reserved contracts whose peering deadline has passed.
     pub fn lapsed(&self, now: u64) -> Result<Vec<Contract>, TableError> {
         Ok(self
@@ -708,15 +733,33 @@ impl Tables {
         Ok(())
     }
 
-    /// Adds or refreshes one candidate.
-    pub fn replace_candidate(&self, f: &Flavour, now: u64) -> Result<(), TableError> {
+    /// Adds or refreshes one candidate. A provider keeps at most
+    /// [`MAX_CANDIDATES_PER_PROVIDER`]: beyond it the ones seen longest ago are forgotten
+    /// (their number is returned), so a provider answering every discovery with new flavour
+    /// ids cannot grow the table.
+    pub fn replace_candidate(&self, f: &Flavour, now: u64) -> Result<usize, TableError> {
         let c = Candidate {
             flavour: f.clone(),
             seen_at: now,
         };
         self.candidates
             .insert(candidate_key(&f.provider, &f.id), enc(&c))?;
-        Ok(())
+        let mut theirs = Vec::new();
+        for kv in self.candidates.scan_prefix(format!("{}/", f.provider)) {
+            let (k, v) = kv?;
+            let c: Candidate = dec("candidates", &k, &v)?;
+            theirs.push((c.seen_at, k));
+        }
+        let over = theirs.len().saturating_sub(MAX_CANDIDATES_PER_PROVIDER);
+        if over > 0 {
+            theirs.sort();
+            let mut batch = sled::Batch::default();
+            for (_, k) in theirs.into_iter().take(over) {
+                batch.remove(k);
+            }
+            self.candidates.apply_batch(batch)?;
+        }
+        Ok(over)
     }
 
     /// A number never handed out before by this database (ids of transactions).

@@ -99,6 +99,8 @@ pub enum ErrorCode {
     NoContract = 11,
     /// The provider's fabric could not set the peering up; the text says why.
     PeeringFailed = 12,
+    /// The buyer holds as many unpeered reservations as the provider allows per buyer.
+    TooManyPending = 13,
 }
 
 impl ErrorCode {
@@ -117,6 +119,7 @@ impl ErrorCode {
             10 => Busy,
             11 => NoContract,
             12 => PeeringFailed,
+            13 => TooManyPending,
             _ => return None,
         })
     }
@@ -329,6 +332,21 @@ impl Message {
         Ok(bytes)
     }
 
+    /// Wraps any body bytes in an envelope, unchecked: for tests, fuzzing and tools that
+    /// need to send what [`Message::encode`] refuses to produce.
+    pub fn envelope(kind: u16, id: u64, sender: &Id, body: &[u8]) -> Vec<u8> {
+        let raw = RawEnvelope {
+            version: VERSION,
+            kind,
+            id,
+            correlation: None,
+            sent_at: 0,
+            sender: sender.clone(),
+            body: ByteVec::from(body.to_vec()),
+        };
+        minicbor::to_vec(&raw).unwrap_or_default()
+    }
+
     /// Decodes a payload; see the module docs for the order of the checks.
     pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
         if bytes.len() > MAX_PAYLOAD {
@@ -460,6 +478,14 @@ impl Topics {
             v.push(format!("{}/catalog/+", self.root));
         }
         v
+    }
+
+    /// The sender named by an addressed or discovery topic of this domain (not parsed
+    /// into an [`Id`]: this runs for every message, before the node task sees it).
+    pub fn sender_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let rest = topic.strip_prefix(self.root.as_str())?;
+        let (_, from) = rest.rsplit_once("/from/")?;
+        (!from.is_empty() && !from.contains('/')).then_some(from)
     }
 
     /// Whether `topic` is a catalog entry of this domain (cheap: no id validation).

@@ -80,6 +80,11 @@ pub async fn peer(port: u16, client_id: &str, subs: &[String]) -> Res<Peer> {
     Ok(Peer { client, rx })
 }
 
+/// Benchmarks and torture measure capacity, not policy: the per-sender limits a gateway
+/// applies by default (docs/security.md) are lifted for them.
+pub const NO_LIMITS: &str =
+    "[limits]\nsender_rate = 4000000000\nsender_burst = 4000000000\npending_per_buyer = 4000000000\n";
+
 pub fn provider_toml(
     node: &str,
     domain: &str,
@@ -89,7 +94,7 @@ pub fn provider_toml(
     offers: usize,
 ) -> String {
     let mut s = format!(
-        "node_id = \"{node}\"\ndomain = \"{domain}\"\nbroker = \"mqtt://127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlog = \"warn\"\n[provider]\ngroup_commit = {group_commit}\n",
+        "node_id = \"{node}\"\ndomain = \"{domain}\"\nbroker = \"mqtt://127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlog = \"warn\"\n[provider]\ngroup_commit = {group_commit}\n{NO_LIMITS}",
         data.display()
     );
     for i in 0..offers {

@@ -117,6 +117,10 @@ async fn full_disk_refuses_reservations_and_loses_no_acknowledged_one() {
         memory_step: 1,
         pods_step: 1,
     });
+    // One buyer fills the disk: lift the per-buyer and per-sender policy limits.
+    cfg.limits.pending_per_buyer = u32::MAX;
+    cfg.limits.sender_rate = u32::MAX;
+    cfg.limits.sender_burst = u32::MAX;
     let p = start(cfg.clone(), None).await;
     let mut r = Rogue::connect(b.port, &d, "rogue").await;
     let mut acked = Vec::new();

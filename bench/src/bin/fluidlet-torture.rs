@@ -65,10 +65,11 @@ fn main() {
 
 fn provider_config(node: &str, domain: &str, port: u16, data: &Path, capacity: u64) -> String {
     format!(
-        "node_id = \"{node}\"\ndomain = \"{domain}\"\nbroker = \"mqtt://127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlog = \"error\"\n\
+        "node_id = \"{node}\"\ndomain = \"{domain}\"\nbroker = \"mqtt://127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlog = \"error\"\n{}\
          [[offer]]\nid = \"pool\"\narchitecture = \"amd64\"\ncpu_millicores = {capacity}\nmemory = {capacity}\npods = {capacity}\nprice = \"1\"\ncurrency = \"EUR\"\n\
          [offer.partition]\ncpu_min = 1\ncpu_step = 1\nmemory_min = 1\nmemory_step = 1\npods_min = 1\npods_step = 1\n",
-        data.display()
+        data.display(),
+        fluidlet_bench::NO_LIMITS
     )
 }
 

@@ -1,0 +1,231 @@
+//! Every bound on what another node can make this one do, exceeded on purpose: each time
+//! the sender gets a clear error (or the excess is dropped and logged) and the node goes on
+//! serving everyone else.
+
+use fluidlet::model::{Flavour, FlavourSelector, Id, Resources};
+use fluidlet::wire::{Body, ContractRef, ErrorCode, Kind, ListFlavours, Message};
+use fluidlet_tests::{config, eventually, flavours, on_both_brokers, provider_config, start};
+use fluidlet_tests::{fresh_domain, Rogue};
+use std::time::Duration;
+
+on_both_brokers!(
+    a_sender_over_its_rate_limit_is_told_busy_and_others_are_served,
+    a_buyer_with_too_many_unpeered_reservations_is_refused_and_others_are_not,
+    an_advert_with_too_many_flavours_is_refused_with_a_clear_error,
+);
+
+fn want(cpu: u64, mem_gi: u64) -> FlavourSelector {
+    FlavourSelector {
+        architecture: Some(fluidlet::model::Text::new(fluidlet::demo::k8s_arch()).unwrap()),
+        min: Some(Resources {
+            cpu,
+            memory: mem_gi << 30,
+            pods: 1,
+            storage: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+fn error_of(m: &Message) -> Option<(ErrorCode, String)> {
+    match &m.body {
+        Body::Error(e) => Some((e.code()?, e.text.to_string())),
+        _ => None,
+    }
+}
+
+async fn a_sender_over_its_rate_limit_is_told_busy_and_others_are_served(port: u16) {
+    let domain = fresh_domain();
+    let (pd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut pcfg = provider_config("prov", &domain, port, pd.path());
+    pcfg.limits.sender_rate = 10;
+    pcfg.limits.sender_burst = 20;
+    let provider = start(pcfg, None).await;
+    let consumer = start(config("cons", &domain, port, cd.path()), None).await;
+    let mut eve = Rogue::connect(port, &domain, "eve").await;
+    let sent = 200;
+    for _ in 0..sent {
+        eve.send(
+            "prov",
+            Body::ListFlavours(ListFlavours {
+                selector: FlavourSelector::default(),
+            }),
+        )
+        .await;
+    }
+    let (mut answered, mut busy) = (0, Vec::new());
+    while let Some((_, payload)) = eve.recv_within(Duration::from_millis(1500)).await {
+        let m = Message::decode(&payload).unwrap();
+        match error_of(&m) {
+            Some((code, text)) => busy.push((code, text)),
+            None => answered += 1,
+        }
+    }
+    assert!(!busy.is_empty(), "no BUSY after {sent} requests");
+    let (code, text) = &busy[0];
+    assert_eq!(*code, ErrorCode::Busy);
+    assert!(
+        text.contains("rate limit") && text.contains("10 messages/s"),
+        "{text}"
+    );
+    assert!(
+        answered < sent / 2,
+        "{answered} of {sent} requests served: the limit did not hold"
+    );
+    // A well-behaved node is served at once.
+    let c = consumer.acquire(&want(1000, 1)).await.expect("cons buys");
+    assert_eq!(c.seller.as_str(), "prov");
+    consumer.shutdown().await;
+    provider.shutdown().await;
+}
+
+fn reserve(tx: &str, flavour: &Id, buyer: &str) -> Body {
+    Body::ReserveFlavour(fluidlet::model::ReserveRequest {
+        transaction: Id::new(tx).unwrap(),
+        flavour: flavour.clone(),
+        buyer: Id::new(buyer).unwrap(),
+        partition: Some(Resources {
+            cpu: 500,
+            memory: 1 << 30,
+            pods: 1,
+            storage: 0,
+        }),
+    })
+}
+
+async fn a_buyer_with_too_many_unpeered_reservations_is_refused_and_others_are_not(port: u16) {
+    let domain = fresh_domain();
+    let (pd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut pcfg = provider_config("prov", &domain, port, pd.path());
+    pcfg.limits.pending_per_buyer = 3;
+    let provider = start(pcfg, None).await;
+    let consumer = start(config("cons", &domain, port, cd.path()), None).await;
+    let mut eve = Rogue::connect(port, &domain, "eve").await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let flavour = flavours(&provider)[0].id.clone();
+        eve.send("prov", reserve(&format!("eve.t{i}"), &flavour, "eve"))
+            .await;
+        match eve.recv().await.body {
+            Body::Reserved(c) => held.push(c),
+            other => panic!("reservation {i} refused: {other:?}"),
+        }
+    }
+    let flavour = flavours(&provider)[0].id.clone();
+    eve.send("prov", reserve("eve.t3", &flavour, "eve")).await;
+    let (code, text) = error_of(&eve.recv().await).expect("an ERROR");
+    assert_eq!(code, ErrorCode::TooManyPending, "{text}");
+    assert!(text.contains("3 reservations not yet peered"), "{text}");
+    // A retry of a transaction already answered still gets its contract.
+    eve.send("prov", reserve("eve.t0", &flavour, "eve")).await;
+    match eve.recv().await.body {
+        Body::Reserved(c) => assert_eq!(c.id, held[0].id),
+        other => panic!("retry of an acknowledged transaction refused: {other:?}"),
+    }
+    // Another buyer is not affected.
+    let c = consumer.acquire(&want(500, 1)).await.expect("cons buys");
+    assert_eq!(c.buyer.as_str(), "cons");
+    // Releasing one makes room again: the count follows the contracts table.
+    eve.send(
+        "prov",
+        Body::Release(ContractRef {
+            contract: held[1].id.clone(),
+        }),
+    )
+    .await;
+    assert!(matches!(eve.recv().await.body, Body::Released(_)));
+    let flavour = flavours(&provider)[0].id.clone();
+    eve.send("prov", reserve("eve.t4", &flavour, "eve")).await;
+    assert!(
+        matches!(eve.recv().await.body, Body::Reserved(_)),
+        "room after a release"
+    );
+    consumer.shutdown().await;
+    provider.shutdown().await;
+}
+
+async fn an_advert_with_too_many_flavours_is_refused_with_a_clear_error(port: u16) {
+    let domain = fresh_domain();
+    let (pd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let provider = start(provider_config("prov", &domain, port, pd.path()), None).await;
+    let consumer = start(config("cons", &domain, port, cd.path()), None).await;
+    let mut eve = Rogue::connect(port, &domain, "eve").await;
+    let n = fluidlet::model::MAX_FLAVOURS + 1;
+    let mut body = minicbor::Encoder::new(Vec::new());
+    body.map(1).unwrap().u8(0).unwrap().array(n as u64).unwrap();
+    for i in 0..n {
+        let mut f: Flavour = fluidlet::demo::demo_offer(&Id::new("eve").unwrap());
+        f.id = Id::new(&format!("f{i}")).unwrap();
+        body.encode(&f).unwrap();
+    }
+    let payload = Message::envelope(
+        Kind::Advert as u16,
+        1,
+        &Id::new("eve").unwrap(),
+        body.writer(),
+    );
+    eve.publish(&format!("fluidos/v1/{domain}/catalog/eve"), true, payload)
+        .await;
+    let (code, text) = error_of(&eve.recv().await).expect("an ERROR");
+    assert_eq!(code, ErrorCode::Malformed);
+    assert!(
+        text.contains(&format!("list of {n} items, at most {} allowed", n - 1)),
+        "{text}"
+    );
+    eventually("cons to keep prov's advert only", || {
+        let c = consumer.tables().candidates().unwrap();
+        c.len() == 1 && c[0].flavour.provider.as_str() == "prov"
+    })
+    .await;
+    let c = consumer.acquire(&want(1000, 1)).await.expect("cons buys");
+    assert_eq!(c.seller.as_str(), "prov");
+    // Clear the retained advert so it does not linger on the shared embedded broker.
+    eve.publish(
+        &format!("fluidos/v1/{domain}/catalog/eve"),
+        true,
+        Vec::new(),
+    )
+    .await;
+    consumer.shutdown().await;
+    provider.shutdown().await;
+}
+
+#[tokio::test]
+async fn candidates_per_provider_are_bounded_and_the_oldest_are_forgotten() {
+    use fluidlet::tables::{Tables, MAX_CANDIDATES_PER_PROVIDER};
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tables::open_for(dir.path(), &Id::new("me").unwrap())
+        .await
+        .unwrap();
+    let flavour = |provider: &str, i: usize| {
+        let mut f = fluidlet::demo::demo_offer(&Id::new(provider).unwrap());
+        f.id = Id::new(&format!("f{i:03}")).unwrap();
+        f
+    };
+    for i in 0..3 {
+        assert_eq!(t.replace_candidate(&flavour("good", i), 1).unwrap(), 0);
+    }
+    let extra = 10;
+    let mut forgotten = 0;
+    for i in 0..MAX_CANDIDATES_PER_PROVIDER + extra {
+        forgotten += t
+            .replace_candidate(&flavour("eve", i), 100 + i as u64)
+            .unwrap();
+    }
+    assert_eq!(forgotten, extra);
+    let all = t.candidates().unwrap();
+    let eves: Vec<_> = all
+        .iter()
+        .filter(|c| c.flavour.provider.as_str() == "eve")
+        .collect();
+    assert_eq!(eves.len(), MAX_CANDIDATES_PER_PROVIDER);
+    assert!(
+        eves.iter().all(|c| c.seen_at >= 100 + extra as u64),
+        "the newest are kept"
+    );
+    assert_eq!(
+        all.len() - eves.len(),
+        3,
+        "another provider's candidates are untouched"
+    );
+}

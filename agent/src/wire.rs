@@ -235,7 +235,8 @@ impl Body {
         }
     }
 
-    fn to_bytes(&self) -> Vec<u8> {
+    /// The body alone, as CBOR (what the envelope carries under key 6).
+    pub fn to_bytes(&self) -> Vec<u8> {
         // Encoding into a Vec cannot fail (the writer is infallible).
         let r = match self {
             Body::ListFlavours(b) => minicbor::to_vec(b),

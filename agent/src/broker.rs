@@ -27,6 +27,10 @@ pub const INBOUND_QUEUE: usize = 128;
 const REQUEST_QUEUE: usize = 256;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A connection the broker closes sooner than this after accepting it counts as "short".
+const SHORT_SESSION: Duration = Duration::from_secs(10);
+/// Short sessions in a row that mean another client holds this node's identity.
+const TAKEOVERS: u32 = 3;
 /// How long a clean stop waits for the advert withdrawal and DISCONNECT to go out.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
@@ -240,6 +244,12 @@ impl Session {
     /// Drives the session until `stop` turns true, then withdraws the advert and disconnects.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
+        // Takeover flapping: two live clients with one identity (a second process, or the
+        // same certificate on two devices) make the broker close the older session, whose
+        // will clears the advert; both reconnect and kick each other forever. Sessions that
+        // end right after their CONNACK, several in a row, are reported and slowed down.
+        let mut connected_at: Option<std::time::Instant> = None;
+        let mut short = 0u32;
         loop {
             // Cancel safety: `poll` may be dropped only when `stop` fires, once; rumqttc
             // keeps unsent requests in its state, and the stop path polls again to flush them.
@@ -250,6 +260,7 @@ impl Session {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = BACKOFF_MIN;
+                    connected_at = Some(std::time::Instant::now());
                     self.status.send_modify(|s| {
                         s.connected = true;
                         s.subscribed = false;
@@ -290,10 +301,26 @@ impl Session {
                 Ok(ev) => tracing::trace!(?ev, "mqtt event"),
                 Err(e) => {
                     let was = self.status.borrow().connected;
+                    let mut error = e.to_string();
+                    match connected_at.take() {
+                        Some(t) if t.elapsed() < SHORT_SESSION => short += 1,
+                        Some(_) => short = 0,
+                        None => {}
+                    }
+                    if short >= TAKEOVERS {
+                        error = format!(
+                            "the broker closed this node's connection {short} times right after \
+                             accepting it: another process or device is probably connected as \
+                             {} (same certificate or client id); retrying slowly ({error})",
+                            self.topics.me()
+                        );
+                        tracing::error!("{error}");
+                        backoff = BACKOFF_MAX;
+                    }
                     self.status.send_modify(|s| {
                         s.connected = false;
                         s.subscribed = false;
-                        s.last_error = Some(e.to_string());
+                        s.last_error = Some(error);
                     });
                     if was {
                         warn!(error = %e, "lost the domain broker; reconnecting");

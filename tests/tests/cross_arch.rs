@@ -1,5 +1,7 @@
 //! Cross-architecture interoperability: a provider that is a foreign `fluidlet` binary (the
-//! aarch64 gateway build under qemu in CI) and a native consumer, through a real broker.
+//! aarch64 gateway build under qemu in CI) and a native consumer, through the domain broker
+//! of `broker-config/` (mosquitto, mutual TLS): the cross-compiled TLS stack (ring) is used
+//! for real.
 //!
 //! Set `FLUIDLET_FOREIGN_BIN` to the binary and `FLUIDLET_FOREIGN_RUNNER` to its runner
 //! (`qemu-aarch64-static`); `.ci/run` does after building the ARM targets. Without them the
@@ -67,18 +69,26 @@ async fn foreign_arch_provider_serves_a_native_consumer() {
     let Some((bin, runner)) = foreign() else {
         return;
     };
-    let port = broker(BrokerKind::Embedded).expect("broker").port;
+    let Some(domain) = TlsDomain::start() else {
+        return;
+    };
+    let (d, port) = (domain.domain.clone(), domain.port);
+    let files = domain.enrol("arm-prov");
     let dir = tempfile::tempdir().unwrap();
-    let d = fresh_domain();
     let toml = dir.path().join("provider.toml");
     std::fs::write(
         &toml,
         format!(
             r#"node_id = "arm-prov"
 domain = "{d}"
-broker = "mqtt://127.0.0.1:{port}"
+broker = "mqtts://127.0.0.1:{port}"
 data_dir = "{}"
 keepalive_secs = 5
+
+[tls]
+ca = "{}"
+cert = "{}"
+key = "{}"
 
 [[offer]]
 id = "pool"
@@ -96,13 +106,20 @@ memory_step = "512Mi"
 pods_min = 1
 pods_step = 1
 "#,
-            dir.path().join("arm-prov").display()
+            dir.path().join("arm-prov").display(),
+            files.ca.display(),
+            files.cert.display(),
+            files.key.display(),
         ),
     )
     .unwrap();
     let mut provider = spawn(&bin, &runner, &toml);
 
-    let c = start(config("x86-cons", &d, port, dir.path()), None).await;
+    let c = start(
+        domain.config("x86-cons", domain.enrol("x86-cons"), dir.path()),
+        None,
+    )
+    .await;
     eventually("the foreign provider's advert", || {
         c.tables()
             .candidates()

@@ -340,3 +340,29 @@ async fn error_answers_reach_only_the_sender() {
     assert_eq!(carol.recv_within(Duration::from_millis(300)).await, None);
     bob.shutdown().await;
 }
+
+#[tokio::test]
+async fn two_clients_with_one_certificate_are_reported_instead_of_flapping_silently() {
+    // The same certificate on two devices (here: two data dirs): the broker keeps only the
+    // newest session, so each kicks the other off. The agents say so in their status.
+    let Some(d) = TlsDomain::start() else { return };
+    let files = d.enrol("twin");
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let one = fluidlet::Agent::start(d.config("twin", files.clone(), a.path()), None)
+        .await
+        .unwrap();
+    let two = fluidlet::Agent::start(d.config("twin", files, b.path()), None)
+        .await
+        .unwrap();
+    let told = |n: &fluidlet::Agent| {
+        n.broker_status()
+            .last_error
+            .is_some_and(|e| e.contains("another process or device is probably connected as twin"))
+    };
+    eventually("an agent to report the identity clash", || {
+        told(&one) || told(&two)
+    })
+    .await;
+    one.shutdown().await;
+    two.shutdown().await;
+}

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Collects what the armv7 musl link needs into /usr/local/lib/fluidlet/armv7-musl (the path
-# .cargo/config.toml names): musl's crt objects and libc.a from Debian's musl-dev:armhf, gcc's
-# crtbegin/crtend, and gcc's libgcc_eh.a under the name libunwind.a. Runs as root (apt-get).
+# Collects what the armv7 musl build needs into /usr/local/lib/fluidlet/armv7-musl (the path
+# .cargo/config.toml names): musl's crt objects, libc.a and headers (include/, for the C code of
+# ring) from Debian's musl-dev:armhf, gcc's crtbegin/crtend, and gcc's libgcc_eh.a under the
+# name libunwind.a. Runs as root (apt-get).
 set -euo pipefail
 dest=/usr/local/lib/fluidlet/armv7-musl
-if [ -f "$dest/libc.a" ] && [ -f "$dest/libunwind.a" ]; then
+if [ -f "$dest/libc.a" ] && [ -f "$dest/libunwind.a" ] && [ -f "$dest/include/stdint.h" ]; then
     echo "armv7 musl sysroot already in $dest"
     exit 0
 fi
@@ -21,6 +22,9 @@ for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$work/root"; done
 mkdir -p "$dest"
 lib=$(dirname "$(find "$work/root" -name crt1.o | head -n 1)")
 cp "$lib"/{crt1.o,crti.o,crtn.o,rcrt1.o,Scrt1.o,libc.a} "$dest/"
+inc=$(dirname "$(find "$work/root" -path '*/include/*' -name stdint.h | grep -v /bits/ | head -n 1)")
+rm -rf "$dest/include"
+cp -r "$inc" "$dest/include"
 gcclib=$(dirname "$(arm-linux-gnueabihf-gcc -print-libgcc-file-name)")
 cp "$gcclib"/{crtbegin.o,crtend.o,crtbeginS.o,crtendS.o} "$dest/"
 cp "$gcclib/libgcc_eh.a" "$dest/libunwind.a"

@@ -152,6 +152,22 @@ pub fn key_mode_warning(path: &Path, mode: u32) -> Option<String> {
     })
 }
 
+/// Refuses a certificate outside its validity period; warns when it ends within
+/// [`EXPIRY_WARNING`].
+pub fn check_validity(id: &Identity, now: u64) -> Result<Option<String>, String> {
+    if now < id.not_before {
+        return Err(format!(
+            "is not valid before unix time {} (now {now}): is the clock set?",
+            id.not_before
+        ));
+    }
+    if now > id.not_after {
+        return Err(format!("expired at unix time {} (now {now})", id.not_after));
+    }
+    let left = id.not_after - now;
+    Ok((left < EXPIRY_WARNING.as_secs()).then(|| format!("expires in {} days", left / 86_400)))
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -171,30 +187,15 @@ pub fn load(files: &TlsFiles, node: &Id) -> Result<Loaded, TlsError> {
             node: node.to_string(),
         });
     }
-    let now = unix_now();
     let validity = |problem: String| TlsError::Validity {
         path: files.cert.clone(),
         problem,
     };
-    if now < id.not_before {
-        return Err(validity(format!(
-            "is not valid before unix time {} (now {now}): is the clock set?",
-            id.not_before
-        )));
-    }
-    if now > id.not_after {
-        return Err(validity(format!(
-            "expired at unix time {} (now {now})",
-            id.not_after
-        )));
-    }
-    if id.not_after - now < EXPIRY_WARNING.as_secs() {
-        warnings.push(format!(
-            "the certificate {} expires in {} days",
-            files.cert.display(),
-            (id.not_after - now) / 86_400
-        ));
-    }
+    warnings.extend(
+        check_validity(&id, unix_now())
+            .map_err(validity)?
+            .map(|w| format!("the certificate {} {w}", files.cert.display())),
+    );
 
     let key_bytes = read(&files.key)?;
     #[cfg(unix)]
@@ -243,6 +244,24 @@ mod tests {
         let w = key_mode_warning(p, 0o100644).unwrap();
         assert!(w.contains("0644") && w.contains("chmod 600"), "{w}");
         assert!(key_mode_warning(p, 0o100640).is_some(), "group-readable");
+    }
+
+    #[test]
+    fn certificates_out_of_date_are_refused_and_near_expiry_warned_about() {
+        let id = Identity {
+            common_name: "n".into(),
+            not_before: 1_000,
+            not_after: 1_000 + 365 * 86_400,
+        };
+        assert!(check_validity(&id, 999).unwrap_err().contains("clock"));
+        assert!(check_validity(&id, id.not_after + 1)
+            .unwrap_err()
+            .contains("expired"));
+        assert_eq!(check_validity(&id, 2_000), Ok(None));
+        let w = check_validity(&id, id.not_after - 3 * 86_400)
+            .unwrap()
+            .unwrap();
+        assert!(w.contains("expires in 3 days"), "{w}");
     }
 
     #[test]

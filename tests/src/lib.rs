@@ -412,7 +412,7 @@ impl Rogue {
 /// An intent for a small Deployment needing `cpu` millicores and `mem_gi` GiB on this
 /// machine's architecture.
 pub fn intent_spec(name: &str, cpu: u64, mem_gi: u64) -> fluidlet::orchestrator::IntentSpec {
-    use fluidlet::model::{FlavourSelector, LongText, Resources, Text};
+    use fluidlet::model::LongText;
     fluidlet::orchestrator::IntentSpec {
         name: Id::new(name).expect("name"),
         namespace: Id::new(name).expect("namespace"),
@@ -420,16 +420,23 @@ pub fn intent_spec(name: &str, cpu: u64, mem_gi: u64) -> fluidlet::orchestrator:
             "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n"
         ))
         .expect("manifest"),
-        selector: FlavourSelector {
-            architecture: Some(Text::new(fluidlet::demo::k8s_arch()).expect("arch")),
-            min: Some(Resources {
-                cpu,
-                memory: mem_gi << 30,
-                pods: 1,
-                storage: 0,
-            }),
-            ..Default::default()
-        },
+        selector: want(cpu, mem_gi),
+    }
+}
+
+/// A selector for at least `cpu` millicores, `mem_gi` GiB and one pod on this machine's
+/// architecture.
+pub fn want(cpu: u64, mem_gi: u64) -> fluidlet::model::FlavourSelector {
+    use fluidlet::model::{FlavourSelector, Resources, Text};
+    FlavourSelector {
+        architecture: Some(Text::new(fluidlet::demo::k8s_arch()).expect("arch")),
+        min: Some(Resources {
+            cpu,
+            memory: mem_gi << 30,
+            pods: 1,
+            storage: 0,
+        }),
+        ..Default::default()
     }
 }
 

@@ -5,7 +5,7 @@
 use fluidlet::model::{Flavour, FlavourSelector, Id, Resources};
 use fluidlet::wire::{Body, ContractRef, ErrorCode, Kind, ListFlavours, Message};
 use fluidlet_tests::{config, eventually, flavours, on_both_brokers, provider_config, start};
-use fluidlet_tests::{fresh_domain, Rogue};
+use fluidlet_tests::{fresh_domain, want, Rogue};
 use std::time::Duration;
 
 on_both_brokers!(
@@ -13,19 +13,6 @@ on_both_brokers!(
     a_buyer_with_too_many_unpeered_reservations_is_refused_and_others_are_not,
     an_advert_with_too_many_flavours_is_refused_with_a_clear_error,
 );
-
-fn want(cpu: u64, mem_gi: u64) -> FlavourSelector {
-    FlavourSelector {
-        architecture: Some(fluidlet::model::Text::new(fluidlet::demo::k8s_arch()).unwrap()),
-        min: Some(Resources {
-            cpu,
-            memory: mem_gi << 30,
-            pods: 1,
-            storage: 0,
-        }),
-        ..Default::default()
-    }
-}
 
 fn error_of(m: &Message) -> Option<(ErrorCode, String)> {
     match &m.body {

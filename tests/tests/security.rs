@@ -6,27 +6,28 @@
 
 use fluidlet::model::{FlavourSelector, Id, Resources};
 use fluidlet::wire::{Body, ErrorCode, Message};
-use fluidlet_tests::{eventually, flavours, provider_config, start, Rogue, TlsDomain, WAIT};
+use fluidlet_tests::{eventually, flavours, provider_config, start, want, Rogue, TlsDomain, WAIT};
 use std::time::Duration;
-
-fn want(cpu: u64, mem_gi: u64) -> FlavourSelector {
-    FlavourSelector {
-        architecture: Some(fluidlet::model::Text::new(fluidlet::demo::k8s_arch()).unwrap()),
-        min: Some(Resources {
-            cpu,
-            memory: mem_gi << 30,
-            pods: 1,
-            storage: 0,
-        }),
-        ..Default::default()
-    }
-}
 
 /// A provider config for `name` in the TLS domain (the demo's partitionable pool).
 fn tls_provider(d: &TlsDomain, name: &str, data: &std::path::Path) -> fluidlet::Config {
     let mut cfg = provider_config(name, &d.domain, d.port, data);
     cfg.tls = Some(d.enrol(name));
     cfg
+}
+
+/// Provider bob and consumer carol on the TLS domain, carol having seen bob's advert.
+async fn bob_and_carol(
+    d: &TlsDomain,
+) -> ([tempfile::TempDir; 2], fluidlet::Agent, fluidlet::Agent) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let bob = start(tls_provider(d, "bob", dirs[0].path()), None).await;
+    let carol = start(d.config("carol", d.enrol("carol"), dirs[1].path()), None).await;
+    eventually("carol to see bob's advert", || {
+        carol.tables().candidates().unwrap().len() == 1
+    })
+    .await;
+    (dirs, bob, carol)
 }
 
 #[tokio::test]
@@ -59,13 +60,7 @@ async fn full_workflow_runs_over_mutual_tls() {
 #[tokio::test]
 async fn a_node_cannot_publish_as_another() {
     let Some(d) = TlsDomain::start() else { return };
-    let (pd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let bob = start(tls_provider(&d, "bob", pd.path()), None).await;
-    let carol = start(d.config("carol", d.enrol("carol"), cd.path()), None).await;
-    eventually("carol to see bob's advert", || {
-        carol.tables().candidates().unwrap().len() == 1
-    })
-    .await;
+    let (_dirs, bob, carol) = bob_and_carol(&d).await;
     let offered = flavours(&bob)[0].clone();
     let eve_files = d.enrol("eve");
     let mut eve = Rogue::connect_tls(d.port, &d.domain, "eve", &eve_files).await;
@@ -154,9 +149,7 @@ async fn a_node_cannot_publish_as_another() {
 #[tokio::test]
 async fn a_node_cannot_read_another_nodes_mail() {
     let Some(d) = TlsDomain::start() else { return };
-    let (pd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let bob = start(tls_provider(&d, "bob", pd.path()), None).await;
-    let carol = start(d.config("carol", d.enrol("carol"), cd.path()), None).await;
+    let (_dirs, bob, carol) = bob_and_carol(&d).await;
     let mut eve = Rogue::connect_tls(d.port, &d.domain, "eve", &d.enrol("eve")).await;
     let dom = &d.domain;
     // mosquitto grants these subscriptions and filters at delivery: what matters is that
@@ -293,13 +286,7 @@ async fn node_id_that_is_not_the_certificates_cn_is_refused_at_start() {
 #[tokio::test]
 async fn last_will_clears_the_catalog_entry_under_tls() {
     let Some(d) = TlsDomain::start() else { return };
-    let (pd, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let bob = start(tls_provider(&d, "bob", pd.path()), None).await;
-    let carol = start(d.config("carol", d.enrol("carol"), cd.path()), None).await;
-    eventually("carol to see bob's advert", || {
-        carol.tables().candidates().unwrap().len() == 1
-    })
-    .await;
+    let (_dirs, bob, carol) = bob_and_carol(&d).await;
     bob.abort(); // a crash: the TLS connection drops without DISCONNECT
     eventually("the will to clear bob's catalog entry", || {
         carol.tables().candidates().unwrap().is_empty()

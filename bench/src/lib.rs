@@ -6,6 +6,7 @@ use fluidlet::wire::{Body, Flavours, Message};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
@@ -39,7 +40,50 @@ pub struct Peer {
 }
 
 pub async fn peer(port: u16, client_id: &str, subs: &[String]) -> Res<Peer> {
+    peer_with(port, client_id, subs, None).await
+}
+
+/// TLS material for the benchmark's nodes on a `broker-config/` domain broker: each node
+/// gets its own certificate (the broker forces the client id to the CN).
+pub struct BenchTls {
+    pub domain: fluidlet_tests::TlsDomain,
+}
+
+impl BenchTls {
+    /// The node's PEM files, minted on first use.
+    pub fn files(&self, node: &str) -> fluidlet::config::TlsFiles {
+        let n = self.domain.dir.path().join("nodes").join(node);
+        if !n.join("node.pem").exists() {
+            return self.domain.enrol(node);
+        }
+        fluidlet::config::TlsFiles {
+            ca: n.join("domain-ca.pem"),
+            cert: n.join("node.pem"),
+            key: n.join("node.key"),
+        }
+    }
+
+    pub fn client(&self, node: &str) -> Res<Arc<rustls::ClientConfig>> {
+        let id = Id::new(node).map_err(|e| e.to_string())?;
+        Ok(fluidlet::tls::load(&self.files(node), &id)
+            .map_err(|e| e.to_string())?
+            .client)
+    }
+}
+
+/// A [`peer`], over mutual TLS when `tls` is given.
+pub async fn peer_with(
+    port: u16,
+    client_id: &str,
+    subs: &[String],
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Res<Peer> {
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    if let Some(tls) = tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
+    }
     opts.set_max_packet_size(256 * 1024, 256 * 1024)
         .set_keep_alive(Duration::from_secs(30))
         .set_inflight(200);
@@ -115,16 +159,66 @@ pub async fn start_provider(
     group_commit: bool,
     offers: usize,
 ) -> Res<(Child, Duration)> {
-    let cfg = dir.join(format!("{node}.toml"));
-    std::fs::write(
-        &cfg,
-        provider_toml(node, domain, port, &dir.join(node), group_commit, offers),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut watcher = peer(
+    let toml = provider_toml(node, domain, port, &dir.join(node), group_commit, offers);
+    start_provider_with(agent, dir, node, domain, port, toml, None).await
+}
+
+/// The same provider on a mutual-TLS domain broker.
+pub async fn start_tls_provider(
+    agent: &Path,
+    dir: &Path,
+    node: &str,
+    tls: &BenchTls,
+    offers: usize,
+) -> Res<(Child, Duration)> {
+    let (domain, port) = (&tls.domain.domain, tls.domain.port);
+    let f = tls.files(node);
+    let toml = provider_toml(node, domain, port, &dir.join(node), true, offers)
+        .replacen("mqtt://", "mqtts://", 1)
+        .replacen(
+            "[provider]",
+            &format!(
+                "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[provider]",
+                f.ca.display(),
+                f.cert.display(),
+                f.key.display()
+            ),
+            1,
+        );
+    let watcher = format!("watch-{node}");
+    let client = tls.client(&watcher)?;
+    start_provider_with(
+        agent,
+        dir,
+        node,
+        domain,
         port,
-        &format!("watch-{node}@{domain}"),
+        toml,
+        Some((watcher, client)),
+    )
+    .await
+}
+
+async fn start_provider_with(
+    agent: &Path,
+    dir: &Path,
+    node: &str,
+    domain: &str,
+    port: u16,
+    toml: String,
+    tls_watcher: Option<(String, Arc<rustls::ClientConfig>)>,
+) -> Res<(Child, Duration)> {
+    let cfg = dir.join(format!("{node}.toml"));
+    std::fs::write(&cfg, toml).map_err(|e| e.to_string())?;
+    let (watcher_id, tls) = match tls_watcher {
+        Some((id, tls)) => (id, Some(tls)),
+        None => (format!("watch-{node}@{domain}"), None),
+    };
+    let mut watcher = peer_with(
+        port,
+        &watcher_id,
         &[format!("fluidos/v1/{domain}/catalog/{node}")],
+        tls,
     )
     .await?;
     let t0 = Instant::now();
@@ -190,20 +284,33 @@ pub fn agent_binary(given: Option<PathBuf>) -> Res<PathBuf> {
     if let Some(p) = given {
         return Ok(p);
     }
+    // The gateway build as shipped (static musl) when the target is installed: memory figures
+    // depend on the allocator, and glibc's takes about 1 MB more than musl's at idle.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
+    let build = |target: Option<&str>| {
+        let mut c = Command::new(&cargo);
+        c.args([
             "build",
             "--release",
             "-p",
             "fluidlet",
             "--no-default-features",
-            "--target-dir",
-            "target/bench-agent",
         ])
-        .status()
-        .map_err(|e| format!("cannot run cargo to build the agent: {e}"))?;
-    if !status.success() {
+        .args(["--target-dir", "target/bench-agent"]);
+        if let Some(t) = target {
+            c.args(["--target", t]);
+        }
+        c.status()
+            .map_err(|e| format!("cannot run cargo to build the agent: {e}"))
+    };
+    let musl = "x86_64-unknown-linux-musl";
+    if cfg!(target_arch = "x86_64") && build(Some(musl))?.success() {
+        return Ok(PathBuf::from(format!(
+            "target/bench-agent/{musl}/release/fluidlet"
+        )));
+    }
+    eprintln!("fluidlet-bench: no {musl} build (rustup target add {musl}; apt-get install musl-tools); measuring the glibc build");
+    if !build(None)?.success() {
         return Err("building the agent failed".into());
     }
     Ok(PathBuf::from("target/bench-agent/release/fluidlet"))

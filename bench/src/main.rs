@@ -147,9 +147,9 @@ async fn run(args: Args) -> Res<()> {
 
     // 1. Latency against its floor.
     let n = if q { 100 } else { 1000 };
-    let echo = echo_floor(port, n).await?;
+    let echo = echo_floor(port, n, None).await?;
     let fsync = fsync_floor(dir.path(), n)?;
-    let lat = reserve_latency(port, n).await?;
+    let lat = reserve_latency(port, n, None).await?;
     let floor = percentile(&echo, 0.5) + percentile(&fsync, 0.5);
     let p50 = percentile(&lat, 0.5);
     rows.push(row(
@@ -168,6 +168,55 @@ async fn run(args: Args) -> Res<()> {
         "n": n, "p50_ms": ms(p50), "p99_ms": ms(percentile(&lat, 0.99)),
         "floor_ms": ms(floor), "echo_rtt_p50_ms": ms(percentile(&echo, 0.5)), "fsync_p50_ms": ms(percentile(&fsync, 0.5)),
     }));
+
+    // 1b. The same over mutual TLS, on the domain broker of broker-config/ (mosquitto only).
+    if kind.starts_with("mosquitto") {
+        if let Some(domain) = fluidlet_tests::TlsDomain::start() {
+            let tls = BenchTls { domain };
+            let tdir = dir.path().join("tls");
+            std::fs::create_dir_all(&tdir).map_err(|e| e.to_string())?;
+            let (mut tprov, _) = start_tls_provider(&agent, &tdir, "prov", &tls, 1).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let tidle = rss_kb(tprov.id()).unwrap_or(0);
+            let tport = tls.domain.port;
+            let techo = echo_floor(tport, n, Some(&tls)).await?;
+            let tlat = reserve_latency(tport, n, Some(&tls)).await?;
+            stop(&mut tprov);
+            let tfloor = percentile(&techo, 0.5) + percentile(&fsync, 0.5);
+            let tp50 = percentile(&tlat, 0.5);
+            rows.push(row(
+                "RESERVE_FLAVOUR latency over mutual TLS p50 (p99)",
+                format!("{:.3} ms ({:.3} ms)", ms(tp50), ms(percentile(&tlat, 0.99))),
+                format!(
+                    "{:.3} ms = TLS RTT {:.3} + fsync {:.3}",
+                    ms(tfloor),
+                    ms(percentile(&techo, 0.5)),
+                    ms(percentile(&fsync, 0.5))
+                ),
+                format!(
+                    "{:.2}x; {:.2}x the plain-MQTT p50",
+                    tp50.as_secs_f64() / tfloor.as_secs_f64().max(1e-9),
+                    tp50.as_secs_f64() / p50.as_secs_f64().max(1e-9)
+                ),
+                "≤ 1.5x floor",
+            ));
+            rows.push(row(
+                "idle RSS of a provider connected over mutual TLS (1 offer)",
+                format!("{tidle} kB"),
+                "-".into(),
+                "-".into(),
+                "≤ 5 MB",
+            ));
+            json.insert(
+                "reserve_latency_tls".into(),
+                json!({
+                    "n": n, "p50_ms": ms(tp50), "p99_ms": ms(percentile(&tlat, 0.99)),
+                    "floor_ms": ms(tfloor), "echo_rtt_p50_ms": ms(percentile(&techo, 0.5)),
+                    "idle_rss_kb": tidle,
+                }),
+            );
+        }
+    }
 
     // 2. Throughput with group commit, then without (a second provider).
     let secs = if q { 1 } else { 5 };
@@ -300,15 +349,33 @@ async fn run(args: Args) -> Res<()> {
     Ok(())
 }
 
-/// Floor part 1: a bare MQTT request/reply round trip (QoS 1 both ways) through the broker.
-async fn echo_floor(port: u16, n: usize) -> Res<Vec<Duration>> {
-    let mut echo = peer(port, "echo@bench", &["bench/echo/req".into()]).await?;
-    let mut asker = peer(port, "asker@bench", &["bench/echo/rep".into()]).await?;
+/// Floor part 1: a bare MQTT request/reply round trip (QoS 1 both ways) through the broker,
+/// on the same kind of topics as REAR mail (so that a domain broker's ACL lets it through).
+async fn echo_floor(port: u16, n: usize, tls: Option<&BenchTls>) -> Res<Vec<Duration>> {
+    let d = "bench-echo";
+    let req = format!("fluidos/v1/{d}/to/echo/from/asker");
+    let rep = format!("fluidos/v1/{d}/to/asker/from/echo");
+    let (mut echo, mut asker) = match tls {
+        None => (
+            peer(port, "echo@bench", std::slice::from_ref(&req)).await?,
+            peer(port, "asker@bench", std::slice::from_ref(&rep)).await?,
+        ),
+        Some(t) => {
+            // The ACL binds topics to the CN, and the domain name is the TlsDomain's.
+            let dom = &t.domain.domain;
+            let (req_t, rep_t) = (req.replace(d, dom), rep.replace(d, dom));
+            let e = peer_with(port, "echo", &[req_t], Some(t.client("echo")?)).await?;
+            let a = peer_with(port, "asker", &[rep_t], Some(t.client("asker")?)).await?;
+            (e, a)
+        }
+    };
+    let dom = tls.map_or(d.to_string(), |t| t.domain.domain.clone());
+    let (req, rep) = (req.replace(d, &dom), rep.replace(d, &dom));
     let echo_client = echo.client.clone();
     tokio::spawn(async move {
         while let Some((_, payload, _)) = echo.rx.recv().await {
             let _ = echo_client
-                .publish("bench/echo/rep", QoS::AtLeastOnce, false, payload)
+                .publish(&rep, QoS::AtLeastOnce, false, payload)
                 .await;
         }
     });
@@ -318,7 +385,7 @@ async fn echo_floor(port: u16, n: usize) -> Res<Vec<Duration>> {
         let t = Instant::now();
         asker
             .client
-            .publish("bench/echo/req", QoS::AtLeastOnce, false, payload.clone())
+            .publish(&req, QoS::AtLeastOnce, false, payload.clone())
             .await
             .map_err(|e| e.to_string())?;
         tokio::time::timeout(Duration::from_secs(5), asker.rx.recv())
@@ -363,6 +430,8 @@ struct Buyer {
     offer: String,
     deadline: Option<Instant>,
     count: Option<usize>,
+    /// Over mutual TLS (the buyer's own certificate; the client id becomes its CN).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 async fn consumer_loop(b: Buyer, ok: Arc<AtomicU64>) -> Res<Vec<Duration>> {
@@ -374,12 +443,13 @@ async fn consumer_loop(b: Buyer, ok: Arc<AtomicU64>) -> Res<Vec<Duration>> {
         offer,
         deadline,
         count,
+        tls,
     } = b;
     let subs = [
         format!("fluidos/v1/{domain}/to/{buyer}/from/{prov}"),
         format!("fluidos/v1/{domain}/catalog/{prov}"),
     ];
-    let mut p = peer(port, &format!("{buyer}@{domain}"), &subs).await?;
+    let mut p = peer_with(port, &format!("{buyer}@{domain}"), &subs, tls).await?;
     let to = format!("fluidos/v1/{domain}/to/{prov}/from/{buyer}");
     let mut current: Option<Id> = None;
     let mut lat = Vec::new();
@@ -437,16 +507,17 @@ async fn consumer_loop(b: Buyer, ok: Arc<AtomicU64>) -> Res<Vec<Duration>> {
     }
 }
 
-async fn reserve_latency(port: u16, n: usize) -> Res<Vec<Duration>> {
+async fn reserve_latency(port: u16, n: usize, tls: Option<&BenchTls>) -> Res<Vec<Duration>> {
     let ok = Arc::new(AtomicU64::new(0));
     let b = Buyer {
         port,
-        domain: "bench".into(),
+        domain: tls.map_or("bench".into(), |t| t.domain.domain.clone()),
         prov: "prov".into(),
         buyer: "lat".into(),
         offer: "o00".into(),
         deadline: None,
         count: Some(n + 20),
+        tls: tls.map(|t| t.client("lat")).transpose()?,
     };
     let mut v = consumer_loop(b, ok).await?;
     v.drain(..20.min(v.len()));
@@ -472,6 +543,7 @@ async fn throughput(port: u16, domain: &str, prov: &str, span: Duration) -> Res<
                 offer: format!("o{i:02}"),
                 deadline: Some(deadline),
                 count: None,
+                tls: None,
             };
             consumer_loop(b, ok).await
         }));

@@ -69,6 +69,28 @@ fn check_accepts_a_good_config() {
 }
 
 #[test]
+fn check_reads_the_tls_files_and_names_the_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "node_id = \"gw-1\"\ndomain = \"d1\"\nbroker = \"mqtts://broker.lan\"\n\
+             data_dir = \"/tmp/x\"\n[tls]\nca = \"{}\"\ncert = \"/nonexistent/node.pem\"\n\
+             key = \"/nonexistent/node.key\"\n",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let out = fluidlet(&["check", "-c", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls: cannot read /nonexistent/node.pem"), "{err}");
+}
+
+#[test]
 fn missing_config_file_is_a_clear_error() {
     let out = fluidlet(&["run", "-c", "/nonexistent/agent.toml"]);
     assert!(!out.status.success());

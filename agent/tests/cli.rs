@@ -87,7 +87,10 @@ fn check_reads_the_tls_files_and_names_the_missing_one() {
     let out = fluidlet(&["check", "-c", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("tls: cannot read /nonexistent/node.pem"), "{err}");
+    assert!(
+        err.contains("tls: cannot read /nonexistent/node.pem"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! A rogue here holds a real certificate of the domain (its own), which is the threat the
 //! ACL exists for: an enrolled node that tries to speak for, or listen to, another.
 
-use fluidlet::model::{FlavourSelector, Id, Resources};
+use fluidlet::model::{FlavourSelector, Id};
 use fluidlet::wire::{Body, ErrorCode, Message};
 use fluidlet_tests::{eventually, flavours, provider_config, start, want, Rogue, TlsDomain, WAIT};
 use std::time::Duration;

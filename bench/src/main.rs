@@ -175,7 +175,7 @@ async fn run(args: Args) -> Res<()> {
             let tls = BenchTls { domain };
             let tdir = dir.path().join("tls");
             std::fs::create_dir_all(&tdir).map_err(|e| e.to_string())?;
-            let (mut tprov, _) = start_tls_provider(&agent, &tdir, "prov", &tls, 1).await?;
+            let (mut tprov, _) = start_tls_provider(&agent, &tdir, "prov", &tls, 16).await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
             let tidle = rss_kb(tprov.id()).unwrap_or(0);
             let tport = tls.domain.port;
@@ -201,7 +201,7 @@ async fn run(args: Args) -> Res<()> {
                 "≤ 1.5x floor",
             ));
             rows.push(row(
-                "idle RSS of a provider connected over mutual TLS (1 offer)",
+                "idle RSS of the same provider connected over mutual TLS",
                 format!("{tidle} kB"),
                 "-".into(),
                 "-".into(),

@@ -103,20 +103,24 @@ pub enum Action {
         private: bool,
     },
     /// Run a tool (with `--kubeconfig` added) and capture its standard output.
-    Run {
-        what: String,
-        tool: Tool,
-        args: Vec<String>,
-        stdin: Option<String>,
-        /// What the dry run reports as the command's output.
-        dry_output: String,
-        /// Longer than the command timeout, for waits.
-        timeout: Option<Duration>,
-    },
+    Run(Command),
 }
 
-fn run(what: &str, tool: Tool, args: &[&str]) -> Action {
-    Action::Run {
+/// A command of a plan: recorded by the dry run, run by the liqo backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    pub what: String,
+    pub tool: Tool,
+    pub args: Vec<String>,
+    pub stdin: Option<String>,
+    /// What the dry run reports as the command's output.
+    pub dry_output: String,
+    /// Longer than the command timeout, for waits.
+    pub timeout: Option<Duration>,
+}
+
+fn command(what: &str, tool: Tool, args: &[&str]) -> Command {
+    Command {
         what: what.into(),
         tool,
         args: args.iter().map(|s| s.to_string()).collect(),
@@ -126,15 +130,15 @@ fn run(what: &str, tool: Tool, args: &[&str]) -> Action {
     }
 }
 
+fn run(what: &str, tool: Tool, args: &[&str]) -> Action {
+    Action::Run(command(what, tool, args))
+}
+
 fn apply(what: &str, manifest: String) -> Action {
-    Action::Run {
-        what: what.into(),
-        tool: Tool::Kubectl,
-        args: vec!["apply".into(), "-f".into(), "-".into()],
+    Action::Run(Command {
         stdin: Some(manifest),
-        dry_output: String::new(),
-        timeout: None,
-    }
+        ..command(what, Tool::Kubectl, &["apply", "-f", "-"])
+    })
 }
 
 /// A Kubernetes object name (DNS-1123 label) for `prefix` + `id`: lower case, `.` and `_`
@@ -179,21 +183,21 @@ pub fn plan_grant(consumer_cluster: &Id, reuse: bool) -> Vec<Action> {
     if reuse {
         return Vec::new();
     }
-    let mut a = run(
-        "generate the consumer's peering user",
-        Tool::Liqoctl,
-        &[
-            "generate",
-            "peering-user",
-            "--consumer-cluster-id",
-            consumer_cluster.as_str(),
-        ],
-    );
-    if let Action::Run { dry_output, .. } = &mut a {
-        *dry_output = format!(
+    let a = Action::Run(Command {
+        dry_output: format!(
             "# dry-run: the kubeconfig of Liqo's peering user for cluster {consumer_cluster}\n"
-        );
-    }
+        ),
+        ..command(
+            "generate the consumer's peering user",
+            Tool::Liqoctl,
+            &[
+                "generate",
+                "peering-user",
+                "--consumer-cluster-id",
+                consumer_cluster.as_str(),
+            ],
+        )
+    });
     vec![a]
 }
 
@@ -254,15 +258,14 @@ spec:
     ));
     let wait = format!("--timeout={}s", ready_timeout.as_secs());
     let node = format!("node/{name}");
-    let mut w = run(
-        "wait for the virtual node",
-        Tool::Kubectl,
-        &["wait", "--for=condition=Ready", &node, &wait],
-    );
-    if let Action::Run { timeout, .. } = &mut w {
-        *timeout = Some(ready_timeout + Duration::from_secs(5));
-    }
-    plan.push(w);
+    plan.push(Action::Run(Command {
+        timeout: Some(ready_timeout + Duration::from_secs(5)),
+        ..command(
+            "wait for the virtual node",
+            Tool::Kubectl,
+            &["wait", "--for=condition=Ready", &node, &wait],
+        )
+    }));
     plan
 }
 
@@ -422,14 +425,14 @@ impl Fabric {
         if let Some(id) = &self.cfg.cluster_id {
             return Ok(id.clone());
         }
-        let mut a = run(
-            "read this cluster's Liqo id",
-            Tool::Liqoctl,
-            &["info", "--get", "clusterid"],
-        );
-        if let Action::Run { dry_output, .. } = &mut a {
-            *dry_output = k8s_name("dryrun-", self.me.as_str());
-        }
+        let a = Action::Run(Command {
+            dry_output: k8s_name("dryrun-", self.me.as_str()),
+            ..command(
+                "read this cluster's Liqo id",
+                Tool::Liqoctl,
+                &["info", "--get", "clusterid"],
+            )
+        });
         let out = self.execute("cluster-id", &[a]).await?;
         Id::new(out.trim()).map_err(|e| {
             FabricError::Invalid(format!(
@@ -443,9 +446,22 @@ impl Fabric {
     pub async fn execute(&self, scope: &str, plan: &[Action]) -> Result<String, FabricError> {
         let mut last = String::new();
         for (i, action) in plan.iter().enumerate() {
-            last = match self.cfg.backend {
-                Backend::DryRun => self.record(scope, i, action)?,
-                Backend::Liqo => self.perform(action).await?,
+            last = match (action, &self.cfg.backend) {
+                (
+                    Action::File {
+                        what,
+                        path,
+                        contents,
+                        private,
+                    },
+                    backend,
+                ) => {
+                    self.write_file(what, path, contents, *private)?;
+                    info!(?backend, %what, path = %path.display(), "file written");
+                    String::new()
+                }
+                (Action::Run(c), Backend::DryRun) => self.record(scope, i, c)?,
+                (Action::Run(c), Backend::Liqo) => self.perform(c).await?,
             };
         }
         Ok(last)
@@ -506,81 +522,38 @@ impl Fabric {
         Ok(())
     }
 
-    /// The dry run: writes the action down instead of doing it.
-    fn record(&self, scope: &str, i: usize, action: &Action) -> Result<String, FabricError> {
+    /// The dry run: writes the command down instead of running it.
+    fn record(&self, scope: &str, i: usize, c: &Command) -> Result<String, FabricError> {
         let dir = self.scope_dir(scope);
-        match action {
-            Action::File {
-                what,
-                path,
-                contents,
-                private,
-            } => {
-                self.write_file(what, path, contents, *private)?;
-                info!(backend = "dry-run", %what, path = %path.display(), "file written");
-                Ok(String::new())
-            }
-            Action::Run {
-                what,
-                tool,
-                args,
-                stdin,
-                dry_output,
-                ..
-            } => {
-                let mut line = format!("# {what}\n{}", self.command_line(*tool, args));
-                if let Some(input) = stdin {
-                    let file = dir.join(format!("{:02}-{}.yaml", i, k8s_name("", what)));
-                    self.write_file(what, &file, input, false)?;
-                    let _ = write!(line, " < {}", file.display());
-                }
-                line.push('\n');
-                let script = dir.join("commands.sh");
-                let io = |err| FabricError::Io {
-                    what: what.clone(),
-                    err,
-                };
-                std::fs::create_dir_all(&dir).map_err(io)?;
-                use std::io::Write;
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&script)
-                    .and_then(|mut f| f.write_all(line.as_bytes()))
-                    .map_err(io)?;
-                info!(backend = "dry-run", %what, command = %self.command_line(*tool, args), "not run");
-                Ok(dry_output.clone())
-            }
+        let what = &c.what;
+        let mut line = format!("# {what}\n{}", self.command_line(c.tool, &c.args));
+        if let Some(input) = &c.stdin {
+            let file = dir.join(format!("{:02}-{}.yaml", i, k8s_name("", what)));
+            self.write_file(what, &file, input, false)?;
+            let _ = write!(line, " < {}", file.display());
         }
+        line.push('\n');
+        let script = dir.join("commands.sh");
+        let io = |err| FabricError::Io {
+            what: what.clone(),
+            err,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&script)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .map_err(io)?;
+        info!(backend = "dry-run", %what, command = %self.command_line(c.tool, &c.args), "not run");
+        Ok(c.dry_output.clone())
     }
 
-    /// The real thing: runs the action, with a timeout, killing the command if it hangs.
-    async fn perform(&self, action: &Action) -> Result<String, FabricError> {
-        let (what, tool, args, stdin, timeout) = match action {
-            Action::File {
-                what,
-                path,
-                contents,
-                private,
-            } => {
-                self.write_file(what, path, contents, *private)?;
-                return Ok(String::new());
-            }
-            Action::Run {
-                what,
-                tool,
-                args,
-                stdin,
-                timeout,
-                ..
-            } => (
-                what,
-                *tool,
-                args,
-                stdin,
-                timeout.unwrap_or(self.cfg.command_timeout),
-            ),
-        };
+    /// The real thing: runs the command, with a timeout, killing it if it hangs.
+    async fn perform(&self, c: &Command) -> Result<String, FabricError> {
+        let (what, tool, args, stdin) = (&c.what, c.tool, &c.args, &c.stdin);
+        let timeout = c.timeout.unwrap_or(self.cfg.command_timeout);
         let program = self.program(tool);
         let command = self.command_line(tool, args);
         info!(%what, %command, "running");
@@ -680,7 +653,7 @@ mod tests {
 
     fn stdin_of(a: &Action) -> &str {
         match a {
-            Action::Run { stdin: Some(s), .. } => s,
+            Action::Run(Command { stdin: Some(s), .. }) => s,
             _ => panic!("no stdin in {a:?}"),
         }
     }
@@ -707,7 +680,7 @@ mod tests {
         );
         assert_eq!(plan.len(), 3);
         match &plan[0] {
-            Action::Run { tool, args, .. } => {
+            Action::Run(Command { tool, args, .. }) => {
                 assert_eq!(*tool, Tool::Liqoctl);
                 assert_eq!(
                     args[..3],
@@ -727,7 +700,7 @@ mod tests {
         assert!(slice.contains("pods: \"3\""));
         assert!(slice.contains("liqo.io/create-virtual-node: \"true\""));
         match &plan[2] {
-            Action::Run { args, timeout, .. } => {
+            Action::Run(Command { args, timeout, .. }) => {
                 assert_eq!(args[2], "node/fluidos-prov-c7");
                 assert_eq!(args[3], "--timeout=60s");
                 assert_eq!(*timeout, Some(Duration::from_secs(65)));
@@ -779,12 +752,12 @@ mod tests {
         assert!(kustomization.contains("key: virtual-node.liqo.io/not-allowed"));
         assert!(plan
             .iter()
-            .any(|a| matches!(a, Action::Run { args, .. } if args[0] == "offload")));
+            .any(|a| matches!(a, Action::Run(Command { args, .. }) if args[0] == "offload")));
         // Locally (no virtual node): no offloading, no pinning.
         let local = plan_deploy(&intent, None, Path::new("/d/i1"));
         assert!(!local
             .iter()
-            .any(|a| matches!(a, Action::Run { args, .. } if args[0] == "offload")));
+            .any(|a| matches!(a, Action::Run(Command { args, .. }) if args[0] == "offload")));
     }
 
     #[test]

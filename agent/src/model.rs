@@ -24,6 +24,43 @@ pub const MAX_NODE_ID: usize = 48;
 /// Most flavours one advert or one FLAVOURS answer may carry.
 pub const MAX_FLAVOURS: usize = 16;
 
+/// The string newtypes travel as CBOR text strings (and serde strings); decoding goes through
+/// their `new`, so every bound and alphabet rule holds for what comes off the wire.
+macro_rules! string_codec {
+    ($name:ident $(<const $n:ident>)?, $err:literal) => {
+        impl<$(const $n: usize)?> serde::Serialize for $name$(<$n>)? {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<C, $(const $n: usize)?> Encode<C> for $name$(<$n>)? {
+            fn encode<W: minicbor::encode::Write>(
+                &self,
+                e: &mut minicbor::Encoder<W>,
+                _: &mut C,
+            ) -> Result<(), minicbor::encode::Error<W::Error>> {
+                e.str(self.as_str())?;
+                Ok(())
+            }
+        }
+
+        impl<'b, C, $(const $n: usize)?> Decode<'b, C> for $name$(<$n>)? {
+            fn decode(
+                d: &mut minicbor::Decoder<'b>,
+                _: &mut C,
+            ) -> Result<Self, minicbor::decode::Error> {
+                $name::new(d.str()?)
+                    .map_err(|e| minicbor::decode::Error::message(format!("{}{e}", $err)))
+            }
+        }
+    };
+}
+
+string_codec!(Text<const N>, "");
+string_codec!(LongText<const N>, "");
+string_codec!(Id, "bad id: ");
+
 /// A bounded UTF-8 text: decoding refuses anything longer than `N` bytes.
 #[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Text<const N: usize>(heapless::String<N>);
@@ -50,33 +87,9 @@ impl<const N: usize> fmt::Display for Text<N> {
     }
 }
 
-impl<const N: usize> serde::Serialize for Text<N> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
 impl<const N: usize> fmt::Debug for Text<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl<C, const N: usize> Encode<C> for Text<N> {
-    fn encode<W: minicbor::encode::Write>(
-        &self,
-        e: &mut minicbor::Encoder<W>,
-        _: &mut C,
-    ) -> Result<(), minicbor::encode::Error<W::Error>> {
-        e.str(self.as_str())?;
-        Ok(())
-    }
-}
-
-impl<'b, C, const N: usize> Decode<'b, C> for Text<N> {
-    fn decode(d: &mut minicbor::Decoder<'b>, _: &mut C) -> Result<Self, minicbor::decode::Error> {
-        let s = d.str()?;
-        Text::new(s).map_err(|e| minicbor::decode::Error::message(e.to_string()))
     }
 }
 
@@ -104,30 +117,6 @@ impl<const N: usize> LongText<N> {
 impl<const N: usize> fmt::Debug for LongText<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "<{} bytes>", self.0.len())
-    }
-}
-
-impl<const N: usize> serde::Serialize for LongText<N> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<C, const N: usize> Encode<C> for LongText<N> {
-    fn encode<W: minicbor::encode::Write>(
-        &self,
-        e: &mut minicbor::Encoder<W>,
-        _: &mut C,
-    ) -> Result<(), minicbor::encode::Error<W::Error>> {
-        e.str(self.as_str())?;
-        Ok(())
-    }
-}
-
-impl<'b, C, const N: usize> Decode<'b, C> for LongText<N> {
-    fn decode(d: &mut minicbor::Decoder<'b>, _: &mut C) -> Result<Self, minicbor::decode::Error> {
-        let s = d.str()?;
-        LongText::new(s).map_err(|e| minicbor::decode::Error::message(e.to_string()))
     }
 }
 
@@ -164,33 +153,9 @@ impl fmt::Display for Id {
     }
 }
 
-impl serde::Serialize for Id {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
 impl fmt::Debug for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl<C> Encode<C> for Id {
-    fn encode<W: minicbor::encode::Write>(
-        &self,
-        e: &mut minicbor::Encoder<W>,
-        _: &mut C,
-    ) -> Result<(), minicbor::encode::Error<W::Error>> {
-        e.str(self.as_str())?;
-        Ok(())
-    }
-}
-
-impl<'b, C> Decode<'b, C> for Id {
-    fn decode(d: &mut minicbor::Decoder<'b>, _: &mut C) -> Result<Self, minicbor::decode::Error> {
-        let s = d.str()?;
-        Id::new(s).map_err(|e| minicbor::decode::Error::message(format!("bad id: {e}")))
     }
 }
 

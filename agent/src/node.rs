@@ -97,12 +97,20 @@ impl Shared {
     }
 
     /// Reports a workflow step to the observer (the demo prints them) and the log.
-    pub fn step(&self, number: u8, element: &'static str, text: impl Into<String>) {
+    /// Reports a workflow step to the observer, control-socket followers and the debug log;
+    /// when none of them listens (a busy provider's normal case) it costs no formatting.
+    pub fn step(&self, number: u8, element: &'static str, text: impl std::fmt::Display) {
+        if self.observer.is_none()
+            && self.steps.receiver_count() == 0
+            && !tracing::enabled!(tracing::Level::DEBUG)
+        {
+            return;
+        }
         let step = Step {
             number,
             element,
             node: self.me().clone(),
-            text: text.into(),
+            text: text.to_string(),
         };
         debug!(step = number, element, "{}", step.text);
         if let Some(o) = &self.observer {
@@ -724,7 +732,7 @@ async fn answer_list(
     shared.step(
         8,
         "Discovery Manager",
-        format!(
+        format_args!(
             "LIST_FLAVOURS from {from}: {} local flavour(s) match",
             found.len()
         ),
@@ -736,7 +744,11 @@ async fn answer_list(
         flavours: FlavourList::from_slice_truncated(&found),
     });
     match shared.send(from, Some(id), body).await {
-        Ok(_) => shared.step(9, "Discovery Manager", format!("FLAVOURS sent to {from}")),
+        Ok(_) => shared.step(
+            9,
+            "Discovery Manager",
+            format_args!("FLAVOURS sent to {from}"),
+        ),
         Err(e) => warn!(%from, error = %e, "could not answer LIST_FLAVOURS"),
     }
 }
@@ -757,7 +769,7 @@ async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
         shared.step(
             15,
             "Contract Manager",
-            format!(
+            format_args!(
                 "RESERVE_FLAVOUR from {from} for {} (transaction {})",
                 req.flavour, req.transaction
             ),
@@ -785,7 +797,7 @@ async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
                 shared.step(
                     16,
                     "REAR Manager",
-                    format!(
+                    format_args!(
                         "flavour {} removed, reduced flavour created, Node allocation {} inactive",
                         req.flavour, c.id
                     ),
@@ -793,7 +805,7 @@ async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
                 shared.step(
                     17,
                     "REAR Manager",
-                    format!("resources reserved; contract {} flushed to disk", c.id),
+                    format_args!("resources reserved; contract {} flushed to disk", c.id),
                 );
                 info!(contract = %c.id, buyer = %from, "reservation made");
                 Body::Reserved(Box::new(c))
@@ -827,7 +839,7 @@ async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
                 shared.step(
                     18,
                     "Contract Manager",
-                    format!("OK (RESERVED) sent to {from}"),
+                    format_args!("OK (RESERVED) sent to {from}"),
                 );
                 shared.step(18, "Network Manager", NETWORK_NOTE);
             }
@@ -923,7 +935,7 @@ async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req: PeerReque
         shared.step(
             23,
             "Virtual Fabric Manager",
-            format!(
+            format_args!(
                 "contract {} signed with {from} found: granting the peering to cluster {}",
                 c.id, req.cluster_id
             ),
@@ -938,18 +950,18 @@ async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req: PeerReque
         shared.step(
             24,
             "Virtual Fabric Manager",
-            format!("peering for {} granted; REAR Manager informed", c.id),
+            format_args!("peering for {} granted; REAR Manager informed", c.id),
         );
         shared.step(
             25,
             "REAR Manager",
-            format!("Node allocation {} active", c.id),
+            format_args!("Node allocation {} active", c.id),
         );
         match shared.send(&from, Some(id), Body::PeerAccept(grant)).await {
             Ok(_) => shared.step(
                 26,
                 "Virtual Fabric Manager",
-                format!("peering artefacts (Liqo ResourceOffer) sent to {from}"),
+                format_args!("peering artefacts (Liqo ResourceOffer) sent to {from}"),
             ),
             Err(e) => warn!(%from, error = %e, "could not send PEER_ACCEPT"),
         }

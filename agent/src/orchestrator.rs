@@ -278,7 +278,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                 shared.step(
                     2,
                     "Node Orchestrator",
-                    format!(
+                    format_args!(
                         "intent {} decomposed into a resource request: {}",
                         intent.id,
                         rear::describe(&intent.selector)
@@ -289,7 +289,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                         shared.step(
                             3,
                             "Node Orchestrator",
-                            format!("room on virtual node {node} (contract {contract})"),
+                            format_args!("room on virtual node {node} (contract {contract})"),
                         );
                         intent.contract = Some(contract);
                         intent.placement = Text::new(&node).ok();
@@ -299,7 +299,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                         shared.step(
                             3,
                             "Node Orchestrator",
-                            format!("own flavour {flavour} fits: running locally"),
+                            format_args!("own flavour {flavour} fits: running locally"),
                         );
                         match reserve_locally(shared, &flavour, partition).await {
                             Ok(c) => {
@@ -355,14 +355,16 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                         shared.step(
                             30,
                             "Node Orchestrator",
-                            format!("continuing intent {}", intent.id),
+                            format_args!("continuing intent {}", intent.id),
                         );
                         match lookup(shared, &intent) {
                             Ok(Some(Placement::Virtual { contract, node })) if contract == c.id => {
                                 shared.step(
                                     31,
                                     "Node Orchestrator",
-                                    format!("Available Resources: virtual node {node} has room"),
+                                    format_args!(
+                                        "Available Resources: virtual node {node} has room"
+                                    ),
                                 );
                                 intent.placement = Text::new(&node).ok();
                                 intent.state = IntentState::Deploying;
@@ -400,7 +402,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                         shared.step(
                             31,
                             "Node Orchestrator",
-                            format!(
+                            format_args!(
                                 "workload {} deployed on {place}, namespace {}",
                                 intent.name, intent.namespace
                             ),
@@ -438,7 +440,7 @@ pub(crate) async fn submit(shared: &Shared, spec: IntentSpec) -> Result<Intent, 
     shared.step(
         1,
         "Service Handler",
-        format!(
+        format_args!(
             "intent {} ({}) received: {} bytes of manifest",
             intent.id,
             intent.name,

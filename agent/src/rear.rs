@@ -121,7 +121,7 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
     shared.step(
         5,
         "REAR Manager",
-        format!("{} matching peering candidate(s) in the table", found.len()),
+        format_args!("{} matching peering candidate(s) in the table", found.len()),
     );
     let mut discovered = false;
     let mut last = None;
@@ -130,7 +130,7 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
             shared.step(
                 6,
                 "REAR Manager",
-                format!(
+                format_args!(
                     "no candidate: flavour selector ({}) to the Discovery Manager",
                     describe(sel)
                 ),
@@ -141,7 +141,7 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
             shared.step(
                 12,
                 "REAR Manager",
-                format!(
+                format_args!(
                     "{} matching peering candidate(s) after discovery",
                     found.len()
                 ),
@@ -154,7 +154,7 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
             shared.step(
                 13,
                 "REAR Manager",
-                format!(
+                format_args!(
                     "best candidate {} from {}: reservation phase to the Contract Manager",
                     cand.flavour.id, cand.flavour.provider
                 ),
@@ -225,7 +225,7 @@ async fn discover(shared: &Shared, sel: &FlavourSelector) -> Result<(), RearErro
         shared.step(
             10,
             "Discovery Manager",
-            format!(
+            format_args!(
                 "{} flavour(s) from {from} stored as peering candidates",
                 flavours.len()
             ),
@@ -235,7 +235,7 @@ async fn discover(shared: &Shared, sel: &FlavourSelector) -> Result<(), RearErro
     shared.step(
         11,
         "Discovery Manager",
-        format!("discovery complete: {answers} answer(s)"),
+        format_args!("discovery complete: {answers} answer(s)"),
     );
     Ok(())
 }
@@ -282,7 +282,7 @@ async fn pursue(shared: &Shared, out: &Outgoing) -> Result<Contract, RearError> 
         shared.step(
             14,
             "Contract Manager",
-            format!(
+            format_args!(
                 "RESERVE_FLAVOUR sent to {provider} (transaction {}, attempt {attempt})",
                 request.transaction
             ),
@@ -337,13 +337,13 @@ async fn finish(
             shared.step(
                 19,
                 "Contract Manager",
-                format!("contract {} stored; resources reserved at {provider}", c.id),
+                format_args!("contract {} stored; resources reserved at {provider}", c.id),
             );
             shared.step(19, "Network Manager", crate::node::NETWORK_NOTE);
             shared.step(
                 20,
                 "REAR Manager",
-                format!("VirtualNode allocation {} created, inactive", c.id),
+                format_args!("VirtualNode allocation {} created, inactive", c.id),
             );
             info!(contract = %c.id, %provider, ms = took.as_millis() as u64, "flavour reserved");
             Ok(*c)
@@ -445,7 +445,7 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
     shared.step(
         21,
         "REAR Manager",
-        format!(
+        format_args!(
             "contract {}: peering phase to the Virtual Fabric Manager",
             contract.id
         ),
@@ -458,7 +458,7 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
     shared.step(
         22,
         "Virtual Fabric Manager",
-        format!(
+        format_args!(
             "peering request (Liqo ResourceRequest) for {} sent to {seller}, cluster {cluster_id}",
             contract.id
         ),
@@ -477,7 +477,7 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
     shared.step(
         26,
         "Virtual Fabric Manager",
-        format!(
+        format_args!(
             "peering accepted by {seller} (Liqo ResourceOffer), provider cluster {}",
             grant.cluster_id
         ),
@@ -530,13 +530,13 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
     shared.step(
         27,
         "Virtual Fabric Manager",
-        format!("virtual node {node} ready; REAR Manager informed"),
+        format_args!("virtual node {node} ready; REAR Manager informed"),
     );
     shared.tables.activate(&contract.id, unix_ms()).await?;
     shared.step(
         28,
         "REAR Manager",
-        format!("VirtualNode allocation {} active", contract.id),
+        format_args!("VirtualNode allocation {} active", contract.id),
     );
     Ok(node)
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Largest config file read, in bytes: a config is a few KiB; a huge file is a mistake.
-const MAX_CONFIG_FILE: u64 = 256 * 1024;
+pub const MAX_CONFIG_FILE: u64 = 256 * 1024;
 /// Most offers one node may configure (each becomes at most one advertised flavour).
 pub const MAX_OFFERS: usize = crate::model::MAX_FLAVOURS;
 
@@ -25,8 +25,8 @@ pub const MAX_OFFERS: usize = crate::model::MAX_FLAVOURS;
 pub enum ConfigError {
     #[error("cannot read {path}: {err}")]
     Io { path: PathBuf, err: std::io::Error },
-    #[error("{path} is {len} bytes; a config file is at most {MAX_CONFIG_FILE}")]
-    TooLarge { path: PathBuf, len: u64 },
+    #[error("{path} is over {max} bytes, the most accepted for it")]
+    TooLarge { path: PathBuf, max: u64 },
     #[error("config: {0}")]
     Parse(String),
     #[error("config field `{field}`: {problem}")]
@@ -38,6 +38,47 @@ pub(crate) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> C
         field: field.into(),
         problem: problem.into(),
     }
+}
+
+/// Why [`read_bounded`] failed.
+#[derive(Debug)]
+pub enum ReadError {
+    Io(std::io::Error),
+    /// The file holds more than the limit.
+    TooLarge,
+}
+
+/// Reads a whole file of at most `max` bytes. A longer one is refused without being read past
+/// the limit (also if it grows while being read): files named by a config or on the command
+/// line never cost more memory than their bound.
+pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(max.saturating_add(1)).read_to_end(&mut buf))
+        .map_err(ReadError::Io)?;
+    if buf.len() as u64 > max {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(buf)
+}
+
+/// [`read_bounded`] for UTF-8 text, with errors naming the file (a config, an intent file
+/// (bounded like a config), a manifest).
+pub fn read_text(path: &Path, max: u64) -> Result<String, ConfigError> {
+    let io = |err| ConfigError::Io {
+        path: path.to_owned(),
+        err,
+    };
+    let bytes = read_bounded(path, max).map_err(|e| match e {
+        ReadError::Io(err) => io(err),
+        ReadError::TooLarge => ConfigError::TooLarge {
+            path: path.to_owned(),
+            max,
+        },
+    })?;
+    String::from_utf8(bytes)
+        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
 /// Where the domain broker is.
@@ -158,19 +199,7 @@ impl Config {
 
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let io = |err| ConfigError::Io {
-            path: path.to_owned(),
-            err,
-        };
-        let len = std::fs::metadata(path).map_err(io)?.len();
-        if len > MAX_CONFIG_FILE {
-            return Err(ConfigError::TooLarge {
-                path: path.to_owned(),
-                len,
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(io)?;
-        Config::from_toml(&text)
+        Config::from_toml(&read_text(path, MAX_CONFIG_FILE)?)
     }
 
     /// Parses and validates config text.
@@ -749,6 +778,21 @@ pods_step = 1
     fn duplicate_offer_ids_are_refused() {
         let twice = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[offer]]").unwrap()..]);
         assert!(err_of(&twice).contains("used twice"));
+    }
+
+    #[test]
+    fn files_over_their_bound_are_refused_without_reading_them_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![b'x'; 101]).unwrap();
+        assert!(matches!(read_bounded(&p, 100), Err(ReadError::TooLarge)));
+        assert_eq!(read_bounded(&p, 101).unwrap().len(), 101);
+        let e = read_text(&p, 100).unwrap_err().to_string();
+        assert!(e.contains("is over 100 bytes"), "{e}");
+        let e = read_text(&dir.path().join("none"), 100)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read"), "{e}");
     }
 
     #[test]

@@ -83,23 +83,7 @@ struct RawConstraints {
 pub fn parse_intent(toml_text: &str, base: &Path) -> Result<IntentSpec, ConfigError> {
     let raw: RawIntent =
         toml::from_str(toml_text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-    let path = base.join(&raw.manifest);
-    let len = std::fs::metadata(&path)
-        .map_err(|err| ConfigError::Io {
-            path: path.clone(),
-            err,
-        })?
-        .len();
-    if len > MAX_MANIFEST as u64 {
-        return Err(invalid(
-            "manifest",
-            format!("{} is {len} bytes; at most {MAX_MANIFEST}", path.display()),
-        ));
-    }
-    let manifest = std::fs::read_to_string(&path).map_err(|err| ConfigError::Io {
-        path: path.clone(),
-        err,
-    })?;
+    let manifest = crate::config::read_text(&base.join(&raw.manifest), MAX_MANIFEST as u64)?;
     let name = node_id("name", &raw.name)?;
     let namespace = match &raw.namespace {
         Some(ns) => node_id("namespace", ns)?,

@@ -15,7 +15,7 @@
 //! certificate is within its validity period. A key file that others can read is a warning:
 //! anyone who can read it can speak for this node.
 
-use crate::config::TlsFiles;
+use crate::config::{ReadError, TlsFiles};
 use crate::model::Id;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -37,8 +37,8 @@ const COMMON_NAME: x509_cert::der::asn1::ObjectIdentifier =
 pub enum TlsError {
     #[error("tls: cannot read {path}: {err}")]
     Io { path: PathBuf, err: std::io::Error },
-    #[error("tls: {path} is {len} bytes; a PEM file is at most {MAX_PEM_FILE}")]
-    TooLarge { path: PathBuf, len: u64 },
+    #[error("tls: {path} is over {MAX_PEM_FILE} bytes; a PEM file is a few KiB")]
+    TooLarge { path: PathBuf },
     #[error("tls: {path}: {problem}")]
     Pem { path: PathBuf, problem: String },
     #[error(
@@ -73,18 +73,15 @@ pub struct Loaded {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let io = |err| TlsError::Io {
-        path: path.to_owned(),
-        err,
-    };
-    let len = std::fs::metadata(path).map_err(io)?.len();
-    if len > MAX_PEM_FILE {
-        return Err(TlsError::TooLarge {
+    crate::config::read_bounded(path, MAX_PEM_FILE).map_err(|e| match e {
+        ReadError::Io(err) => TlsError::Io {
             path: path.to_owned(),
-            len,
-        });
-    }
-    std::fs::read(path).map_err(io)
+            err,
+        },
+        ReadError::TooLarge => TlsError::TooLarge {
+            path: path.to_owned(),
+        },
+    })
 }
 
 fn pem_error(path: &Path, problem: impl Into<String>) -> TlsError {

@@ -300,8 +300,7 @@ mod cli {
     pub async fn intent(cmd: IntentSub) -> Result<(), AgentError> {
         match cmd {
             IntentSub::Submit(s) => {
-                let text = std::fs::read_to_string(&s.file)
-                    .map_err(|e| other(format!("cannot read {}: {e}", s.file.display())))?;
+                let text = fluidlet::config::read_text(&s.file, fluidlet::config::MAX_CONFIG_FILE)?;
                 let base = s.file.parent().unwrap_or(std::path::Path::new("."));
                 let spec = fluidlet::orchestrator::parse_intent(&text, base)?;
                 let mut c = Client::connect(&socket(&s.config, &s.socket)?)

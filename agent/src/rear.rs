@@ -213,13 +213,11 @@ async fn discover(shared: &Shared, sel: &FlavourSelector) -> Result<(), RearErro
             warn!(%from, provider = %f.provider, "FLAVOURS answer lists another node's flavour; ignored");
             continue;
         }
-        let flavours: Vec<_> = list.iter().cloned().collect();
-        for f in &flavours {
-            // Add, do not replace: an answer lists only what matched this selector.
-            let forgotten = shared.tables.replace_candidate(f, unix_ms())?;
-            if forgotten > 0 {
-                warn!(%from, forgotten, limit = crate::tables::MAX_CANDIDATES_PER_PROVIDER, "provider offers more flavours than kept per provider; the oldest were forgotten");
-            }
+        let forgotten = shared
+            .tables
+            .add_candidates(&from, list.iter(), unix_ms())?;
+        if forgotten > 0 {
+            warn!(%from, forgotten, limit = crate::tables::MAX_CANDIDATES_PER_PROVIDER, "provider offers more flavours than kept per provider; the oldest were forgotten");
         }
         answers += 1;
         shared.step(
@@ -227,7 +225,7 @@ async fn discover(shared: &Shared, sel: &FlavourSelector) -> Result<(), RearErro
             "Discovery Manager",
             format_args!(
                 "{} flavour(s) from {from} stored as peering candidates",
-                flavours.len()
+                list.len()
             ),
         );
         end = (Instant::now() + shared.cfg.discovery_settle).min(window_end);

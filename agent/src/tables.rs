@@ -733,19 +733,28 @@ impl Tables {
         Ok(())
     }
 
-    /// Adds or refreshes one candidate. A provider keeps at most
+    /// Adds or refreshes `provider`'s candidates `flavours` (an answer lists only what matched
+    /// its selector, so nothing else of the provider is dropped). A provider keeps at most
     /// [`MAX_CANDIDATES_PER_PROVIDER`]: beyond it the ones seen longest ago are forgotten
     /// (their number is returned), so a provider answering every discovery with new flavour
     /// ids cannot grow the table.
-    pub fn replace_candidate(&self, f: &Flavour, now: u64) -> Result<usize, TableError> {
-        let c = Candidate {
-            flavour: f.clone(),
-            seen_at: now,
-        };
-        self.candidates
-            .insert(candidate_key(&f.provider, &f.id), enc(&c))?;
+    pub fn add_candidates<'a>(
+        &self,
+        provider: &Id,
+        flavours: impl IntoIterator<Item = &'a Flavour>,
+        now: u64,
+    ) -> Result<usize, TableError> {
+        let mut batch = sled::Batch::default();
+        for f in flavours {
+            let c = Candidate {
+                flavour: f.clone(),
+                seen_at: now,
+            };
+            batch.insert(candidate_key(provider, &f.id), enc(&c));
+        }
+        self.candidates.apply_batch(batch)?;
         let mut theirs = Vec::new();
-        for kv in self.candidates.scan_prefix(format!("{}/", f.provider)) {
+        for kv in self.candidates.scan_prefix(format!("{provider}/")) {
             let (k, v) = kv?;
             let c: Candidate = dec("candidates", &k, &v)?;
             theirs.push((c.seen_at, k));

@@ -190,13 +190,21 @@ async fn candidates_per_provider_are_bounded_and_the_oldest_are_forgotten() {
         f
     };
     for i in 0..3 {
-        assert_eq!(t.replace_candidate(&flavour("good", i), 1).unwrap(), 0);
+        assert_eq!(
+            t.add_candidates(&Id::new("good").unwrap(), [&flavour("good", i)], 1)
+                .unwrap(),
+            0
+        );
     }
     let extra = 10;
     let mut forgotten = 0;
     for i in 0..MAX_CANDIDATES_PER_PROVIDER + extra {
         forgotten += t
-            .replace_candidate(&flavour("eve", i), 100 + i as u64)
+            .add_candidates(
+                &Id::new("eve").unwrap(),
+                [&flavour("eve", i)],
+                100 + i as u64,
+            )
             .unwrap();
     }
     assert_eq!(forgotten, extra);

@@ -12,6 +12,15 @@ use tokio::sync::{mpsc, watch};
 
 pub type Res<T> = Result<T, String>;
 
+/// The runtime both tools run on: two workers, as many cores as the project's machines have.
+pub fn runtime() -> Res<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))
+}
+
 pub fn proc_status(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with(key))?;

@@ -37,13 +37,9 @@ struct Args {
 
 fn main() {
     let args: Args = argh::from_env();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => return eprintln!("fluidlet-bench: runtime: {e}"),
+        Err(e) => return eprintln!("fluidlet-bench: {e}"),
     };
     if let Err(e) = rt.block_on(run(args)) {
         eprintln!("fluidlet-bench: {e}");

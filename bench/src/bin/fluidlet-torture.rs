@@ -45,13 +45,9 @@ struct Tally {
 
 fn main() {
     let args: Args = argh::from_env();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => return eprintln!("fluidlet-torture: runtime: {e}"),
+        Err(e) => return eprintln!("fluidlet-torture: {e}"),
     };
     match rt.block_on(run(args)) {
         Ok(true) => {}

@@ -616,39 +616,16 @@ impl Fabric {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{
-        ContractState, Flavour, FlavourSelector, IntentState, LongText, Price, Resources, Text,
-    };
+    use crate::model::{ContractState, FlavourSelector, IntentState, LongText, Resources};
 
     fn build_contract() -> Contract {
-        let flavour = Flavour {
-            id: Id::new("pool.1").unwrap(),
-            provider: Id::new("prov").unwrap(),
-            architecture: Text::new("arm64").unwrap(),
-            resources: Resources::default(),
-            gpu: None,
-            partitionability: None,
-            price: Price::default(),
-            available: true,
-            location: None,
+        let piece = Resources {
+            cpu: 1500,
+            memory: 2 << 30,
+            pods: 3,
+            storage: 0,
         };
-        Contract {
-            id: Id::new("prov.c7").unwrap(),
-            transaction: Id::new("cons.t1").unwrap(),
-            flavour,
-            buyer: Id::new("cons").unwrap(),
-            seller: Id::new("prov").unwrap(),
-            resources: Resources {
-                cpu: 1500,
-                memory: 2 << 30,
-                pods: 3,
-                storage: 0,
-            },
-            price: 1,
-            created_at: 0,
-            expires_at: 1,
-            state: ContractState::Reserved,
-        }
+        crate::model::test_contract("prov.c7", "prov", "cons", piece, ContractState::Reserved)
     }
 
     fn stdin_of(a: &Action) -> &str {

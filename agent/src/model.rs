@@ -617,6 +617,41 @@ pub struct Intent {
 /// The list of flavours in an advert or a FLAVOURS answer.
 pub type FlavourList = Bounded<Flavour, MAX_FLAVOURS>;
 
+/// A contract for unit tests: `seller` sold `buyer` the piece `resources` of its flavour
+/// `pool.1`, under contract id `id`.
+#[cfg(test)]
+pub(crate) fn test_contract(
+    id: &str,
+    seller: &str,
+    buyer: &str,
+    resources: Resources,
+    state: ContractState,
+) -> Contract {
+    let seller = Id::new(seller).unwrap();
+    Contract {
+        id: Id::new(id).unwrap(),
+        transaction: Id::new(&format!("{buyer}.t1")).unwrap(),
+        flavour: Flavour {
+            id: Id::new("pool.1").unwrap(),
+            provider: seller.clone(),
+            architecture: Text::new("arm64").unwrap(),
+            resources: Resources::default(),
+            gpu: None,
+            partitionability: None,
+            price: Price::default(),
+            available: true,
+            location: None,
+        },
+        buyer: Id::new(buyer).unwrap(),
+        seller,
+        resources,
+        price: 1,
+        created_at: 0,
+        expires_at: 1,
+        state,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -468,36 +468,15 @@ pub(crate) async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Flavour, Price};
 
     fn build_contract(cpu: u64) -> Contract {
-        Contract {
-            id: Id::new("p.c1").unwrap(),
-            transaction: Id::new("c.t1").unwrap(),
-            flavour: Flavour {
-                id: Id::new("f.1").unwrap(),
-                provider: Id::new("p").unwrap(),
-                architecture: Text::new("arm64").unwrap(),
-                resources: Resources::default(),
-                gpu: None,
-                partitionability: None,
-                price: Price::default(),
-                available: true,
-                location: None,
-            },
-            buyer: Id::new("c").unwrap(),
-            seller: Id::new("p").unwrap(),
-            resources: Resources {
-                cpu,
-                memory: 4000,
-                pods: 10,
-                storage: 0,
-            },
-            price: 0,
-            created_at: 0,
-            expires_at: 0,
-            state: ContractState::Active,
-        }
+        let piece = Resources {
+            cpu,
+            memory: 4000,
+            pods: 10,
+            storage: 0,
+        };
+        crate::model::test_contract("p.c1", "p", "c", piece, ContractState::Active)
     }
 
     fn build_intent(cpu: u64, state: IntentState, contract: Option<&str>) -> Intent {

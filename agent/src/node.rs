@@ -375,7 +375,7 @@ impl Agent {
 
 /// Loads and checks the TLS material (an error names the file and the problem), logs its
 /// warnings, and warns about plain MQTT that leaves the machine.
-pub fn prepare_transport(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>, AgentError> {
+fn prepare_transport(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>, AgentError> {
     let Some(files) = &cfg.tls else {
         if !crate::config::is_loopback(&cfg.broker.host) {
             warn!(broker = %cfg.broker.host, "plain MQTT to another machine (insecure_plaintext = true): anyone on the path can read and forge this node's messages");

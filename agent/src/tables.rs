@@ -793,30 +793,45 @@ impl Tables {
 
     /// Records the outcome of a reservation attempt with `provider`.
     pub fn rate(&self, provider: &Id, ok: bool, latency_ms: u64) -> Result<(), TableError> {
-        let key = provider.as_str().as_bytes();
-        let mut r: Rating = one("ratings", &self.ratings, key)?.unwrap_or_default();
-        if ok {
-            r.reservations_ok += 1;
-            r.last_latency_ms = latency_ms;
-        } else {
-            r.reservations_failed += 1;
-        }
-        self.ratings.insert(key, enc(&r))?;
-        Ok(())
+        self.update_rating(provider, |r| {
+            if ok {
+                r.reservations_ok += 1;
+                r.last_latency_ms = latency_ms;
+            } else {
+                r.reservations_failed += 1;
+            }
+        })
     }
 
     /// Records the outcome of a peering with `provider`.
     pub fn rate_peering(&self, provider: &Id, ok: bool, ms: u64) -> Result<(), TableError> {
+        self.update_rating(provider, |r| {
+            if ok {
+                r.peerings_ok += 1;
+                r.last_peering_ms = ms;
+            } else {
+                r.peerings_failed += 1;
+            }
+        })
+    }
+
+    /// Applies `change` to `provider`'s rating atomically (flows running at once do not lose
+    /// each other's counts); a rating that does not decode is reported, not overwritten.
+    fn update_rating(&self, provider: &Id, change: impl Fn(&mut Rating)) -> Result<(), TableError> {
         let key = provider.as_str().as_bytes();
-        let mut r: Rating = one("ratings", &self.ratings, key)?.unwrap_or_default();
-        if ok {
-            r.peerings_ok += 1;
-            r.last_peering_ms = ms;
-        } else {
-            r.peerings_failed += 1;
-        }
-        self.ratings.insert(key, enc(&r))?;
-        Ok(())
+        let mut bad = None;
+        self.ratings.update_and_fetch(key, |old| {
+            let mut r = match old.map(|v| dec::<Rating>("ratings", key, v)).transpose() {
+                Ok(r) => r.unwrap_or_default(),
+                Err(e) => {
+                    bad = Some(e);
+                    return old.map(|v| v.to_vec());
+                }
+            };
+            change(&mut r);
+            Some(enc(&r))
+        })?;
+        bad.map_or(Ok(()), Err)
     }
 
     pub fn rating(&self, provider: &Id) -> Result<Option<Rating>, TableError> {

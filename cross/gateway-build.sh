@@ -9,11 +9,19 @@ cd "$(dirname "$0")/.."
 # panic messages are kept): 2,562,768 -> 2,298,152 bytes on aarch64. build-std is an unstable
 # cargo flag; RUSTC_BOOTSTRAP lets the stable toolchain use it for this one build.
 # FLUIDLET_PREBUILT_STD=1 builds aarch64 with rustup's prebuilt std instead.
+# ring's C code needs musl's headers for the target (see .cargo/config.toml).
+need_sysroot() {
+    [ -f "/usr/local/lib/fluidlet/$1-musl/$2" ] || {
+        echo "missing $1 musl sysroot: run cross/musl-sysroot.sh $1 (as root)" >&2
+        exit 1
+    }
+}
 small_std=(-Z build-std=std,panic_abort -Z build-std-features=optimize_for_size)
 case "${1:-}" in
     x86_64) target=x86_64-unknown-linux-musl; extra=() ;;
     aarch64)
         target=aarch64-unknown-linux-musl
+        need_sysroot aarch64 include/stdint.h
         if [ -n "${FLUIDLET_PREBUILT_STD:-}" ]; then extra=(); else
             export RUSTC_BOOTSTRAP=1
             extra=("${small_std[@]}")
@@ -22,10 +30,7 @@ case "${1:-}" in
     armv7)
         target=armv7-unknown-linux-musleabihf
         # No prebuilt std for this target on the mirror: std is always built from source.
-        [ -f /usr/local/lib/fluidlet/armv7-musl/libc.a ] || {
-            echo "missing armv7 musl sysroot: run cross/armv7-musl-sysroot.sh (as root)" >&2
-            exit 1
-        }
+        need_sysroot armv7 libc.a
         export RUSTC_BOOTSTRAP=1
         extra=("${small_std[@]}")
         ;;

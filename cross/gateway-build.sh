@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the static gateway binary (no demo, no embedded broker) for one target and prints
-# its path and size:  cross/gateway-build.sh aarch64|armv7|x86_64
-# Needs the host tools listed at the top of .cargo/config.toml.
+# its path and size:  cross/gateway-build.sh [--cross] aarch64|armv7|x86_64
+# Needs the host tools listed at the top of .cargo/config.toml; with --cross (ARM targets),
+# a container engine and `cross` instead: the build runs in the project's own build image
+# (cross/Cross.toml, images made by cross/images.sh when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The ARM gateway builds compile std from source with the release profile (fat LTO across
@@ -16,6 +18,19 @@ need_sysroot() {
         exit 1
     }
 }
+cargo=(cargo)
+if [ "${1:-}" = --cross ]; then
+    shift
+    case "${1:-}" in aarch64|armv7) ;; *) echo "--cross builds aarch64 or armv7" >&2; exit 2 ;; esac
+    command -v cross >/dev/null || { echo "cross is missing: cargo install --locked cross --version 0.2.5" >&2; exit 1; }
+    cross/images.sh "$1" >&2
+    export CROSS_CONFIG=cross/Cross.toml
+    # cargo in the image may download crates (build-std resolves std's own dependencies):
+    # it trusts the host's certificate authorities, which include any TLS proxy's CA.
+    [ -d /etc/ssl/certs ] && export CROSS_CONTAINER_OPTS="${CROSS_CONTAINER_OPTS:-} -v /etc/ssl/certs:/etc/ssl/certs:ro"
+    cargo=(cross)
+    need_sysroot() { :; }   # the image has it
+fi
 small_std=(-Z build-std=std,panic_abort -Z build-std-features=optimize_for_size)
 case "${1:-}" in
     x86_64) target=x86_64-unknown-linux-musl; extra=() ;;
@@ -36,6 +51,6 @@ case "${1:-}" in
         ;;
     *) echo "usage: $0 x86_64|aarch64|armv7" >&2; exit 2 ;;
 esac
-cargo build --release -p fluidlet --no-default-features --target "$target" "${extra[@]}" >&2
+"${cargo[@]}" build --release -p fluidlet --no-default-features --target "$target" "${extra[@]}" >&2
 bin="target/$target/release/fluidlet"
 printf '%s\t%s bytes\n' "$bin" "$(stat -c %s "$bin")"

@@ -1,83 +1,239 @@
 //! Cross-architecture interoperability: a provider that is a foreign `fluidlet` binary (the
 //! aarch64 gateway build under qemu in CI) and a native consumer, through the domain broker
 //! of `broker-config/` (mosquitto, mutual TLS): the cross-compiled TLS stack (ring) is used
-//! for real.
+//! for real. The same scenario runs twice: the bare binary under its runner, and the runtime
+//! container image (`cross/Containerfile`, arm64, under qemu through binfmt) with the agent as
+//! the container's PID 1.
 //!
 //! Set `FLUIDLET_FOREIGN_BIN` to the binary and `FLUIDLET_FOREIGN_RUNNER` to its runner
-//! (`qemu-aarch64-static`); `.ci/run` does after building the ARM targets. Without them the
-//! test says it is skipped, except under CI, where it fails.
+//! (`qemu-aarch64-static`), and `FLUIDLET_IMAGE` to the image (`localhost/fluidlet:arm64`);
+//! `.ci/run` does after building the ARM targets. Without them a test says it is skipped,
+//! except under CI, where it fails. The container test needs a Docker Engine and root (the
+//! TLS key is handed to the image's user, 65532).
 
 use fluidlet::model::{FlavourSelector, Resources, Text};
 use fluidlet_tests::*;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn foreign() -> Option<(String, Option<String>)> {
-    match std::env::var("FLUIDLET_FOREIGN_BIN") {
-        Ok(bin) => {
-            // A relative path is taken from the workspace root, where `.ci/run` works.
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let bin = root.join(bin).to_string_lossy().into_owned();
-            Some((bin, std::env::var("FLUIDLET_FOREIGN_RUNNER").ok()))
-        }
+/// The value of `var`, or `None` (the test is skipped) when unset outside CI.
+fn required(var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) => Some(v),
         Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("CI is set but FLUIDLET_FOREIGN_BIN is not: .ci/run must build and name the ARM binary")
+            panic!("CI is set but {var} is not: .ci/run must build and name {what}")
         }
         Err(_) => {
-            eprintln!("SKIPPED: set FLUIDLET_FOREIGN_BIN (and FLUIDLET_FOREIGN_RUNNER) to run it");
+            eprintln!("SKIPPED: set {var} to run it ({what})");
             None
         }
     }
 }
 
-fn spawn(bin: &str, runner: &Option<String>, config: &std::path::Path) -> Child {
-    let mut cmd = match runner {
-        Some(r) => {
-            let mut c = Command::new(r);
-            c.arg(bin);
-            c
-        }
-        None => Command::new(bin),
-    };
-    cmd.arg("run")
-        .arg("-c")
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the foreign provider")
+/// How the foreign provider is started and stopped.
+enum Launcher {
+    /// The binary, under its runner (qemu) if any.
+    Binary { bin: String, runner: Option<String> },
+    /// The runtime image; config and TLS material in a bind-mounted directory, state in a
+    /// named volume that outlives a restart.
+    Container { image: String, volume: String },
 }
 
-/// Sends SIGTERM and waits for a clean exit.
-fn terminate(child: &mut Child) {
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = child.wait().expect("wait");
-    assert!(
-        exit.success(),
-        "the provider did not stop cleanly: {exit:?}"
-    );
+/// A running provider; stopped (and its container removed) on drop if a test fails.
+enum Running {
+    Process(Child),
+    Container(String),
+}
+
+impl Launcher {
+    /// Paths as the provider sees them: the directory of its config (`agent.toml`) and TLS
+    /// files, and its data directory.
+    fn paths(&self, host: &Path) -> (PathBuf, PathBuf) {
+        match self {
+            Launcher::Binary { .. } => (host.to_path_buf(), host.join("arm-prov")),
+            Launcher::Container { .. } => ("/etc/fluidlet".into(), "/var/lib/fluidlet".into()),
+        }
+    }
+
+    fn spawn(&self, host: &Path, run: u32) -> Running {
+        match self {
+            Launcher::Binary { bin, runner } => {
+                let mut cmd = match runner {
+                    Some(r) => {
+                        let mut c = Command::new(r);
+                        c.arg(bin);
+                        c
+                    }
+                    None => Command::new(bin),
+                };
+                let child = cmd
+                    .arg("run")
+                    .arg("-c")
+                    .arg(host.join("agent.toml"))
+                    .env("RUST_LOG", "info")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .expect("start the foreign provider");
+                Running::Process(child)
+            }
+            Launcher::Container { image, volume } => {
+                // The image's default command: `run -c /etc/fluidlet/agent.toml`. Host
+                // networking: the broker is on this machine's loopback.
+                let name = format!("{volume}-{run}");
+                let out = Command::new("docker")
+                    .args(["run", "-d", "--name", &name, "--network", "host"])
+                    .args(["-e", "RUST_LOG=info"])
+                    .arg("-v")
+                    .arg(format!("{}:/etc/fluidlet:ro", host.display()))
+                    .arg("-v")
+                    .arg(format!("{volume}:/var/lib/fluidlet"))
+                    .arg(image)
+                    .output()
+                    .expect("docker run");
+                assert!(
+                    out.status.success(),
+                    "docker run failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Running::Container(name)
+            }
+        }
+    }
+}
+
+impl Running {
+    /// SIGTERM to the agent (`kill`, or `docker stop` to the container's PID 1) and a clean
+    /// exit.
+    fn terminate(mut self) {
+        match &mut self {
+            Running::Process(child) => {
+                let status = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(child.id().to_string())
+                    .status()
+                    .expect("kill");
+                assert!(status.success());
+                let exit = child.wait().expect("wait");
+                assert!(
+                    exit.success(),
+                    "the provider did not stop cleanly: {exit:?}"
+                );
+            }
+            Running::Container(name) => {
+                let stop = Command::new("docker")
+                    .args(["stop", "-t", "20", name.as_str()])
+                    .output()
+                    .expect("docker stop");
+                assert!(stop.status.success(), "docker stop failed");
+                let code = Command::new("docker")
+                    .args(["inspect", "-f", "{{.State.ExitCode}}", name.as_str()])
+                    .output()
+                    .expect("docker inspect");
+                let code = String::from_utf8_lossy(&code.stdout).trim().to_string();
+                if code != "0" {
+                    let logs = Command::new("docker")
+                        .args(["logs", name.as_str()])
+                        .output();
+                    if let Ok(l) = logs {
+                        eprintln!("{}", String::from_utf8_lossy(&l.stderr));
+                    }
+                }
+                assert_eq!(code, "0", "the provider in {name} did not stop cleanly");
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        match self {
+            Running::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Running::Container(name) => {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f", name.as_str()])
+                    .output();
+            }
+        }
+    }
+}
+
+/// Removes the test's named volume.
+struct Volume(String);
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["volume", "rm", "-f", self.0.as_str()])
+            .output();
+    }
 }
 
 #[tokio::test]
 async fn foreign_arch_provider_serves_a_native_consumer() {
-    let Some((bin, runner)) = foreign() else {
+    let Some(bin) = required("FLUIDLET_FOREIGN_BIN", "the ARM gateway binary") else {
         return;
     };
+    // A relative path is taken from the workspace root, where `.ci/run` works.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = root.join(bin).to_string_lossy().into_owned();
+    let runner = std::env::var("FLUIDLET_FOREIGN_RUNNER").ok();
+    serves_a_native_consumer(Launcher::Binary { bin, runner }).await;
+}
+
+/// The provider runs in the arm64 runtime image built by `cross/runtime-image.sh`, as the
+/// container's PID 1 under qemu; `docker stop` must reach it as SIGTERM and withdraw the
+/// advert, and the state volume must carry its tables over a restart.
+#[tokio::test]
+async fn provider_in_the_arm64_container_serves_a_native_consumer() {
+    let Some(image) = required("FLUIDLET_IMAGE", "the arm64 runtime image") else {
+        return;
+    };
+    let engine = Command::new("docker")
+        .args(["info", "-f", "{{.ServerVersion}}"])
+        .output();
+    if !engine.map(|o| o.status.success()).unwrap_or(false) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but no Docker Engine answers"
+        );
+        eprintln!("SKIPPED: no Docker Engine");
+        return;
+    }
+    let volume = format!("fluidlet-test-{}", std::process::id());
+    let _cleanup = Volume(volume.clone());
+    serves_a_native_consumer(Launcher::Container { image, volume }).await;
+}
+
+/// A native consumer buys from the foreign provider over mutual TLS; a clean stop withdraws
+/// the advert; restarted, the provider advertises what is left from its tables.
+async fn serves_a_native_consumer(launcher: Launcher) {
     let Some(domain) = TlsDomain::start() else {
         return;
     };
     let (d, port) = (domain.domain.clone(), domain.port);
-    let files = domain.enrol("arm-prov");
+    let minted = domain.enrol("arm-prov");
     let dir = tempfile::tempdir().unwrap();
-    let toml = dir.path().join("provider.toml");
+    // The provider's TLS files sit beside its config, readable by the container's user.
+    let mut files = Vec::new();
+    for (name, from) in [
+        ("domain-ca.pem", &minted.ca),
+        ("node.pem", &minted.cert),
+        ("node.key", &minted.key),
+    ] {
+        std::fs::copy(from, dir.path().join(name)).unwrap();
+        files.push(name);
+    }
+    if let Launcher::Container { .. } = launcher {
+        hand_to_image_user(dir.path(), &files);
+    }
+    let (tls_dir, data_dir) = launcher.paths(dir.path());
     std::fs::write(
-        &toml,
+        dir.path().join("agent.toml"),
         format!(
             r#"node_id = "arm-prov"
 domain = "{d}"
@@ -106,14 +262,14 @@ memory_step = "512Mi"
 pods_min = 1
 pods_step = 1
 "#,
-            dir.path().join("arm-prov").display(),
-            files.ca.display(),
-            files.cert.display(),
-            files.key.display(),
+            data_dir.display(),
+            tls_dir.join("domain-ca.pem").display(),
+            tls_dir.join("node.pem").display(),
+            tls_dir.join("node.key").display(),
         ),
     )
     .unwrap();
-    let mut provider = spawn(&bin, &runner, &toml);
+    let provider = launcher.spawn(dir.path(), 1);
 
     let c = start(
         domain.config("x86-cons", domain.enrol("x86-cons"), dir.path()),
@@ -146,14 +302,14 @@ pods_step = 1
     assert_eq!(contract.resources.cpu, 1000);
 
     // A clean stop (SIGTERM) withdraws the advert.
-    terminate(&mut provider);
+    provider.terminate();
     eventually("the advert withdrawn", || {
         c.tables().candidates().unwrap().is_empty()
     })
     .await;
 
     // Restarted, the foreign provider advertises the reduced flavour from its tables.
-    let mut provider = spawn(&bin, &runner, &toml);
+    let provider = launcher.spawn(dir.path(), 2);
     eventually("the reduced advert after restart", || {
         c.tables()
             .candidates()
@@ -162,7 +318,25 @@ pods_step = 1
             .any(|k| k.flavour.provider.as_str() == "arm-prov" && k.flavour.resources.cpu == 1000)
     })
     .await;
-    terminate(&mut provider);
+    provider.terminate();
     tokio::time::sleep(Duration::from_millis(10)).await;
     c.shutdown().await;
+}
+
+/// The image runs as 65532 and the agent refuses keys others can read: the config directory
+/// and its files are handed to that user (the test runs as root where CI runs it).
+fn hand_to_image_user(dir: &Path, files: &[&str]) {
+    let mut cmd = Command::new("chown");
+    cmd.arg("-R").arg("65532:65532").arg(dir);
+    let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
+    assert!(
+        ok,
+        "chown to the image's user failed (the container test needs root)"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in files {
+        let mode = if f.ends_with(".key") { 0o600 } else { 0o644 };
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
 }

@@ -465,3 +465,49 @@ async fn a_catalog_entry_over_the_size_bound_is_refused_and_adverts_and_wills_st
     .await;
     carol.shutdown().await;
 }
+
+/// Runs `openssl s_client` against the broker with TLS 1.2 and one cipher suite; returns the
+/// suite negotiated, or `None` if the handshake failed.
+fn tls12_handshake(d: &TlsDomain, cipher: &str) -> Option<String> {
+    let files = d.enrol(&format!("probe-{}", cipher.to_lowercase()));
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{}", d.port)])
+        .args(["-tls1_2", "-cipher", cipher, "-CAfile"])
+        .arg(&files.ca)
+        .arg("-cert")
+        .arg(&files.cert)
+        .arg("-key")
+        .arg(&files.key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let suite = text
+        .lines()
+        .find_map(|l| l.split_once("Cipher is ").map(|(_, c)| c.trim().to_owned()))?;
+    (suite != "(NONE)").then_some(suite)
+}
+
+#[tokio::test]
+async fn the_broker_accepts_only_aead_cipher_suites_for_tls_1_2() {
+    let Some(d) = TlsDomain::start() else { return };
+    for cbc in [
+        "ECDHE-ECDSA-AES128-SHA",
+        "ECDHE-ECDSA-AES256-SHA",
+        "ECDHE-ECDSA-AES128-SHA256",
+        "ECDHE-ECDSA-AES256-SHA384",
+    ] {
+        assert_eq!(tls12_handshake(&d, cbc), None, "{cbc} accepted");
+    }
+    for aead in [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ] {
+        assert_eq!(
+            tls12_handshake(&d, aead).as_deref(),
+            Some(aead),
+            "{aead} refused"
+        );
+    }
+}

@@ -245,6 +245,11 @@ impl Agent {
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
         let tls = prepare_transport(&cfg)?;
+        crate::files::prepare_data_dir(&cfg.data_dir)
+            .map_err(|e| AgentError::Other(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
+        for w in crate::files::mode_warnings(&cfg.data_dir) {
+            warn!("{w}");
+        }
         let tables = Tables::open_for(&cfg.data_dir, &cfg.node_id).await?;
         tables.sync_offers(&cfg.offers).await?;
         let topics = Topics::new(&cfg.domain, &cfg.node_id);

@@ -3,13 +3,19 @@
 #
 #   domain.sh init DIR DOMAIN [PORT [BIND [HOSTNAME...]]]
 #       Mints the domain CA and the broker's certificate (for HOSTNAMEs, plus localhost and
-#       127.0.0.1), and writes DIR/mosquitto.conf and DIR/acl from this folder's templates.
-#       Run the broker with: mosquitto -c DIR/mosquitto.conf
+#       127.0.0.1), writes DIR/mosquitto.conf and DIR/acl from this folder's templates, and
+#       builds the retained-storage plugin DIR/fluidos_retain.so from fluidos_retain.c (needs
+#       gcc and the mosquitto 2 headers: Debian packages gcc, mosquitto-dev, libmosquitto-dev;
+#       CC overrides the compiler). Run the broker with: mosquitto -c DIR/mosquitto.conf
 #       PORT 8883 and BIND 0.0.0.0 by default.
 #   domain.sh node DIR NODE_ID [DAYS]
 #       Mints a node certificate (CN = NODE_ID) signed by the domain CA into
 #       DIR/nodes/NODE_ID/: node.pem, node.key (0600), domain-ca.pem. Copy the three files
 #       to the gateway (docs/security.md, "Enrol a node"). DAYS: 825 by default.
+#   domain.sh plugin DIR
+#       Rebuilds DIR/fluidos_retain.so (after a mosquitto upgrade, or for a domain set up
+#       before the plugin existed: then also copy the `plugin` lines of this folder's
+#       mosquitto.conf into DIR/mosquitto.conf, with DIR and the domain filled in).
 #
 # Keys are EC P-256. DIR/domain-ca.key signs every node: keep it offline once the
 # domain is set up (move it away and bring it back to enrol a node).
@@ -25,6 +31,20 @@ valid_id() {
 }
 command -v openssl >/dev/null || die "openssl is not installed"
 
+# The broker plugin that bounds retained storage (fluidos_retain.c): built for the broker
+# host, loaded by mosquitto with `plugin` in mosquitto.conf.
+build_plugin() {
+    cc=${CC:-gcc}
+    command -v "$cc" >/dev/null || die "$cc not found: the retained-storage plugin needs a C compiler (apt-get install gcc)"
+    for h in mosquitto_broker.h mosquitto_plugin.h mosquitto.h; do
+        printf '#include <%s>\n' "$h" | "$cc" -E -x c - >/dev/null 2>&1 \
+            || die "header $h not found: apt-get install mosquitto-dev libmosquitto-dev"
+    done
+    "$cc" -shared -fPIC -O2 -Wall -Wextra -Werror -o "$1" "$here/fluidos_retain.c" \
+        || die "building the retained-storage plugin failed"
+    chmod 0755 "$1"
+}
+
 case "${1:-}" in
 init)
     [ $# -ge 3 ] || die "usage: domain.sh init DIR DOMAIN [PORT [BIND [HOSTNAME...]]]"
@@ -34,6 +54,7 @@ init)
     case "$port" in ''|*[!0-9]*) die "port '$port' is not a number";; esac
     [ -e "$dir/domain-ca.key" ] && die "$dir already holds a domain CA; not overwriting it"
     mkdir -p "$dir/data" "$dir/nodes"
+    build_plugin "$dir/fluidos_retain.so"
     umask 077
     openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
         -keyout "$dir/domain-ca.key" -out "$dir/domain-ca.pem" -days 3650 \
@@ -88,8 +109,14 @@ node)
     chmod 0600 "$out/node.key"; chmod 0644 "$out/node.pem" "$out/domain-ca.pem"
     echo "node $node: $out/node.pem, $out/node.key, $out/domain-ca.pem"
     ;;
+plugin)
+    [ $# -ge 2 ] || die "usage: domain.sh plugin DIR"
+    [ -d "$2" ] || die "$2 is not a directory"
+    build_plugin "$2/fluidos_retain.so"
+    echo "built $2/fluidos_retain.so; restart mosquitto to load it"
+    ;;
 *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

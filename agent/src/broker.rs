@@ -39,8 +39,9 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 pub struct Inbound {
     pub topic: String,
     pub payload: Vec<u8>,
-    /// The sender is over its rate limit: answer BUSY, do not serve. Only the first message
-    /// over the limit arrives so marked; the rest are dropped in the session task.
+    /// The sender is over its rate limit: answer BUSY, do not serve. At most one message per
+    /// [`BUSY_WINDOW`] arrives so marked; the others over the limit are dropped in the session
+    /// task (those within it, as tokens refill, are served).
     pub limited: bool,
 }
 
@@ -52,16 +53,21 @@ pub const MAX_TRACKED_SENDERS: usize = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Pass,
-    /// First message over the limit: tell the sender (BUSY).
+    /// Over the limit and not told in the last [`BUSY_WINDOW`]: tell the sender (BUSY).
     Tell,
-    /// Over the limit and already told, or no room to track the sender: drop.
+    /// Over the limit and already told in this window, or no room to track the sender: drop.
     Drop,
 }
+
+/// A sender over its rate limit is told BUSY at most once per window, however many of its
+/// messages pass in between as tokens refill.
+pub const BUSY_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct Bucket {
     tokens: f64,
     at: std::time::Instant,
-    told: bool,
+    /// When this sender was last told BUSY.
+    told: Option<std::time::Instant>,
 }
 
 /// Token buckets per sender: `rate` messages per second on average, `burst` at once.
@@ -98,19 +104,21 @@ impl SenderLimits {
             .or_insert_with(|| Bucket {
                 tokens: burst,
                 at: now,
-                told: false,
+                told: None,
             });
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
         b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
         b.at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
-            b.told = false;
             Verdict::Pass
-        } else if b.told {
+        } else if b
+            .told
+            .is_some_and(|t| now.saturating_duration_since(t) < BUSY_WINDOW)
+        {
             Verdict::Drop
         } else {
-            b.told = true;
+            b.told = Some(now);
             Verdict::Tell
         }
     }
@@ -416,14 +424,40 @@ mod tests {
             Verdict::Pass,
             "others are not affected"
         );
-        // 100 ms at 10/s refills one token.
+        // 100 ms at 10/s refills one token: it passes, and the next one is dropped without
+        // a second BUSY (one per window, not one per refilled token).
         let later = t + Duration::from_millis(100);
         assert_eq!(l.check("eve", later), Verdict::Pass);
         assert_eq!(
             l.check("eve", later),
-            Verdict::Tell,
-            "told again after passing"
+            Verdict::Drop,
+            "told twice in a window"
         );
+        // A window later, over the limit again: told again, once.
+        let next = t + BUSY_WINDOW;
+        let verdicts: Vec<_> = (0..10).map(|_| l.check("eve", next)).collect();
+        assert_eq!(
+            verdicts.iter().filter(|v| **v == Verdict::Tell).count(),
+            1,
+            "{verdicts:?}"
+        );
+    }
+
+    #[test]
+    fn a_steady_flood_gets_one_busy_per_window() {
+        // 100 messages/s against a limit of 10/s (bursts of 5) for 3 s.
+        let mut l = SenderLimits::new(10, 5);
+        let t = Instant::now();
+        let (mut passed, mut told) = (0, 0);
+        for i in 0..300 {
+            match l.check("eve", t + Duration::from_millis(10 * i)) {
+                Verdict::Pass => passed += 1,
+                Verdict::Tell => told += 1,
+                Verdict::Drop => {}
+            }
+        }
+        assert_eq!(told, 3, "one BUSY per second of flooding");
+        assert!((30..=36).contains(&passed), "{passed} passed");
     }
 
     #[test]

@@ -514,12 +514,12 @@ impl Fabric {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io)?;
         }
-        std::fs::write(path, contents).map_err(io)?;
         if private {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+            // Created 0600 before a byte of the secret is written (never write-then-chmod).
+            crate::files::write_private(path, contents.as_bytes()).map_err(io)
+        } else {
+            std::fs::write(path, contents).map_err(io)
         }
-        Ok(())
     }
 
     /// The dry run: writes the command down instead of running it.

@@ -20,6 +20,7 @@
 //! - [`tls`]: mutual TLS to the broker (rustls + ring), the node-id = CN check.
 //! - [`orchestrator`]: Node Orchestrator: intents, placement, the workflow state machine.
 //! - [`fabric`]: Virtual Fabric Manager: the k3s + Liqo shim and its dry-run backend.
+//! - [`files`]: owner-only data_dir and secret files, and the warning when they are not.
 //! - [`control`]: the local control socket (`fluidlet intent`, `status`, `contract`).
 //! - `demo` (feature `demo`): an embedded broker and two nodes in one process.
 //!
@@ -33,6 +34,7 @@ pub mod control;
 pub mod demo;
 pub mod discovery;
 pub mod fabric;
+pub mod files;
 pub mod model;
 pub mod node;
 pub mod orchestrator;

@@ -245,6 +245,11 @@ impl Agent {
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
         let tls = prepare_transport(&cfg)?;
+        crate::files::prepare_data_dir(&cfg.data_dir)
+            .map_err(|e| AgentError::Other(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
+        for w in crate::files::mode_warnings(&cfg.data_dir) {
+            warn!("{w}");
+        }
         let tables = Tables::open_for(&cfg.data_dir, &cfg.node_id).await?;
         tables.sync_offers(&cfg.offers).await?;
         let topics = Topics::new(&cfg.domain, &cfg.node_id);
@@ -564,13 +569,10 @@ async fn handle(
 async fn over_rate(shared: &Shared, from: &Id, payload: &[u8]) {
     let l = &shared.cfg.limits;
     warn!(%from, rate = l.sender_rate, burst = l.sender_burst, "sender over its rate limit; its messages are dropped until it slows down");
-    let msg = Message::decode(payload).ok();
-    if msg
-        .as_ref()
-        .is_some_and(|m| matches!(m.body, Body::Error(_)))
-    {
+    if crate::wire::is_error(payload) {
         return;
     }
+    let msg = Message::decode(payload).ok();
     let text = format!(
         "rate limit: at most {} messages/s (bursts of {}) per sender; \
          this and further messages are dropped until the rate falls",
@@ -594,7 +596,10 @@ async fn decode_or_answer(shared: &Shared, from: &Id, payload: &[u8]) -> Option<
         Ok(msg) => Some(msg),
         Err(e) => {
             warn!(%from, error = %e, "refused a message");
-            answer_wire_error(shared, from, &e).await;
+            // Never answer an ERROR, not even a broken one (docs/protocol.md section 5).
+            if !crate::wire::is_error(payload) {
+                answer_wire_error(shared, from, &e).await;
+            }
             None
         }
     }
@@ -619,6 +624,9 @@ async fn answer_error(
 
 async fn unexpected(shared: &Shared, from: &Id, id: u64, kind: crate::wire::Kind, place: &str) {
     warn!(%from, ?kind, place, "message kind has no meaning here");
+    if kind == crate::wire::Kind::Error {
+        return;
+    }
     let text = format!("{kind:?} is not accepted on {place} topics");
     answer_error(shared, from, Some(id), ErrorCode::Unexpected, &text).await;
 }

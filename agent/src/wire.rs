@@ -1,6 +1,11 @@
 //! The wire: MQTT topics, the CBOR envelope, size limits, and decoding errors that say what
 //! was wrong.
 //!
+//! Decoders are strict about the encoding ([`check_encoding`]: one data item and nothing
+//! after it, definite lengths, no key twice, shortest integers), so that two implementations
+//! can never read one payload two ways; and an ERROR is recognised ([`is_error`]) even when
+//! nothing else in it can be decoded, so that it is never answered.
+//!
 //! This module is pure: bytes in, typed messages out (and back), no sockets and no tables, so
 //! it is tested with byte literals. Decoding happens in a fixed order so that each failure
 //! has one precise answer: the size is checked before a single byte is parsed
@@ -18,7 +23,7 @@
 //! The sender is always a whole topic level, so mosquitto's `%u` ACL patterns can bind it to
 //! the client certificate and the topic itself proves who sent a message.
 
-use crate::model::{Contract, FlavourList, FlavourSelector, Id, ReserveRequest, Text};
+use crate::model::{Contract, FlavourList, FlavourSelector, Id, ReserveRequest, Text, MAX_NODE_ID};
 use minicbor::bytes::ByteVec;
 use minicbor::{Decode, Encode};
 
@@ -314,6 +319,12 @@ pub struct Message {
 impl Message {
     /// Encodes the message, refusing to produce a payload the receiver would refuse.
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        if self.sender.as_str().len() > MAX_NODE_ID {
+            return Err(WireError::Malformed {
+                id: Some(self.id),
+                reason: format!("sender {} is longer than a node id", self.sender),
+            });
+        }
         let raw = RawEnvelope {
             version: VERSION,
             kind: self.body.kind() as u16,
@@ -348,7 +359,8 @@ impl Message {
         minicbor::to_vec(&raw).unwrap_or_default()
     }
 
-    /// Decodes a payload; see the module docs for the order of the checks.
+    /// Decodes a payload; see the module docs for the order of the checks, and
+    /// [`check_encoding`] for how strict it is.
     pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
         if bytes.len() > MAX_PAYLOAD {
             return Err(WireError::TooLarge {
@@ -366,18 +378,34 @@ impl Message {
                 id: header.id,
             });
         }
+        check_encoding(bytes).map_err(|reason| WireError::Malformed {
+            id: header.id,
+            reason: format!("envelope: {reason}"),
+        })?;
         let raw: RawEnvelope = minicbor::decode(bytes).map_err(|e| WireError::Malformed {
             id: header.id,
             reason: format!("envelope: {e}"),
         })?;
+        if raw.sender.as_str().len() > MAX_NODE_ID {
+            return Err(WireError::Malformed {
+                id: Some(raw.id),
+                reason: format!(
+                    "envelope: sender is {} bytes, a node id is at most {MAX_NODE_ID}",
+                    raw.sender.as_str().len()
+                ),
+            });
+        }
         let kind = Kind::from_u16(raw.kind).ok_or(WireError::UnknownKind {
             kind: raw.kind,
             id: Some(raw.id),
         })?;
-        let body = Body::from_bytes(kind, &raw.body).map_err(|e| WireError::Malformed {
-            id: Some(raw.id),
-            reason: format!("{kind:?} body: {e}"),
-        })?;
+        let body = check_encoding(&raw.body)
+            .map_err(minicbor::decode::Error::message)
+            .and_then(|()| Body::from_bytes(kind, &raw.body))
+            .map_err(|e| WireError::Malformed {
+                id: Some(raw.id),
+                reason: format!("{kind:?} body: {e}"),
+            })?;
         Ok(Message {
             id: raw.id,
             correlation: raw.correlation,
@@ -386,6 +414,144 @@ impl Message {
             body,
         })
     }
+}
+
+/// Whether a payload is an ERROR, as far as its envelope's key 1 (the kind, which keeps its
+/// meaning in every protocol version) can be read, whatever else is wrong with it: its size,
+/// its version, its other keys or its body. ERRORs are never answered, not even a broken
+/// one: two nodes that cannot understand each other must not answer each other forever.
+pub fn is_error(payload: &[u8]) -> bool {
+    peek_kind(payload) == Some(Kind::Error as u64)
+}
+
+/// Key 1 of the top-level map, read leniently (unknown keys skipped, any key order).
+fn peek_kind(payload: &[u8]) -> Option<u64> {
+    let mut d = minicbor::Decoder::new(payload);
+    let n = d.map().ok()?;
+    let mut i = 0u64;
+    while n.is_none_or(|n| i < n) {
+        if d.datatype().ok()? == minicbor::data::Type::Break {
+            return None;
+        }
+        match d.u64() {
+            Ok(1) => return d.u64().ok(),
+            Ok(_) => d.skip().ok()?,
+            Err(_) => return None,
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Deepest nesting of arrays, maps and tags accepted in a payload (the deepest message,
+/// a FLAVOURS answer, nests 4: body, list, flavour, its partitionability).
+pub const MAX_DEPTH: usize = 16;
+
+/// The encoding rules decoders enforce on the envelope and on every body, beyond the layout
+/// of each kind (docs/protocol.md section 4): the bytes are exactly one CBOR data item
+/// (nothing after it); no map, array, text or byte string anywhere has an indefinite length;
+/// no map has the same key twice; every integer, length and tag is in its shortest form
+/// (preferred serialization, RFC 8949 section 4.2.1); nesting is at most [`MAX_DEPTH`]. These
+/// hold inside unknown keys too. Floats and simple values are checked only for
+/// well-formedness. Everything [`Message::encode`] produces passes.
+pub fn check_encoding(bytes: &[u8]) -> Result<(), String> {
+    let mut pos = 0;
+    item(bytes, &mut pos, 0)?;
+    if pos != bytes.len() {
+        return Err(format!(
+            "{} bytes after the end of the data item",
+            bytes.len() - pos
+        ));
+    }
+    Ok(())
+}
+
+/// Takes `n` bytes at `pos`.
+fn take<'b>(b: &'b [u8], pos: &mut usize, n: u64) -> Result<&'b [u8], String> {
+    let end = usize::try_from(n)
+        .ok()
+        .and_then(|n| pos.checked_add(n))
+        .filter(|end| *end <= b.len())
+        .ok_or_else(|| "truncated".to_string())?;
+    let s = &b[*pos..end];
+    *pos = end;
+    Ok(s)
+}
+
+/// One data item starting at `pos`; leaves `pos` after it.
+fn item(b: &[u8], pos: &mut usize, depth: usize) -> Result<(), String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("nested deeper than {MAX_DEPTH}"));
+    }
+    let start = *pos;
+    let first = take(b, pos, 1)?[0];
+    let (major, info) = (first >> 5, first & 0x1f);
+    let arg = match info {
+        0..=23 => u64::from(info),
+        24..=27 => {
+            let width = 1u64 << (info - 24);
+            let v = take(b, pos, width)?
+                .iter()
+                .fold(0u64, |acc, x| (acc << 8) | u64::from(*x));
+            // Major type 7 uses these widths for floats (and 24 for simple values).
+            let shortest = match info {
+                24 => 24,
+                25 => 0x100,
+                26 => 0x1_0000,
+                _ => 0x1_0000_0000,
+            };
+            if major != 7 && v < shortest {
+                return Err(format!(
+                    "integer or length {v} at byte {start} is not in its shortest form"
+                ));
+            }
+            if major == 7 && info == 24 && v < 32 {
+                return Err(format!(
+                    "simple value {v} at byte {start} is not well-formed"
+                ));
+            }
+            v
+        }
+        31 if (2..=5).contains(&major) => {
+            return Err(format!("indefinite length at byte {start}"));
+        }
+        _ => return Err(format!("not well-formed at byte {start}")),
+    };
+    let room = (b.len() - *pos) as u64;
+    match major {
+        0 | 1 => {}
+        2 | 3 => {
+            take(b, pos, arg)?;
+        }
+        4 => {
+            if arg > room {
+                return Err("truncated".into());
+            }
+            for _ in 0..arg {
+                item(b, pos, depth + 1)?;
+            }
+        }
+        5 => {
+            if arg > room / 2 {
+                return Err("truncated".into());
+            }
+            let mut keys: Vec<&[u8]> = Vec::with_capacity(arg as usize);
+            for _ in 0..arg {
+                let k = *pos;
+                item(b, pos, depth + 1)?;
+                keys.push(&b[k..*pos]);
+                item(b, pos, depth + 1)?;
+            }
+            keys.sort_unstable();
+            if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+                let key: String = w[0].iter().take(16).map(|x| format!("{x:02x}")).collect();
+                return Err(format!("map at byte {start} has the key 0x{key} twice"));
+            }
+        }
+        6 => item(b, pos, depth + 1)?,
+        _ => {} // 7: simple values and floats, their bytes already taken
+    }
+    Ok(())
 }
 
 /// Why a payload was refused.
@@ -883,6 +1049,156 @@ mod tests {
                 "example {name}"
             );
         }
+    }
+
+    fn envelope_bytes() -> Vec<u8> {
+        build_message(Body::Error(ErrorBody::new(ErrorCode::NoFit, "x")))
+            .encode()
+            .unwrap()
+    }
+
+    /// Wraps `body` (any bytes) in an otherwise valid envelope of `kind`, id 7.
+    fn with_body(kind: Kind, body: &[u8]) -> Vec<u8> {
+        Message::envelope(kind as u16, 7, &Id::new("consumer-1").unwrap(), body)
+    }
+
+    fn malformed_with_id(bytes: &[u8]) -> String {
+        match Message::decode(bytes) {
+            Err(WireError::Malformed {
+                id: Some(7),
+                reason,
+            }) => reason,
+            other => panic!("expected MALFORMED with id 7, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_after_the_envelope_or_the_body_are_malformed() {
+        let mut bytes = envelope_bytes();
+        assert!(Message::decode(&bytes).is_ok());
+        bytes.push(0x00);
+        assert!(malformed_with_id(&bytes).contains("1 bytes after"));
+        // ERROR body {0: 6, 1: "x"} followed by a stray 0.
+        let body = [0xa2, 0x00, 0x06, 0x01, 0x61, b'x', 0x00];
+        assert!(malformed_with_id(&with_body(Kind::Error, &body)).contains("after the end"));
+    }
+
+    #[test]
+    fn indefinite_length_maps_are_malformed() {
+        // The envelope as an indefinite map: a6 -> bf ... ff.
+        let mut bytes = envelope_bytes();
+        assert_eq!(bytes[0], 0xa6);
+        bytes[0] = 0xbf;
+        bytes.push(0xff);
+        assert!(malformed_with_id(&bytes).contains("indefinite"));
+        // An ERROR body as an indefinite map, and one inside an unknown key.
+        let body = [0xbf, 0x00, 0x06, 0x01, 0x61, b'x', 0xff];
+        assert!(malformed_with_id(&with_body(Kind::Error, &body)).contains("indefinite"));
+        let body = [0xa3, 0x00, 0x06, 0x01, 0x61, b'x', 0x09, 0xbf, 0xff];
+        assert!(malformed_with_id(&with_body(Kind::Error, &body)).contains("indefinite"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_malformed() {
+        // {0: 6, 1: "x", 0: 5}: which code would it be?
+        let body = [0xa3, 0x00, 0x06, 0x01, 0x61, b'x', 0x00, 0x05];
+        assert!(malformed_with_id(&with_body(Kind::Error, &body)).contains("twice"));
+        // A second sender (key 5) in the envelope.
+        let mut bytes = envelope_bytes();
+        assert_eq!(bytes[0], 0xa6);
+        bytes[0] = 0xa7;
+        bytes.extend_from_slice(&[0x05, 0x61, b'e']);
+        assert!(malformed_with_id(&bytes).contains("twice"));
+    }
+
+    #[test]
+    fn integers_and_lengths_not_in_their_shortest_form_are_malformed() {
+        // Code 6 written as 18 06 (one extra byte) instead of 06.
+        let body = [0xa2, 0x00, 0x18, 0x06, 0x01, 0x61, b'x'];
+        assert!(malformed_with_id(&with_body(Kind::Error, &body)).contains("shortest"));
+        // The text length written as 78 01.
+        let body = [0xa2, 0x00, 0x06, 0x01, 0x78, 0x01, b'x'];
+        assert!(malformed_with_id(&with_body(Kind::Error, &body)).contains("shortest"));
+        // The same in the envelope: the id 7 as 19 00 07.
+        let bytes = envelope_bytes();
+        assert_eq!(&bytes[5..7], &[0x02, 0x07]);
+        let mut long = bytes[..6].to_vec();
+        long.extend_from_slice(&[0x19, 0x00, 0x07]);
+        long.extend_from_slice(&bytes[7..]);
+        assert!(matches!(
+            Message::decode(&long),
+            Err(WireError::Malformed { reason, .. }) if reason.contains("shortest")
+        ));
+        // The shortest forms at each width's edge are accepted.
+        for ok in [
+            &[0x17][..],
+            &[0x18, 0x18],
+            &[0x19, 0x01, 0x00],
+            &[0x1a, 0x00, 0x01, 0x00, 0x00],
+            &[0x1b, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00],
+        ] {
+            assert_eq!(check_encoding(ok), Ok(()), "{ok:02x?}");
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let mut deep = vec![0x81; MAX_DEPTH + 1];
+        deep.push(0x00);
+        assert!(check_encoding(&deep).unwrap_err().contains("nested"));
+        let mut ok = vec![0x81; MAX_DEPTH];
+        ok.push(0x00);
+        assert_eq!(check_encoding(&ok), Ok(()));
+    }
+
+    #[test]
+    fn every_example_passes_the_encoding_check() {
+        for (name, m) in examples() {
+            let bytes = m.encode().unwrap();
+            assert_eq!(check_encoding(&bytes), Ok(()), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_sender_longer_than_a_node_id_is_malformed() {
+        let long = "n".repeat(crate::model::MAX_NODE_ID + 1);
+        let bytes = Message::envelope(1, 7, &Id::new(&long).unwrap(), &[0xa1, 0x00, 0xa0]);
+        assert!(malformed_with_id(&bytes).contains("at most 48"));
+        let just = "n".repeat(crate::model::MAX_NODE_ID);
+        let bytes = Message::envelope(1, 7, &Id::new(&just).unwrap(), &[0xa1, 0x00, 0xa0]);
+        assert!(Message::decode(&bytes).is_ok());
+        // And the encoder does not produce one.
+        let mut m = build_message(Body::ListFlavours(ListFlavours::default()));
+        m.sender = Id::new(&long).unwrap();
+        assert!(m.encode().is_err());
+    }
+
+    #[test]
+    fn an_error_is_recognised_whatever_else_is_wrong_with_it() {
+        // The cases an independent client found answered with MALFORMED.
+        let code_as_text = [0xa2, 0x00, 0x61, b'6', 0x01, 0x61, b'x'];
+        let mut long_text = vec![0xa2, 0x00, 0x06, 0x01, 0x79, 0x01, 0x2c];
+        long_text.extend(std::iter::repeat_n(b'a', 300));
+        for body in [&code_as_text[..], &long_text, &[]] {
+            let bytes = with_body(Kind::Error, body);
+            assert!(Message::decode(&bytes).is_err());
+            assert!(is_error(&bytes), "{body:02x?}");
+        }
+        // An unknown version (key 1 keeps its meaning), an oversized one, a good one.
+        assert!(is_error(&[0xa3, 0x00, 0x02, 0x01, 0x05, 0x02, 0x09]));
+        let mut big = with_body(Kind::Error, &vec![0; MAX_PAYLOAD]);
+        assert!(Message::decode(&big).is_err());
+        assert!(is_error(&big));
+        big.clear();
+        assert!(!is_error(&big));
+        assert!(is_error(&envelope_bytes()));
+        // Not errors.
+        let list = build_message(Body::ListFlavours(ListFlavours::default()))
+            .encode()
+            .unwrap();
+        assert!(!is_error(&list));
+        assert!(!is_error(b"hello world"));
+        assert!(!is_error(&[0xa1, 0x01, 0x61, b'5']));
     }
 
     #[test]

@@ -277,3 +277,35 @@ async fn intent_status_and_release_through_the_control_socket() {
     assert!(agent.wait().unwrap().success());
     provider.shutdown().await;
 }
+
+#[test]
+fn check_warns_about_a_data_dir_other_users_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let db = data.join("db");
+    std::fs::write(&db, b"tables").unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = dir.path().join("agent.toml");
+    let toml = format!(
+        "node_id = \"gw-1\"\ndomain = \"d1\"\nbroker = \"mqtt://127.0.0.1\"\ndata_dir = \"{}\"\n",
+        data.display()
+    );
+    std::fs::write(&path, &toml).unwrap();
+    let out = fluidlet(&["check", "-c", path.to_str().unwrap()]);
+    assert!(out.status.success(), "a warning is not a failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: data_dir") && err.contains("0755") && err.contains("chmod 700"),
+        "{err}"
+    );
+    assert!(err.contains("db") && err.contains("0644"), "{err}");
+    // Owner-only: no warning.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = fluidlet(&["check", "-c", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("warning"), "{err}");
+}

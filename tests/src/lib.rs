@@ -519,11 +519,22 @@ impl TlsDomain {
     pub fn start() -> Option<TlsDomain> {
         let bin = mosquitto_path();
         let openssl = Command::new("openssl").arg("version").output().is_ok();
-        let (Some(bin), true) = (bin, openssl) else {
+        // domain.sh init builds the broker plugin (broker-config/fluidos_retain.c).
+        let plugin = ["mosquitto_broker.h", "mosquitto_plugin.h", "mosquitto.h"]
+            .iter()
+            .all(|h| Path::new("/usr/include").join(h).exists())
+            && Command::new("gcc").arg("--version").output().is_ok();
+        let (Some(bin), true, true) = (bin, openssl, plugin) else {
             if std::env::var_os("CI").is_some() {
-                panic!("mosquitto or openssl missing and CI is set: .ci/run must install them");
+                panic!(
+                    "mosquitto, openssl, gcc or the mosquitto headers (mosquitto-dev, \
+                     libmosquitto-dev) missing and CI is set: .ci/run must install them"
+                );
             }
-            eprintln!("SKIPPED: mosquitto or openssl not installed");
+            eprintln!(
+                "SKIPPED: mosquitto, openssl, gcc or the mosquitto headers (apt-get install \
+                 mosquitto-dev libmosquitto-dev) not installed"
+            );
             return None;
         };
         let dir = tempfile::tempdir().expect("tempdir");
@@ -559,6 +570,11 @@ impl TlsDomain {
             let _ = c.kill();
         }
         panic!("the TLS mosquitto did not listen on port {port}");
+    }
+
+    /// The broker's process id (to read its memory use in /proc).
+    pub fn broker_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Enrols `node` (mints its certificate) and returns its PEM files.

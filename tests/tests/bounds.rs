@@ -10,6 +10,7 @@ use std::time::Duration;
 
 on_both_brokers!(
     a_sender_over_its_rate_limit_is_told_busy_and_others_are_served,
+    a_sender_flooding_steadily_gets_one_busy_per_second_not_one_per_token,
     a_buyer_with_too_many_unpeered_reservations_is_refused_and_others_are_not,
     an_advert_with_too_many_flavours_is_refused_with_a_clear_error,
 );
@@ -63,6 +64,47 @@ async fn a_sender_over_its_rate_limit_is_told_busy_and_others_are_served(port: u
     let c = consumer.acquire(&want(1000, 1)).await.expect("cons buys");
     assert_eq!(c.seller.as_str(), "prov");
     consumer.shutdown().await;
+    provider.shutdown().await;
+}
+
+async fn a_sender_flooding_steadily_gets_one_busy_per_second_not_one_per_token(port: u16) {
+    // 50 requests/s for about 3 s against a limit of 10/s: tokens refill all along, so some
+    // requests pass; BUSY comes once per second (BUSY_WINDOW), not after each passed one.
+    let domain = fresh_domain();
+    let pd = tempfile::tempdir().unwrap();
+    let mut pcfg = provider_config("prov", &domain, port, pd.path());
+    pcfg.limits.sender_rate = 10;
+    pcfg.limits.sender_burst = 5;
+    let provider = start(pcfg, None).await;
+    let mut eve = Rogue::connect(port, &domain, "eve").await;
+    let started = std::time::Instant::now();
+    for _ in 0..150 {
+        eve.send("prov", Body::ListFlavours(ListFlavours::default()))
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let flood = started.elapsed();
+    let (mut answered, mut busy) = (0, 0);
+    while let Some((_, payload)) = eve.recv_within(Duration::from_millis(1500)).await {
+        match error_of(&Message::decode(&payload).unwrap()) {
+            Some((ErrorCode::Busy, _)) => busy += 1,
+            Some(other) => panic!("unexpected {other:?}"),
+            None => answered += 1,
+        }
+    }
+    // One per started window of the flood, plus one: its last messages may be handled a
+    // little after the loop ended.
+    let windows = flood.as_secs() + 2;
+    assert!(busy >= 1, "no BUSY at all");
+    assert!(
+        busy <= windows,
+        "{busy} BUSY answers in {windows} s (and {answered} requests served): one per \
+         refilled token instead of one per second"
+    );
+    assert!(
+        answered >= 20,
+        "only {answered} served: refilled tokens must pass"
+    );
     provider.shutdown().await;
 }
 

@@ -353,3 +353,161 @@ async fn two_clients_with_one_certificate_are_reported_instead_of_flapping_silen
     one.shutdown().await;
     two.shutdown().await;
 }
+
+/// Resident memory of a process, in KiB (VmRSS in /proc/PID/status).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test]
+async fn a_node_cannot_make_the_broker_keep_retained_messages_outside_its_catalog_entry() {
+    // Eve floods retained 60 KB messages onto addressed topics the ACL lets her write
+    // (`to/+/from/eve`). The broker plugin (broker-config/fluidos_retain.c) refuses every
+    // one: a late recipient gets none of them and the broker's memory stays flat. Without
+    // the plugin mosquitto keeps them all (2,000 x 60 KB: over 100 MB).
+    let Some(d) = TlsDomain::start() else { return };
+    let pid = d.broker_pid().expect("broker pid");
+    let dom = d.domain.clone();
+    let mut eve = Rogue::connect_tls(d.port, &dom, "eve", &d.enrol("eve")).await;
+    let before = rss_kib(pid);
+    let parked = vec![0x5a_u8; 60_000];
+    const N: usize = 2_000;
+    for n in 0..N {
+        eve.publish(
+            &format!("fluidos/v1/{dom}/to/nobody{n}/from/eve"),
+            true,
+            parked.clone(),
+        )
+        .await;
+    }
+    // A message to herself, after the flood: when it is back, the broker has handled
+    // every publish before it (one connection's publishes are handled in order).
+    eve.publish(
+        &format!("fluidos/v1/{dom}/to/eve/from/eve"),
+        false,
+        b"done".to_vec(),
+    )
+    .await;
+    let (topic, _) = eve
+        .recv_within(Duration::from_secs(120))
+        .await
+        .expect("the flood went through the broker in time");
+    assert!(topic.ends_with("/to/eve/from/eve"), "{topic}");
+    let after = rss_kib(pid);
+    eprintln!(
+        "broker VmRSS: {before} KiB before, {after} KiB after {N} retained publishes of {} bytes",
+        parked.len()
+    );
+    assert!(
+        after < before + 10 * 1024,
+        "the broker grew from {before} KiB to {after} KiB: it kept eve's retained messages"
+    );
+    // The addressees, arriving later, find nothing retained for them.
+    for n in [0, N - 1] {
+        let id = format!("nobody{n}");
+        let mut late = Rogue::connect_tls(d.port, &dom, &id, &d.enrol(&id)).await;
+        assert_eq!(
+            late.recv_within(Duration::from_millis(500)).await,
+            None,
+            "a retained message from eve was kept for {id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_catalog_entry_over_the_size_bound_is_refused_and_adverts_and_wills_still_work() {
+    let Some(d) = TlsDomain::start() else { return };
+    let dom = d.domain.clone();
+    let eve = Rogue::connect_tls(d.port, &dom, "eve", &d.enrol("eve")).await;
+    let catalog = format!("fluidos/v1/{dom}/catalog/eve");
+    // The bound is the protocol's payload limit: exactly 16384 bytes is kept, one more is not.
+    let at_bound = vec![1_u8; fluidlet::wire::MAX_PAYLOAD];
+    eve.publish(&catalog, true, at_bound.clone()).await;
+    eve.publish(&catalog, true, vec![2_u8; fluidlet::wire::MAX_PAYLOAD + 1])
+        .await;
+    let mut late = Rogue::connect_tls(d.port, &dom, "late", &d.enrol("late")).await;
+    late.subscribe(&format!("fluidos/v1/{dom}/catalog/+")).await;
+    let (topic, kept) = late
+        .recv_within(WAIT)
+        .await
+        .expect("eve's catalog entry at the bound is kept");
+    assert_eq!(topic, catalog);
+    assert_eq!(
+        kept, at_bound,
+        "the oversized entry replaced the one at the bound"
+    );
+    assert_eq!(late.recv_within(Duration::from_millis(300)).await, None);
+
+    // A real node's advert is retained and its will (an empty retained payload on its
+    // own entry) clears it.
+    let (_dirs, bob, carol) = bob_and_carol(&d).await;
+    let mut later = Rogue::connect_tls(d.port, &dom, "later", &d.enrol("later")).await;
+    later
+        .subscribe(&format!("fluidos/v1/{dom}/catalog/bob"))
+        .await;
+    let (_, advert) = later
+        .recv_within(WAIT)
+        .await
+        .expect("bob's advert retained");
+    assert!(matches!(
+        Message::decode(&advert).map(|m| m.body),
+        Ok(Body::Advert(_))
+    ));
+    bob.abort();
+    eventually("bob's will to clear his catalog entry", || {
+        carol.tables().candidates().unwrap().is_empty()
+    })
+    .await;
+    carol.shutdown().await;
+}
+
+/// Runs `openssl s_client` against the broker with TLS 1.2 and one cipher suite; returns the
+/// suite negotiated, or `None` if the handshake failed.
+fn tls12_handshake(d: &TlsDomain, cipher: &str) -> Option<String> {
+    let files = d.enrol(&format!("probe-{}", cipher.to_lowercase()));
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{}", d.port)])
+        .args(["-tls1_2", "-cipher", cipher, "-CAfile"])
+        .arg(&files.ca)
+        .arg("-cert")
+        .arg(&files.cert)
+        .arg("-key")
+        .arg(&files.key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let suite = text
+        .lines()
+        .find_map(|l| l.split_once("Cipher is ").map(|(_, c)| c.trim().to_owned()))?;
+    (suite != "(NONE)").then_some(suite)
+}
+
+#[tokio::test]
+async fn the_broker_accepts_only_aead_cipher_suites_for_tls_1_2() {
+    let Some(d) = TlsDomain::start() else { return };
+    for cbc in [
+        "ECDHE-ECDSA-AES128-SHA",
+        "ECDHE-ECDSA-AES256-SHA",
+        "ECDHE-ECDSA-AES128-SHA256",
+        "ECDHE-ECDSA-AES256-SHA384",
+    ] {
+        assert_eq!(tls12_handshake(&d, cbc), None, "{cbc} accepted");
+    }
+    for aead in [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ] {
+        assert_eq!(
+            tls12_handshake(&d, aead).as_deref(),
+            Some(aead),
+            "{aead} refused"
+        );
+    }
+}

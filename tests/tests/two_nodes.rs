@@ -18,6 +18,7 @@ on_both_brokers!(
     two_consumers_racing_for_the_last_capacity_exactly_one_wins,
     provider_restarted_after_ok_still_holds_the_contract_and_the_reduced_flavour,
     bad_messages_get_error_and_the_provider_keeps_serving,
+    errors_are_never_answered_not_even_broken_ones,
     request_for_what_nobody_offers_ends_with_a_clear_error,
     consumer_restarted_mid_purchase_recovers_the_contract_the_provider_made,
 );
@@ -448,6 +449,69 @@ async fn bad_messages_get_error_and_the_provider_keeps_serving(port: u16) {
     assert!(
         p.tables().contracts().unwrap().is_empty(),
         "nothing was reserved by bad input"
+    );
+    p.shutdown().await;
+}
+
+async fn errors_are_never_answered_not_even_broken_ones(port: u16) {
+    use fluidlet::wire::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let mut r = Rogue::connect(port, &d, "rogue").await;
+    let me = Id::new("rogue").unwrap();
+    let error = |body: &[u8]| Message::envelope(Kind::Error as u16, 3, &me, body);
+    let mut long_text = vec![0xa2, 0x00, 0x06, 0x01, 0x79, 0x01, 0x2c];
+    long_text.extend(std::iter::repeat_n(b'a', 300));
+    let mut trailing = error(&[0xa2, 0x00, 0x06, 0x01, 0x61, b'x']);
+    trailing.push(0);
+    let mut oversized = error(&[0xa2, 0x00, 0x06, 0x01, 0x61, b'x']);
+    oversized.resize(MAX_PAYLOAD + 100, 0);
+    let forged = Message {
+        id: 4,
+        correlation: None,
+        sent_at: 0,
+        sender: Id::new("someone-else").unwrap(),
+        body: Body::Error(fluidlet::wire::ErrorBody::new(ErrorCode::NoFit, "x")),
+    };
+    for (what, payload) in [
+        (
+            "code as text",
+            error(&[0xa2, 0x00, 0x61, b'6', 0x01, 0x61, b'x']),
+        ),
+        ("300-byte text", error(&long_text)),
+        ("empty body", error(&[])),
+        ("trailing byte", trailing),
+        ("oversized", oversized),
+        // {0: 2, 1: 5, 2: 9}: an ERROR of a future version.
+        ("version 2", vec![0xa3, 0x00, 0x02, 0x01, 0x05, 0x02, 0x09]),
+        ("another sender", forged.encode().unwrap()),
+    ] {
+        r.send_raw("prov", payload.clone()).await;
+        // The same on the discovery topic, where an ERROR has no meaning.
+        r.publish(
+            &format!("fluidos/v1/{d}/discovery/from/rogue"),
+            false,
+            payload,
+        )
+        .await;
+        eprintln!("sent an ERROR with {what}");
+    }
+    // Handled in order: the first thing back is the answer to this request, nothing before.
+    let id = r
+        .send("prov", Body::ListFlavours(ListFlavours::default()))
+        .await;
+    let m = r.recv().await;
+    assert_eq!(
+        m.correlation,
+        Some(id),
+        "an ERROR was answered: {:?}",
+        m.body
+    );
+    assert!(matches!(m.body, Body::Flavours(_)), "{:?}", m.body);
+    assert_eq!(
+        r.recv_within(std::time::Duration::from_millis(300)).await,
+        None
     );
     p.shutdown().await;
 }

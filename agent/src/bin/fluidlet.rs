@@ -445,6 +445,9 @@ fn check(path: &std::path::Path, cfg: &Config) -> Result<(), fluidlet::AgentErro
         None if cfg.insecure_plaintext => "PLAIN MQTT (insecure_plaintext = true)".into(),
         None => "plain MQTT on loopback".into(),
     };
+    for w in fluidlet::files::mode_warnings(&cfg.data_dir) {
+        eprintln!("warning: {w}");
+    }
     println!(
         "{}: node {} in domain {}, broker {}:{} ({transport}), data in {}, {} offer(s)",
         path.display(),

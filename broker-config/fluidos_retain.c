@@ -1,0 +1,165 @@
+/*
+ * fluidos_retain: a mosquitto 2 plugin that bounds what the domain broker keeps retained.
+ *
+ * The domain ACL (broker-config/acl) says where a node may write, but an ACL cannot look at
+ * the retain flag or the size: a node allowed to write `to/+/from/{me}` could park any
+ * number of retained messages there (nobody reads them, only it can clear them, and the
+ * broker keeps them in memory and in mosquitto.db). This plugin sees every publish in the
+ * ACL check (MOSQ_EVT_ACL_CHECK carries `retain` and `payloadlen`) and refuses:
+ *
+ *   - a retained publish with a payload on any topic other than the publisher's own catalog
+ *     entry, `fluidos/v1/{domain}/catalog/{username}` (the username is the certificate's CN);
+ *   - any publish on that catalog entry whose payload is larger than `max_catalog_bytes`.
+ *
+ * An empty retained payload stores nothing (it deletes), so it is left to the ACL: the last
+ * will that clears a catalog entry, and a node cleaning up, keep working. Everything this
+ * plugin does not refuse is deferred to the ACL file, which decides as before (a plugin
+ * callback that returned "allowed" would bypass the ACL file).
+ *
+ * Options (mosquitto.conf, after `plugin PATH`):
+ *   plugin_opt_domain NAME               the domain (required)
+ *   plugin_opt_max_catalog_bytes N       largest catalog payload, default 16384 (the
+ *                                        protocol's MAX_PAYLOAD, docs/protocol.md section 1)
+ *
+ * Build (Debian: apt-get install gcc mosquitto-dev; domain.sh init does this):
+ *   gcc -shared -fPIC -O2 -Wall -Wextra -o fluidos_retain.so fluidos_retain.c
+ */
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <mosquitto.h>
+#include <mosquitto_broker.h>
+#include <mosquitto_plugin.h>
+
+#define DEFAULT_MAX_CATALOG_BYTES 16384u
+#define MAX_DOMAIN 48
+
+struct config {
+	char prefix[sizeof("fluidos/v1/") + MAX_DOMAIN + sizeof("/catalog/")];
+	size_t prefix_len;
+	uint32_t max_catalog_bytes;
+	unsigned long refused;
+};
+
+static mosquitto_plugin_id_t *plugin_id;
+static struct config cfg;
+
+/* Logs the first refusal and then one in every 1000: a flooding node must not flood the log. */
+static void refused(const char *what, const char *user, const char *topic, uint32_t len)
+{
+	if(cfg.refused++ % 1000 == 0){
+		mosquitto_log_printf(MOSQ_LOG_WARNING,
+				"fluidos_retain: refused %s from %s on %s (%u bytes); %lu refusals so far",
+				what, user ? user : "(no username)", topic, (unsigned)len, cfg.refused);
+	}
+}
+
+static int on_acl_check(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_acl_check *ed = event_data;
+	const char *user;
+	bool own_catalog;
+	(void)event;
+	(void)userdata;
+
+	if(ed->access != MOSQ_ACL_WRITE){
+		return MOSQ_ERR_PLUGIN_DEFER;
+	}
+	user = mosquitto_client_username(ed->client);
+	own_catalog = user != NULL && ed->topic != NULL
+		&& strncmp(ed->topic, cfg.prefix, cfg.prefix_len) == 0
+		&& strcmp(ed->topic + cfg.prefix_len, user) == 0;
+	if(own_catalog){
+		if(ed->payloadlen > cfg.max_catalog_bytes){
+			refused("an oversized catalog entry", user, ed->topic, ed->payloadlen);
+			return MOSQ_ERR_ACL_DENIED;
+		}
+		return MOSQ_ERR_PLUGIN_DEFER;
+	}
+	if(ed->retain && ed->payloadlen > 0){
+		refused("a retained message", user, ed->topic ? ed->topic : "", ed->payloadlen);
+		return MOSQ_ERR_ACL_DENIED;
+	}
+	return MOSQ_ERR_PLUGIN_DEFER;
+}
+
+int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)
+{
+	int i;
+	for(i = 0; i < supported_version_count; i++){
+		if(supported_versions[i] == 5){
+			return 5;
+		}
+	}
+	return -1;
+}
+
+static bool valid_domain(const char *d)
+{
+	size_t n = strlen(d);
+	if(n == 0 || n > MAX_DOMAIN){
+		return false;
+	}
+	for(; *d; d++){
+		char c = *d;
+		bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')
+			|| c == '.' || c == '_' || c == '-';
+		if(!ok){
+			return false;
+		}
+	}
+	return true;
+}
+
+int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
+		struct mosquitto_opt *opts, int opt_count)
+{
+	const char *domain = NULL;
+	int i;
+	(void)userdata;
+
+	memset(&cfg, 0, sizeof(cfg));
+	cfg.max_catalog_bytes = DEFAULT_MAX_CATALOG_BYTES;
+	for(i = 0; i < opt_count; i++){
+		if(strcmp(opts[i].key, "domain") == 0){
+			domain = opts[i].value;
+		}else if(strcmp(opts[i].key, "max_catalog_bytes") == 0){
+			char *end = NULL;
+			unsigned long v = strtoul(opts[i].value, &end, 10);
+			if(end == opts[i].value || *end != '\0' || v == 0 || v > 268435455ul){
+				mosquitto_log_printf(MOSQ_LOG_ERR,
+						"fluidos_retain: max_catalog_bytes '%s' is not a number of bytes (1..268435455)",
+						opts[i].value);
+				return MOSQ_ERR_INVAL;
+			}
+			cfg.max_catalog_bytes = (uint32_t)v;
+		}else{
+			mosquitto_log_printf(MOSQ_LOG_ERR, "fluidos_retain: unknown option plugin_opt_%s",
+					opts[i].key);
+			return MOSQ_ERR_INVAL;
+		}
+	}
+	if(domain == NULL || !valid_domain(domain)){
+		mosquitto_log_printf(MOSQ_LOG_ERR,
+				"fluidos_retain: plugin_opt_domain is missing or not an id (A-Z a-z 0-9 . _ -, at most 48)");
+		return MOSQ_ERR_INVAL;
+	}
+	snprintf(cfg.prefix, sizeof(cfg.prefix), "fluidos/v1/%s/catalog/", domain);
+	cfg.prefix_len = strlen(cfg.prefix);
+	plugin_id = identifier;
+	mosquitto_log_printf(MOSQ_LOG_NOTICE,
+			"fluidos_retain: retained messages only on %s{node}, at most %u bytes",
+			cfg.prefix, (unsigned)cfg.max_catalog_bytes);
+	return mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, NULL);
+}
+
+int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *opts, int opt_count)
+{
+	(void)userdata;
+	(void)opts;
+	(void)opt_count;
+	return mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
+}

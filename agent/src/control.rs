@@ -8,8 +8,8 @@
 //! [`Response::Step`] per workflow step on this node, then the intent as it ended.
 
 use crate::model::{Allocation, Contract, Flavour, Id, Intent, Text};
-use crate::node::Shared;
 use crate::orchestrator::IntentSpec;
+use crate::shared::Shared;
 use crate::AgentError;
 use minicbor::{Decode, Encode};
 use std::path::Path;

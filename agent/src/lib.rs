@@ -15,6 +15,8 @@
 //! - [`broker`]: the MQTT session (rumqttc): will, reconnect, subscriptions, advert.
 //! - [`discovery`]: Discovery Manager: selector matching and candidate ranking. Pure.
 //! - [`contracts`]: Contract Manager: reservation planning and contract rules. Pure.
+//! - [`shared`]: what the running node's parts share: config, tables, MQTT client, pending
+//!   answers, workflow steps, advert; and [`rear::RearError`].
 //! - [`rear`]: REAR Manager, consumer side: candidates, discovery, reservation.
 //! - [`node`]: the running node: provider side of REAR, answer routing, clean stop.
 //! - [`tls`]: mutual TLS to the broker (rustls + ring), the node-id = CN check.
@@ -37,6 +39,7 @@ pub mod model;
 pub mod node;
 pub mod orchestrator;
 pub mod rear;
+pub mod shared;
 pub mod tables;
 pub mod tls;
 pub mod wire;

@@ -21,22 +21,16 @@ use crate::fabric::Fabric;
 use crate::model::ContractState;
 use crate::model::{Contract, FlavourList, FlavourSelector, Id, ReserveRequest};
 use crate::rear::{self, RearError};
+use crate::shared::{Shared, Waiter};
 use crate::tables::{Reservation, TableError, Tables};
 use crate::wire::{Body, ErrorBody, ErrorCode, Flavours, Message, Route, Topics, WireError};
 use crate::wire::{ContractRef, PeerAccept, PeerRequest};
-use crate::{unix_ms, AgentError, Observer, Step};
-use rumqttc::{AsyncClient, QoS};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use crate::{unix_ms, AgentError, Observer};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
-
-/// Consumer requests waiting for answers at once (discoveries and reservations). A bound of
-/// the protocol: beyond it a new request fails with `Busy` rather than growing a map.
-pub const MAX_PENDING: usize = 64;
 
 /// What the Network Manager does when a contract is signed (steps 18 and 19). With Liqo v1
 /// there is nothing to deploy yet: `liqoctl peer` (steps 26-27) sets up the WireGuard
@@ -46,192 +40,6 @@ pub(crate) const NETWORK_NOTE: &str =
 
 /// Most reservations made durable by one flush (group commit).
 const MAX_BATCH: usize = 64;
-
-/// Steps buffered for a control-socket client that reads slowly; older ones are dropped.
-const STEP_QUEUE: usize = 64;
-/// Provider-side peering set-ups running at once; more are refused with BUSY.
-const MAX_PEERINGS: usize = 4;
-
-/// Longest wait for room in the MQTT client's request queue.
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Who waits for answers to one request id.
-pub(crate) enum Waiter {
-    /// A discovery: every FLAVOURS answer, from anyone, until the window closes.
-    Collect(mpsc::Sender<(Id, FlavourList)>),
-    /// A reservation: the one answer from `from`.
-    Reply { from: Id, tx: oneshot::Sender<Body> },
-}
-
-/// What the node task and the consumer flows share.
-pub(crate) struct Shared {
-    pub cfg: Config,
-    pub tables: Tables,
-    pub topics: Topics,
-    pub client: AsyncClient,
-    pub pending: Mutex<heapless::index_map::FnvIndexMap<u64, Waiter, MAX_PENDING>>,
-    next_id: AtomicU64,
-    advert: AdvertSlot,
-    observer: Option<Observer>,
-    pub status: watch::Receiver<Status>,
-    /// The Virtual Fabric Manager.
-    pub fabric: Fabric,
-    /// Every workflow step, for control-socket clients following an intent.
-    pub steps: broadcast::Sender<Step>,
-    /// Provider-side peerings set up at once (each may run kubectl/liqoctl for seconds).
-    peerings: Arc<Semaphore>,
-    /// Unpeered reservations per buyer (provider side), for `limits.pending_per_buyer`.
-    /// Counted up at every new reservation and never down: a buyer that reaches the limit
-    /// is counted again from the contracts table (peered, released and lapsed ones drop out).
-    unpeered: Mutex<HashMap<Id, u32>>,
-}
-
-impl Shared {
-    /// A fresh message id. Seeded from the clock so that ids keep growing across restarts.
-    pub fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn me(&self) -> &Id {
-        &self.cfg.node_id
-    }
-
-    /// Reports a workflow step to the observer (the demo prints them) and the log.
-    /// Reports a workflow step to the observer, control-socket followers and the debug log;
-    /// when none of them listens (a busy provider's normal case) it costs no formatting.
-    pub fn step(&self, number: u8, element: &'static str, text: impl std::fmt::Display) {
-        if self.observer.is_none()
-            && self.steps.receiver_count() == 0
-            && !tracing::enabled!(tracing::Level::DEBUG)
-        {
-            return;
-        }
-        let step = Step {
-            number,
-            element,
-            node: self.me().clone(),
-            text: text.to_string(),
-        };
-        debug!(step = number, element, "{}", step.text);
-        if let Some(o) = &self.observer {
-            o(&step);
-        }
-        // No receiver is the normal case; a slow one loses old steps, never blocks the node.
-        let _ = self.steps.send(step);
-    }
-
-    /// Builds and publishes a message for `to` (QoS 1).
-    pub async fn send(
-        &self,
-        to: &Id,
-        correlation: Option<u64>,
-        body: Body,
-    ) -> Result<u64, RearError> {
-        let msg = Message {
-            id: self.next_id(),
-            correlation,
-            sent_at: unix_ms(),
-            sender: self.me().clone(),
-            body,
-        };
-        let topic = self.topics.to(to);
-        self.publish(topic, false, &msg).await?;
-        Ok(msg.id)
-    }
-
-    pub async fn publish(
-        &self,
-        topic: String,
-        retain: bool,
-        msg: &Message,
-    ) -> Result<(), RearError> {
-        let bytes = msg.encode().map_err(RearError::Wire)?;
-        // The request queue only drains while the session polls; during a long outage it
-        // fills up, and a publish would wait for the broker's return. Give up instead.
-        let queued = self.client.publish(topic, QoS::AtLeastOnce, retain, bytes);
-        match tokio::time::timeout(PUBLISH_TIMEOUT, queued).await {
-            Ok(r) => r.map_err(|e| RearError::Broker(e.to_string())),
-            Err(_) => Err(RearError::PublishTimeout),
-        }
-    }
-
-    /// `Some(limit)` when `buyer` holds `limits.pending_per_buyer` unpeered reservations.
-    fn pending_full(&self, buyer: &Id) -> Option<u32> {
-        let limit = self.cfg.limits.pending_per_buyer;
-        let Ok(mut map) = self.unpeered.lock() else {
-            return None;
-        };
-        if map.get(buyer).copied().unwrap_or(0) < limit {
-            return None;
-        }
-        // At the limit by the running count: count again from the table.
-        let n = match self.tables.unpeered_by_buyer(self.me()) {
-            Ok(all) => all.get(buyer).copied().unwrap_or(0),
-            Err(e) => {
-                error!(error = %e, "cannot count unpeered reservations; assuming the limit");
-                limit
-            }
-        };
-        if n == 0 {
-            map.remove(buyer);
-        } else {
-            map.insert(buyer.clone(), n);
-        }
-        (n >= limit).then_some(limit)
-    }
-
-    fn count_unpeered(&self, buyer: &Id) {
-        if let Ok(mut map) = self.unpeered.lock() {
-            *map.entry(buyer.clone()).or_insert(0) += 1;
-        }
-    }
-
-    /// Registers a waiter for answers correlated with `id`; `Busy` when the map is full.
-    pub fn wait_for(&self, id: u64, w: Waiter) -> Result<PendingGuard<'_>, RearError> {
-        let mut p = self.pending.lock().map_err(|_| RearError::Busy)?;
-        p.insert(id, w).map_err(|_| RearError::Busy)?;
-        Ok(PendingGuard { shared: self, id })
-    }
-
-    /// Publishes the current flavours as this node's retained catalog entry.
-    pub(crate) async fn publish_advert(&self) -> Result<(), AgentError> {
-        let own = self.tables.flavours()?;
-        let flavours: Vec<_> = own.into_iter().map(|o| o.flavour).collect();
-        let msg = Message {
-            id: self.next_id(),
-            correlation: None,
-            sent_at: unix_ms(),
-            sender: self.me().clone(),
-            body: Body::Advert(Flavours {
-                flavours: FlavourList::from_slice_truncated(&flavours),
-            }),
-        };
-        let bytes = msg.encode()?;
-        if let Ok(mut slot) = self.advert.lock() {
-            slot.clone_from(&bytes);
-        }
-        self.client
-            .publish(self.topics.my_catalog(), QoS::AtLeastOnce, true, bytes)
-            .await
-            .map_err(|e| AgentError::Broker(e.to_string()))?;
-        debug!(flavours = flavours.len(), "advert published");
-        Ok(())
-    }
-}
-
-/// Removes a pending entry when the waiting flow ends, however it ends.
-pub(crate) struct PendingGuard<'a> {
-    shared: &'a Shared,
-    id: u64,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut p) = self.shared.pending.lock() {
-            p.swap_remove(&self.id);
-        }
-    }
-}
 
 /// A running node. Dropping it without [`Agent::shutdown`] stops nothing cleanly; call it.
 pub struct Agent {
@@ -255,23 +63,15 @@ impl Agent {
         let (stop_tx, stop_rx) = watch::channel(false);
         let advert = AdvertSlot::default();
         let fabric = Fabric::new(cfg.fabric.clone(), &cfg.data_dir, &cfg.node_id);
-        let unpeered = Mutex::new(tables.unpeered_by_buyer(&cfg.node_id)?);
-        let (steps, _) = broadcast::channel(STEP_QUEUE);
-        let shared = Arc::new(Shared {
-            fabric,
-            steps,
-            peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
-            unpeered,
-            tables,
-            topics: topics.clone(),
-            client: client.clone(),
-            pending: Mutex::new(heapless::index_map::FnvIndexMap::new()),
-            next_id: AtomicU64::new(unix_ms().saturating_mul(1024)),
-            advert: advert.clone(),
-            observer,
-            status: status_rx,
+        let shared = Arc::new(Shared::new(
             cfg,
-        });
+            tables,
+            client.clone(),
+            advert.clone(),
+            observer,
+            status_rx,
+            fabric,
+        )?);
         let session = broker::Session {
             events,
             client,

@@ -19,8 +19,8 @@ use crate::model::{
     AllocationKind, AllocationStatus, Contract, ContractState, FlavourSelector, Id, Intent,
     IntentState, LongText, ReserveRequest, Resources, Text, MAX_MANIFEST,
 };
-use crate::node::Shared;
 use crate::rear::{self, RearError};
+use crate::shared::Shared;
 use crate::tables::{Reservation, TableError};
 use crate::{unix_ms, AgentError};
 use minicbor::{Decode, Encode};

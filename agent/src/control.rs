@@ -211,7 +211,7 @@ async fn client(shared: &Shared, mut s: UnixStream) -> Result<(), ControlError> 
                 write_frame(&mut s, &Response::Status(Box::new(status(shared)))).await?
             }
             Request::Release(id) => {
-                let r = match crate::rear::release(shared, &id).await {
+                let r = match crate::rear::consumer::release(shared, &id).await {
                     Ok(c) => Response::Released(Box::new(c)),
                     Err(e) => Response::Error(e.to_string()),
                 };

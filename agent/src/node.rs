@@ -20,7 +20,7 @@ use crate::discovery;
 use crate::fabric::Fabric;
 use crate::model::ContractState;
 use crate::model::{Contract, FlavourList, FlavourSelector, Id, ReserveRequest};
-use crate::rear::{self, RearError};
+use crate::rear::{consumer, RearError, NETWORK_NOTE};
 use crate::shared::{Shared, Waiter};
 use crate::tables::{Reservation, TableError, Tables};
 use crate::wire::{Body, ErrorBody, ErrorCode, Flavours, Message, Route, Topics, WireError};
@@ -31,12 +31,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
-
-/// What the Network Manager does when a contract is signed (steps 18 and 19). With Liqo v1
-/// there is nothing to deploy yet: `liqoctl peer` (steps 26-27) sets up the WireGuard
-/// gateways that give the two clusters reachability. See docs/fabric.md.
-pub(crate) const NETWORK_NOTE: &str =
-    "informed of the contract: reachability comes with the Liqo peering (gateway set up at step 27)";
 
 /// Most reservations made durable by one flush (group commit).
 const MAX_BATCH: usize = 64;
@@ -140,13 +134,13 @@ impl Agent {
 
     /// Releases a contract this node bought (RELEASE to the seller, peering torn down).
     pub async fn release(&self, contract: &Id) -> Result<Contract, RearError> {
-        rear::release(&self.shared, contract).await
+        consumer::release(&self.shared, contract).await
     }
 
     /// The consumer side of REAR for one selector: candidates, discovery if needed,
     /// reservation (workflow steps 5-20). Returns the durable contract.
     pub async fn acquire(&self, selector: &FlavourSelector) -> Result<Contract, RearError> {
-        rear::acquire(&self.shared, selector).await
+        consumer::acquire(&self.shared, selector).await
     }
 
     /// Stops taking messages, finishes the one in hand, withdraws the advert, disconnects
@@ -206,7 +200,7 @@ async fn resume_when_connected(shared: Arc<Shared>, mut stop: watch::Receiver<bo
         _ = stop.changed() => {}
         _ = async {
             if status.wait_for(|s| s.connected).await.is_ok() {
-                rear::resume(&shared).await;
+                consumer::resume(&shared).await;
             }
         } => {}
     }
@@ -244,7 +238,7 @@ async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                             warn!(error = %e, "could not re-publish the advert");
                         }
                     } else {
-                        rear::teardown_bought(&shared, &c).await;
+                        consumer::teardown_bought(&shared, &c).await;
                     }
                 }
                 Ok(None) => {}

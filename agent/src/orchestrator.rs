@@ -19,7 +19,7 @@ use crate::model::{
     AllocationKind, AllocationStatus, Contract, ContractState, FlavourSelector, Id, Intent,
     IntentState, LongText, ReserveRequest, Resources, Text, MAX_MANIFEST,
 };
-use crate::rear::{self, RearError};
+use crate::rear::{consumer, RearError};
 use crate::shared::Shared;
 use crate::tables::{Reservation, TableError};
 use crate::{unix_ms, AgentError};
@@ -265,7 +265,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     format_args!(
                         "intent {} decomposed into a resource request: {}",
                         intent.id,
-                        rear::describe(&intent.selector)
+                        consumer::describe(&intent.selector)
                     ),
                 );
                 match lookup(shared, &intent) {
@@ -302,7 +302,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     Err(e) => fail(&mut intent, &e.to_string()),
                 }
             }
-            IntentState::Reserving => match rear::acquire(shared, &intent.selector).await {
+            IntentState::Reserving => match consumer::acquire(shared, &intent.selector).await {
                 Ok(c) => {
                     intent.contract = Some(c.id);
                     intent.state = IntentState::Peering;
@@ -329,7 +329,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     save(shared, &mut intent).await;
                     continue;
                 };
-                match rear::peer(shared, &c).await {
+                match consumer::peer(shared, &c).await {
                     Ok(_) => {
                         shared.step(
                             29,
@@ -364,7 +364,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     Err(e) => {
                         let why = e.to_string();
                         // Give the capacity back rather than keep paying for a failed peering.
-                        if let Err(e) = rear::release(shared, &c.id).await {
+                        if let Err(e) = consumer::release(shared, &c.id).await {
                             warn!(contract = %c.id, error = %e, "release after a failed peering");
                         }
                         fail(

@@ -12,12 +12,12 @@
 //! answer). A refusal drops that candidate and moves to the next one; after
 //! [`MAX_TRIED`] candidates the flow gives up with the last reason.
 
+use super::NETWORK_NOTE;
 use crate::contracts::check_answer;
 use crate::discovery::{rank, Fit};
 use crate::model::ContractState;
 use crate::model::{Candidate, Contract, FlavourSelector, Id, ReserveRequest};
-pub use crate::shared::RearError;
-use crate::shared::{Shared, Waiter};
+use crate::shared::{RearError, Shared, Waiter};
 use crate::tables::Outgoing;
 use crate::unix_ms;
 use crate::wire::{Body, ContractRef, ListFlavours, Message, PeerRequest};
@@ -305,7 +305,7 @@ async fn finish(
                 "Contract Manager",
                 format_args!("contract {} stored; resources reserved at {provider}", c.id),
             );
-            shared.step(19, "Network Manager", crate::node::NETWORK_NOTE);
+            shared.step(19, "Network Manager", NETWORK_NOTE);
             shared.step(
                 20,
                 "REAR Manager",

@@ -3,14 +3,15 @@
 //! - [`consumer`]: buying. From a flavour selector to a durable contract and a peering:
 //!   candidates (5), discovery (6-7, 10-12), reservation (13-14, 19-20), peering (21-22,
 //!   26-28), release and teardown of what this node bought.
-//! - the provider side (selling: LIST_FLAVOURS 8-9, RESERVE_FLAVOUR 15-18, PEER_REQUEST
-//!   23-26, RELEASE) is still in [`crate::node`].
+//! - [`provider`]: selling. The node task hands it the requests of other nodes: LIST_FLAVOURS
+//!   (8-9), RESERVE_FLAVOUR (15-18), PEER_REQUEST (23-26), RELEASE.
 //!
 //! Step numbers are those of the seed workflow "two nodes, same domain"; each function's doc
 //! names the steps it performs. Both sides work on [`crate::shared::Shared`]; neither imports
 //! the other.
 
 pub mod consumer;
+pub mod provider;
 
 pub use crate::shared::RearError;
 

@@ -2,8 +2,12 @@
 //! inbound request to the provider side of REAR ([`crate::rear::provider`]), routes answers to
 //! the consumer flows waiting for them ([`crate::rear::consumer`]), and stops cleanly.
 //!
-//! Two tasks: the broker session ([`crate::broker::run`]) and the node task ([`serve`]),
-//! which handles inbound messages one at a time. Handling them one at a time is deliberate:
+//! [`Agent::start`] is the one place that starts the node's tasks: the broker session
+//! ([`crate::broker::Session::run`]), the node task ([`serve`]), the resumption of purchases
+//! left in flight, the expiry sweeper, the control socket ([`crate::control::serve`]) and one
+//! task per intent a previous run left unfinished ([`crate::orchestrator::resume`]).
+//!
+//! The node task handles inbound messages one at a time. Handling them one at a time is deliberate:
 //! a reservation's check and its durable write then never interleave with another one on
 //! this node (the sled transaction would also catch it, but sequential handling means no
 //! retry storms), and a reservation costs one flush, well under the broker round trip.
@@ -17,9 +21,11 @@
 
 use crate::broker::{self, AdvertSlot, Inbound, Status};
 use crate::config::Config;
+use crate::control;
 use crate::fabric::Fabric;
 use crate::model::ContractState;
 use crate::model::{Contract, FlavourSelector, Id};
+use crate::orchestrator;
 use crate::rear::provider::{self, answer_error, PendingReserve};
 use crate::rear::{consumer, RearError};
 use crate::shared::{Shared, Waiter};
@@ -87,8 +93,13 @@ impl Agent {
         let node = tokio::spawn(serve(shared.clone(), inbound_rx, catalog, stop_rx.clone()));
         let resumer = tokio::spawn(resume_when_connected(shared.clone(), stop_rx.clone()));
         let sweeper = tokio::spawn(sweep_lapsed(shared.clone(), stop_rx.clone()));
-        let mut tasks = vec![resumer, sweeper];
-        tasks.extend(crate::orchestrator::start(shared.clone(), stop_rx).await?);
+        let listener = control::bind(&shared.cfg.control_socket)?;
+        let control = tokio::spawn(control::serve(shared.clone(), listener, stop_rx.clone()));
+        let mut tasks = vec![resumer, sweeper, control];
+        for intent in orchestrator::unfinished(&shared)? {
+            let run = orchestrator::resume(shared.clone(), intent, stop_rx.clone());
+            tasks.push(tokio::spawn(run));
+        }
         info!(node = %shared.me(), domain = %shared.cfg.domain, "fluidlet node started");
         Ok(Agent {
             shared,
@@ -127,9 +138,9 @@ impl Agent {
     /// Returns the intent as it ended (Placed, or Failed with the reason).
     pub async fn submit_intent(
         &self,
-        spec: crate::orchestrator::IntentSpec,
+        spec: orchestrator::IntentSpec,
     ) -> Result<crate::model::Intent, AgentError> {
-        crate::orchestrator::submit(&self.shared, spec).await
+        orchestrator::submit(&self.shared, spec).await
     }
 
     /// Releases a contract this node bought (RELEASE to the seller, peering torn down).

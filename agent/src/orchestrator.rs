@@ -28,7 +28,6 @@ use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 /// What a user asks for: the intent file, parsed (see `docs/intents.md`).
@@ -435,34 +434,32 @@ pub(crate) async fn submit(shared: &Shared, spec: IntentSpec) -> Result<Intent, 
     Ok(intent)
 }
 
-/// Starts the control socket and resumes the intents a previous run left unfinished.
-pub(crate) async fn start(
-    shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
-) -> Result<Vec<JoinHandle<()>>, AgentError> {
-    let mut tasks = vec![crate::control::serve(shared.clone(), stop.clone())?];
+/// The intents a previous run left unfinished; the node resumes each with [`resume`].
+pub(crate) fn unfinished(shared: &Shared) -> Result<Vec<Intent>, AgentError> {
+    let mut v = Vec::new();
     for intent in shared.tables.intents()? {
         if intent.state.is_final() {
             continue;
         }
         info!(intent = %intent.id, state = ?intent.state, "resuming an unfinished intent");
-        let shared = shared.clone();
-        let mut stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut status = shared.status.clone();
-            // Cancel safety: every state change is stored before the next await, so a stop
-            // here loses at most the step in progress, which the next start repeats.
-            tokio::select! {
-                _ = stop.changed() => {}
-                _ = async {
-                    if status.wait_for(|s| s.connected).await.is_ok() {
-                        drive(&shared, intent).await;
-                    }
-                } => {}
-            }
-        }));
+        v.push(intent);
     }
-    Ok(tasks)
+    Ok(v)
+}
+
+/// Drives an unfinished intent on from where it stopped, once the broker is reachable.
+pub(crate) async fn resume(shared: Arc<Shared>, intent: Intent, mut stop: watch::Receiver<bool>) {
+    let mut status = shared.status.clone();
+    // Cancel safety: every state change is stored before the next await, so a stop
+    // here loses at most the step in progress, which the next start repeats.
+    tokio::select! {
+        _ = stop.changed() => {}
+        _ = async {
+            if status.wait_for(|s| s.connected).await.is_ok() {
+                drive(&shared, intent).await;
+            }
+        } => {}
+    }
 }
 
 #[cfg(test)]

@@ -23,11 +23,13 @@
 //! - [`orchestrator`]: Node Orchestrator: intents, placement, the workflow state machine.
 //! - [`fabric`]: Virtual Fabric Manager: the k3s + Liqo shim and its dry-run backend.
 //! - [`control`]: the local control socket (`fluidlet intent`, `status`, `contract`).
+//! - [`cli`]: the work of each `fluidlet` command (the binary only parses the command line).
 //! - `demo` (feature `demo`): an embedded broker and two nodes in one process.
 //!
 //! Data flows one way: broker -> wire -> manager -> tables, and back out through wire.
 
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod contracts;
 pub mod control;

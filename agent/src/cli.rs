@@ -9,7 +9,77 @@ use crate::config::Config;
 use crate::control::{Client, Request, Response};
 use crate::model::{Id, Intent};
 use crate::AgentError;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Why a command failed: the work itself, or writing its output.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl CliError {
+    /// The output went to a pipe whose reader is gone (`fluidlet status | head`): nothing to
+    /// report, the reader wanted no more.
+    pub fn closed_pipe(&self) -> bool {
+        matches!(self, CliError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
+impl From<crate::config::ConfigError> for CliError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        CliError::Agent(e.into())
+    }
+}
+
+impl From<crate::tls::TlsError> for CliError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        CliError::Agent(e.into())
+    }
+}
+
+/// Parses the command line into `T` as `argh::from_env` does, except that the output of
+/// `--help` (and of a usage error) is written without panicking when the reader is gone:
+/// `fluidlet --help | head -1` ends quietly. `Err` is the exit status to end with.
+pub fn parse_args<T: argh::TopLevelCommand>() -> Result<T, ExitCode> {
+    let mut args = Vec::new();
+    for a in std::env::args_os() {
+        match a.into_string() {
+            Ok(a) => args.push(a),
+            Err(a) => {
+                let _ = writeln!(std::io::stderr(), "Invalid utf8: {}", a.to_string_lossy());
+                return Err(ExitCode::FAILURE);
+            }
+        }
+    }
+    let Some((first, rest)) = args.split_first() else {
+        let _ = writeln!(std::io::stderr(), "No program name, argv is empty");
+        return Err(ExitCode::FAILURE);
+    };
+    let name = Path::new(first)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(first);
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    T::from_args(&[name], &rest).map_err(|early| match early.status {
+        Ok(()) => {
+            let _ = writeln!(std::io::stdout(), "{}", early.output);
+            ExitCode::SUCCESS
+        }
+        Err(()) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "{}\nRun {name} --help for more information.",
+                early.output
+            );
+            ExitCode::FAILURE
+        }
+    })
+}
 
 /// `fluidlet run`: loads the config, sets up logging and runs the node on `rt` until SIGINT or
 /// SIGTERM.
@@ -82,11 +152,11 @@ fn socket_path(config: &Path, socket: Option<&Path>) -> Result<PathBuf, AgentErr
     }
 }
 
-fn other(e: impl std::fmt::Display) -> AgentError {
-    AgentError::Other(e.to_string())
+fn other(e: impl std::fmt::Display) -> CliError {
+    CliError::Agent(AgentError::Other(e.to_string()))
 }
 
-async fn ask(path: &Path, req: Request) -> Result<Response, AgentError> {
+async fn ask(path: &Path, req: Request) -> Result<Response, CliError> {
     let mut c = Client::connect(path).await.map_err(other)?;
     c.send(&req).await.map_err(other)?;
     c.recv()
@@ -95,8 +165,9 @@ async fn ask(path: &Path, req: Request) -> Result<Response, AgentError> {
         .ok_or_else(|| other("the agent closed the connection"))
 }
 
-fn print_intent(i: &Intent) {
-    println!(
+fn print_intent(out: &mut dyn Write, i: &Intent) -> std::io::Result<()> {
+    writeln!(
+        out,
         "{}  {:<20} {:<10?} contract {:<24} placement {}{}",
         i.id,
         i.name.as_str(),
@@ -106,7 +177,7 @@ fn print_intent(i: &Intent) {
         i.error
             .as_ref()
             .map_or(String::new(), |e| format!("  error: {e}")),
-    );
+    )
 }
 
 /// `fluidlet intent submit`: submits the intent file `file` and prints each workflow step
@@ -115,7 +186,8 @@ pub async fn intent_submit(
     file: &Path,
     config: &Path,
     socket: Option<&Path>,
-) -> Result<(), AgentError> {
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let text = crate::config::read_text(file, crate::config::MAX_CONFIG_FILE)?;
     let base = file.parent().unwrap_or(Path::new("."));
     let spec = crate::orchestrator::parse_intent(&text, base)?;
@@ -132,10 +204,10 @@ pub async fn intent_submit(
                 element,
                 text,
             } => {
-                println!("step {number:>2}  {:<22} {text}", element.as_str())
+                writeln!(out, "step {number:>2}  {:<22} {text}", element.as_str())?;
             }
             Response::Intent(i) => {
-                print_intent(&i);
+                print_intent(out, &i)?;
                 return match &i.error {
                     Some(e) => Err(other(format!("intent {} failed: {e}", i.id))),
                     None => Ok(()),
@@ -151,10 +223,16 @@ pub async fn intent_submit(
 }
 
 /// `fluidlet intent list`: the intents and where they got to.
-pub async fn intent_list(config: &Path, socket: Option<&Path>) -> Result<(), AgentError> {
+pub async fn intent_list(
+    config: &Path,
+    socket: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     match ask(&socket_path(config, socket)?, Request::ListIntents).await? {
         Response::Intents(v) => {
-            v.iter().for_each(print_intent);
+            for i in &v {
+                print_intent(out, i)?;
+            }
             Ok(())
         }
         Response::Error(e) => Err(other(e)),
@@ -163,12 +241,17 @@ pub async fn intent_list(config: &Path, socket: Option<&Path>) -> Result<(), Age
 }
 
 /// `fluidlet intent show`: one intent.
-pub async fn intent_show(id: &str, config: &Path, socket: Option<&Path>) -> Result<(), AgentError> {
+pub async fn intent_show(
+    id: &str,
+    config: &Path,
+    socket: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let id = Id::new(id).map_err(|e| other(format!("intent id: {e}")))?;
     match ask(&socket_path(config, socket)?, Request::ShowIntent(id)).await? {
         Response::Intent(i) => {
-            print_intent(&i);
-            println!("namespace {}, needs {:?}", i.namespace, i.selector);
+            print_intent(out, &i)?;
+            writeln!(out, "namespace {}, needs {:?}", i.namespace, i.selector)?;
             Ok(())
         }
         Response::Error(e) => Err(other(e)),
@@ -178,15 +261,21 @@ pub async fn intent_show(id: &str, config: &Path, socket: Option<&Path>) -> Resu
 
 /// `fluidlet status`: the node's flavours, contracts, allocations, intents and broker
 /// connection, as tables or (`json`) as JSON.
-pub async fn status(config: &Path, socket: Option<&Path>, json: bool) -> Result<(), AgentError> {
+pub async fn status(
+    config: &Path,
+    socket: Option<&Path>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let Response::Status(st) = ask(&socket_path(config, socket)?, Request::Status).await? else {
         return Err(other("unexpected answer"));
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&st).map_err(other)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&st).map_err(other)?)?;
         return Ok(());
     }
-    println!(
+    writeln!(
+        out,
         "node {} in domain {}: broker {} ({} connects{}), fabric {}",
         st.node,
         st.domain,
@@ -200,23 +289,25 @@ pub async fn status(config: &Path, socket: Option<&Path>, json: bool) -> Result<
             .as_ref()
             .map_or(String::new(), |e| format!(", last error: {e}")),
         st.fabric
-    );
-    println!("\nflavours:");
+    )?;
+    writeln!(out, "\nflavours:")?;
     for f in &st.flavours {
         let r = &f.resources;
-        println!(
+        writeln!(
+            out,
             "  {:<24} {}m cpu  {} MiB  {} pods  price {}",
             f.id,
             r.cpu,
             r.memory >> 20,
             r.pods,
             f.price.amount
-        );
+        )?;
     }
-    println!("\ncontracts:");
+    writeln!(out, "\ncontracts:")?;
     for k in &st.contracts {
         let r = &k.resources;
-        println!(
+        writeln!(
+            out,
             "  {:<24} {:<9?} buyer {:<16} seller {:<16} {}m cpu  {} MiB",
             k.id,
             k.state,
@@ -224,26 +315,34 @@ pub async fn status(config: &Path, socket: Option<&Path>, json: bool) -> Result<
             k.seller,
             r.cpu,
             r.memory >> 20
-        );
+        )?;
     }
-    println!("\nallocations:");
+    writeln!(out, "\nallocations:")?;
     for a in &st.allocations {
-        println!(
+        writeln!(
+            out,
             "  {:<24} {:<11?} {:<8?} peer {}",
             a.contract, a.kind, a.status, a.peer
-        );
+        )?;
     }
-    println!("\nintents:");
-    st.intents.iter().for_each(print_intent);
+    writeln!(out, "\nintents:")?;
+    for i in &st.intents {
+        print_intent(out, i)?;
+    }
     Ok(())
 }
 
 /// `fluidlet contract release`: releases the contract `id` this node bought.
-pub async fn release(id: &str, config: &Path, socket: Option<&Path>) -> Result<(), AgentError> {
+pub async fn release(
+    id: &str,
+    config: &Path,
+    socket: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let id = Id::new(id).map_err(|e| other(format!("contract id: {e}")))?;
     match ask(&socket_path(config, socket)?, Request::Release(id)).await? {
         Response::Released(k) => {
-            println!("contract {} released ({:?})", k.id, k.state);
+            writeln!(out, "contract {} released ({:?})", k.id, k.state)?;
             Ok(())
         }
         Response::Error(e) => Err(other(e)),
@@ -252,7 +351,7 @@ pub async fn release(id: &str, config: &Path, socket: Option<&Path>) -> Result<(
 }
 
 /// `fluidlet check`: the config is valid; with TLS, the PEM files are too.
-pub fn check(path: &Path) -> Result<(), AgentError> {
+pub fn check(path: &Path, out: &mut dyn Write) -> Result<(), CliError> {
     let cfg = Config::load(path)?;
     let transport = match &cfg.tls {
         Some(files) => {
@@ -265,7 +364,8 @@ pub fn check(path: &Path) -> Result<(), AgentError> {
         None if cfg.insecure_plaintext => "PLAIN MQTT (insecure_plaintext = true)".into(),
         None => "plain MQTT on loopback".into(),
     };
-    println!(
+    writeln!(
+        out,
         "{}: node {} in domain {}, broker {}:{} ({transport}), data in {}, {} offer(s)",
         path.display(),
         cfg.node_id,
@@ -274,6 +374,6 @@ pub fn check(path: &Path) -> Result<(), AgentError> {
         cfg.broker.port,
         cfg.data_dir.display(),
         cfg.offers.len()
-    );
+    )?;
     Ok(())
 }

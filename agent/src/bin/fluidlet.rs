@@ -171,7 +171,10 @@ fn default_config() -> PathBuf {
 struct DemoCmd {}
 
 fn main() -> ExitCode {
-    let args: Cli = argh::from_env();
+    let args: Cli = match cli::parse_args() {
+        Ok(a) => a,
+        Err(status) => return status,
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -182,27 +185,36 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let out = &mut std::io::stdout();
     let result = match args.cmd {
-        Cmd::Run(r) => cli::run(&r.config, r.log_json, &rt),
-        Cmd::Check(c) => cli::check(&c.config),
+        Cmd::Run(r) => cli::run(&r.config, r.log_json, &rt).map_err(Into::into),
+        Cmd::Check(c) => cli::check(&c.config, out),
         Cmd::Intent(IntentCmd { cmd }) => match cmd {
-            IntentSub::Submit(s) => {
-                rt.block_on(cli::intent_submit(&s.file, &s.config, s.socket.as_deref()))
+            IntentSub::Submit(s) => rt.block_on(cli::intent_submit(
+                &s.file,
+                &s.config,
+                s.socket.as_deref(),
+                out,
+            )),
+            IntentSub::List(l) => {
+                rt.block_on(cli::intent_list(&l.config, l.socket.as_deref(), out))
             }
-            IntentSub::List(l) => rt.block_on(cli::intent_list(&l.config, l.socket.as_deref())),
             IntentSub::Show(s) => {
-                rt.block_on(cli::intent_show(&s.id, &s.config, s.socket.as_deref()))
+                rt.block_on(cli::intent_show(&s.id, &s.config, s.socket.as_deref(), out))
             }
         },
-        Cmd::Status(c) => rt.block_on(cli::status(&c.config, c.socket.as_deref(), c.json)),
+        Cmd::Status(c) => rt.block_on(cli::status(&c.config, c.socket.as_deref(), c.json, out)),
         Cmd::Contract(ContractCmd {
             cmd: ContractSub::Release(c),
-        }) => rt.block_on(cli::release(&c.id, &c.config, c.socket.as_deref())),
+        }) => rt.block_on(cli::release(&c.id, &c.config, c.socket.as_deref(), out)),
         #[cfg(feature = "demo")]
-        Cmd::Demo(_) => cli::demo(&rt),
+        Cmd::Demo(_) => cli::demo(&rt).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout is gone (`fluidlet status | head -1`): stop without a word, and
+        // without claiming success, since the output was cut short.
+        Err(e) if e.closed_pipe() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("fluidlet: {e}");
             ExitCode::FAILURE

@@ -4,8 +4,8 @@
 //!
 //! [`Agent::start`] is the one place that starts the node's tasks: the broker session
 //! ([`crate::broker::Session::run`]), the node task ([`serve`]), the resumption of purchases
-//! left in flight, the expiry sweeper, the control socket ([`crate::control::serve`]) and one
-//! task per intent a previous run left unfinished ([`crate::orchestrator::resume`]).
+//! left in flight, the expiry sweeper, the control socket (`control::serve`) and one
+//! task per intent a previous run left unfinished (`orchestrator::resume`).
 //!
 //! The node task handles inbound messages one at a time. Handling them one at a time is deliberate:
 //! a reservation's check and its durable write then never interleave with another one on

@@ -2,7 +2,7 @@
 //! handing over to the REAR Manager only when nothing local fits.
 //!
 //! An intent moves through [`IntentState`]s and is written to the `intents` table at every
-//! move, so an agent restarted mid-intent picks it up where it was ([`start`]): a reservation
+//! move, so an agent restarted mid-intent picks it up where it was ([`unfinished`], [`resume`]): a reservation
 //! in progress is retried, a contract waiting for peering is peered, a deployment is applied
 //! again (`kubectl apply` is idempotent).
 //!

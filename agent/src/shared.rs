@@ -3,8 +3,8 @@
 //! advert. Below everything that uses it ([`crate::rear`], [`crate::orchestrator`],
 //! [`crate::control`], [`crate::node`]); it uses none of them.
 //!
-//! [`RearError`] lives here because sending a message ([`Shared::send`]) and waiting for its
-//! answer ([`Shared::wait_for`]) already fail with it; [`crate::rear`] re-exports it.
+//! [`RearError`] lives here because sending a message (`Shared::send`) and waiting for its
+//! answer (`Shared::wait_for`) already fail with it; [`crate::rear`] re-exports it.
 
 use crate::broker::{AdvertSlot, Status};
 use crate::config::Config;

@@ -7,7 +7,7 @@
 //!   (8-9), RESERVE_FLAVOUR (15-18), PEER_REQUEST (23-26), RELEASE.
 //!
 //! Step numbers are those of the seed workflow "two nodes, same domain"; each function's doc
-//! names the steps it performs. Both sides work on [`crate::shared::Shared`]; neither imports
+//! names the steps it performs. Both sides work on `Shared` ([`crate::shared`]); neither imports
 //! the other.
 
 pub mod consumer;

@@ -4,13 +4,13 @@
 //! The node task ([`crate::node`]) decodes and checks each inbound message and calls one of
 //! these handlers:
 //!
-//! - LIST_FLAVOURS: [`answer_list`] (Discovery Manager, steps 8-9);
-//! - RESERVE_FLAVOUR: [`on_reserve_batch`] (Contract Manager, steps 15-18; group commit);
-//! - PEER_REQUEST: [`on_peer_request`] and [`grant_peering`] (Virtual Fabric Manager,
+//! - LIST_FLAVOURS: `answer_list` (Discovery Manager, steps 8-9);
+//! - RESERVE_FLAVOUR: `on_reserve_batch` (Contract Manager, steps 15-18; group commit);
+//! - PEER_REQUEST: `on_peer_request` and `grant_peering` (Virtual Fabric Manager,
 //!   steps 23-26);
-//! - RELEASE: [`on_release`].
+//! - RELEASE: `on_release`.
 //!
-//! Every refusal is answered with ERROR to the sender ([`answer_error`]).
+//! Every refusal is answered with ERROR to the sender (`answer_error`).
 
 use super::NETWORK_NOTE;
 use crate::discovery;

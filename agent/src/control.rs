@@ -8,8 +8,8 @@
 //! [`Response::Step`] per workflow step on this node, then the intent as it ended.
 
 use crate::model::{Allocation, Contract, Flavour, Id, Intent, Text};
-use crate::node::Shared;
 use crate::orchestrator::IntentSpec;
+use crate::shared::Shared;
 use crate::AgentError;
 use minicbor::{Decode, Encode};
 use std::path::Path;
@@ -17,7 +17,6 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 /// Largest request frame: an intent with a 64 KiB manifest fits.
@@ -137,55 +136,60 @@ async fn read_frame<T: for<'a> Decode<'a, ()>>(
         .map_err(|e| ControlError::Decode(e.to_string()))
 }
 
-/// Binds the socket (owner-only) and serves it until `stop`.
-pub(crate) fn serve(
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<JoinHandle<()>, AgentError> {
-    let path = shared.cfg.control_socket.clone();
+/// Binds the socket (owner-only) at `path`, replacing a socket file left by a crashed run.
+/// [`serve`] then answers on it.
+pub(crate) fn bind(path: &Path) -> Result<UnixListener, AgentError> {
     let err =
         |e: std::io::Error| AgentError::Other(format!("control socket {}: {e}", path.display()));
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     // A socket file left by a crashed run: nobody answers on it, so it can go.
-    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
-        let _ = std::fs::remove_file(&path);
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
     }
-    let listener = UnixListener::bind(&path).map_err(err)?;
+    let listener = UnixListener::bind(path).map_err(err)?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     }
     info!(socket = %path.display(), "control socket ready");
+    Ok(listener)
+}
+
+/// Serves the socket [`bind`] made until `stop`, then removes the socket file. The node
+/// ([`crate::node`]) runs it as one of its tasks.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: UnixListener,
+    mut stop: watch::Receiver<bool>,
+) {
     let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
-    Ok(tokio::spawn(async move {
-        loop {
-            // Cancel safety: accept is cancel-safe; a client being served runs in its task.
-            let conn = tokio::select! {
-                _ = stop.changed() => break,
-                c = listener.accept() => c,
-            };
-            let (stream, _) = match conn {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "control socket accept failed");
-                    continue;
-                }
-            };
-            let Ok(permit) = clients.clone().acquire_owned().await else {
-                break;
-            };
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                if let Err(e) = client(&shared, stream).await {
-                    debug!(error = %e, "control client ended");
-                }
-            });
-        }
-        let _ = std::fs::remove_file(&path);
-    }))
+    loop {
+        // Cancel safety: accept is cancel-safe; a client being served runs in its task.
+        let conn = tokio::select! {
+            _ = stop.changed() => break,
+            c = listener.accept() => c,
+        };
+        let (stream, _) = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "control socket accept failed");
+                continue;
+            }
+        };
+        let Ok(permit) = clients.clone().acquire_owned().await else {
+            break;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = client(&shared, stream).await {
+                debug!(error = %e, "control client ended");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&shared.cfg.control_socket);
 }
 
 async fn client(shared: &Shared, mut s: UnixStream) -> Result<(), ControlError> {
@@ -211,7 +215,7 @@ async fn client(shared: &Shared, mut s: UnixStream) -> Result<(), ControlError> 
                 write_frame(&mut s, &Response::Status(Box::new(status(shared)))).await?
             }
             Request::Release(id) => {
-                let r = match crate::rear::release(shared, &id).await {
+                let r = match crate::rear::consumer::release(shared, &id).await {
                     Ok(c) => Response::Released(Box::new(c)),
                     Err(e) => Response::Error(e.to_string()),
                 };

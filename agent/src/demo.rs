@@ -24,6 +24,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// `println!` that ignores a closed stdout: `fluidlet demo | head` must not panic (the demo
+/// goes on to its end and exits as usual).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 static BROKER: OnceLock<Result<u16, String>> = OnceLock::new();
 
 /// The process-wide embedded broker's loopback port, starting it on first call.
@@ -165,10 +174,8 @@ pub async fn run() -> Result<usize, AgentError> {
         })?,
         Err(_) => embedded_broker()?,
     };
-    println!(
-        "fluidlet demo: two nodes, same domain (the seed workflow's 31 steps, dry-run fabric)"
-    );
-    println!("embedded MQTT broker on 127.0.0.1:{port} (the domain's Supernode / Catalog)\n");
+    say!("fluidlet demo: two nodes, same domain (the seed workflow's 31 steps, dry-run fabric)");
+    say!("embedded MQTT broker on 127.0.0.1:{port} (the domain's Supernode / Catalog)\n");
     let dir = std::env::temp_dir().join(format!(
         "fluidlet-demo-{}-{}",
         std::process::id(),
@@ -184,7 +191,7 @@ async fn run_in(dir: &Path, port: u16, t0: Instant) -> Result<usize, AgentError>
     let seen = steps.clone();
     let observer: Observer = Arc::new(move |s: &Step| {
         let at = t0.elapsed();
-        println!(
+        say!(
             "[{:>8.2} ms] step {:>2}  {:<9} {:<22} {}",
             at.as_secs_f64() * 1e3,
             s.number,
@@ -214,7 +221,7 @@ async fn run_in(dir: &Path, port: u16, t0: Instant) -> Result<usize, AgentError>
             )));
         }
     }
-    println!(
+    say!(
         "provider offers {}; consumer submits an intent needing 1 CPU and 2 GiB on {}\n",
         describe_flavour(&offer),
         k8s_arch()
@@ -240,7 +247,7 @@ async fn run_in(dir: &Path, port: u16, t0: Instant) -> Result<usize, AgentError>
     let took = started.elapsed();
     let summary = match &outcome {
         Ok(i) if i.state == IntentState::Placed => {
-            println!(
+            say!(
                 "\nintent {} placed on {} in {:.2} ms",
                 i.id,
                 i.placement.as_ref().map_or("?", |p| p.as_str()),
@@ -251,7 +258,7 @@ async fn run_in(dir: &Path, port: u16, t0: Instant) -> Result<usize, AgentError>
                 .as_ref()
                 .and_then(|c| consumer.tables().contract(c).ok().flatten())
             {
-                println!(
+                say!(
                     "contract {}: {} buys {} from {} for {} millionths EUR/hour",
                     c.id,
                     c.buyer,
@@ -277,7 +284,7 @@ async fn run_in(dir: &Path, port: u16, t0: Instant) -> Result<usize, AgentError>
     provider.shutdown().await;
     summary?;
     let n = steps.lock().map(|v| v.len()).unwrap_or(0);
-    println!(
+    say!(
         "\n{n} workflow steps in {:.1} ms (including broker start)",
         t0.elapsed().as_secs_f64() * 1e3
     );
@@ -306,13 +313,13 @@ spec:
 
 /// Lists what the dry-run fabric wrote: the exact objects and commands a cluster would get.
 fn print_fabric_record(dir: &Path) {
-    println!("\nthe dry-run fabric wrote (what the liqo backend would apply and run):");
+    say!("\nthe dry-run fabric wrote (what the liqo backend would apply and run):");
     for node in ["provider", "consumer"] {
         let mut files = Vec::new();
         collect(&dir.join(node).join("fabric"), &mut files);
         files.sort();
         for f in files {
-            println!("  {}", f.strip_prefix(dir).unwrap_or(&f).display());
+            say!("  {}", f.strip_prefix(dir).unwrap_or(&f).display());
         }
     }
     let mut scripts = Vec::new();
@@ -320,9 +327,9 @@ fn print_fabric_record(dir: &Path) {
     scripts.retain(|p| p.ends_with("commands.sh"));
     scripts.sort();
     for p in scripts {
-        println!("\n{}:", p.strip_prefix(dir).unwrap_or(&p).display());
+        say!("\n{}:", p.strip_prefix(dir).unwrap_or(&p).display());
         for line in std::fs::read_to_string(&p).unwrap_or_default().lines() {
-            println!("  {line}");
+            say!("  {line}");
         }
     }
 }
@@ -354,12 +361,12 @@ fn describe_flavour(f: &Flavour) -> String {
 }
 
 fn print_tables(name: &str, a: &Agent) {
-    println!("\n{name} tables:");
+    say!("\n{name} tables:");
     for f in a.tables().flavours().unwrap_or_default() {
-        println!("  available   {}", describe_flavour(&f.flavour));
+        say!("  available   {}", describe_flavour(&f.flavour));
     }
     for al in a.tables().allocations().unwrap_or_default() {
-        println!(
+        say!(
             "  allocation  {} {:?} {:?} ({}) with {}",
             al.contract,
             al.kind,
@@ -369,9 +376,12 @@ fn print_tables(name: &str, a: &Agent) {
         );
     }
     for c in a.tables().contracts().unwrap_or_default() {
-        println!(
+        say!(
             "  contract    {} {:?} buyer {} seller {}",
-            c.id, c.state, c.buyer, c.seller
+            c.id,
+            c.state,
+            c.buyer,
+            c.seller
         );
     }
 }
@@ -383,7 +393,7 @@ fn print_phases(steps: &Mutex<Vec<(u8, Duration)>>) {
         let b = v.iter().rev().find(|(n, _)| *n == to)?.1;
         Some(b.saturating_sub(a))
     };
-    println!("\ntime per phase:");
+    say!("\ntime per phase:");
     for (name, from, to) in [
         ("intent and local lookup (1-4)", 1, 4),
         ("candidates and discovery (5-12)", 5, 12),
@@ -393,7 +403,7 @@ fn print_phases(steps: &Mutex<Vec<(u8, Duration)>>) {
         ("whole workflow (1-31)", 1, 31),
     ] {
         if let Some(d) = span(from, to) {
-            println!("  {name:<30} {:>8.2} ms", d.as_secs_f64() * 1e3);
+            say!("  {name:<30} {:>8.2} ms", d.as_secs_f64() * 1e3);
         }
     }
 }

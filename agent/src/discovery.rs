@@ -5,8 +5,9 @@
 //! LIST_FLAVOURS (workflow step 8) and the consumer to pick among its Peering Candidates
 //! (steps 5 and 12). One function means the consumer never asks for a piece the provider
 //! would refuse to list. It is pure: no clock, no table, no broker, so every edge case is a
-//! unit test. The I/O half of discovery (broadcasting LIST_FLAVOURS, collecting FLAVOURS and
-//! catalog adverts into the candidates table) lives in [`crate::rear`] and [`crate::node`].
+//! unit test. The I/O half of discovery lives in [`crate::rear::consumer`] (broadcasting
+//! LIST_FLAVOURS, collecting FLAVOURS into the candidates table), [`crate::rear::provider`]
+//! (answering LIST_FLAVOURS) and [`crate::node`] (catalog adverts into the candidates table).
 
 use crate::model::{Candidate, Flavour, FlavourSelector, Id, Resources};
 

@@ -6,27 +6,41 @@
 //! as the domain's Catalog (retained adverts, cleared by last will), and keeps its tables
 //! in sled so that nothing it acknowledged is lost on a crash.
 //!
-//! Modules, named after the functional elements of the FLUIDOS workflow:
+//! Modules, named after the functional elements of the FLUIDOS workflow, each importing only
+//! modules listed above it:
 //!
 //! - [`model`]: flavours, selectors, contracts, allocations; bounded CBOR types.
 //! - [`wire`]: topics, the envelope, size limits, decode errors. Pure.
-//! - [`tables`]: the sled trees and the atomic reservation write.
-//! - [`config`]: the TOML config, validated into model types.
-//! - [`broker`]: the MQTT session (rumqttc): will, reconnect, subscriptions, advert.
 //! - [`discovery`]: Discovery Manager: selector matching and candidate ranking. Pure.
 //! - [`contracts`]: Contract Manager: reservation planning and contract rules. Pure.
-//! - [`rear`]: REAR Manager, consumer side: candidates, discovery, reservation.
-//! - [`node`]: the running node: provider side of REAR, answer routing, clean stop.
-//! - [`tls`]: mutual TLS to the broker (rustls + ring), the node-id = CN check.
-//! - [`orchestrator`]: Node Orchestrator: intents, placement, the workflow state machine.
+//! - [`tables`]: the sled trees and the atomic reservation write.
 //! - [`fabric`]: Virtual Fabric Manager: the k3s + Liqo shim and its dry-run backend.
 //! - [`files`]: owner-only data_dir and secret files, and the warning when they are not.
+//! - [`config`]: the TOML config, validated into model types.
+//! - [`broker`]: the MQTT session (rumqttc): will, reconnect, subscriptions, advert.
+//! - [`tls`]: mutual TLS to the broker (rustls + ring), the node-id = CN check.
+//! - [`shared`]: what the running node's parts share: config, tables, MQTT client, pending
+//!   answers, workflow steps, advert; and [`rear::RearError`].
+//! - [`rear`]: REAR Manager, in two sides, each function's doc naming its workflow steps:
+//!   - [`rear::consumer`]: buying: candidates, discovery, reservation, peering, release
+//!     (steps 5-7, 10-14, 19-22, 26-28);
+//!   - [`rear::provider`]: selling: answers to LIST_FLAVOURS, RESERVE_FLAVOUR, PEER_REQUEST
+//!     and RELEASE (steps 8-9, 15-18, 23-26).
+//! - [`orchestrator`]: Node Orchestrator: intents, placement, the workflow state machine.
 //! - [`control`]: the local control socket (`fluidlet intent`, `status`, `contract`).
+//! - [`node`]: the running node: lifecycle (start, the one place that starts tasks, clean
+//!   stop) and dispatch of inbound messages to the two sides of REAR.
 //! - `demo` (feature `demo`): an embedded broker and two nodes in one process.
+//! - [`cli`]: the work of each `fluidlet` command (the binary only parses the command line).
+//!
+//! The crate root's own items ([`AgentError`], [`Step`], [`Observer`], [`unix_ms`]) sit
+//! between [`tls`] and [`shared`]. So there are no import circles; docs/architecture.md draws
+//! the graph.
 //!
 //! Data flows one way: broker -> wire -> manager -> tables, and back out through wire.
 
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod contracts;
 pub mod control;
@@ -39,6 +53,7 @@ pub mod model;
 pub mod node;
 pub mod orchestrator;
 pub mod rear;
+pub mod shared;
 pub mod tables;
 pub mod tls;
 pub mod wire;

@@ -1,8 +1,13 @@
-//! The running node: starts the tables and the broker session, serves the provider side of
-//! REAR, routes answers to the consumer flows waiting for them, and stops cleanly.
+//! The running node: starts the tables, the broker session and the node's tasks, hands each
+//! inbound request to the provider side of REAR ([`crate::rear::provider`]), routes answers to
+//! the consumer flows waiting for them ([`crate::rear::consumer`]), and stops cleanly.
 //!
-//! Two tasks: the broker session ([`crate::broker::run`]) and the node task ([`serve`]),
-//! which handles inbound messages one at a time. Handling them one at a time is deliberate:
+//! [`Agent::start`] is the one place that starts the node's tasks: the broker session
+//! ([`crate::broker::Session::run`]), the node task ([`serve`]), the resumption of purchases
+//! left in flight, the expiry sweeper, the control socket (`control::serve`) and one
+//! task per intent a previous run left unfinished (`orchestrator::resume`).
+//!
+//! The node task handles inbound messages one at a time. Handling them one at a time is deliberate:
 //! a reservation's check and its durable write then never interleave with another one on
 //! this node (the sled transaction would also catch it, but sequential handling means no
 //! retry storms), and a reservation costs one flush, well under the broker round trip.
@@ -16,222 +21,25 @@
 
 use crate::broker::{self, AdvertSlot, Inbound, Status};
 use crate::config::Config;
-use crate::discovery;
+use crate::control;
 use crate::fabric::Fabric;
 use crate::model::ContractState;
-use crate::model::{Contract, FlavourList, FlavourSelector, Id, ReserveRequest};
-use crate::rear::{self, RearError};
-use crate::tables::{Reservation, TableError, Tables};
-use crate::wire::{Body, ErrorBody, ErrorCode, Flavours, Message, Route, Topics, WireError};
-use crate::wire::{ContractRef, PeerAccept, PeerRequest};
-use crate::{unix_ms, AgentError, Observer, Step};
-use rumqttc::{AsyncClient, QoS};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use crate::model::{Contract, FlavourSelector, Id};
+use crate::orchestrator;
+use crate::rear::provider::{self, answer_error, PendingReserve};
+use crate::rear::{consumer, RearError};
+use crate::shared::{Shared, Waiter};
+use crate::tables::Tables;
+use crate::wire::{Body, ErrorCode, Message, Route, Topics, WireError};
+use crate::{unix_ms, AgentError, Observer};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-/// Consumer requests waiting for answers at once (discoveries and reservations). A bound of
-/// the protocol: beyond it a new request fails with `Busy` rather than growing a map.
-pub const MAX_PENDING: usize = 64;
-
-/// What the Network Manager does when a contract is signed (steps 18 and 19). With Liqo v1
-/// there is nothing to deploy yet: `liqoctl peer` (steps 26-27) sets up the WireGuard
-/// gateways that give the two clusters reachability. See docs/fabric.md.
-pub(crate) const NETWORK_NOTE: &str =
-    "informed of the contract: reachability comes with the Liqo peering (gateway set up at step 27)";
-
 /// Most reservations made durable by one flush (group commit).
 const MAX_BATCH: usize = 64;
-
-/// Steps buffered for a control-socket client that reads slowly; older ones are dropped.
-const STEP_QUEUE: usize = 64;
-/// Provider-side peering set-ups running at once; more are refused with BUSY.
-const MAX_PEERINGS: usize = 4;
-
-/// Longest wait for room in the MQTT client's request queue.
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Who waits for answers to one request id.
-pub(crate) enum Waiter {
-    /// A discovery: every FLAVOURS answer, from anyone, until the window closes.
-    Collect(mpsc::Sender<(Id, FlavourList)>),
-    /// A reservation: the one answer from `from`.
-    Reply { from: Id, tx: oneshot::Sender<Body> },
-}
-
-/// What the node task and the consumer flows share.
-pub(crate) struct Shared {
-    pub cfg: Config,
-    pub tables: Tables,
-    pub topics: Topics,
-    pub client: AsyncClient,
-    pub pending: Mutex<heapless::index_map::FnvIndexMap<u64, Waiter, MAX_PENDING>>,
-    next_id: AtomicU64,
-    advert: AdvertSlot,
-    observer: Option<Observer>,
-    pub status: watch::Receiver<Status>,
-    /// The Virtual Fabric Manager.
-    pub fabric: Fabric,
-    /// Every workflow step, for control-socket clients following an intent.
-    pub steps: broadcast::Sender<Step>,
-    /// Provider-side peerings set up at once (each may run kubectl/liqoctl for seconds).
-    peerings: Arc<Semaphore>,
-    /// Unpeered reservations per buyer (provider side), for `limits.pending_per_buyer`.
-    /// Counted up at every new reservation and never down: a buyer that reaches the limit
-    /// is counted again from the contracts table (peered, released and lapsed ones drop out).
-    unpeered: Mutex<HashMap<Id, u32>>,
-}
-
-impl Shared {
-    /// A fresh message id. Seeded from the clock so that ids keep growing across restarts.
-    pub fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn me(&self) -> &Id {
-        &self.cfg.node_id
-    }
-
-    /// Reports a workflow step to the observer (the demo prints them) and the log.
-    /// Reports a workflow step to the observer, control-socket followers and the debug log;
-    /// when none of them listens (a busy provider's normal case) it costs no formatting.
-    pub fn step(&self, number: u8, element: &'static str, text: impl std::fmt::Display) {
-        if self.observer.is_none()
-            && self.steps.receiver_count() == 0
-            && !tracing::enabled!(tracing::Level::DEBUG)
-        {
-            return;
-        }
-        let step = Step {
-            number,
-            element,
-            node: self.me().clone(),
-            text: text.to_string(),
-        };
-        debug!(step = number, element, "{}", step.text);
-        if let Some(o) = &self.observer {
-            o(&step);
-        }
-        // No receiver is the normal case; a slow one loses old steps, never blocks the node.
-        let _ = self.steps.send(step);
-    }
-
-    /// Builds and publishes a message for `to` (QoS 1).
-    pub async fn send(
-        &self,
-        to: &Id,
-        correlation: Option<u64>,
-        body: Body,
-    ) -> Result<u64, RearError> {
-        let msg = Message {
-            id: self.next_id(),
-            correlation,
-            sent_at: unix_ms(),
-            sender: self.me().clone(),
-            body,
-        };
-        let topic = self.topics.to(to);
-        self.publish(topic, false, &msg).await?;
-        Ok(msg.id)
-    }
-
-    pub async fn publish(
-        &self,
-        topic: String,
-        retain: bool,
-        msg: &Message,
-    ) -> Result<(), RearError> {
-        let bytes = msg.encode().map_err(RearError::Wire)?;
-        // The request queue only drains while the session polls; during a long outage it
-        // fills up, and a publish would wait for the broker's return. Give up instead.
-        let queued = self.client.publish(topic, QoS::AtLeastOnce, retain, bytes);
-        match tokio::time::timeout(PUBLISH_TIMEOUT, queued).await {
-            Ok(r) => r.map_err(|e| RearError::Broker(e.to_string())),
-            Err(_) => Err(RearError::PublishTimeout),
-        }
-    }
-
-    /// `Some(limit)` when `buyer` holds `limits.pending_per_buyer` unpeered reservations.
-    fn pending_full(&self, buyer: &Id) -> Option<u32> {
-        let limit = self.cfg.limits.pending_per_buyer;
-        let Ok(mut map) = self.unpeered.lock() else {
-            return None;
-        };
-        if map.get(buyer).copied().unwrap_or(0) < limit {
-            return None;
-        }
-        // At the limit by the running count: count again from the table.
-        let n = match self.tables.unpeered_by_buyer(self.me()) {
-            Ok(all) => all.get(buyer).copied().unwrap_or(0),
-            Err(e) => {
-                error!(error = %e, "cannot count unpeered reservations; assuming the limit");
-                limit
-            }
-        };
-        if n == 0 {
-            map.remove(buyer);
-        } else {
-            map.insert(buyer.clone(), n);
-        }
-        (n >= limit).then_some(limit)
-    }
-
-    fn count_unpeered(&self, buyer: &Id) {
-        if let Ok(mut map) = self.unpeered.lock() {
-            *map.entry(buyer.clone()).or_insert(0) += 1;
-        }
-    }
-
-    /// Registers a waiter for answers correlated with `id`; `Busy` when the map is full.
-    pub fn wait_for(&self, id: u64, w: Waiter) -> Result<PendingGuard<'_>, RearError> {
-        let mut p = self.pending.lock().map_err(|_| RearError::Busy)?;
-        p.insert(id, w).map_err(|_| RearError::Busy)?;
-        Ok(PendingGuard { shared: self, id })
-    }
-
-    /// Publishes the current flavours as this node's retained catalog entry.
-    pub(crate) async fn publish_advert(&self) -> Result<(), AgentError> {
-        let own = self.tables.flavours()?;
-        let flavours: Vec<_> = own.into_iter().map(|o| o.flavour).collect();
-        let msg = Message {
-            id: self.next_id(),
-            correlation: None,
-            sent_at: unix_ms(),
-            sender: self.me().clone(),
-            body: Body::Advert(Flavours {
-                flavours: FlavourList::from_slice_truncated(&flavours),
-            }),
-        };
-        let bytes = msg.encode()?;
-        if let Ok(mut slot) = self.advert.lock() {
-            slot.clone_from(&bytes);
-        }
-        self.client
-            .publish(self.topics.my_catalog(), QoS::AtLeastOnce, true, bytes)
-            .await
-            .map_err(|e| AgentError::Broker(e.to_string()))?;
-        debug!(flavours = flavours.len(), "advert published");
-        Ok(())
-    }
-}
-
-/// Removes a pending entry when the waiting flow ends, however it ends.
-pub(crate) struct PendingGuard<'a> {
-    shared: &'a Shared,
-    id: u64,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut p) = self.shared.pending.lock() {
-            p.swap_remove(&self.id);
-        }
-    }
-}
 
 /// A running node. Dropping it without [`Agent::shutdown`] stops nothing cleanly; call it.
 pub struct Agent {
@@ -260,23 +68,15 @@ impl Agent {
         let (stop_tx, stop_rx) = watch::channel(false);
         let advert = AdvertSlot::default();
         let fabric = Fabric::new(cfg.fabric.clone(), &cfg.data_dir, &cfg.node_id);
-        let unpeered = Mutex::new(tables.unpeered_by_buyer(&cfg.node_id)?);
-        let (steps, _) = broadcast::channel(STEP_QUEUE);
-        let shared = Arc::new(Shared {
-            fabric,
-            steps,
-            peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
-            unpeered,
-            tables,
-            topics: topics.clone(),
-            client: client.clone(),
-            pending: Mutex::new(heapless::index_map::FnvIndexMap::new()),
-            next_id: AtomicU64::new(unix_ms().saturating_mul(1024)),
-            advert: advert.clone(),
-            observer,
-            status: status_rx,
+        let shared = Arc::new(Shared::new(
             cfg,
-        });
+            tables,
+            client.clone(),
+            advert.clone(),
+            observer,
+            status_rx,
+            fabric,
+        )?);
         let session = broker::Session {
             events,
             client,
@@ -298,8 +98,13 @@ impl Agent {
         let node = tokio::spawn(serve(shared.clone(), inbound_rx, catalog, stop_rx.clone()));
         let resumer = tokio::spawn(resume_when_connected(shared.clone(), stop_rx.clone()));
         let sweeper = tokio::spawn(sweep_lapsed(shared.clone(), stop_rx.clone()));
-        let mut tasks = vec![resumer, sweeper];
-        tasks.extend(crate::orchestrator::start(shared.clone(), stop_rx).await?);
+        let listener = control::bind(&shared.cfg.control_socket)?;
+        let control = tokio::spawn(control::serve(shared.clone(), listener, stop_rx.clone()));
+        let mut tasks = vec![resumer, sweeper, control];
+        for intent in orchestrator::unfinished(&shared)? {
+            let run = orchestrator::resume(shared.clone(), intent, stop_rx.clone());
+            tasks.push(tokio::spawn(run));
+        }
         info!(node = %shared.me(), domain = %shared.cfg.domain, "fluidlet node started");
         Ok(Agent {
             shared,
@@ -338,20 +143,20 @@ impl Agent {
     /// Returns the intent as it ended (Placed, or Failed with the reason).
     pub async fn submit_intent(
         &self,
-        spec: crate::orchestrator::IntentSpec,
+        spec: orchestrator::IntentSpec,
     ) -> Result<crate::model::Intent, AgentError> {
-        crate::orchestrator::submit(&self.shared, spec).await
+        orchestrator::submit(&self.shared, spec).await
     }
 
     /// Releases a contract this node bought (RELEASE to the seller, peering torn down).
     pub async fn release(&self, contract: &Id) -> Result<Contract, RearError> {
-        rear::release(&self.shared, contract).await
+        consumer::release(&self.shared, contract).await
     }
 
     /// The consumer side of REAR for one selector: candidates, discovery if needed,
     /// reservation (workflow steps 5-20). Returns the durable contract.
     pub async fn acquire(&self, selector: &FlavourSelector) -> Result<Contract, RearError> {
-        rear::acquire(&self.shared, selector).await
+        consumer::acquire(&self.shared, selector).await
     }
 
     /// Stops taking messages, finishes the one in hand, withdraws the advert, disconnects
@@ -411,7 +216,7 @@ async fn resume_when_connected(shared: Arc<Shared>, mut stop: watch::Receiver<bo
         _ = stop.changed() => {}
         _ = async {
             if status.wait_for(|s| s.connected).await.is_ok() {
-                rear::resume(&shared).await;
+                consumer::resume(&shared).await;
             }
         } => {}
     }
@@ -449,7 +254,7 @@ async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                             warn!(error = %e, "could not re-publish the advert");
                         }
                     } else {
-                        rear::teardown_bought(&shared, &c).await;
+                        consumer::teardown_bought(&shared, &c).await;
                     }
                 }
                 Ok(None) => {}
@@ -516,7 +321,7 @@ async fn serve(
                 Err(_) => break,
             }
         }
-        on_reserve_batch(&shared, batch).await;
+        provider::on_reserve_batch(&shared, batch).await;
     }
 }
 
@@ -555,7 +360,7 @@ async fn handle(
             if let Some(msg) = decode_or_answer(shared, &from, &payload).await {
                 match msg.body {
                     Body::ListFlavours(l) => {
-                        answer_list(shared, &from, msg.id, &l.selector, false).await
+                        provider::answer_list(shared, &from, msg.id, &l.selector, false).await
                     }
                     other => unexpected(shared, &from, msg.id, other.kind(), "discovery").await,
                 }
@@ -609,19 +414,6 @@ async fn answer_wire_error(shared: &Shared, to: &Id, e: &WireError) {
     answer_error(shared, to, e.message_id(), e.code(), &e.to_string()).await;
 }
 
-async fn answer_error(
-    shared: &Shared,
-    to: &Id,
-    correlation: Option<u64>,
-    code: ErrorCode,
-    text: &str,
-) {
-    let body = Body::Error(ErrorBody::new(code, text));
-    if let Err(e) = shared.send(to, correlation, body).await {
-        warn!(%to, error = %e, "could not send ERROR");
-    }
-}
-
 async fn unexpected(shared: &Shared, from: &Id, id: u64, kind: crate::wire::Kind, place: &str) {
     warn!(%from, ?kind, place, "message kind has no meaning here");
     if kind == crate::wire::Kind::Error {
@@ -664,17 +456,19 @@ async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
 
 async fn on_addressed(shared: &Arc<Shared>, from: Id, msg: Message) {
     match msg.body {
-        Body::ListFlavours(l) => answer_list(shared, &from, msg.id, &l.selector, true).await,
+        Body::ListFlavours(l) => {
+            provider::answer_list(shared, &from, msg.id, &l.selector, true).await
+        }
         Body::ReserveFlavour(req) => {
             if req.buyer != from {
                 let text = format!("buyer {} but sent by {from}", req.buyer);
                 return answer_error(shared, &from, Some(msg.id), ErrorCode::Unexpected, &text)
                     .await;
             }
-            on_reserve_batch(shared, vec![(from, msg.id, req)]).await
+            provider::on_reserve_batch(shared, vec![(from, msg.id, req)]).await
         }
-        Body::PeerRequest(req) => on_peer_request(shared, from, msg.id, req).await,
-        Body::Release(r) => on_release(shared, &from, msg.id, r).await,
+        Body::PeerRequest(req) => provider::on_peer_request(shared, from, msg.id, req).await,
+        Body::Release(r) => provider::on_release(shared, &from, msg.id, r).await,
         Body::Flavours(_)
         | Body::Reserved(_)
         | Body::Error(_)
@@ -713,157 +507,6 @@ fn deliver(shared: &Shared, from: Id, msg: Message) {
     }
 }
 
-/// Discovery Manager, provider side (workflow steps 8-9). Broadcast requests are answered
-/// only when something matches, so a large domain does not answer each one N times.
-async fn answer_list(
-    shared: &Shared,
-    from: &Id,
-    id: u64,
-    sel: &crate::model::FlavourSelector,
-    always: bool,
-) {
-    let own = match shared.tables.flavours() {
-        Ok(v) => v,
-        Err(e) => {
-            error!(error = %e, "cannot read available resources");
-            return answer_error(
-                shared,
-                from,
-                Some(id),
-                ErrorCode::Storage,
-                "cannot read flavours",
-            )
-            .await;
-        }
-    };
-    let found = discovery::matching(own.iter().map(|o| &o.flavour), sel);
-    shared.step(
-        8,
-        "Discovery Manager",
-        format_args!(
-            "LIST_FLAVOURS from {from}: {} local flavour(s) match",
-            found.len()
-        ),
-    );
-    if found.is_empty() && !always {
-        return;
-    }
-    let body = Body::Flavours(Flavours {
-        flavours: FlavourList::from_slice_truncated(&found),
-    });
-    match shared.send(from, Some(id), body).await {
-        Ok(_) => shared.step(
-            9,
-            "Discovery Manager",
-            format_args!("FLAVOURS sent to {from}"),
-        ),
-        Err(e) => warn!(%from, error = %e, "could not answer LIST_FLAVOURS"),
-    }
-}
-
-/// A RESERVE_FLAVOUR waiting in a group commit: who asked, the request id, the request.
-type PendingReserve = (Id, u64, ReserveRequest);
-
-/// Contract Manager and REAR Manager, provider side (workflow steps 15-18), for a batch of
-/// requests that arrived together (group commit): each is checked and written in its own sled
-/// transaction, then ONE flush makes them all durable, then they are answered. No OK leaves
-/// before the flush that covers it has returned; if the flush fails, every new reservation of
-/// the batch is answered STORAGE instead (it may survive in the tables, unpeered, and lapse at
-/// expiry, so it is never sold twice nor acknowledged without being on disk).
-async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
-    let ttl = shared.cfg.reservation_ttl.as_millis() as u64;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for (from, id, req) in batch {
-        shared.step(
-            15,
-            "Contract Manager",
-            format_args!(
-                "RESERVE_FLAVOUR from {from} for {} (transaction {})",
-                req.flavour, req.transaction
-            ),
-        );
-        let full = shared.pending_full(&req.buyer);
-        let outcome = shared
-            .tables
-            .reserve_unflushed(shared.me(), &req, unix_ms(), ttl, full);
-        if let Ok(Reservation::New(_)) = &outcome {
-            shared.count_unpeered(&req.buyer);
-        }
-        outcomes.push((from, id, req, outcome));
-    }
-    let any_new = outcomes
-        .iter()
-        .any(|(.., o)| matches!(o, Ok(Reservation::New(_))));
-    let durable = if any_new {
-        shared.tables.flush().await.map_err(|e| e.to_string())
-    } else {
-        Ok(())
-    };
-    for (from, id, req, outcome) in outcomes {
-        let body = match (outcome, &durable) {
-            (Ok(Reservation::New(c)), Ok(())) => {
-                shared.step(
-                    16,
-                    "REAR Manager",
-                    format_args!(
-                        "flavour {} removed, reduced flavour created, Node allocation {} inactive",
-                        req.flavour, c.id
-                    ),
-                );
-                shared.step(
-                    17,
-                    "REAR Manager",
-                    format_args!("resources reserved; contract {} flushed to disk", c.id),
-                );
-                info!(contract = %c.id, buyer = %from, "reservation made");
-                Body::Reserved(Box::new(c))
-            }
-            (Ok(Reservation::Repeat(c)), _) => {
-                info!(contract = %c.id, tx = %req.transaction, "repeated transaction: first answer sent again");
-                Body::Reserved(Box::new(c))
-            }
-            (Ok(Reservation::Refused(r)), _) => {
-                info!(%from, flavour = %req.flavour, reason = %r, "reservation refused");
-                Body::Error(ErrorBody::new(r.code(), &r.to_string()))
-            }
-            (Ok(Reservation::New(c)), Err(e)) => {
-                error!(contract = %c.id, error = %e, "flush failed: reservation not acknowledged");
-                Body::Error(ErrorBody::new(
-                    ErrorCode::Storage,
-                    "the provider could not make the reservation durable; retry later",
-                ))
-            }
-            (Err(e), _) => {
-                error!(error = %e, "reservation could not be stored; refused");
-                Body::Error(ErrorBody::new(
-                    ErrorCode::Storage,
-                    "the provider could not store the reservation; nothing was reserved",
-                ))
-            }
-        };
-        let ok = matches!(body, Body::Reserved(_));
-        match shared.send(&from, Some(id), body).await {
-            Ok(_) if ok => {
-                shared.step(
-                    18,
-                    "Contract Manager",
-                    format_args!("OK (RESERVED) sent to {from}"),
-                );
-                shared.step(18, "Network Manager", NETWORK_NOTE);
-            }
-            Ok(_) => {}
-            Err(e) => warn!(%from, error = %e, "could not answer RESERVE_FLAVOUR"),
-        }
-    }
-    // The new advert goes out after the answers: buyers wait on the answer, the catalog
-    // only informs.
-    if any_new && durable.is_ok() {
-        if let Err(e) = shared.publish_advert().await {
-            warn!(error = %e, "could not re-publish the advert");
-        }
-    }
-}
-
 /// An inbound message, decoded once and sorted for the node task. Only one or two exist at a
 /// time (the message in hand and one held back), so the inline request is not worth a box.
 #[allow(clippy::large_enum_variant)]
@@ -893,194 +536,6 @@ fn sort(shared: &Shared, msg: Inbound) -> Sorted {
             _ => Sorted::Mail(from, m),
         },
         _ => Sorted::Other(msg),
-    }
-}
-
-/// Finds the contract `id` that this node sold to `buyer`, or says why not.
-fn sold_to(shared: &Shared, id: &Id, buyer: &Id) -> Result<crate::model::Contract, String> {
-    match shared.tables.contract(id) {
-        Ok(Some(c)) if &c.seller == shared.me() && &c.buyer == buyer => Ok(c),
-        Ok(_) => Err(format!("no contract {id} sold to {buyer}")),
-        Err(e) => Err(format!("cannot read contracts: {e}")),
-    }
-}
-
-/// Virtual Fabric Manager, provider side (workflow steps 23-26): a peering is granted only for
-/// a signed, live contract of the node asking; anything else is refused. A repeated request
-/// gets the first grant again (the peering user cannot be generated twice).
-async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req: PeerRequest) {
-    let c = match sold_to(shared, &req.contract, &from) {
-        Ok(c) if matches!(c.state, ContractState::Reserved | ContractState::Active) => c,
-        Ok(c) => {
-            let text = format!("contract {} is {:?}", c.id, c.state);
-            return answer_error(shared, &from, Some(id), ErrorCode::NoContract, &text).await;
-        }
-        Err(text) => {
-            warn!(%from, contract = %req.contract, "peering refused: {text}");
-            return answer_error(shared, &from, Some(id), ErrorCode::NoContract, &text).await;
-        }
-    };
-    if let Ok(Some(grant)) = shared.tables.peer_grant(&c.id) {
-        if let Err(e) = shared.send(&from, Some(id), Body::PeerAccept(grant)).await {
-            warn!(%from, error = %e, "could not answer PEER_REQUEST");
-        }
-        return;
-    }
-    let Ok(permit) = shared.peerings.clone().try_acquire_owned() else {
-        return answer_error(
-            shared,
-            &from,
-            Some(id),
-            ErrorCode::Busy,
-            "too many peerings in progress",
-        )
-        .await;
-    };
-    let shared = shared.clone();
-    // The fabric may take seconds: the node task goes on serving meanwhile.
-    tokio::spawn(async move {
-        let _permit = permit;
-        shared.step(
-            23,
-            "Virtual Fabric Manager",
-            format_args!(
-                "contract {} signed with {from} found: granting the peering to cluster {}",
-                c.id, req.cluster_id
-            ),
-        );
-        let grant = match grant_peering(&shared, &c, &req).await {
-            Ok(g) => g,
-            Err((code, text)) => {
-                error!(contract = %c.id, "peering grant failed: {text}");
-                return answer_error(&shared, &from, Some(id), code, &text).await;
-            }
-        };
-        shared.step(
-            24,
-            "Virtual Fabric Manager",
-            format_args!("peering for {} granted; REAR Manager informed", c.id),
-        );
-        shared.step(
-            25,
-            "REAR Manager",
-            format_args!("Node allocation {} active", c.id),
-        );
-        match shared.send(&from, Some(id), Body::PeerAccept(grant)).await {
-            Ok(_) => shared.step(
-                26,
-                "Virtual Fabric Manager",
-                format_args!("peering artefacts (Liqo ResourceOffer) sent to {from}"),
-            ),
-            Err(e) => warn!(%from, error = %e, "could not send PEER_ACCEPT"),
-        }
-    });
-}
-
-/// Step 23's work: the peering user (unless the buyer already peers with us), this cluster's
-/// id, and the record of both, with the contract activated (steps 24-25).
-async fn grant_peering(
-    shared: &Shared,
-    c: &Contract,
-    req: &PeerRequest,
-) -> Result<PeerAccept, (ErrorCode, String)> {
-    let failed = |e: &dyn std::fmt::Display| (ErrorCode::PeeringFailed, e.to_string());
-    let reuse = shared
-        .tables
-        .contracts()
-        .unwrap_or_default()
-        .iter()
-        .any(|o| o.id != c.id && o.buyer == c.buyer && o.state == ContractState::Active);
-    let plan = crate::fabric::plan_grant(&req.cluster_id, reuse);
-    let out = shared
-        .fabric
-        .execute(c.id.as_str(), &plan)
-        .await
-        .map_err(|e| failed(&e))?;
-    let identity = match plan.is_empty() {
-        true => None,
-        false => Some(
-            crate::model::LongText::new(&out)
-                .map_err(|e| failed(&format!("peering identity too large: {e}")))?,
-        ),
-    };
-    let grant = PeerAccept {
-        contract: c.id.clone(),
-        cluster_id: shared.fabric.cluster_id().await.map_err(|e| failed(&e))?,
-        identity,
-    };
-    let storage = |e: TableError| {
-        (
-            ErrorCode::Storage,
-            format!("could not record the peering: {e}"),
-        )
-    };
-    shared.tables.put_peer_grant(&grant).map_err(storage)?;
-    shared
-        .tables
-        .put_peer_cluster(&c.id, &req.cluster_id)
-        .map_err(storage)?;
-    shared
-        .tables
-        .activate(&c.id, unix_ms())
-        .await
-        .map_err(storage)?;
-    Ok(grant)
-}
-
-/// Contract Manager, provider side of a release: the capacity goes back into the offer (and
-/// the advert), the peering user goes when no other contract of that consumer needs it.
-/// Releasing an already released contract is answered RELEASED again.
-async fn on_release(shared: &Shared, from: &Id, id: u64, r: ContractRef) {
-    let c = match sold_to(shared, &r.contract, from) {
-        Ok(c) => c,
-        Err(text) => {
-            return answer_error(shared, from, Some(id), ErrorCode::NoContract, &text).await
-        }
-    };
-    match shared
-        .tables
-        .end_contract(&c.id, ContractState::Released, unix_ms())
-        .await
-    {
-        Ok(Some(_)) => {
-            info!(contract = %c.id, buyer = %from, "contract released; resources returned");
-            if let Err(e) = shared.publish_advert().await {
-                warn!(error = %e, "could not re-publish the advert");
-            }
-            let others = shared
-                .tables
-                .contracts()
-                .unwrap_or_default()
-                .iter()
-                .any(|o| {
-                    o.id != c.id
-                        && o.buyer == c.buyer
-                        && matches!(o.state, ContractState::Reserved | ContractState::Active)
-                });
-            let consumer_cluster = shared.tables.peer_cluster(&c.id).ok().flatten();
-            if let Some(cluster) = consumer_cluster {
-                let plan = crate::fabric::plan_teardown_provider(&cluster, !others);
-                if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
-                    warn!(contract = %c.id, error = %e, "peering teardown failed");
-                }
-            }
-        }
-        Ok(None) => {}
-        Err(e) => {
-            error!(contract = %c.id, error = %e, "release failed");
-            return answer_error(
-                shared,
-                from,
-                Some(id),
-                ErrorCode::Storage,
-                "could not store the release",
-            )
-            .await;
-        }
-    }
-    let body = Body::Released(ContractRef { contract: c.id });
-    if let Err(e) = shared.send(from, Some(id), body).await {
-        warn!(%from, error = %e, "could not send RELEASED");
     }
 }
 

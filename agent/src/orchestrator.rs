@@ -2,7 +2,7 @@
 //! handing over to the REAR Manager only when nothing local fits.
 //!
 //! An intent moves through [`IntentState`]s and is written to the `intents` table at every
-//! move, so an agent restarted mid-intent picks it up where it was ([`start`]): a reservation
+//! move, so an agent restarted mid-intent picks it up where it was ([`unfinished`], [`resume`]): a reservation
 //! in progress is retried, a contract waiting for peering is peered, a deployment is applied
 //! again (`kubectl apply` is idempotent).
 //!
@@ -19,8 +19,8 @@ use crate::model::{
     AllocationKind, AllocationStatus, Contract, ContractState, FlavourSelector, Id, Intent,
     IntentState, LongText, ReserveRequest, Resources, Text, MAX_MANIFEST,
 };
-use crate::node::Shared;
-use crate::rear::{self, RearError};
+use crate::rear::{consumer, RearError};
+use crate::shared::Shared;
 use crate::tables::{Reservation, TableError};
 use crate::{unix_ms, AgentError};
 use minicbor::{Decode, Encode};
@@ -28,7 +28,6 @@ use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 /// What a user asks for: the intent file, parsed (see `docs/intents.md`).
@@ -265,7 +264,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     format_args!(
                         "intent {} decomposed into a resource request: {}",
                         intent.id,
-                        rear::describe(&intent.selector)
+                        consumer::describe(&intent.selector)
                     ),
                 );
                 match lookup(shared, &intent) {
@@ -302,7 +301,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     Err(e) => fail(&mut intent, &e.to_string()),
                 }
             }
-            IntentState::Reserving => match rear::acquire(shared, &intent.selector).await {
+            IntentState::Reserving => match consumer::acquire(shared, &intent.selector).await {
                 Ok(c) => {
                     intent.contract = Some(c.id);
                     intent.state = IntentState::Peering;
@@ -329,7 +328,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     save(shared, &mut intent).await;
                     continue;
                 };
-                match rear::peer(shared, &c).await {
+                match consumer::peer(shared, &c).await {
                     Ok(_) => {
                         shared.step(
                             29,
@@ -364,7 +363,7 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     Err(e) => {
                         let why = e.to_string();
                         // Give the capacity back rather than keep paying for a failed peering.
-                        if let Err(e) = rear::release(shared, &c.id).await {
+                        if let Err(e) = consumer::release(shared, &c.id).await {
                             warn!(contract = %c.id, error = %e, "release after a failed peering");
                         }
                         fail(
@@ -435,34 +434,32 @@ pub(crate) async fn submit(shared: &Shared, spec: IntentSpec) -> Result<Intent, 
     Ok(intent)
 }
 
-/// Starts the control socket and resumes the intents a previous run left unfinished.
-pub(crate) async fn start(
-    shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
-) -> Result<Vec<JoinHandle<()>>, AgentError> {
-    let mut tasks = vec![crate::control::serve(shared.clone(), stop.clone())?];
+/// The intents a previous run left unfinished; the node resumes each with [`resume`].
+pub(crate) fn unfinished(shared: &Shared) -> Result<Vec<Intent>, AgentError> {
+    let mut v = Vec::new();
     for intent in shared.tables.intents()? {
         if intent.state.is_final() {
             continue;
         }
         info!(intent = %intent.id, state = ?intent.state, "resuming an unfinished intent");
-        let shared = shared.clone();
-        let mut stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut status = shared.status.clone();
-            // Cancel safety: every state change is stored before the next await, so a stop
-            // here loses at most the step in progress, which the next start repeats.
-            tokio::select! {
-                _ = stop.changed() => {}
-                _ = async {
-                    if status.wait_for(|s| s.connected).await.is_ok() {
-                        drive(&shared, intent).await;
-                    }
-                } => {}
-            }
-        }));
+        v.push(intent);
     }
-    Ok(tasks)
+    Ok(v)
+}
+
+/// Drives an unfinished intent on from where it stopped, once the broker is reachable.
+pub(crate) async fn resume(shared: Arc<Shared>, intent: Intent, mut stop: watch::Receiver<bool>) {
+    let mut status = shared.status.clone();
+    // Cancel safety: every state change is stored before the next await, so a stop
+    // here loses at most the step in progress, which the next start repeats.
+    tokio::select! {
+        _ = stop.changed() => {}
+        _ = async {
+            if status.wait_for(|s| s.connected).await.is_ok() {
+                drive(&shared, intent).await;
+            }
+        } => {}
+    }
 }
 
 #[cfg(test)]

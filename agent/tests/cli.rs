@@ -309,3 +309,60 @@ fn check_warns_about_a_data_dir_other_users_can_read() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !err.contains("warning"), "{err}");
 }
+
+/// A valid config whose data_dir (not created) is under `dir`.
+fn good_config(dir: &std::path::Path) -> String {
+    format!(
+        "node_id = \"gw-1\"\ndomain = \"d1\"\nbroker = \"mqtt://127.0.0.1\"\ndata_dir = \"{}\"\n",
+        dir.join("data").display()
+    )
+}
+
+/// Runs fluidlet with stdout on a pipe whose reader is already gone, as in `fluidlet --help |
+/// head` when head has exited: every write fails with EPIPE.
+fn into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_fluidlet"))
+        .args(args)
+        .stdout(writer)
+        .output()
+        .expect("run fluidlet")
+}
+
+#[test]
+fn help_into_a_closed_pipe_ends_quietly() {
+    let out = into_closed_pipe(&["--help"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && err.is_empty(), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
+
+/// A command whose output cannot be written stops without a message (and without a panic's
+/// status 101); it does not claim success, since its output was cut short.
+#[test]
+fn a_command_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, good_config(dir.path())).unwrap();
+    let out = into_closed_pipe(&["check", "-c", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe") && !err.contains("fluidlet:"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{err}");
+}
+
+/// The commands are library functions: `check` called directly writes its summary to the
+/// writer it is given.
+#[test]
+fn check_is_a_library_function_writing_to_any_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, good_config(dir.path())).unwrap();
+    let mut out = Vec::new();
+    fluidlet::cli::check(&path, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("node gw-1 in domain d1"), "{text}");
+}

@@ -12,14 +12,15 @@
 //! answer). A refusal drops that candidate and moves to the next one; after
 //! [`MAX_TRIED`] candidates the flow gives up with the last reason.
 
-use crate::contracts::{check_answer, BadAnswer};
+use super::NETWORK_NOTE;
+use crate::contracts::check_answer;
 use crate::discovery::{rank, Fit};
 use crate::model::ContractState;
 use crate::model::{Candidate, Contract, FlavourSelector, Id, ReserveRequest};
-use crate::node::{Shared, Waiter};
-use crate::tables::{Outgoing, TableError};
+use crate::shared::{RearError, Shared, Waiter};
+use crate::tables::Outgoing;
 use crate::unix_ms;
-use crate::wire::{Body, ContractRef, ErrorCode, ListFlavours, Message, PeerRequest, WireError};
+use crate::wire::{Body, ContractRef, ListFlavours, Message, PeerRequest};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -29,39 +30,6 @@ use tracing::{info, warn};
 pub const MAX_TRIED: usize = 3;
 /// FLAVOURS answers buffered during one discovery (each holds at most 16 flavours).
 const DISCOVERY_QUEUE: usize = 32;
-
-/// Why a consumer flow ended without a contract.
-#[derive(Debug, thiserror::Error)]
-pub enum RearError {
-    #[error("no provider offers {0}")]
-    NoProvider(String),
-    #[error("provider {provider} refused: {text} ({code:?})")]
-    Refused {
-        provider: String,
-        code: Option<ErrorCode>,
-        text: String,
-    },
-    #[error("provider {0} did not answer RESERVE_FLAVOUR in time")]
-    Timeout(String),
-    #[error(transparent)]
-    BadAnswer(#[from] BadAnswer),
-    #[error("too many requests in flight; try again")]
-    Busy,
-    #[error("broker: {0}")]
-    Broker(String),
-    #[error("not connected to the domain broker ({0})")]
-    Disconnected(String),
-    #[error("the MQTT client could not queue a message in time (broker unreachable?)")]
-    PublishTimeout,
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    #[error(transparent)]
-    Table(#[from] TableError),
-    #[error("peering: {0}")]
-    Fabric(#[from] crate::fabric::FabricError),
-    #[error("no contract {0} on this node")]
-    NoContract(String),
-}
 
 /// Says in words what a selector asks for, for "no provider offers ..." errors.
 pub fn describe(sel: &FlavourSelector) -> String {
@@ -337,7 +305,7 @@ async fn finish(
                 "Contract Manager",
                 format_args!("contract {} stored; resources reserved at {provider}", c.id),
             );
-            shared.step(19, "Network Manager", crate::node::NETWORK_NOTE);
+            shared.step(19, "Network Manager", NETWORK_NOTE);
             shared.step(
                 20,
                 "REAR Manager",
@@ -371,7 +339,7 @@ fn new_request<'a>(
     body: Body,
 ) -> Result<
     (
-        crate::node::PendingGuard<'a>,
+        crate::shared::PendingGuard<'a>,
         oneshot::Receiver<Body>,
         Message,
     ),

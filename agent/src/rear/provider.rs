@@ -1,0 +1,377 @@
+//! REAR Manager, provider side: what a node does with the requests of nodes that buy from it
+//! (seed workflow steps 8-9, 15-18 and 23-26, and the release of a contract it sold).
+//!
+//! The node task ([`crate::node`]) decodes and checks each inbound message and calls one of
+//! these handlers:
+//!
+//! - LIST_FLAVOURS: `answer_list` (Discovery Manager, steps 8-9);
+//! - RESERVE_FLAVOUR: `on_reserve_batch` (Contract Manager, steps 15-18; group commit);
+//! - PEER_REQUEST: `on_peer_request` and `grant_peering` (Virtual Fabric Manager,
+//!   steps 23-26);
+//! - RELEASE: `on_release`.
+//!
+//! Every refusal is answered with ERROR to the sender (`answer_error`).
+
+use super::NETWORK_NOTE;
+use crate::discovery;
+use crate::model::{Contract, ContractState, FlavourList, Id, ReserveRequest};
+use crate::shared::Shared;
+use crate::tables::{Reservation, TableError};
+use crate::unix_ms;
+use crate::wire::{Body, ContractRef, ErrorBody, ErrorCode, Flavours, PeerAccept, PeerRequest};
+use std::sync::Arc;
+use tracing::{error, info, warn};
+
+/// Discovery Manager, provider side (workflow steps 8-9). Broadcast requests are answered
+/// only when something matches, so a large domain does not answer each one N times.
+pub(crate) async fn answer_list(
+    shared: &Shared,
+    from: &Id,
+    id: u64,
+    sel: &crate::model::FlavourSelector,
+    always: bool,
+) {
+    let own = match shared.tables.flavours() {
+        Ok(v) => v,
+        Err(e) => {
+            error!(error = %e, "cannot read available resources");
+            return answer_error(
+                shared,
+                from,
+                Some(id),
+                ErrorCode::Storage,
+                "cannot read flavours",
+            )
+            .await;
+        }
+    };
+    let found = discovery::matching(own.iter().map(|o| &o.flavour), sel);
+    shared.step(
+        8,
+        "Discovery Manager",
+        format_args!(
+            "LIST_FLAVOURS from {from}: {} local flavour(s) match",
+            found.len()
+        ),
+    );
+    if found.is_empty() && !always {
+        return;
+    }
+    let body = Body::Flavours(Flavours {
+        flavours: FlavourList::from_slice_truncated(&found),
+    });
+    match shared.send(from, Some(id), body).await {
+        Ok(_) => shared.step(
+            9,
+            "Discovery Manager",
+            format_args!("FLAVOURS sent to {from}"),
+        ),
+        Err(e) => warn!(%from, error = %e, "could not answer LIST_FLAVOURS"),
+    }
+}
+
+/// A RESERVE_FLAVOUR waiting in a group commit: who asked, the request id, the request.
+pub(crate) type PendingReserve = (Id, u64, ReserveRequest);
+
+/// Contract Manager and REAR Manager, provider side (workflow steps 15-18), for a batch of
+/// requests that arrived together (group commit): each is checked and written in its own sled
+/// transaction, then ONE flush makes them all durable, then they are answered. No OK leaves
+/// before the flush that covers it has returned; if the flush fails, every new reservation of
+/// the batch is answered STORAGE instead (it may survive in the tables, unpeered, and lapse at
+/// expiry, so it is never sold twice nor acknowledged without being on disk).
+pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
+    let ttl = shared.cfg.reservation_ttl.as_millis() as u64;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (from, id, req) in batch {
+        shared.step(
+            15,
+            "Contract Manager",
+            format_args!(
+                "RESERVE_FLAVOUR from {from} for {} (transaction {})",
+                req.flavour, req.transaction
+            ),
+        );
+        let full = shared.pending_full(&req.buyer);
+        let outcome = shared
+            .tables
+            .reserve_unflushed(shared.me(), &req, unix_ms(), ttl, full);
+        if let Ok(Reservation::New(_)) = &outcome {
+            shared.count_unpeered(&req.buyer);
+        }
+        outcomes.push((from, id, req, outcome));
+    }
+    let any_new = outcomes
+        .iter()
+        .any(|(.., o)| matches!(o, Ok(Reservation::New(_))));
+    let durable = if any_new {
+        shared.tables.flush().await.map_err(|e| e.to_string())
+    } else {
+        Ok(())
+    };
+    for (from, id, req, outcome) in outcomes {
+        let body = match (outcome, &durable) {
+            (Ok(Reservation::New(c)), Ok(())) => {
+                shared.step(
+                    16,
+                    "REAR Manager",
+                    format_args!(
+                        "flavour {} removed, reduced flavour created, Node allocation {} inactive",
+                        req.flavour, c.id
+                    ),
+                );
+                shared.step(
+                    17,
+                    "REAR Manager",
+                    format_args!("resources reserved; contract {} flushed to disk", c.id),
+                );
+                info!(contract = %c.id, buyer = %from, "reservation made");
+                Body::Reserved(Box::new(c))
+            }
+            (Ok(Reservation::Repeat(c)), _) => {
+                info!(contract = %c.id, tx = %req.transaction, "repeated transaction: first answer sent again");
+                Body::Reserved(Box::new(c))
+            }
+            (Ok(Reservation::Refused(r)), _) => {
+                info!(%from, flavour = %req.flavour, reason = %r, "reservation refused");
+                Body::Error(ErrorBody::new(r.code(), &r.to_string()))
+            }
+            (Ok(Reservation::New(c)), Err(e)) => {
+                error!(contract = %c.id, error = %e, "flush failed: reservation not acknowledged");
+                Body::Error(ErrorBody::new(
+                    ErrorCode::Storage,
+                    "the provider could not make the reservation durable; retry later",
+                ))
+            }
+            (Err(e), _) => {
+                error!(error = %e, "reservation could not be stored; refused");
+                Body::Error(ErrorBody::new(
+                    ErrorCode::Storage,
+                    "the provider could not store the reservation; nothing was reserved",
+                ))
+            }
+        };
+        let ok = matches!(body, Body::Reserved(_));
+        match shared.send(&from, Some(id), body).await {
+            Ok(_) if ok => {
+                shared.step(
+                    18,
+                    "Contract Manager",
+                    format_args!("OK (RESERVED) sent to {from}"),
+                );
+                shared.step(18, "Network Manager", NETWORK_NOTE);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(%from, error = %e, "could not answer RESERVE_FLAVOUR"),
+        }
+    }
+    // The new advert goes out after the answers: buyers wait on the answer, the catalog
+    // only informs.
+    if any_new && durable.is_ok() {
+        if let Err(e) = shared.publish_advert().await {
+            warn!(error = %e, "could not re-publish the advert");
+        }
+    }
+}
+
+/// Finds the contract `id` that this node sold to `buyer`, or says why not.
+fn sold_to(shared: &Shared, id: &Id, buyer: &Id) -> Result<crate::model::Contract, String> {
+    match shared.tables.contract(id) {
+        Ok(Some(c)) if &c.seller == shared.me() && &c.buyer == buyer => Ok(c),
+        Ok(_) => Err(format!("no contract {id} sold to {buyer}")),
+        Err(e) => Err(format!("cannot read contracts: {e}")),
+    }
+}
+
+/// Virtual Fabric Manager, provider side (workflow steps 23-26): a peering is granted only for
+/// a signed, live contract of the node asking; anything else is refused. A repeated request
+/// gets the first grant again (the peering user cannot be generated twice).
+pub(crate) async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req: PeerRequest) {
+    let c = match sold_to(shared, &req.contract, &from) {
+        Ok(c) if matches!(c.state, ContractState::Reserved | ContractState::Active) => c,
+        Ok(c) => {
+            let text = format!("contract {} is {:?}", c.id, c.state);
+            return answer_error(shared, &from, Some(id), ErrorCode::NoContract, &text).await;
+        }
+        Err(text) => {
+            warn!(%from, contract = %req.contract, "peering refused: {text}");
+            return answer_error(shared, &from, Some(id), ErrorCode::NoContract, &text).await;
+        }
+    };
+    if let Ok(Some(grant)) = shared.tables.peer_grant(&c.id) {
+        if let Err(e) = shared.send(&from, Some(id), Body::PeerAccept(grant)).await {
+            warn!(%from, error = %e, "could not answer PEER_REQUEST");
+        }
+        return;
+    }
+    let Ok(permit) = shared.peerings.clone().try_acquire_owned() else {
+        return answer_error(
+            shared,
+            &from,
+            Some(id),
+            ErrorCode::Busy,
+            "too many peerings in progress",
+        )
+        .await;
+    };
+    let shared = shared.clone();
+    // The fabric may take seconds: the node task goes on serving meanwhile.
+    tokio::spawn(async move {
+        let _permit = permit;
+        shared.step(
+            23,
+            "Virtual Fabric Manager",
+            format_args!(
+                "contract {} signed with {from} found: granting the peering to cluster {}",
+                c.id, req.cluster_id
+            ),
+        );
+        let grant = match grant_peering(&shared, &c, &req).await {
+            Ok(g) => g,
+            Err((code, text)) => {
+                error!(contract = %c.id, "peering grant failed: {text}");
+                return answer_error(&shared, &from, Some(id), code, &text).await;
+            }
+        };
+        shared.step(
+            24,
+            "Virtual Fabric Manager",
+            format_args!("peering for {} granted; REAR Manager informed", c.id),
+        );
+        shared.step(
+            25,
+            "REAR Manager",
+            format_args!("Node allocation {} active", c.id),
+        );
+        match shared.send(&from, Some(id), Body::PeerAccept(grant)).await {
+            Ok(_) => shared.step(
+                26,
+                "Virtual Fabric Manager",
+                format_args!("peering artefacts (Liqo ResourceOffer) sent to {from}"),
+            ),
+            Err(e) => warn!(%from, error = %e, "could not send PEER_ACCEPT"),
+        }
+    });
+}
+
+/// Step 23's work: the peering user (unless the buyer already peers with us), this cluster's
+/// id, and the record of both, with the contract activated (steps 24-25).
+async fn grant_peering(
+    shared: &Shared,
+    c: &Contract,
+    req: &PeerRequest,
+) -> Result<PeerAccept, (ErrorCode, String)> {
+    let failed = |e: &dyn std::fmt::Display| (ErrorCode::PeeringFailed, e.to_string());
+    let reuse = shared
+        .tables
+        .contracts()
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.id != c.id && o.buyer == c.buyer && o.state == ContractState::Active);
+    let plan = crate::fabric::plan_grant(&req.cluster_id, reuse);
+    let out = shared
+        .fabric
+        .execute(c.id.as_str(), &plan)
+        .await
+        .map_err(|e| failed(&e))?;
+    let identity = match plan.is_empty() {
+        true => None,
+        false => Some(
+            crate::model::LongText::new(&out)
+                .map_err(|e| failed(&format!("peering identity too large: {e}")))?,
+        ),
+    };
+    let grant = PeerAccept {
+        contract: c.id.clone(),
+        cluster_id: shared.fabric.cluster_id().await.map_err(|e| failed(&e))?,
+        identity,
+    };
+    let storage = |e: TableError| {
+        (
+            ErrorCode::Storage,
+            format!("could not record the peering: {e}"),
+        )
+    };
+    shared.tables.put_peer_grant(&grant).map_err(storage)?;
+    shared
+        .tables
+        .put_peer_cluster(&c.id, &req.cluster_id)
+        .map_err(storage)?;
+    shared
+        .tables
+        .activate(&c.id, unix_ms())
+        .await
+        .map_err(storage)?;
+    Ok(grant)
+}
+
+/// Contract Manager, provider side of a release: the capacity goes back into the offer (and
+/// the advert), the peering user goes when no other contract of that consumer needs it.
+/// Releasing an already released contract is answered RELEASED again.
+pub(crate) async fn on_release(shared: &Shared, from: &Id, id: u64, r: ContractRef) {
+    let c = match sold_to(shared, &r.contract, from) {
+        Ok(c) => c,
+        Err(text) => {
+            return answer_error(shared, from, Some(id), ErrorCode::NoContract, &text).await
+        }
+    };
+    match shared
+        .tables
+        .end_contract(&c.id, ContractState::Released, unix_ms())
+        .await
+    {
+        Ok(Some(_)) => {
+            info!(contract = %c.id, buyer = %from, "contract released; resources returned");
+            if let Err(e) = shared.publish_advert().await {
+                warn!(error = %e, "could not re-publish the advert");
+            }
+            let others = shared
+                .tables
+                .contracts()
+                .unwrap_or_default()
+                .iter()
+                .any(|o| {
+                    o.id != c.id
+                        && o.buyer == c.buyer
+                        && matches!(o.state, ContractState::Reserved | ContractState::Active)
+                });
+            let consumer_cluster = shared.tables.peer_cluster(&c.id).ok().flatten();
+            if let Some(cluster) = consumer_cluster {
+                let plan = crate::fabric::plan_teardown_provider(&cluster, !others);
+                if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
+                    warn!(contract = %c.id, error = %e, "peering teardown failed");
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            error!(contract = %c.id, error = %e, "release failed");
+            return answer_error(
+                shared,
+                from,
+                Some(id),
+                ErrorCode::Storage,
+                "could not store the release",
+            )
+            .await;
+        }
+    }
+    let body = Body::Released(ContractRef { contract: c.id });
+    if let Err(e) = shared.send(from, Some(id), body).await {
+        warn!(%from, error = %e, "could not send RELEASED");
+    }
+}
+
+/// Answers `to` with ERROR (never fails: a lost ERROR is only logged). The node task refuses
+/// malformed messages through it too.
+pub(crate) async fn answer_error(
+    shared: &Shared,
+    to: &Id,
+    correlation: Option<u64>,
+    code: ErrorCode,
+    text: &str,
+) {
+    let body = Body::Error(ErrorBody::new(code, text));
+    if let Err(e) = shared.send(to, correlation, body).await {
+        warn!(%to, error = %e, "could not send ERROR");
+    }
+}

@@ -1,0 +1,275 @@
+//! What every part of a running node shares: the config, the tables, the MQTT client, the
+//! pending map where consumer flows wait for their answers, the workflow-step reporting and the
+//! advert. Below everything that uses it ([`crate::rear`], [`crate::orchestrator`],
+//! [`crate::control`], [`crate::node`]); it uses none of them.
+//!
+//! [`RearError`] lives here because sending a message (`Shared::send`) and waiting for its
+//! answer (`Shared::wait_for`) already fail with it; [`crate::rear`] re-exports it.
+
+use crate::broker::{AdvertSlot, Status};
+use crate::config::Config;
+use crate::contracts::BadAnswer;
+use crate::fabric::Fabric;
+use crate::model::{FlavourList, Id};
+use crate::tables::{TableError, Tables};
+use crate::wire::{Body, ErrorCode, Flavours, Message, Topics, WireError};
+use crate::{unix_ms, AgentError, Observer, Step};
+use rumqttc::{AsyncClient, QoS};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
+use tracing::{debug, error};
+
+/// Consumer requests waiting for answers at once (discoveries and reservations). A bound of
+/// the protocol: beyond it a new request fails with `Busy` rather than growing a map.
+pub const MAX_PENDING: usize = 64;
+
+/// Steps buffered for a control-socket client that reads slowly; older ones are dropped.
+const STEP_QUEUE: usize = 64;
+/// Provider-side peering set-ups running at once; more are refused with BUSY.
+const MAX_PEERINGS: usize = 4;
+
+/// Longest wait for room in the MQTT client's request queue.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who waits for answers to one request id.
+pub(crate) enum Waiter {
+    /// A discovery: every FLAVOURS answer, from anyone, until the window closes.
+    Collect(mpsc::Sender<(Id, FlavourList)>),
+    /// A reservation: the one answer from `from`.
+    Reply { from: Id, tx: oneshot::Sender<Body> },
+}
+
+/// What the node task and the consumer flows share.
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub tables: Tables,
+    pub topics: Topics,
+    pub client: AsyncClient,
+    pub pending: Mutex<heapless::index_map::FnvIndexMap<u64, Waiter, MAX_PENDING>>,
+    next_id: AtomicU64,
+    advert: AdvertSlot,
+    observer: Option<Observer>,
+    pub status: watch::Receiver<Status>,
+    /// The Virtual Fabric Manager.
+    pub fabric: Fabric,
+    /// Every workflow step, for control-socket clients following an intent.
+    pub steps: broadcast::Sender<Step>,
+    /// Provider-side peerings set up at once (each may run kubectl/liqoctl for seconds).
+    pub peerings: Arc<Semaphore>,
+    /// Unpeered reservations per buyer (provider side), for `limits.pending_per_buyer`.
+    /// Counted up at every new reservation and never down: a buyer that reaches the limit
+    /// is counted again from the contracts table (peered, released and lapsed ones drop out).
+    unpeered: Mutex<HashMap<Id, u32>>,
+}
+
+impl Shared {
+    /// The state of a node about to start: `unpeered` is counted from the tables.
+    pub fn new(
+        cfg: Config,
+        tables: Tables,
+        client: AsyncClient,
+        advert: AdvertSlot,
+        observer: Option<Observer>,
+        status: watch::Receiver<Status>,
+        fabric: Fabric,
+    ) -> Result<Shared, TableError> {
+        let unpeered = Mutex::new(tables.unpeered_by_buyer(&cfg.node_id)?);
+        let (steps, _) = broadcast::channel(STEP_QUEUE);
+        Ok(Shared {
+            fabric,
+            steps,
+            peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
+            unpeered,
+            tables,
+            topics: Topics::new(&cfg.domain, &cfg.node_id),
+            client,
+            pending: Mutex::new(heapless::index_map::FnvIndexMap::new()),
+            next_id: AtomicU64::new(unix_ms().saturating_mul(1024)),
+            advert,
+            observer,
+            status,
+            cfg,
+        })
+    }
+
+    /// A fresh message id. Seeded from the clock so that ids keep growing across restarts.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn me(&self) -> &Id {
+        &self.cfg.node_id
+    }
+
+    /// Reports a workflow step to the observer (the demo prints them) and the log.
+    /// Reports a workflow step to the observer, control-socket followers and the debug log;
+    /// when none of them listens (a busy provider's normal case) it costs no formatting.
+    pub fn step(&self, number: u8, element: &'static str, text: impl std::fmt::Display) {
+        if self.observer.is_none()
+            && self.steps.receiver_count() == 0
+            && !tracing::enabled!(tracing::Level::DEBUG)
+        {
+            return;
+        }
+        let step = Step {
+            number,
+            element,
+            node: self.me().clone(),
+            text: text.to_string(),
+        };
+        debug!(step = number, element, "{}", step.text);
+        if let Some(o) = &self.observer {
+            o(&step);
+        }
+        // No receiver is the normal case; a slow one loses old steps, never blocks the node.
+        let _ = self.steps.send(step);
+    }
+
+    /// Builds and publishes a message for `to` (QoS 1).
+    pub async fn send(
+        &self,
+        to: &Id,
+        correlation: Option<u64>,
+        body: Body,
+    ) -> Result<u64, RearError> {
+        let msg = Message {
+            id: self.next_id(),
+            correlation,
+            sent_at: unix_ms(),
+            sender: self.me().clone(),
+            body,
+        };
+        let topic = self.topics.to(to);
+        self.publish(topic, false, &msg).await?;
+        Ok(msg.id)
+    }
+
+    pub async fn publish(
+        &self,
+        topic: String,
+        retain: bool,
+        msg: &Message,
+    ) -> Result<(), RearError> {
+        let bytes = msg.encode().map_err(RearError::Wire)?;
+        // The request queue only drains while the session polls; during a long outage it
+        // fills up, and a publish would wait for the broker's return. Give up instead.
+        let queued = self.client.publish(topic, QoS::AtLeastOnce, retain, bytes);
+        match tokio::time::timeout(PUBLISH_TIMEOUT, queued).await {
+            Ok(r) => r.map_err(|e| RearError::Broker(e.to_string())),
+            Err(_) => Err(RearError::PublishTimeout),
+        }
+    }
+
+    /// `Some(limit)` when `buyer` holds `limits.pending_per_buyer` unpeered reservations.
+    pub fn pending_full(&self, buyer: &Id) -> Option<u32> {
+        let limit = self.cfg.limits.pending_per_buyer;
+        let Ok(mut map) = self.unpeered.lock() else {
+            return None;
+        };
+        if map.get(buyer).copied().unwrap_or(0) < limit {
+            return None;
+        }
+        // At the limit by the running count: count again from the table.
+        let n = match self.tables.unpeered_by_buyer(self.me()) {
+            Ok(all) => all.get(buyer).copied().unwrap_or(0),
+            Err(e) => {
+                error!(error = %e, "cannot count unpeered reservations; assuming the limit");
+                limit
+            }
+        };
+        if n == 0 {
+            map.remove(buyer);
+        } else {
+            map.insert(buyer.clone(), n);
+        }
+        (n >= limit).then_some(limit)
+    }
+
+    pub fn count_unpeered(&self, buyer: &Id) {
+        if let Ok(mut map) = self.unpeered.lock() {
+            *map.entry(buyer.clone()).or_insert(0) += 1;
+        }
+    }
+
+    /// Registers a waiter for answers correlated with `id`; `Busy` when the map is full.
+    pub fn wait_for(&self, id: u64, w: Waiter) -> Result<PendingGuard<'_>, RearError> {
+        let mut p = self.pending.lock().map_err(|_| RearError::Busy)?;
+        p.insert(id, w).map_err(|_| RearError::Busy)?;
+        Ok(PendingGuard { shared: self, id })
+    }
+
+    /// Publishes the current flavours as this node's retained catalog entry.
+    pub(crate) async fn publish_advert(&self) -> Result<(), AgentError> {
+        let own = self.tables.flavours()?;
+        let flavours: Vec<_> = own.into_iter().map(|o| o.flavour).collect();
+        let msg = Message {
+            id: self.next_id(),
+            correlation: None,
+            sent_at: unix_ms(),
+            sender: self.me().clone(),
+            body: Body::Advert(Flavours {
+                flavours: FlavourList::from_slice_truncated(&flavours),
+            }),
+        };
+        let bytes = msg.encode()?;
+        if let Ok(mut slot) = self.advert.lock() {
+            slot.clone_from(&bytes);
+        }
+        self.client
+            .publish(self.topics.my_catalog(), QoS::AtLeastOnce, true, bytes)
+            .await
+            .map_err(|e| AgentError::Broker(e.to_string()))?;
+        debug!(flavours = flavours.len(), "advert published");
+        Ok(())
+    }
+}
+
+/// Removes a pending entry when the waiting flow ends, however it ends.
+pub(crate) struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.shared.pending.lock() {
+            p.swap_remove(&self.id);
+        }
+    }
+}
+
+/// Why a consumer flow ended without a contract.
+#[derive(Debug, thiserror::Error)]
+pub enum RearError {
+    #[error("no provider offers {0}")]
+    NoProvider(String),
+    #[error("provider {provider} refused: {text} ({code:?})")]
+    Refused {
+        provider: String,
+        code: Option<ErrorCode>,
+        text: String,
+    },
+    #[error("provider {0} did not answer RESERVE_FLAVOUR in time")]
+    Timeout(String),
+    #[error(transparent)]
+    BadAnswer(#[from] BadAnswer),
+    #[error("too many requests in flight; try again")]
+    Busy,
+    #[error("broker: {0}")]
+    Broker(String),
+    #[error("not connected to the domain broker ({0})")]
+    Disconnected(String),
+    #[error("the MQTT client could not queue a message in time (broker unreachable?)")]
+    PublishTimeout,
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("peering: {0}")]
+    Fabric(#[from] crate::fabric::FabricError),
+    #[error("no contract {0} on this node")]
+    NoContract(String),
+}

@@ -14,6 +14,8 @@
 //! and the plans are unit-tested without a cluster. Which Liqo objects and commands are used,
 //! and why, is in `docs/fabric.md`.
 
+pub mod liqo;
+
 use crate::model::{Contract, Id, Intent};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -167,10 +169,13 @@ pub fn virtual_node_name(contract: &Id) -> String {
     k8s_name("fluidos-", contract.as_str())
 }
 
-/// The tenant namespace Liqo uses on the consumer for a provider cluster.
-pub fn tenant_namespace(provider_cluster: &Id) -> String {
-    k8s_name("liqo-tenant-", provider_cluster.as_str())
+/// The tenant namespace Liqo uses on one cluster for the other cluster of a peering.
+pub fn tenant_namespace(cluster: &Id) -> String {
+    liqo::tenant_namespace(cluster)
 }
+
+/// The label fluidlet adds to the objects of a contract.
+pub const CONTRACT_LABEL: &str = "fluidos.eu/contract";
 
 /// Quantities as Kubernetes writes them.
 fn cpu_quantity(millicores: u64) -> String {
@@ -225,33 +230,7 @@ pub fn plan_establish(
         ));
     }
     let name = virtual_node_name(&contract.id);
-    let ns = tenant_namespace(provider_cluster);
-    let r = &contract.resources;
-    let slice = format!(
-        "apiVersion: authentication.liqo.io/v1beta1
-kind: ResourceSlice
-metadata:
-  name: {name}
-  namespace: {ns}
-  annotations:
-    liqo.io/create-virtual-node: \"true\"
-  labels:
-    liqo.io/remote-cluster-id: {provider_cluster}
-    liqo.io/remoteID: {provider_cluster}
-    fluidos.eu/contract: {contract_label}
-spec:
-  class: default
-  providerClusterID: {provider_cluster}
-  resources:
-    cpu: {cpu}
-    memory: \"{memory}\"
-    pods: \"{pods}\"
-",
-        contract_label = k8s_name("", contract.id.as_str()),
-        cpu = cpu_quantity(r.cpu),
-        memory = r.memory,
-        pods = r.pods,
-    );
+    let slice = resource_slice(contract, provider_cluster);
     plan.push(apply(
         "ask for the contract's resources (ResourceSlice)",
         slice,
@@ -267,6 +246,44 @@ spec:
         )
     }));
     plan
+}
+
+/// The ResourceSlice that asks `provider_cluster` for exactly the contract's resources, with
+/// a virtual node named after the contract, as JSON (what `kubectl apply -f -` reads).
+///
+/// The labels are those Liqo's own `liqoctl create resourceslice` sets: without
+/// `liqo.io/replication: "true"` and `liqo.io/remoteID` no Liqo controller ever selects the
+/// slice (see `tests/liqo/v1.0.3.toml`).
+pub fn resource_slice(contract: &Contract, provider_cluster: &Id) -> String {
+    let r = &contract.resources;
+    let p = provider_cluster.as_str();
+    let slice = serde_json::json!({
+        "apiVersion": liqo::RESOURCE_SLICE_API_VERSION,
+        "kind": liqo::RESOURCE_SLICE_KIND,
+        "metadata": {
+            "name": virtual_node_name(&contract.id),
+            "namespace": tenant_namespace(provider_cluster),
+            "annotations": { liqo::ANNOTATION_CREATE_VIRTUAL_NODE: "true" },
+            "labels": {
+                liqo::LABEL_REPLICATION: "true",
+                liqo::LABEL_REPLICATION_DESTINATION: p,
+                liqo::LABEL_REMOTE_CLUSTER_ID: p,
+                CONTRACT_LABEL: k8s_name("", contract.id.as_str()),
+            },
+        },
+        "spec": {
+            "class": liqo::DEFAULT_CLASS,
+            "providerClusterID": p,
+            "resources": {
+                "cpu": cpu_quantity(r.cpu),
+                "memory": r.memory.to_string(),
+                "pods": r.pods.to_string(),
+            },
+        },
+    });
+    let mut text = serde_json::to_string_pretty(&slice).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 /// Step 31: the workload in its namespace, pinned to the virtual node when there is one
@@ -306,7 +323,10 @@ pub fn plan_deploy(intent: &Intent, virtual_node: Option<&str>, dir: &Path) -> V
         ] {
             let _ = write!(
                 kustomization,
-                "- target:\n    kind: {kind}\n  patch: |-\n    - op: add\n      path: {spec}/nodeSelector\n      value:\n        kubernetes.io/hostname: {node}\n    - op: add\n      path: {spec}/tolerations\n      value:\n      - key: virtual-node.liqo.io/not-allowed\n        operator: Exists\n        effect: NoExecute\n"
+                "- target:\n    kind: {kind}\n  patch: |-\n    - op: add\n      path: {spec}/nodeSelector\n      value:\n        {host}: {node}\n    - op: add\n      path: {spec}/tolerations\n      value:\n      - key: {taint}\n        operator: Exists\n        effect: {effect}\n",
+                host = liqo::HOSTNAME_LABEL,
+                taint = liqo::VIRTUAL_NODE_TAINT,
+                effect = liqo::VIRTUAL_NODE_TAINT_EFFECT,
             );
         }
     }
@@ -667,15 +687,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let slice = stdin_of(&plan[1]);
-        assert!(slice.contains("kind: ResourceSlice"));
-        assert!(slice.contains("namespace: liqo-tenant-prov-cluster"));
-        assert!(slice.contains("name: fluidos-prov-c7"));
-        assert!(slice.contains("providerClusterID: prov-cluster"));
-        assert!(slice.contains("cpu: 1500m"));
-        assert!(slice.contains(&format!("memory: \"{}\"", 2u64 << 30)));
-        assert!(slice.contains("pods: \"3\""));
-        assert!(slice.contains("liqo.io/create-virtual-node: \"true\""));
+        let slice: serde_json::Value = serde_json::from_str(stdin_of(&plan[1])).unwrap();
+        assert_eq!(slice["kind"], "ResourceSlice");
+        assert_eq!(slice["apiVersion"], "authentication.liqo.io/v1beta1");
+        let meta = &slice["metadata"];
+        assert_eq!(meta["namespace"], "liqo-tenant-prov-cluster");
+        assert_eq!(meta["name"], "fluidos-prov-c7");
+        assert_eq!(meta["annotations"]["liqo.io/create-virtual-node"], "true");
+        assert_eq!(meta["labels"]["liqo.io/replication"], "true");
+        assert_eq!(meta["labels"]["liqo.io/remoteID"], "prov-cluster");
+        assert_eq!(meta["labels"]["liqo.io/remote-cluster-id"], "prov-cluster");
+        assert_eq!(slice["spec"]["providerClusterID"], "prov-cluster");
+        let res = &slice["spec"]["resources"];
+        assert_eq!(res["cpu"], "1500m");
+        assert_eq!(res["memory"], (2u64 << 30).to_string());
+        assert_eq!(res["pods"], "3");
         match &plan[2] {
             Action::Run(Command { args, timeout, .. }) => {
                 assert_eq!(args[2], "node/fluidos-prov-c7");

@@ -10,23 +10,82 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Writes `kubectl` and `liqoctl` stand-ins for one node into `dir`; returns the fabric
-/// config that uses them. Behaviour switches: a file `fail-apply-once` makes the next
-/// `kubectl apply -f -` fail; a file `hang-apply` makes every one hang.
+/// config that uses them.
+///
+/// The stand-ins keep state under `dir/state` and behave like the real tools where the shim
+/// depends on it (see tests/liqo/v1.0.3.toml for the Liqo side):
+/// - a ResourceSlice applied with Liqo's replication label gets a virtual node of the same
+///   name (after `node-delay` seconds if that file exists, as Liqo takes a while); without
+///   the label nothing happens, as Liqo's controllers never select it;
+/// - `kubectl get node/X` and `kubectl wait ... node/X` on a missing node fail at once with
+///   NotFound (kubectl ignores NotFound only for `--for=delete`);
+/// - the short name `resourceslice(s)` means Kubernetes' own resource.k8s.io ResourceSlice
+///   (cluster-scoped): deleting one by that name never touches Liqo's slice;
+/// - `liqoctl generate peering-user` fails when the consumer's user already exists.
+///
+/// Switches: `fail-apply-once` makes the next `kubectl apply -f -` fail; `hang-apply` makes
+/// every one hang; `liqo-version` and `api-server` set what `liqoctl info` reports;
+/// `provider-slices.json` is what listing Liqo's ResourceSlices returns.
 fn stand_ins(dir: &Path, cluster_id: &str) -> FabricConfig {
     std::fs::create_dir_all(dir).unwrap();
     let log = dir.join("calls.log");
     let script = format!(
         r#"#!/bin/sh
 d='{dir}'
-echo "$(basename "$0") $*" >> '{log}'
-case "$*" in
-  *"apply -f -"*)
-    echo "--- stdin" >> '{log}'; cat >> '{log}'; echo "--- end" >> '{log}'
-    if [ -f "$d/fail-apply-once" ]; then rm "$d/fail-apply-once"; echo 'error: the server is currently unable to handle the request' >&2; exit 1; fi
-    if [ -f "$d/hang-apply" ]; then sleep 30; fi
+log='{log}'
+tool=$(basename "$0")
+echo "$tool $*" >> "$log"
+if [ "$1" = "--kubeconfig" ]; then shift 2; fi
+mkdir -p "$d/state/slices" "$d/state/nodes" "$d/state/users" "$d/state/cordoned"
+notfound() {{ echo "Error from server (NotFound): $1 \"$2\" not found" >&2; exit 1; }}
+case "$tool $1" in
+  "kubectl apply")
+    if [ "$2" = "-f" ]; then
+      input=$(cat)
+      printf -- '--- stdin\n%s\n--- end\n' "$input" >> "$log"
+      if [ -f "$d/fail-apply-once" ]; then rm "$d/fail-apply-once"; echo 'error: the server is currently unable to handle the request' >&2; exit 1; fi
+      if [ -f "$d/hang-apply" ]; then sleep 30; fi
+      if echo "$input" | grep -q '"kind": *"ResourceSlice"\|^kind: ResourceSlice'; then
+        name=$(echo "$input" | sed -n 's/^ *"\{{0,1\}}name"\{{0,1\}}: *"\{{0,1\}}\([a-z0-9.-]*\)"\{{0,1\}},\{{0,1\}}$/\1/p' | head -n 1)
+        echo "$input" > "$d/state/slices/$name"
+        if echo "$input" | grep -q 'liqo.io/replication"\{{0,1\}}: *"true"'; then
+          delay=$(cat "$d/node-delay" 2>/dev/null || echo 0)
+          if [ "$delay" = 0 ]; then touch "$d/state/nodes/$name"
+          else (sleep "$delay"; touch "$d/state/nodes/$name") >/dev/null 2>&1 &
+          fi
+        fi
+      fi
+    fi
     echo "applied" ;;
-  *"info --get clusterid"*) echo "{cluster_id}" ;;
-  *"generate peering-user"*) printf 'apiVersion: v1\nkind: Config\n# peering user of {cluster_id} for: %s\n' "$*" ;;
+  "kubectl get")
+    case "$2" in
+      node/*) n=${{2#node/}}; [ -f "$d/state/nodes/$n" ] || notfound nodes "$n"; echo True ;;
+      resourceslices.authentication.liqo.io) cat "$d/provider-slices.json" 2>/dev/null || echo '{{"apiVersion":"v1","kind":"List","items":[]}}' ;;
+      daemonsets.apps) cat "$d/daemonsets" 2>/dev/null ;;
+      *) ;;
+    esac ;;
+  "kubectl wait")
+    for a in "$@"; do case "$a" in node/*) n=${{a#node/}}; [ -f "$d/state/nodes/$n" ] || notfound nodes "$n"; echo "node/$n condition met" ;; esac; done ;;
+  "kubectl delete")
+    case "$2" in
+      resourceslices.authentication.liqo.io) rm -f "$d/state/slices/$3" "$d/state/nodes/$3" ;;
+      resourceslice|resourceslices) case "$*" in *--ignore-not-found*) ;; *) notfound resourceslices.resource.k8s.io "$3" ;; esac ;;
+    esac ;;
+  "kubectl version") echo "Client Version: v1.31.4+k3s1" ;;
+  "liqoctl info")
+    case "$*" in
+      *"--get clusterid"*) echo "{cluster_id}" ;;
+      *"--get local.version"*) cat "$d/liqo-version" 2>/dev/null || echo v1.0.3 ;;
+      *"--get local.apiserveraddr"*) cat "$d/api-server" 2>/dev/null || echo https://192.0.2.10:6443 ;;
+    esac ;;
+  "liqoctl generate")
+    c=$4
+    if [ -f "$d/state/users/$c" ]; then echo "a user to peer from cluster with ID \"$c\" already exists. Please delete it first" >&2; exit 1; fi
+    touch "$d/state/users/$c"
+    printf 'apiVersion: v1\nkind: Config\n# peering user of {cluster_id} for: %s\n' "$*" ;;
+  "liqoctl delete") rm -f "$d/state/users/$4" ;;
+  "liqoctl cordon") touch "$d/state/cordoned/$3" ;;
+  "liqoctl version") echo "Client version: v1.0.3" ;;
   *) ;;
 esac
 exit 0
@@ -49,6 +108,11 @@ exit 0
         peering_timeout: Duration::from_secs(3),
         cluster_id: None,
     }
+}
+
+/// Whether the stand-in's state holds `kind/name` (slices, nodes, users, cordoned).
+fn exists(dir: &Path, kind: &str, name: &str) -> bool {
+    dir.join("state").join(kind).join(name).exists()
 }
 
 fn calls(dir: &Path) -> String {
@@ -131,12 +195,19 @@ async fn liqo_backend_drives_the_tools_with_the_contracts_objects() {
     );
     // The ResourceSlice asks for exactly the contract's resources, in the right namespace.
     let k = t.c.tables().contract(&contract).unwrap().unwrap();
-    assert!(cons.contains("kind: ResourceSlice"), "{cons}");
-    assert!(cons.contains("namespace: liqo-tenant-prov-cluster"));
-    assert!(cons.contains("providerClusterID: prov-cluster"));
-    assert!(cons.contains(&format!("cpu: {}m", k.resources.cpu)));
-    assert!(cons.contains(&format!("memory: \"{}\"", k.resources.memory)));
-    assert!(cons.contains(&format!("name: {node}")));
+    let slice = std::fs::read_to_string(t.cbin.join("state/slices").join(&node)).unwrap();
+    let slice: serde_json::Value = serde_json::from_str(&slice).unwrap();
+    assert_eq!(slice["metadata"]["namespace"], "liqo-tenant-prov-cluster");
+    assert_eq!(slice["spec"]["providerClusterID"], "prov-cluster");
+    let res = &slice["spec"]["resources"];
+    assert_eq!(res["cpu"], format!("{}m", k.resources.cpu));
+    assert_eq!(res["memory"], k.resources.memory.to_string());
+    assert_eq!(res["pods"], k.resources.pods.to_string());
+    assert_eq!(slice["metadata"]["name"], node.as_str());
+    assert!(
+        exists(&t.cbin, "nodes", &node),
+        "Liqo made the virtual node"
+    );
     assert!(cons.contains(&format!(
         "wait --for=condition=Ready node/{node} --timeout=3s"
     )));
@@ -168,11 +239,11 @@ async fn failing_kubectl_is_rolled_back_and_retried() {
             .unwrap();
     assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
     let cons = calls(&t.cbin);
-    let first_apply = cons.find("kind: ResourceSlice").unwrap();
+    let first_apply = cons.find("\"kind\": \"ResourceSlice\"").unwrap();
     let rollback = cons
         .find("delete resourceslice")
         .expect("a rollback after the failure");
-    let second_apply = cons.rfind("kind: ResourceSlice").unwrap();
+    let second_apply = cons.rfind("\"kind\": \"ResourceSlice\"").unwrap();
     assert!(first_apply < rollback && rollback < second_apply, "{cons}");
     t.c.shutdown().await;
     t.p.shutdown().await;
@@ -203,6 +274,299 @@ async fn hanging_kubectl_ends_the_intent_with_a_clear_error_and_returns_the_capa
         total,
         "the provider has all its capacity back"
     );
+    t.c.shutdown().await;
+    t.p.shutdown().await;
+}
+
+/// The Liqo facts fluidlet is pinned to (tests/liqo/v1.0.3.toml).
+fn facts() -> toml::Table {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/liqo/v1.0.3.toml");
+    toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn fact<'a>(facts: &'a toml::Table, path: &str) -> &'a toml::Value {
+    let mut parts = path.split('.');
+    let mut v = facts.get(parts.next().unwrap()).unwrap();
+    for p in parts {
+        v = v.get(p).unwrap_or_else(|| panic!("no {path} in the facts"));
+    }
+    v
+}
+
+fn fact_str<'a>(facts: &'a toml::Table, path: &str) -> &'a str {
+    fact(facts, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("{path} is not a string"))
+}
+
+/// `^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`, the pattern the facts record for cluster ids.
+fn dns_label(s: &str) -> bool {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !s.is_empty() && s.chars().all(|c| ok(c) || c == '-') && s.starts_with(ok) && s.ends_with(ok)
+}
+
+/// A Kubernetes quantity: a decimal number, then nothing, one of `suffixes`, or an exponent.
+fn quantity(s: &str, suffixes: &[&str]) -> bool {
+    let s = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(end);
+    let digits = num.chars().filter(|c| c.is_ascii_digit()).count();
+    let number_ok = digits > 0 && num.matches('.').count() <= 1;
+    let exponent = |e: &str| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && e.chars().all(|c| c.is_ascii_digit())
+    };
+    number_ok
+        && (suffix.is_empty()
+            || suffixes.contains(&suffix)
+            || suffix.strip_prefix(['e', 'E']).is_some_and(exponent))
+}
+
+/// Every way `slice` departs from Liqo's ResourceSlice as the facts record it.
+fn slice_problems(f: &toml::Table, slice: &serde_json::Value) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut want = |ok: bool, what: String| {
+        if !ok {
+            bad.push(what)
+        }
+    };
+    let api = format!(
+        "{}/{}",
+        fact_str(f, "resourceslice.group"),
+        fact_str(f, "resourceslice.version")
+    );
+    want(
+        slice["apiVersion"] == api.as_str(),
+        format!("apiVersion is not {api}"),
+    );
+    want(
+        slice["kind"] == fact_str(f, "resourceslice.kind"),
+        "kind".into(),
+    );
+    let meta = &slice["metadata"];
+    let provider = slice["spec"]["providerClusterID"].as_str().unwrap_or("");
+    want(
+        meta["name"]
+            .as_str()
+            .is_some_and(|n| dns_label(n) && n.len() <= 63),
+        "metadata.name is not a DNS label".into(),
+    );
+    want(
+        meta["namespace"].as_str()
+            == Some(&format!(
+                "{}{provider}",
+                fact_str(f, "tenant_namespace.prefix")
+            )),
+        format!("namespace is not the tenant namespace of {provider}"),
+    );
+    for (label, value) in [
+        (
+            "labels.replication",
+            fact_str(f, "labels.replication.value"),
+        ),
+        ("labels.replication_destination", provider),
+        ("labels.remote_cluster_id", provider),
+    ] {
+        let key = fact_str(f, &format!("{label}.key"));
+        want(
+            meta["labels"][key] == value,
+            format!("label {key} is not {value:?}"),
+        );
+    }
+    let key = fact_str(f, "annotations.create_virtual_node.key");
+    want(
+        meta["annotations"][key] == fact_str(f, "annotations.create_virtual_node.value"),
+        format!("annotation {key}"),
+    );
+    let spec_facts = fact(f, "resourceslice.spec").as_table().unwrap();
+    let suffixes: Vec<&str> = fact(f, "resourceslice.spec.resources.quantity_suffixes")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let spec = slice["spec"].as_object().cloned().unwrap_or_default();
+    for (field, rule) in spec_facts {
+        if rule.get("required").and_then(|r| r.as_bool()) == Some(true) {
+            want(
+                spec.contains_key(field),
+                format!("spec.{field} is required"),
+            );
+        }
+    }
+    for (field, value) in &spec {
+        let Some(rule) = spec_facts.get(field) else {
+            want(
+                false,
+                format!("spec.{field} is not a field of Liqo's ResourceSlice"),
+            );
+            continue;
+        };
+        match rule.get("type").and_then(|t| t.as_str()) {
+            Some("string") => {
+                want(value.is_string(), format!("spec.{field} is not a string"));
+                if rule.get("pattern").is_some() {
+                    assert_eq!(
+                        rule["pattern"].as_str(),
+                        Some("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+                        "the pattern changed: update dns_label"
+                    );
+                    want(
+                        value.as_str().is_some_and(dns_label),
+                        format!("spec.{field} does not match its pattern"),
+                    );
+                }
+            }
+            Some("map of quantity") => {
+                let map = value.as_object().cloned().unwrap_or_default();
+                want(value.is_object(), format!("spec.{field} is not a map"));
+                for (k, q) in &map {
+                    want(
+                        q.as_str().is_some_and(|q| quantity(q, &suffixes)) || q.is_u64(),
+                        format!("spec.{field}.{k} = {q} is not a quantity"),
+                    );
+                }
+                for k in fact(f, "resourceslice.spec.resources.defaulted_when_absent")
+                    .as_array()
+                    .unwrap()
+                {
+                    let k = k.as_str().unwrap();
+                    want(
+                        map.contains_key(k),
+                        format!("spec.{field}.{k} is absent: the provider would default it"),
+                    );
+                }
+            }
+            Some("bytes") => want(value.is_string(), format!("spec.{field} is not base64")),
+            other => want(
+                false,
+                format!("spec.{field}: unknown type {other:?} in the facts"),
+            ),
+        }
+    }
+    let class = spec.get("class").and_then(|c| c.as_str()).unwrap_or("");
+    want(
+        fact(f, "resourceslice.classes_reconciled_by_liqo")
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c.as_str() == Some(class)),
+        format!("class {class:?} is not one Liqo's provider reconciles"),
+    );
+    bad
+}
+
+/// Standard inputs of the stand-ins' calls, in order.
+fn stdins(log: &str) -> Vec<String> {
+    log.split("--- stdin\n")
+        .skip(1)
+        .filter_map(|b| b.split("\n--- end").next())
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn the_checker_knows_a_bad_slice_when_it_sees_one() {
+    let f = facts();
+    let good = serde_json::json!({
+        "apiVersion": "authentication.liqo.io/v1beta1", "kind": "ResourceSlice",
+        "metadata": {"name": "fluidos-p-c1", "namespace": "liqo-tenant-p",
+            "annotations": {"liqo.io/create-virtual-node": "true"},
+            "labels": {"liqo.io/replication": "true", "liqo.io/remoteID": "p", "liqo.io/remote-cluster-id": "p"}},
+        "spec": {"class": "default", "providerClusterID": "p",
+            "resources": {"cpu": "1500m", "memory": "2Gi", "pods": "3"}}
+    });
+    assert_eq!(slice_problems(&f, &good), Vec::<String>::new());
+    for (path, value) in [
+        (
+            "/metadata/labels/liqo.io~1replication",
+            serde_json::Value::Null,
+        ),
+        ("/spec/resources/cpu", serde_json::json!("1.5 cores")),
+        ("/spec/providerClusterID", serde_json::json!("P_1")),
+        ("/spec/class", serde_json::json!("fluidos")),
+        ("/metadata/namespace", serde_json::json!("liqo-tenant-q")),
+    ] {
+        let mut bad = good.clone();
+        *bad.pointer_mut(path).unwrap() = value;
+        assert!(!slice_problems(&f, &bad).is_empty(), "{path}");
+    }
+    let mut extra = good.clone();
+    extra["spec"]["size"] = serde_json::json!("big");
+    assert!(!slice_problems(&f, &extra).is_empty());
+    let mut partial = good;
+    partial["spec"]["resources"]
+        .as_object_mut()
+        .unwrap()
+        .remove("pods");
+    assert!(!slice_problems(&f, &partial).is_empty());
+}
+
+/// Every ResourceSlice the consumer applied, and the commands and kustomization that name
+/// Liqo's objects, against tests/liqo/v1.0.3.toml.
+#[tokio::test]
+async fn every_manifest_conforms_to_the_pinned_liqo_facts() {
+    let f = facts();
+    let t = pair(|_| {}).await;
+    let intent =
+        t.c.submit_intent(intent_spec("cam", 1000, 1))
+            .await
+            .unwrap();
+    assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+    let contract = intent.contract.clone().unwrap();
+    t.c.release(&contract).await.unwrap();
+    let log = calls(&t.cbin);
+    let slices: Vec<serde_json::Value> = stdins(&log)
+        .iter()
+        .filter_map(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        .filter(|v| v["kind"] == "ResourceSlice")
+        .collect();
+    assert!(!slices.is_empty(), "{log}");
+    for s in &slices {
+        assert_eq!(slice_problems(&f, s), Vec::<String>::new(), "{s}");
+    }
+    // liqoctl flags the facts list for each command.
+    for (cmd, facts_key) in [("peer", "liqoctl.peer"), ("unpeer", "liqoctl.unpeer")] {
+        let line = log
+            .lines()
+            .find(|l| {
+                l.contains(&format!(
+                    "liqoctl --kubeconfig /etc/rancher/k3s/k3s.yaml {cmd} "
+                ))
+            })
+            .unwrap_or_else(|| panic!("no liqoctl {cmd} in {log}"));
+        let known: Vec<&str> = fact(&f, &format!("{facts_key}.flags"))
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        for flag in line.split_whitespace().filter(|w| w.starts_with("--")) {
+            let name = flag.split('=').next().unwrap();
+            assert!(
+                name == "--kubeconfig" || known.contains(&name),
+                "{name} is not a flag of liqoctl {cmd}: {line}"
+            );
+        }
+    }
+    // The workload tolerates the virtual node's taint and is pinned by its hostname label.
+    let k = std::fs::read_to_string(
+        t.cbin
+            .parent()
+            .unwrap()
+            .join("cons/fabric")
+            .join(fluidlet::fabric::k8s_name("", intent.id.as_str()))
+            .join("kustomization.yaml"),
+    )
+    .unwrap();
+    assert!(k.contains(&format!("key: {}", fact_str(&f, "taints.virtual_node.key"))));
+    assert!(k.contains(&format!(
+        "effect: {}",
+        fact_str(&f, "taints.virtual_node.effect")
+    )));
+    assert!(k.contains(fact_str(&f, "virtual_node.hostname_label")));
     t.c.shutdown().await;
     t.p.shutdown().await;
 }

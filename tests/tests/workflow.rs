@@ -80,10 +80,10 @@ async fn intent_goes_through_all_31_steps_and_the_workload_is_placed(port: u16) 
     let files = files_under(&dir.path().join("cons").join("fabric"));
     let slice = files
         .iter()
-        .find(|(_, t)| t.contains("kind: ResourceSlice"))
+        .find(|(_, t)| t.contains("\"kind\": \"ResourceSlice\""))
         .expect("a ResourceSlice");
-    assert!(slice.1.contains("cpu: 1000m"), "{}", slice.1);
-    assert!(slice.1.contains(&format!("name: {node}")));
+    assert!(slice.1.contains("\"cpu\": \"1000m\""), "{}", slice.1);
+    assert!(slice.1.contains(&format!("\"name\": \"{node}\"")));
     let kust = files
         .iter()
         .find(|(p, _)| p.ends_with("kustomization.yaml"))

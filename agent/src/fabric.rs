@@ -366,7 +366,7 @@ pub fn plan_teardown_consumer(
         Tool::Kubectl,
         &[
             "delete",
-            "resourceslice",
+            liqo::RESOURCE_SLICES,
             &name,
             "-n",
             &ns,

@@ -220,11 +220,17 @@ async fn liqo_backend_drives_the_tools_with_the_contracts_objects() {
 
     // Release: the consumer removes the slice and unpeers, the provider drops the peering user.
     t.c.release(&contract).await.unwrap();
-    assert!(calls(&t.cbin).contains(&format!(
-        "delete resourceslice {node} -n liqo-tenant-prov-cluster --ignore-not-found"
-    )));
+    assert!(
+        !exists(&t.cbin, "slices", &node),
+        "Liqo's ResourceSlice is really gone: {}",
+        calls(&t.cbin)
+    );
+    assert!(!exists(&t.cbin, "nodes", &node), "and its virtual node");
     assert!(calls(&t.cbin).contains("unpeer --remote-kubeconfig"));
-    assert!(calls(&t.pbin).contains("delete peering-user --consumer-cluster-id cons-cluster"));
+    assert!(
+        !exists(&t.pbin, "users", "cons-cluster"),
+        "peering user deleted"
+    );
     t.c.shutdown().await;
     t.p.shutdown().await;
 }
@@ -241,7 +247,7 @@ async fn failing_kubectl_is_rolled_back_and_retried() {
     let cons = calls(&t.cbin);
     let first_apply = cons.find("\"kind\": \"ResourceSlice\"").unwrap();
     let rollback = cons
-        .find("delete resourceslice")
+        .find("delete resourceslices.authentication.liqo.io ")
         .expect("a rollback after the failure");
     let second_apply = cons.rfind("\"kind\": \"ResourceSlice\"").unwrap();
     assert!(first_apply < rollback && rollback < second_apply, "{cons}");
@@ -263,7 +269,12 @@ async fn hanging_kubectl_ends_the_intent_with_a_clear_error_and_returns_the_capa
     assert!(why.contains("did not finish within 1 s"), "{why}");
     assert!(why.contains("kubectl"), "{why}");
     // Three attempts, each rolled back.
-    assert!(calls(&t.cbin).matches("delete resourceslice").count() >= 3);
+    assert!(
+        calls(&t.cbin)
+            .matches("delete resourceslices.authentication.liqo.io ")
+            .count()
+            >= 3
+    );
     let contract: Id = intent.contract.clone().unwrap();
     assert_eq!(
         t.p.tables().contract(&contract).unwrap().unwrap().state,
@@ -527,6 +538,17 @@ async fn every_manifest_conforms_to_the_pinned_liqo_facts() {
     for s in &slices {
         assert_eq!(slice_problems(&f, s), Vec::<String>::new(), "{s}");
     }
+    // Commands name Liqo's slices by their qualified resource, never the bare plural.
+    let qualified = fact_str(&f, "resourceslice.qualified_resource");
+    for line in log.lines().filter(|l| l.starts_with("kubectl ")) {
+        for word in line.split_whitespace() {
+            assert!(
+                !matches!(word, "resourceslice" | "resourceslices" | "rslice"),
+                "ambiguous resource name in: {line}"
+            );
+        }
+    }
+    assert!(log.contains(&format!("delete {qualified} ")), "{log}");
     // liqoctl flags the facts list for each command.
     for (cmd, facts_key) in [("peer", "liqoctl.peer"), ("unpeer", "liqoctl.unpeer")] {
         let line = log

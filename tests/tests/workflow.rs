@@ -262,7 +262,8 @@ async fn release_restores_capacity_and_tears_the_peering_down(port: u16) {
     );
     let cons = files_under(&dir.path().join("cons").join("fabric"));
     assert!(
-        cons.iter().any(|(_, t)| t.contains("delete resourceslice")),
+        cons.iter()
+            .any(|(_, t)| t.contains("delete resourceslices.authentication.liqo.io ")),
         "ResourceSlice removed"
     );
     assert!(

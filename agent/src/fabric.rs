@@ -82,6 +82,14 @@ pub enum FabricError {
         command: String,
         secs: u64,
     },
+    #[error("{what}: `{command}` did not print {want} within {secs} s (last: {last})")]
+    NotReady {
+        what: String,
+        command: String,
+        want: String,
+        secs: u64,
+        last: String,
+    },
     #[error("{what}: {err}")]
     Io { what: String, err: std::io::Error },
     #[error("{0}")]
@@ -117,9 +125,26 @@ pub struct Command {
     pub stdin: Option<String>,
     /// What the dry run reports as the command's output.
     pub dry_output: String,
-    /// Longer than the command timeout, for waits.
+    /// Longer than the command timeout, for commands that wait themselves.
     pub timeout: Option<Duration>,
+    /// Run again until it succeeds and prints [`Poll::want`], for at most [`Poll::within`].
+    pub poll: Option<Poll>,
 }
+
+/// How a command is polled: a condition that is not met yet (an object that does not exist
+/// yet, a node not Ready yet) is asked again rather than failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Poll {
+    /// The standard output (trimmed) that ends the wait.
+    pub want: String,
+    /// The longest the whole wait may take.
+    pub within: Duration,
+    /// The pause between two runs.
+    pub every: Duration,
+}
+
+/// Pause between two polls of a condition.
+pub const POLL_EVERY: Duration = Duration::from_millis(500);
 
 fn command(what: &str, tool: Tool, args: &[&str]) -> Command {
     Command {
@@ -129,6 +154,7 @@ fn command(what: &str, tool: Tool, args: &[&str]) -> Command {
         stdin: None,
         dry_output: String::new(),
         timeout: None,
+        poll: None,
     }
 }
 
@@ -235,18 +261,28 @@ pub fn plan_establish(
         "ask for the contract's resources (ResourceSlice)",
         slice,
     ));
-    let wait = format!("--timeout={}s", ready_timeout.as_secs());
+    // Liqo makes the node only once the provider accepted the slice, seconds later; `kubectl
+    // wait` fails at once on an object that does not exist yet, so poll `get` for existence
+    // and readiness together, within the peering timeout.
     let node = format!("node/{name}");
     plan.push(Action::Run(Command {
-        timeout: Some(ready_timeout + Duration::from_secs(5)),
+        poll: Some(Poll {
+            want: "True".into(),
+            within: ready_timeout,
+            every: POLL_EVERY,
+        }),
+        dry_output: "True".into(),
         ..command(
-            "wait for the virtual node",
+            "wait for the virtual node to exist and be Ready",
             Tool::Kubectl,
-            &["wait", "--for=condition=Ready", &node, &wait],
+            &["get", &node, "-o", NODE_READY_JSONPATH],
         )
     }));
     plan
 }
+
+/// Prints a node's Ready condition status (`True` when ready).
+pub const NODE_READY_JSONPATH: &str = "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
 
 /// The ResourceSlice that asks `provider_cluster` for exactly the contract's resources, with
 /// a virtual node named after the contract, as JSON (what `kubectl apply -f -` reads).
@@ -570,10 +606,40 @@ impl Fabric {
         Ok(c.dry_output.clone())
     }
 
-    /// The real thing: runs the command, with a timeout, killing it if it hangs.
+    /// The real thing: runs the command (polling it when it has a [`Poll`]).
     async fn perform(&self, c: &Command) -> Result<String, FabricError> {
+        let Some(poll) = &c.poll else {
+            return self
+                .perform_once(c, c.timeout.unwrap_or(self.cfg.command_timeout))
+                .await;
+        };
+        let deadline = tokio::time::Instant::now() + poll.within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let last = match self
+                .perform_once(c, left.min(self.cfg.command_timeout))
+                .await
+            {
+                Ok(out) if out.trim() == poll.want => return Ok(out),
+                Ok(out) => format!("printed {:?}", out.trim()),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() + poll.every >= deadline {
+                return Err(FabricError::NotReady {
+                    what: c.what.clone(),
+                    command: self.command_line(c.tool, &c.args),
+                    want: poll.want.clone(),
+                    secs: poll.within.as_secs(),
+                    last: tail(&last, 200),
+                });
+            }
+            tokio::time::sleep(poll.every).await;
+        }
+    }
+
+    /// Runs the command once, with a timeout, killing it if it hangs.
+    async fn perform_once(&self, c: &Command, timeout: Duration) -> Result<String, FabricError> {
         let (what, tool, args, stdin) = (&c.what, c.tool, &c.args, &c.stdin);
-        let timeout = c.timeout.unwrap_or(self.cfg.command_timeout);
         let program = self.program(tool);
         let command = self.command_line(tool, args);
         info!(%what, %command, "running");
@@ -612,25 +678,22 @@ impl Fabric {
             }
         };
         if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: String = stderr
-                .trim()
-                .chars()
-                .rev()
-                .take(400)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
             return Err(FabricError::Failed {
                 what: what.clone(),
                 command,
                 status: out.status.to_string(),
-                stderr: tail,
+                stderr: tail(&String::from_utf8_lossy(&out.stderr), 400),
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// The last `n` characters of `text`, trimmed.
+fn tail(text: &str, n: usize) -> String {
+    let t = text.trim();
+    let skip = t.chars().count().saturating_sub(n);
+    t.chars().skip(skip).collect()
 }
 
 #[cfg(test)]
@@ -703,10 +766,12 @@ mod tests {
         assert_eq!(res["memory"], (2u64 << 30).to_string());
         assert_eq!(res["pods"], "3");
         match &plan[2] {
-            Action::Run(Command { args, timeout, .. }) => {
-                assert_eq!(args[2], "node/fluidos-prov-c7");
-                assert_eq!(args[3], "--timeout=60s");
-                assert_eq!(*timeout, Some(Duration::from_secs(65)));
+            Action::Run(Command { args, poll, .. }) => {
+                assert_eq!(args[..2], ["get", "node/fluidos-prov-c7"]);
+                assert_eq!(args[3], NODE_READY_JSONPATH);
+                let poll = poll.as_ref().expect("polled, not a one-shot kubectl wait");
+                assert_eq!(poll.want, "True");
+                assert_eq!(poll.within, Duration::from_secs(60));
             }
             other => panic!("{other:?}"),
         }

@@ -208,9 +208,12 @@ async fn liqo_backend_drives_the_tools_with_the_contracts_objects() {
         exists(&t.cbin, "nodes", &node),
         "Liqo made the virtual node"
     );
-    assert!(cons.contains(&format!(
-        "wait --for=condition=Ready node/{node} --timeout=3s"
-    )));
+    assert!(
+        cons.contains(&format!(
+            "kubectl --kubeconfig /etc/rancher/k3s/k3s.yaml get node/{node} -o jsonpath="
+        )),
+        "{cons}"
+    );
     assert!(cons.contains("offload namespace cam --namespace-mapping-strategy EnforceSameName --pod-offloading-strategy Remote"));
     assert!(cons.contains("kubectl --kubeconfig /etc/rancher/k3s/k3s.yaml apply -k "));
     assert_eq!(
@@ -589,6 +592,49 @@ async fn every_manifest_conforms_to_the_pinned_liqo_facts() {
         fact_str(&f, "taints.virtual_node.effect")
     )));
     assert!(k.contains(fact_str(&f, "virtual_node.hostname_label")));
+    t.c.shutdown().await;
+    t.p.shutdown().await;
+}
+
+/// Liqo takes a while to make the virtual node: the consumer waits for it to exist, then to
+/// be Ready, within the peering timeout, instead of failing on the first NotFound.
+#[tokio::test]
+async fn the_consumer_waits_for_a_virtual_node_that_appears_late() {
+    let t = pair(|_| {}).await;
+    std::fs::write(t.cbin.join("node-delay"), "1").unwrap();
+    let intent =
+        t.c.submit_intent(intent_spec("cam", 1000, 1))
+            .await
+            .unwrap();
+    assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+    let cons = calls(&t.cbin);
+    assert_eq!(
+        cons.matches("\"kind\": \"ResourceSlice\"").count(),
+        1,
+        "one attempt was enough: {cons}"
+    );
+    t.c.shutdown().await;
+    t.p.shutdown().await;
+}
+
+/// A node that never comes fails the attempt after the peering timeout, not before.
+#[tokio::test]
+async fn a_virtual_node_that_never_comes_fails_after_the_peering_timeout() {
+    let t = pair(|c| c.fabric.peering_timeout = Duration::from_secs(1)).await;
+    std::fs::write(t.cbin.join("node-delay"), "600").unwrap();
+    let started = std::time::Instant::now();
+    let intent =
+        t.c.submit_intent(intent_spec("cam", 1000, 1))
+            .await
+            .unwrap();
+    assert_eq!(intent.state, IntentState::Failed);
+    let why = intent.error.as_ref().unwrap().as_str();
+    assert!(why.contains("virtual node"), "{why}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "three attempts of at least 1 s each: {:?}",
+        started.elapsed()
+    );
     t.c.shutdown().await;
     t.p.shutdown().await;
 }

@@ -40,7 +40,7 @@ pub struct FabricConfig {
     pub liqoctl: PathBuf,
     /// Longest any single command may run.
     pub command_timeout: Duration,
-    /// Longest wait for a virtual node to become ready.
+    /// `liqoctl peer`/`unpeer --timeout`, and the longest wait for a virtual node.
     pub peering_timeout: Duration,
     /// This cluster's Liqo cluster id; asked from `liqoctl info` when absent.
     pub cluster_id: Option<Id>,
@@ -141,6 +141,22 @@ pub struct Poll {
     pub within: Duration,
     /// The pause between two runs.
     pub every: Duration,
+}
+
+/// How much longer than its own `--timeout` a tool that waits (`liqoctl peer`, `unpeer`) may
+/// run before it is killed: time to report its own timeout and clean up.
+pub const PROCESS_SLACK: Duration = Duration::from_secs(10);
+
+/// A `liqoctl` command that waits itself: `--timeout` from the config (Liqo's defaults are
+/// 10 min for `peer`, 120 s for `unpeer`), and the process a little more.
+fn waiting(what: &str, args: &[&str], timeout: Duration) -> Action {
+    let flag = format!("--timeout={}s", timeout.as_secs());
+    let mut args = args.to_vec();
+    args.push(&flag);
+    Action::Run(Command {
+        timeout: Some(timeout + PROCESS_SLACK),
+        ..command(what, Tool::Liqoctl, &args)
+    })
 }
 
 /// Pause between two polls of a condition.
@@ -244,15 +260,15 @@ pub fn plan_establish(
     let mut plan = Vec::new();
     if let Some(path) = identity {
         let path = path.to_string_lossy();
-        plan.push(run(
+        plan.push(waiting(
             "peer with the provider (network and authentication, no resources yet)",
-            Tool::Liqoctl,
             &[
                 "peer",
                 "--remote-kubeconfig",
                 &path,
                 "--create-resource-slice=false",
             ],
+            ready_timeout,
         ));
     }
     let name = virtual_node_name(&contract.id);
@@ -388,12 +404,13 @@ pub fn plan_deploy(intent: &Intent, virtual_node: Option<&str>, dir: &Path) -> V
 }
 
 /// Consumer teardown: the contract's ResourceSlice (its virtual node goes with it), and the
-/// whole peering when no other live contract uses it.
+/// whole peering when no other live contract uses it (`liqoctl unpeer` gets `timeout`).
 pub fn plan_teardown_consumer(
     contract: &Contract,
     provider_cluster: &Id,
     identity: Option<&Path>,
     last: bool,
+    timeout: Duration,
 ) -> Vec<Action> {
     let name = virtual_node_name(&contract.id);
     let ns = tenant_namespace(provider_cluster);
@@ -411,10 +428,10 @@ pub fn plan_teardown_consumer(
     )];
     if let (true, Some(path)) = (last, identity) {
         let path = path.to_string_lossy();
-        plan.push(run(
+        plan.push(waiting(
             "unpeer from the provider",
-            Tool::Liqoctl,
             &["unpeer", "--remote-kubeconfig", &path, "--skip-confirm"],
+            timeout,
         ));
     }
     plan
@@ -777,6 +794,27 @@ mod tests {
         }
     }
 
+    /// liqoctl peer waits up to 10 min by default, unpeer 120 s: both get an explicit
+    /// --timeout from the config, and the process a little longer before it is killed.
+    #[test]
+    fn liqoctl_peer_gets_an_explicit_timeout_and_the_process_a_little_more() {
+        let t = Duration::from_secs(90);
+        let plan = plan_establish(
+            &build_contract(),
+            &Id::new("p").unwrap(),
+            Some(Path::new("/d/id")),
+            t,
+        );
+        match &plan[0] {
+            Action::Run(Command { args, timeout, .. }) => {
+                assert_eq!(args[0], "peer");
+                assert!(args.contains(&"--timeout=90s".to_string()), "{args:?}");
+                assert_eq!(*timeout, Some(t + PROCESS_SLACK));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn reusing_a_peering_skips_liqoctl_peer_and_the_peering_user() {
         let plan = plan_establish(
@@ -833,8 +871,18 @@ mod tests {
         let c = build_contract();
         let p = Id::new("p").unwrap();
         let id = Path::new("/d/id");
-        assert_eq!(plan_teardown_consumer(&c, &p, Some(id), false).len(), 1);
-        assert_eq!(plan_teardown_consumer(&c, &p, Some(id), true).len(), 2);
+        let t = Duration::from_secs(30);
+        assert_eq!(plan_teardown_consumer(&c, &p, Some(id), false, t).len(), 1);
+        let plan = plan_teardown_consumer(&c, &p, Some(id), true, t);
+        assert_eq!(plan.len(), 2);
+        match &plan[1] {
+            Action::Run(Command { args, timeout, .. }) => {
+                assert_eq!(args[0], "unpeer");
+                assert!(args.contains(&"--timeout=30s".to_string()), "{args:?}");
+                assert_eq!(*timeout, Some(t + PROCESS_SLACK));
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(plan_teardown_provider(&p, false).is_empty());
         assert_eq!(plan_teardown_provider(&p, true).len(), 1);
     }

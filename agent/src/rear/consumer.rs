@@ -480,8 +480,13 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
             Ok(_) => break,
             Err(e) if attempt < PEERING_ATTEMPTS => {
                 warn!(contract = %contract.id, attempt, error = %e, "peering failed; rolling back and retrying");
-                let undo =
-                    crate::fabric::plan_teardown_consumer(contract, &grant.cluster_id, None, false);
+                let undo = crate::fabric::plan_teardown_consumer(
+                    contract,
+                    &grant.cluster_id,
+                    None,
+                    false,
+                    shared.fabric.ready_timeout(),
+                );
                 if let Err(e) = shared.fabric.execute(contract.id.as_str(), &undo).await {
                     warn!(contract = %contract.id, error = %e, "rollback failed");
                 }
@@ -563,8 +568,13 @@ pub(crate) async fn teardown_bought(shared: &Shared, c: &Contract) {
                 && matches!(o.state, ContractState::Reserved | ContractState::Active)
         });
     let identity = shared.fabric.identity_path(&grant.cluster_id);
-    let plan =
-        crate::fabric::plan_teardown_consumer(c, &grant.cluster_id, Some(&identity), !others);
+    let plan = crate::fabric::plan_teardown_consumer(
+        c,
+        &grant.cluster_id,
+        Some(&identity),
+        !others,
+        shared.fabric.ready_timeout(),
+    );
     if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
         warn!(contract = %c.id, error = %e, "peering teardown failed");
     }

@@ -5,6 +5,7 @@
 
 use fluidlet::fabric::{Backend, FabricConfig};
 use fluidlet::model::{ContractState, Id, IntentState};
+use fluidlet::wire::Body;
 use fluidlet_tests::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -637,4 +638,89 @@ async fn a_virtual_node_that_never_comes_fails_after_the_peering_timeout() {
     );
     t.c.shutdown().await;
     t.p.shutdown().await;
+}
+
+/// A consumer speaking REAR by hand to a provider with stand-in tools.
+async fn provider_and_rogue() -> (fluidlet::Agent, PathBuf, Rogue, tempfile::TempDir) {
+    let port = broker(BrokerKind::Embedded).unwrap().port;
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let pbin = dir.path().join("prov-bin");
+    let mut pcfg = provider_config("prov", &d, port, dir.path());
+    pcfg.fabric = stand_ins(&pbin, "prov-cluster");
+    let p = start(pcfg, None).await;
+    let eve = Rogue::connect(port, &d, "eve").await;
+    (p, pbin, eve, dir)
+}
+
+/// Reserves a 0.5-CPU piece of the provider's pool; returns the contract id.
+async fn reserve(p: &fluidlet::Agent, eve: &mut Rogue, tx: &str) -> Id {
+    let piece = fluidlet::model::Resources {
+        cpu: 500,
+        memory: 1 << 30,
+        pods: 1,
+        storage: 0,
+    };
+    eve.send(
+        "prov",
+        Body::ReserveFlavour(fluidlet::model::ReserveRequest {
+            transaction: Id::new(tx).unwrap(),
+            flavour: flavours(p)[0].id.clone(),
+            buyer: Id::new("eve").unwrap(),
+            partition: Some(piece),
+        }),
+    )
+    .await;
+    match eve.recv().await.body {
+        Body::Reserved(c) => c.id,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn peer_request(eve: &mut Rogue, contract: &Id) -> Body {
+    eve.send(
+        "prov",
+        Body::PeerRequest(fluidlet::wire::PeerRequest {
+            contract: contract.clone(),
+            cluster_id: Id::new("eve-cluster").unwrap(),
+        }),
+    )
+    .await;
+    eve.recv().await.body
+}
+
+/// Problem 5: one rule on both sides for whether a peering is shared. Contract A is peered,
+/// B only reserved; A is released. B never had the peering, so the provider must not keep
+/// A's peering user for it: B's own grant creates a new one ('liqoctl generate
+/// peering-user' fails when one exists, as the stand-in does).
+#[tokio::test]
+async fn a_peering_user_is_kept_only_for_contracts_that_use_it() {
+    let (p, pbin, mut eve, _dir) = provider_and_rogue().await;
+    let a = reserve(&p, &mut eve, "eve-t1").await;
+    match peer_request(&mut eve, &a).await {
+        Body::PeerAccept(g) => assert!(g.identity.is_some()),
+        other => panic!("{other:?}"),
+    }
+    let b = reserve(&p, &mut eve, "eve-t2").await;
+    eve.send(
+        "prov",
+        Body::Release(fluidlet::wire::ContractRef { contract: a }),
+    )
+    .await;
+    assert!(matches!(eve.recv().await.body, Body::Released(_)));
+    assert!(
+        !exists(&pbin, "users", "eve-cluster"),
+        "no peered contract is left: the peering user goes"
+    );
+    match peer_request(&mut eve, &b).await {
+        Body::PeerAccept(g) => assert!(g.identity.is_some(), "B gets its own identity"),
+        other => panic!("B's peering: {other:?}\n{}", calls(&pbin)),
+    }
+    // A third contract while B is peered shares B's peering: no new identity.
+    let c = reserve(&p, &mut eve, "eve-t3").await;
+    match peer_request(&mut eve, &c).await {
+        Body::PeerAccept(g) => assert!(g.identity.is_none(), "reuses B's peering"),
+        other => panic!("{other:?}"),
+    }
+    p.shutdown().await;
 }

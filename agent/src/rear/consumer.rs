@@ -557,16 +557,7 @@ pub(crate) async fn teardown_bought(shared: &Shared, c: &Contract) {
     let Ok(Some(grant)) = shared.tables.peer_grant(&c.id) else {
         return;
     };
-    let others = shared
-        .tables
-        .contracts()
-        .unwrap_or_default()
-        .into_iter()
-        .any(|o| {
-            o.id != c.id
-                && o.seller == c.seller
-                && matches!(o.state, ContractState::Reserved | ContractState::Active)
-        });
+    let others = shared.peering_in_use(c);
     let identity = shared.fabric.identity_path(&grant.cluster_id);
     let plan = crate::fabric::plan_teardown_consumer(
         c,

@@ -261,12 +261,7 @@ async fn grant_peering(
     req: &PeerRequest,
 ) -> Result<PeerAccept, (ErrorCode, String)> {
     let failed = |e: &dyn std::fmt::Display| (ErrorCode::PeeringFailed, e.to_string());
-    let reuse = shared
-        .tables
-        .contracts()
-        .unwrap_or_default()
-        .iter()
-        .any(|o| o.id != c.id && o.buyer == c.buyer && o.state == ContractState::Active);
+    let reuse = shared.peering_in_use(c);
     let plan = crate::fabric::plan_grant(&req.cluster_id, reuse);
     let out = shared
         .fabric
@@ -324,16 +319,7 @@ pub(crate) async fn on_release(shared: &Shared, from: &Id, id: u64, r: ContractR
             if let Err(e) = shared.publish_advert().await {
                 warn!(error = %e, "could not re-publish the advert");
             }
-            let others = shared
-                .tables
-                .contracts()
-                .unwrap_or_default()
-                .iter()
-                .any(|o| {
-                    o.id != c.id
-                        && o.buyer == c.buyer
-                        && matches!(o.state, ContractState::Reserved | ContractState::Active)
-                });
+            let others = shared.peering_in_use(&c);
             let consumer_cluster = shared.tables.peer_cluster(&c.id).ok().flatten();
             if let Some(cluster) = consumer_cluster {
                 let plan = crate::fabric::plan_teardown_provider(&cluster, !others);

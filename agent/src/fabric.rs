@@ -454,6 +454,30 @@ pub fn plan_teardown_provider(consumer_cluster: &Id, last: bool) -> Vec<Action> 
     )]
 }
 
+/// Whether a peer's Liqo version (from its PEER_REQUEST or PEER_ACCEPT) allows a peering
+/// with this cluster's: the same major.minor, as Liqo requires. An older fluidlet sends no
+/// version and is let through. `Err` is the text of the PEERING_FAILED refusal.
+pub fn check_liqo_version(mine: &str, theirs: Option<&str>) -> Result<(), String> {
+    match theirs {
+        Some(theirs) => liqo::same_minor(mine, theirs),
+        None => Ok(()),
+    }
+}
+
+/// The consumer's check of a PEER_ACCEPT before anything runs: a provider cluster id that
+/// Liqo accepts (it names the tenant namespace and the slice's labels), and a compatible
+/// Liqo version.
+pub fn check_accept(grant: &crate::wire::PeerAccept, mine: &str) -> Result<(), String> {
+    if !liqo::valid_cluster_id(grant.cluster_id.as_str()) {
+        return Err(format!(
+            "provider cluster id {:?} is not one Liqo accepts (lower-case letters, digits and \
+             '-', at most 63)",
+            grant.cluster_id.as_str()
+        ));
+    }
+    check_liqo_version(mine, grant.liqo_version.as_ref().map(|v| v.as_str()))
+}
+
 /// Executes plans with the configured backend.
 #[derive(Clone, Debug)]
 pub struct Fabric {
@@ -513,6 +537,21 @@ impl Fabric {
                 out.trim()
             ))
         })
+    }
+
+    /// This cluster's Liqo version, as `liqoctl info` reports it (the dry run reports the
+    /// version fluidlet is pinned to).
+    pub async fn liqo_version(&self) -> Result<String, FabricError> {
+        let a = Action::Run(Command {
+            dry_output: liqo::PINNED.into(),
+            ..command(
+                "read this cluster's Liqo version",
+                Tool::Liqoctl,
+                &["info", "--get", liqo::INFO_VERSION],
+            )
+        });
+        let out = self.execute("liqo-version", &[a]).await?;
+        Ok(out.trim().to_owned())
     }
 
     /// Runs a plan; returns the standard output of its last command.
@@ -813,6 +852,25 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_peer_accept_is_checked_before_anything_runs() {
+        let grant = |cluster: &str, version: Option<&str>| crate::wire::PeerAccept {
+            contract: Id::new("p.c1").unwrap(),
+            cluster_id: Id::new(cluster).unwrap(),
+            identity: None,
+            liqo_version: version.and_then(|v| crate::model::Text::new(v).ok()),
+        };
+        assert!(check_accept(&grant("prov-1", Some("v1.0.0")), "v1.0.3").is_ok());
+        assert!(
+            check_accept(&grant("prov-1", None), "v1.0.3").is_ok(),
+            "older sender"
+        );
+        let e = check_accept(&grant("prov-1", Some("v1.2.0")), "v1.0.3").unwrap_err();
+        assert!(e.contains("Liqo version mismatch"), "{e}");
+        let e = check_accept(&grant("Prov_1", None), "v1.0.3").unwrap_err();
+        assert!(e.contains("Prov_1"), "{e}");
     }
 
     #[test]

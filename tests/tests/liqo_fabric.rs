@@ -683,6 +683,7 @@ async fn peer_request(eve: &mut Rogue, contract: &Id) -> Body {
         Body::PeerRequest(fluidlet::wire::PeerRequest {
             contract: contract.clone(),
             cluster_id: Id::new("eve-cluster").unwrap(),
+            liqo_version: None,
         }),
     )
     .await;
@@ -723,4 +724,33 @@ async fn a_peering_user_is_kept_only_for_contracts_that_use_it() {
         other => panic!("{other:?}"),
     }
     p.shutdown().await;
+}
+
+/// Liqo peers only the same major.minor version: a mismatch is refused with a clear
+/// PEERING_FAILED before any `liqoctl peer` or `generate peering-user` runs.
+#[tokio::test]
+async fn a_liqo_version_mismatch_is_refused_before_anything_runs() {
+    let t = pair(|_| {}).await;
+    std::fs::write(t.cbin.join("liqo-version"), "v1.1.2\n").unwrap();
+    let intent =
+        t.c.submit_intent(intent_spec("cam", 1000, 1))
+            .await
+            .unwrap();
+    assert_eq!(intent.state, IntentState::Failed);
+    let why = intent.error.as_ref().unwrap().as_str();
+    assert!(
+        why.contains("Liqo version mismatch") && why.contains("v1.0.3") && why.contains("v1.1.2"),
+        "{why}"
+    );
+    assert!(!calls(&t.pbin).contains("generate peering-user"));
+    assert!(!calls(&t.cbin).contains(" peer --remote-kubeconfig"));
+    // A patch release apart is fine.
+    std::fs::write(t.cbin.join("liqo-version"), "v1.0.1\n").unwrap();
+    let intent =
+        t.c.submit_intent(intent_spec("cam2", 1000, 1))
+            .await
+            .unwrap();
+    assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+    t.c.shutdown().await;
+    t.p.shutdown().await;
 }

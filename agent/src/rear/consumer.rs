@@ -417,9 +417,11 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
         ),
     );
     let cluster_id = shared.fabric.cluster_id().await?;
+    let version = shared.fabric.liqo_version().await?;
     let request = Body::PeerRequest(PeerRequest {
         contract: contract.id.clone(),
         cluster_id: cluster_id.clone(),
+        liqo_version: crate::model::Text::new(&version).ok(),
     });
     shared.step(
         22,
@@ -448,6 +450,13 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
             grant.cluster_id
         ),
     );
+    if let Err(text) = crate::fabric::check_accept(&grant, &version) {
+        return Err(RearError::Refused {
+            provider: seller.to_string(),
+            code: Some(crate::wire::ErrorCode::PeeringFailed),
+            text,
+        });
+    }
     // Kept (without the identity, which goes to an owner-only file) for the teardown.
     shared.tables.put_peer_grant(&crate::wire::PeerAccept {
         identity: None,

@@ -261,6 +261,10 @@ async fn grant_peering(
     req: &PeerRequest,
 ) -> Result<PeerAccept, (ErrorCode, String)> {
     let failed = |e: &dyn std::fmt::Display| (ErrorCode::PeeringFailed, e.to_string());
+    let version = shared.fabric.liqo_version().await.map_err(|e| failed(&e))?;
+    let theirs = req.liqo_version.as_ref().map(|v| v.as_str());
+    crate::fabric::check_liqo_version(&version, theirs)
+        .map_err(|text| (ErrorCode::PeeringFailed, text))?;
     let reuse = shared.peering_in_use(c);
     let plan = crate::fabric::plan_grant(&req.cluster_id, reuse);
     let out = shared
@@ -279,6 +283,7 @@ async fn grant_peering(
         contract: c.id.clone(),
         cluster_id: shared.fabric.cluster_id().await.map_err(|e| failed(&e))?,
         identity,
+        liqo_version: crate::model::Text::new(&version).ok(),
     };
     let storage = |e: TableError| {
         (

@@ -302,6 +302,7 @@ struct RawFabric {
     command_timeout_secs: Option<u64>,
     peering_timeout_secs: Option<u64>,
     cluster_id: Option<String>,
+    enforce_interval_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -649,6 +650,9 @@ impl RawConfig {
         }
         if let Some(v) = f.peering_timeout_secs {
             cfg.fabric.peering_timeout = secs(positive("fabric.peering_timeout_secs", v)?);
+        }
+        if let Some(v) = f.enforce_interval_secs {
+            cfg.fabric.enforce_every = secs(positive("fabric.enforce_interval_secs", v)?);
         }
         if let Some(v) = &f.cluster_id {
             cfg.fabric.cluster_id =

@@ -14,6 +14,7 @@
 //! and the plans are unit-tested without a cluster. Which Liqo objects and commands are used,
 //! and why, is in `docs/fabric.md`.
 
+pub mod enforce;
 pub mod liqo;
 
 use crate::model::{Contract, Id, Intent};
@@ -44,6 +45,8 @@ pub struct FabricConfig {
     pub peering_timeout: Duration,
     /// This cluster's Liqo cluster id; asked from `liqoctl info` when absent.
     pub cluster_id: Option<Id>,
+    /// How often a provider checks the consumers' ResourceSlices against its contracts.
+    pub enforce_every: Duration,
 }
 
 impl Default for FabricConfig {
@@ -56,6 +59,7 @@ impl Default for FabricConfig {
             command_timeout: Duration::from_secs(30),
             peering_timeout: Duration::from_secs(120),
             cluster_id: None,
+            enforce_every: Duration::from_secs(10),
         }
     }
 }
@@ -330,6 +334,7 @@ pub fn resource_slice(contract: &Contract, provider_cluster: &Id) -> String {
                 "cpu": cpu_quantity(r.cpu),
                 "memory": r.memory.to_string(),
                 "pods": r.pods.to_string(),
+                "ephemeral-storage": r.storage.to_string(),
             },
         },
     });
@@ -821,6 +826,7 @@ mod tests {
         assert_eq!(res["cpu"], "1500m");
         assert_eq!(res["memory"], (2u64 << 30).to_string());
         assert_eq!(res["pods"], "3");
+        assert_eq!(res["ephemeral-storage"], "0", "none sold: none asked");
         match &plan[2] {
             Action::Run(Command { args, poll, .. }) => {
                 assert_eq!(args[..2], ["get", "node/fluidos-prov-c7"]);

@@ -107,7 +107,8 @@ exit 0
         liqoctl: dir.join("liqoctl"),
         command_timeout: Duration::from_secs(5),
         peering_timeout: Duration::from_secs(3),
-        cluster_id: None,
+        enforce_every: Duration::from_millis(100),
+        ..FabricConfig::default()
     }
 }
 
@@ -491,7 +492,7 @@ fn the_checker_knows_a_bad_slice_when_it_sees_one() {
             "annotations": {"liqo.io/create-virtual-node": "true"},
             "labels": {"liqo.io/replication": "true", "liqo.io/remoteID": "p", "liqo.io/remote-cluster-id": "p"}},
         "spec": {"class": "default", "providerClusterID": "p",
-            "resources": {"cpu": "1500m", "memory": "2Gi", "pods": "3"}}
+            "resources": {"cpu": "1500m", "memory": "2Gi", "pods": "3", "ephemeral-storage": "0"}}
     });
     assert_eq!(slice_problems(&f, &good), Vec::<String>::new());
     for (path, value) in [
@@ -751,6 +752,80 @@ async fn a_liqo_version_mismatch_is_refused_before_anything_runs() {
             .await
             .unwrap();
     assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+    t.c.shutdown().await;
+    t.p.shutdown().await;
+}
+
+/// The provider's copy of a consumer slice, as `kubectl get -o json` lists it.
+fn provider_slice(
+    name: &str,
+    consumer: &str,
+    cpu: &str,
+    k: &fluidlet::model::Contract,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "authentication.liqo.io/v1beta1", "kind": "ResourceSlice",
+        "metadata": {"name": name, "namespace": format!("liqo-tenant-{consumer}"),
+            "labels": {"liqo.io/replicated": "true", "liqo.io/originID": consumer,
+                "liqo.io/remote-cluster-id": consumer, "liqo.io/replication": "false"}},
+        "spec": {"class": "default", "consumerClusterID": consumer, "providerClusterID": "prov-cluster",
+            "resources": {"cpu": cpu, "memory": k.resources.memory.to_string(),
+                "pods": k.resources.pods.to_string(),
+                "ephemeral-storage": k.resources.storage.to_string()}},
+        "status": {"resources": {"cpu": cpu}}
+    })
+}
+
+fn list(items: Vec<serde_json::Value>) -> String {
+    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
+}
+
+/// Liqo's default class grants whatever a peered consumer asks: the provider checks the
+/// slices of the consumers it granted against its live contracts and cordons what exceeds
+/// them, leaving the slice that matches its contract alone.
+#[tokio::test]
+async fn the_provider_cordons_slices_beyond_its_contracts() {
+    let t = pair(|_| {}).await;
+    let intent =
+        t.c.submit_intent(intent_spec("cam", 1000, 1))
+            .await
+            .unwrap();
+    assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+    let contract = intent.contract.clone().unwrap();
+    let k = t.p.tables().contract(&contract).unwrap().unwrap();
+    let node = fluidlet::fabric::virtual_node_name(&contract);
+    let exact = format!("{}m", k.resources.cpu);
+    let slices = list(vec![
+        provider_slice(&node, "cons-cluster", &exact, &k),
+        provider_slice("more-for-free", "cons-cluster", "1", &k),
+        provider_slice("made-by-hand", "other-cluster", "64", &k),
+    ]);
+    std::fs::write(t.pbin.join("provider-slices.json"), slices).unwrap();
+    eventually("the extra slice cordoned", || {
+        exists(&t.pbin, "cordoned", "more-for-free")
+    })
+    .await;
+    let prov = calls(&t.pbin);
+    assert!(
+        prov.contains("cordon resourceslice more-for-free --remote-cluster-id cons-cluster --skip-confirm --timeout="),
+        "{prov}"
+    );
+    assert!(
+        !exists(&t.pbin, "cordoned", &node),
+        "the contract's own slice is fine"
+    );
+    assert!(
+        !exists(&t.pbin, "cordoned", "made-by-hand"),
+        "not a peering fluidlet granted"
+    );
+    // The consumer's admin raises the contract's slice: cordoned too.
+    let bigger = format!("{}m", k.resources.cpu * 4);
+    let slices = list(vec![provider_slice(&node, "cons-cluster", &bigger, &k)]);
+    std::fs::write(t.pbin.join("provider-slices.json"), slices).unwrap();
+    eventually("the grown slice cordoned", || {
+        exists(&t.pbin, "cordoned", &node)
+    })
+    .await;
     t.c.shutdown().await;
     t.p.shutdown().await;
 }

@@ -14,6 +14,7 @@
 //! and the plans are unit-tested without a cluster. Which Liqo objects and commands are used,
 //! and why, is in `docs/fabric.md`.
 
+pub mod doctor;
 pub mod enforce;
 pub mod liqo;
 
@@ -47,6 +48,9 @@ pub struct FabricConfig {
     pub cluster_id: Option<Id>,
     /// How often a provider checks the consumers' ResourceSlices against its contracts.
     pub enforce_every: Duration,
+    /// `liqoctl peer --gw-server-service-type`: the Service type of the gateway server,
+    /// which runs on the provider (LoadBalancer needs k3s ServiceLB; else NodePort).
+    pub gateway_service_type: String,
 }
 
 impl Default for FabricConfig {
@@ -60,6 +64,7 @@ impl Default for FabricConfig {
             peering_timeout: Duration::from_secs(120),
             cluster_id: None,
             enforce_every: Duration::from_secs(10),
+            gateway_service_type: liqo::GATEWAY_SERVICE_TYPE_DEFAULT.into(),
         }
     }
 }
@@ -260,6 +265,7 @@ pub fn plan_establish(
     provider_cluster: &Id,
     identity: Option<&Path>,
     ready_timeout: Duration,
+    gateway_service_type: &str,
 ) -> Vec<Action> {
     let mut plan = Vec::new();
     if let Some(path) = identity {
@@ -271,6 +277,8 @@ pub fn plan_establish(
                 "--remote-kubeconfig",
                 &path,
                 "--create-resource-slice=false",
+                "--gw-server-service-type",
+                gateway_service_type,
             ],
             ready_timeout,
         ));
@@ -507,6 +515,22 @@ impl Fabric {
 
     pub fn ready_timeout(&self) -> Duration {
         self.cfg.peering_timeout
+    }
+
+    /// [`plan_establish`] with this fabric's timeout and gateway service type.
+    pub fn plan_establish(
+        &self,
+        contract: &Contract,
+        provider_cluster: &Id,
+        identity: Option<&Path>,
+    ) -> Vec<Action> {
+        plan_establish(
+            contract,
+            provider_cluster,
+            identity,
+            self.cfg.peering_timeout,
+            &self.cfg.gateway_service_type,
+        )
     }
 
     /// The working directory of one contract or intent.
@@ -798,6 +822,7 @@ mod tests {
             &Id::new("prov-cluster").unwrap(),
             Some(Path::new("/d/id.kubeconfig")),
             Duration::from_secs(60),
+            "NodePort",
         );
         assert_eq!(plan.len(), 3);
         match &plan[0] {
@@ -849,6 +874,7 @@ mod tests {
             &Id::new("p").unwrap(),
             Some(Path::new("/d/id")),
             t,
+            "NodePort",
         );
         match &plan[0] {
             Action::Run(Command { args, timeout, .. }) => {
@@ -886,6 +912,7 @@ mod tests {
             &Id::new("p").unwrap(),
             None,
             Duration::from_secs(1),
+            "NodePort",
         );
         assert_eq!(plan.len(), 2);
         assert!(plan_grant(&Id::new("c").unwrap(), true).is_empty());

@@ -25,7 +25,9 @@ use std::time::Duration;
 /// - `liqoctl generate peering-user` fails when the consumer's user already exists.
 ///
 /// Switches: `fail-apply-once` makes the next `kubectl apply -f -` fail; `hang-apply` makes
-/// every one hang; `liqo-version` and `api-server` set what `liqoctl info` reports;
+/// every one hang; `liqo-version` and `api-server` set what `liqoctl info` reports, and
+/// `no-liqo` makes it fail as on a cluster without Liqo; `daemonsets` is what listing
+/// kube-system's DaemonSets prints;
 /// `provider-slices.json` is what listing Liqo's ResourceSlices returns.
 fn stand_ins(dir: &Path, cluster_id: &str) -> FabricConfig {
     std::fs::create_dir_all(dir).unwrap();
@@ -74,6 +76,7 @@ case "$tool $1" in
     esac ;;
   "kubectl version") echo "Client Version: v1.31.4+k3s1" ;;
   "liqoctl info")
+    if [ -f "$d/no-liqo" ]; then echo 'Liqo is not installed in the current cluster!' >&2; exit 1; fi
     case "$*" in
       *"--get clusterid"*) echo "{cluster_id}" ;;
       *"--get local.version"*) cat "$d/liqo-version" 2>/dev/null || echo v1.0.3 ;;
@@ -828,4 +831,108 @@ async fn the_provider_cordons_slices_beyond_its_contracts() {
     .await;
     t.c.shutdown().await;
     t.p.shutdown().await;
+}
+
+/// `fluidlet doctor` on a gateway with everything in place, then with each thing broken.
+#[tokio::test]
+async fn doctor_passes_a_good_gateway_and_names_what_is_wrong_with_a_broken_one() {
+    use fluidlet::fabric::doctor::{doctor, Status};
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    let mut cfg = stand_ins(&bin, "gw-1");
+    cfg.kubeconfig = dir.path().join("k3s.yaml");
+    std::fs::write(&cfg.kubeconfig, "apiVersion: v1\nkind: Config\n").unwrap();
+    std::fs::write(
+        bin.join("daemonsets"),
+        "daemonset.apps/svclb-traefik-1a2b3c4d\n",
+    )
+    .unwrap();
+    let node = Id::new("gw").unwrap();
+    let run = |cfg: FabricConfig| {
+        let data = dir.path().to_path_buf();
+        let node = node.clone();
+        async move { doctor(&cfg, &data, &node).await }
+    };
+    let good = run(cfg.clone()).await;
+    assert!(good.ok(), "{good}");
+    for c in &good.checks {
+        assert_eq!(c.status, Status::Ok, "{good}");
+    }
+    assert!(good.get("liqo").unwrap().found.contains("gw-1"), "{good}");
+    assert!(
+        good.get("liqoctl").unwrap().found.contains("v1.0.3"),
+        "{good}"
+    );
+    assert!(
+        good.get("api server").unwrap().found.contains("192.0.2.10"),
+        "{good}"
+    );
+
+    // Liqo handing its loopback address to peers (k3s's kubeconfig default).
+    std::fs::write(bin.join("api-server"), "https://127.0.0.1:6443\n").unwrap();
+    let r = run(cfg.clone()).await;
+    let c = r.get("api server").unwrap();
+    assert_eq!(c.status, Status::Fail, "{r}");
+    assert!(c.fix.as_ref().unwrap().contains("--api-server-url"), "{r}");
+    assert!(!r.ok());
+    assert!(r.to_string().contains("FAIL api server"), "{r}");
+    std::fs::remove_file(bin.join("api-server")).unwrap();
+
+    // Another Liqo minor version than fluidlet was checked against.
+    std::fs::write(bin.join("liqo-version"), "v1.1.2\n").unwrap();
+    let r = run(cfg.clone()).await;
+    assert_eq!(r.get("liqo version").unwrap().status, Status::Warn, "{r}");
+    std::fs::remove_file(bin.join("liqo-version")).unwrap();
+
+    // No ServiceLB for a LoadBalancer gateway; NodePort needs none.
+    std::fs::remove_file(bin.join("daemonsets")).unwrap();
+    let r = run(cfg.clone()).await;
+    let c = r.get("gateway service").unwrap();
+    assert_eq!(c.status, Status::Warn, "{r}");
+    assert!(c.fix.as_ref().unwrap().contains("NodePort"), "{r}");
+    let r = run(FabricConfig {
+        gateway_service_type: "NodePort".into(),
+        ..cfg.clone()
+    })
+    .await;
+    assert_eq!(r.get("gateway service").unwrap().status, Status::Ok, "{r}");
+
+    // Liqo not installed.
+    std::fs::write(bin.join("no-liqo"), "").unwrap();
+    let r = run(cfg.clone()).await;
+    let c = r.get("liqo").unwrap();
+    assert_eq!(c.status, Status::Fail, "{r}");
+    assert!(c.found.contains("Liqo is not installed"), "{r}");
+    assert!(
+        c.fix.as_ref().unwrap().contains("liqoctl install k3s"),
+        "{r}"
+    );
+    std::fs::remove_file(bin.join("no-liqo")).unwrap();
+
+    // Tools missing, kubeconfig missing.
+    let r = run(FabricConfig {
+        kubectl: dir.path().join("nowhere/kubectl"),
+        kubeconfig: dir.path().join("nowhere/k3s.yaml"),
+        ..cfg.clone()
+    })
+    .await;
+    let c = r.get("kubectl").unwrap();
+    assert_eq!(c.status, Status::Fail, "{r}");
+    assert!(c.fix.as_ref().unwrap().contains("fabric.kubectl"), "{r}");
+    assert_eq!(r.get("kubeconfig").unwrap().status, Status::Fail, "{r}");
+
+    // A kubeconfig only root may read (k3s's default mode), for a non-root agent.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cfg.kubeconfig, std::fs::Permissions::from_mode(0o000)).unwrap();
+    if std::fs::File::open(&cfg.kubeconfig).is_ok() {
+        eprintln!("SKIPPED the unreadable-kubeconfig case: running as root, which reads anything");
+    } else {
+        let r = run(cfg.clone()).await;
+        let c = r.get("kubeconfig").unwrap();
+        assert_eq!(c.status, Status::Fail, "{r}");
+        assert!(
+            c.fix.as_ref().unwrap().contains("--write-kubeconfig-mode"),
+            "{r}"
+        );
+    }
 }

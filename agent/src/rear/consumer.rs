@@ -476,12 +476,9 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
         }
         None => None,
     };
-    let plan = crate::fabric::plan_establish(
-        contract,
-        &grant.cluster_id,
-        identity.as_deref(),
-        shared.fabric.ready_timeout(),
-    );
+    let plan = shared
+        .fabric
+        .plan_establish(contract, &grant.cluster_id, identity.as_deref());
     let mut pause = PEERING_BACKOFF;
     let mut attempt = 1;
     loop {

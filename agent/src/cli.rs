@@ -1,7 +1,8 @@
 //! The work of each `fluidlet` command, as functions a test can call. The binary
 //! (`src/bin/fluidlet.rs`) parses the command line and calls one of them.
 //!
-//! `run` and `demo` start nodes; `check` validates a config; `intent`, `status` and `contract`
+//! `run` and `demo` start nodes; `check` validates a config; `doctor` checks the gateway for
+//! the liqo fabric backend; `intent`, `status` and `contract`
 //! send one request to a running agent over its control socket ([`crate::control`]) and print
 //! what comes back.
 
@@ -347,6 +348,26 @@ pub async fn release(
         }
         Response::Error(e) => Err(other(e)),
         _ => Err(other("unexpected answer")),
+    }
+}
+
+/// `fluidlet doctor`: what the liqo fabric backend needs on this gateway
+/// ([`crate::fabric::doctor`]), one line per check; `Err` when a check failed.
+pub fn doctor(
+    path: &Path,
+    rt: &tokio::runtime::Runtime,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let cfg = Config::load(path)?;
+    let report = rt.block_on(crate::fabric::doctor::doctor(
+        &cfg.fabric,
+        &cfg.data_dir,
+        &cfg.node_id,
+    ));
+    writeln!(out, "{report}")?;
+    match report.ok() {
+        true => Ok(()),
+        false => Err(AgentError::Other("doctor found problems".into()).into()),
     }
 }
 

@@ -302,6 +302,8 @@ struct RawFabric {
     command_timeout_secs: Option<u64>,
     peering_timeout_secs: Option<u64>,
     cluster_id: Option<String>,
+    enforce_interval_secs: Option<u64>,
+    gateway_service_type: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -649,6 +651,21 @@ impl RawConfig {
         }
         if let Some(v) = f.peering_timeout_secs {
             cfg.fabric.peering_timeout = secs(positive("fabric.peering_timeout_secs", v)?);
+        }
+        if let Some(v) = f.enforce_interval_secs {
+            cfg.fabric.enforce_every = secs(positive("fabric.enforce_interval_secs", v)?);
+        }
+        if let Some(v) = &f.gateway_service_type {
+            if !crate::fabric::liqo::GATEWAY_SERVICE_TYPES.contains(&v.as_str()) {
+                return Err(invalid(
+                    "fabric.gateway_service_type",
+                    format!(
+                        "{v:?} is not one of {:?}",
+                        crate::fabric::liqo::GATEWAY_SERVICE_TYPES
+                    ),
+                ));
+            }
+            cfg.fabric.gateway_service_type = v.clone();
         }
         if let Some(v) = &f.cluster_id {
             cfg.fabric.cluster_id =

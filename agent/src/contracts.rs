@@ -109,6 +109,25 @@ pub fn can_move(from: ContractState, to: ContractState) -> bool {
     )
 }
 
+/// Whether the Liqo peering between `c`'s buyer and seller is used by another contract: one
+/// between the same two nodes that is live (Reserved or Active) and was granted a peering
+/// (`granted`: a PEER_ACCEPT is on record for it).
+///
+/// The one rule both sides apply. When it holds, the provider sends no new identity
+/// (`liqoctl generate peering-user` fails for a consumer that has one) and the consumer
+/// reuses its peering; at a release or expiry, the provider deletes the peering user and
+/// the consumer unpeers only when it does not hold. A contract that was reserved but never
+/// peered does not keep a peering alive: it gets its own when it peers.
+pub fn peering_in_use(c: &Contract, all: &[Contract], granted: impl Fn(&Id) -> bool) -> bool {
+    all.iter().any(|o| {
+        o.id != c.id
+            && o.buyer == c.buyer
+            && o.seller == c.seller
+            && matches!(o.state, ContractState::Reserved | ContractState::Active)
+            && granted(&o.id)
+    })
+}
+
 /// Why a RESERVED answer was not accepted by the buyer.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("RESERVED answer rejected: {0}")]
@@ -309,5 +328,43 @@ mod tests {
         let mut other_tx = req.clone();
         other_tx.transaction = Id::new("c1.t2").unwrap();
         assert!(check_answer(&build_contract("p1.c9"), &p1, &other_tx).is_err());
+    }
+
+    #[test]
+    fn a_peering_is_in_use_only_by_live_granted_contracts_of_the_same_pair() {
+        use crate::model::test_contract;
+        let piece = Resources {
+            cpu: 500,
+            memory: 1 << 30,
+            pods: 1,
+            storage: 0,
+        };
+        let c = |id: &str, buyer: &str, state| test_contract(id, "p", buyer, piece, state);
+        let this = c("p.c1", "b", ContractState::Active);
+        let granted = |id: &Id| id.as_str() != "p.c3";
+        let in_use = |others: Vec<Contract>| {
+            let mut all = vec![this.clone()];
+            all.extend(others);
+            peering_in_use(&this, &all, granted)
+        };
+        assert!(!in_use(vec![]), "the contract itself does not count");
+        assert!(in_use(vec![c("p.c2", "b", ContractState::Active)]));
+        assert!(
+            in_use(vec![c("p.c2", "b", ContractState::Reserved)]),
+            "granted, still peering"
+        );
+        assert!(
+            !in_use(vec![c("p.c3", "b", ContractState::Reserved)]),
+            "reserved, never peered"
+        );
+        assert!(!in_use(vec![c("p.c2", "b", ContractState::Released)]));
+        assert!(!in_use(vec![c("p.c2", "b", ContractState::Expired)]));
+        assert!(!in_use(vec![c("p.c2", "other", ContractState::Active)]));
+        let mut foreign = c("q.c2", "b", ContractState::Active);
+        foreign.seller = Id::new("q").unwrap();
+        assert!(
+            !in_use(vec![foreign]),
+            "another seller's peering is another peering"
+        );
     }
 }

@@ -14,6 +14,10 @@
 //! and the plans are unit-tested without a cluster. Which Liqo objects and commands are used,
 //! and why, is in `docs/fabric.md`.
 
+pub mod doctor;
+pub mod enforce;
+pub mod liqo;
+
 use crate::model::{Contract, Id, Intent};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -38,10 +42,15 @@ pub struct FabricConfig {
     pub liqoctl: PathBuf,
     /// Longest any single command may run.
     pub command_timeout: Duration,
-    /// Longest wait for a virtual node to become ready.
+    /// `liqoctl peer`/`unpeer --timeout`, and the longest wait for a virtual node.
     pub peering_timeout: Duration,
     /// This cluster's Liqo cluster id; asked from `liqoctl info` when absent.
     pub cluster_id: Option<Id>,
+    /// How often a provider checks the consumers' ResourceSlices against its contracts.
+    pub enforce_every: Duration,
+    /// `liqoctl peer --gw-server-service-type`: the Service type of the gateway server,
+    /// which runs on the provider (LoadBalancer needs k3s ServiceLB; else NodePort).
+    pub gateway_service_type: String,
 }
 
 impl Default for FabricConfig {
@@ -54,6 +63,8 @@ impl Default for FabricConfig {
             command_timeout: Duration::from_secs(30),
             peering_timeout: Duration::from_secs(120),
             cluster_id: None,
+            enforce_every: Duration::from_secs(10),
+            gateway_service_type: liqo::GATEWAY_SERVICE_TYPE_DEFAULT.into(),
         }
     }
 }
@@ -79,6 +90,14 @@ pub enum FabricError {
         what: String,
         command: String,
         secs: u64,
+    },
+    #[error("{what}: `{command}` did not print {want} within {secs} s (last: {last})")]
+    NotReady {
+        what: String,
+        command: String,
+        want: String,
+        secs: u64,
+        last: String,
     },
     #[error("{what}: {err}")]
     Io { what: String, err: std::io::Error },
@@ -115,9 +134,42 @@ pub struct Command {
     pub stdin: Option<String>,
     /// What the dry run reports as the command's output.
     pub dry_output: String,
-    /// Longer than the command timeout, for waits.
+    /// Longer than the command timeout, for commands that wait themselves.
     pub timeout: Option<Duration>,
+    /// Run again until it succeeds and prints [`Poll::want`], for at most [`Poll::within`].
+    pub poll: Option<Poll>,
 }
+
+/// How a command is polled: a condition that is not met yet (an object that does not exist
+/// yet, a node not Ready yet) is asked again rather than failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Poll {
+    /// The standard output (trimmed) that ends the wait.
+    pub want: String,
+    /// The longest the whole wait may take.
+    pub within: Duration,
+    /// The pause between two runs.
+    pub every: Duration,
+}
+
+/// How much longer than its own `--timeout` a tool that waits (`liqoctl peer`, `unpeer`) may
+/// run before it is killed: time to report its own timeout and clean up.
+pub const PROCESS_SLACK: Duration = Duration::from_secs(10);
+
+/// A `liqoctl` command that waits itself: `--timeout` from the config (Liqo's defaults are
+/// 10 min for `peer`, 120 s for `unpeer`), and the process a little more.
+fn waiting(what: &str, args: &[&str], timeout: Duration) -> Action {
+    let flag = format!("--timeout={}s", timeout.as_secs());
+    let mut args = args.to_vec();
+    args.push(&flag);
+    Action::Run(Command {
+        timeout: Some(timeout + PROCESS_SLACK),
+        ..command(what, Tool::Liqoctl, &args)
+    })
+}
+
+/// Pause between two polls of a condition.
+pub const POLL_EVERY: Duration = Duration::from_millis(500);
 
 fn command(what: &str, tool: Tool, args: &[&str]) -> Command {
     Command {
@@ -127,6 +179,7 @@ fn command(what: &str, tool: Tool, args: &[&str]) -> Command {
         stdin: None,
         dry_output: String::new(),
         timeout: None,
+        poll: None,
     }
 }
 
@@ -167,10 +220,13 @@ pub fn virtual_node_name(contract: &Id) -> String {
     k8s_name("fluidos-", contract.as_str())
 }
 
-/// The tenant namespace Liqo uses on the consumer for a provider cluster.
-pub fn tenant_namespace(provider_cluster: &Id) -> String {
-    k8s_name("liqo-tenant-", provider_cluster.as_str())
+/// The tenant namespace Liqo uses on one cluster for the other cluster of a peering.
+pub fn tenant_namespace(cluster: &Id) -> String {
+    liqo::tenant_namespace(cluster)
 }
+
+/// The label fluidlet adds to the objects of a contract.
+pub const CONTRACT_LABEL: &str = "fluidos.eu/contract";
 
 /// Quantities as Kubernetes writes them.
 fn cpu_quantity(millicores: u64) -> String {
@@ -209,64 +265,90 @@ pub fn plan_establish(
     provider_cluster: &Id,
     identity: Option<&Path>,
     ready_timeout: Duration,
+    gateway_service_type: &str,
 ) -> Vec<Action> {
     let mut plan = Vec::new();
     if let Some(path) = identity {
         let path = path.to_string_lossy();
-        plan.push(run(
+        plan.push(waiting(
             "peer with the provider (network and authentication, no resources yet)",
-            Tool::Liqoctl,
             &[
                 "peer",
                 "--remote-kubeconfig",
                 &path,
                 "--create-resource-slice=false",
+                "--gw-server-service-type",
+                gateway_service_type,
             ],
+            ready_timeout,
         ));
     }
     let name = virtual_node_name(&contract.id);
-    let ns = tenant_namespace(provider_cluster);
-    let r = &contract.resources;
-    let slice = format!(
-        "apiVersion: authentication.liqo.io/v1beta1
-kind: ResourceSlice
-metadata:
-  name: {name}
-  namespace: {ns}
-  annotations:
-    liqo.io/create-virtual-node: \"true\"
-  labels:
-    liqo.io/remote-cluster-id: {provider_cluster}
-    liqo.io/remoteID: {provider_cluster}
-    fluidos.eu/contract: {contract_label}
-spec:
-  class: default
-  providerClusterID: {provider_cluster}
-  resources:
-    cpu: {cpu}
-    memory: \"{memory}\"
-    pods: \"{pods}\"
-",
-        contract_label = k8s_name("", contract.id.as_str()),
-        cpu = cpu_quantity(r.cpu),
-        memory = r.memory,
-        pods = r.pods,
-    );
+    let slice = resource_slice(contract, provider_cluster);
     plan.push(apply(
         "ask for the contract's resources (ResourceSlice)",
         slice,
     ));
-    let wait = format!("--timeout={}s", ready_timeout.as_secs());
+    // Liqo makes the node only once the provider accepted the slice, seconds later; `kubectl
+    // wait` fails at once on an object that does not exist yet, so poll `get` for existence
+    // and readiness together, within the peering timeout.
     let node = format!("node/{name}");
     plan.push(Action::Run(Command {
-        timeout: Some(ready_timeout + Duration::from_secs(5)),
+        poll: Some(Poll {
+            want: "True".into(),
+            within: ready_timeout,
+            every: POLL_EVERY,
+        }),
+        dry_output: "True".into(),
         ..command(
-            "wait for the virtual node",
+            "wait for the virtual node to exist and be Ready",
             Tool::Kubectl,
-            &["wait", "--for=condition=Ready", &node, &wait],
+            &["get", &node, "-o", NODE_READY_JSONPATH],
         )
     }));
     plan
+}
+
+/// Prints a node's Ready condition status (`True` when ready).
+pub const NODE_READY_JSONPATH: &str = "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
+
+/// The ResourceSlice that asks `provider_cluster` for exactly the contract's resources, with
+/// a virtual node named after the contract, as JSON (what `kubectl apply -f -` reads).
+///
+/// The labels are those Liqo's own `liqoctl create resourceslice` sets: without
+/// `liqo.io/replication: "true"` and `liqo.io/remoteID` no Liqo controller ever selects the
+/// slice (see `tests/liqo/v1.0.3.toml`).
+pub fn resource_slice(contract: &Contract, provider_cluster: &Id) -> String {
+    let r = &contract.resources;
+    let p = provider_cluster.as_str();
+    let slice = serde_json::json!({
+        "apiVersion": liqo::RESOURCE_SLICE_API_VERSION,
+        "kind": liqo::RESOURCE_SLICE_KIND,
+        "metadata": {
+            "name": virtual_node_name(&contract.id),
+            "namespace": tenant_namespace(provider_cluster),
+            "annotations": { liqo::ANNOTATION_CREATE_VIRTUAL_NODE: "true" },
+            "labels": {
+                liqo::LABEL_REPLICATION: "true",
+                liqo::LABEL_REPLICATION_DESTINATION: p,
+                liqo::LABEL_REMOTE_CLUSTER_ID: p,
+                CONTRACT_LABEL: k8s_name("", contract.id.as_str()),
+            },
+        },
+        "spec": {
+            "class": liqo::DEFAULT_CLASS,
+            "providerClusterID": p,
+            "resources": {
+                "cpu": cpu_quantity(r.cpu),
+                "memory": r.memory.to_string(),
+                "pods": r.pods.to_string(),
+                "ephemeral-storage": r.storage.to_string(),
+            },
+        },
+    });
+    let mut text = serde_json::to_string_pretty(&slice).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 /// Step 31: the workload in its namespace, pinned to the virtual node when there is one
@@ -306,7 +388,10 @@ pub fn plan_deploy(intent: &Intent, virtual_node: Option<&str>, dir: &Path) -> V
         ] {
             let _ = write!(
                 kustomization,
-                "- target:\n    kind: {kind}\n  patch: |-\n    - op: add\n      path: {spec}/nodeSelector\n      value:\n        kubernetes.io/hostname: {node}\n    - op: add\n      path: {spec}/tolerations\n      value:\n      - key: virtual-node.liqo.io/not-allowed\n        operator: Exists\n        effect: NoExecute\n"
+                "- target:\n    kind: {kind}\n  patch: |-\n    - op: add\n      path: {spec}/nodeSelector\n      value:\n        {host}: {node}\n    - op: add\n      path: {spec}/tolerations\n      value:\n      - key: {taint}\n        operator: Exists\n        effect: {effect}\n",
+                host = liqo::HOSTNAME_LABEL,
+                taint = liqo::VIRTUAL_NODE_TAINT,
+                effect = liqo::VIRTUAL_NODE_TAINT_EFFECT,
             );
         }
     }
@@ -332,12 +417,13 @@ pub fn plan_deploy(intent: &Intent, virtual_node: Option<&str>, dir: &Path) -> V
 }
 
 /// Consumer teardown: the contract's ResourceSlice (its virtual node goes with it), and the
-/// whole peering when no other live contract uses it.
+/// whole peering when no other live contract uses it (`liqoctl unpeer` gets `timeout`).
 pub fn plan_teardown_consumer(
     contract: &Contract,
     provider_cluster: &Id,
     identity: Option<&Path>,
     last: bool,
+    timeout: Duration,
 ) -> Vec<Action> {
     let name = virtual_node_name(&contract.id);
     let ns = tenant_namespace(provider_cluster);
@@ -346,7 +432,7 @@ pub fn plan_teardown_consumer(
         Tool::Kubectl,
         &[
             "delete",
-            "resourceslice",
+            liqo::RESOURCE_SLICES,
             &name,
             "-n",
             &ns,
@@ -355,10 +441,10 @@ pub fn plan_teardown_consumer(
     )];
     if let (true, Some(path)) = (last, identity) {
         let path = path.to_string_lossy();
-        plan.push(run(
+        plan.push(waiting(
             "unpeer from the provider",
-            Tool::Liqoctl,
             &["unpeer", "--remote-kubeconfig", &path, "--skip-confirm"],
+            timeout,
         ));
     }
     plan
@@ -379,6 +465,30 @@ pub fn plan_teardown_provider(consumer_cluster: &Id, last: bool) -> Vec<Action> 
             consumer_cluster.as_str(),
         ],
     )]
+}
+
+/// Whether a peer's Liqo version (from its PEER_REQUEST or PEER_ACCEPT) allows a peering
+/// with this cluster's: the same major.minor, as Liqo requires. An older fluidlet sends no
+/// version and is let through. `Err` is the text of the PEERING_FAILED refusal.
+pub fn check_liqo_version(mine: &str, theirs: Option<&str>) -> Result<(), String> {
+    match theirs {
+        Some(theirs) => liqo::same_minor(mine, theirs),
+        None => Ok(()),
+    }
+}
+
+/// The consumer's check of a PEER_ACCEPT before anything runs: a provider cluster id that
+/// Liqo accepts (it names the tenant namespace and the slice's labels), and a compatible
+/// Liqo version.
+pub fn check_accept(grant: &crate::wire::PeerAccept, mine: &str) -> Result<(), String> {
+    if !liqo::valid_cluster_id(grant.cluster_id.as_str()) {
+        return Err(format!(
+            "provider cluster id {:?} is not one Liqo accepts (lower-case letters, digits and \
+             '-', at most 63)",
+            grant.cluster_id.as_str()
+        ));
+    }
+    check_liqo_version(mine, grant.liqo_version.as_ref().map(|v| v.as_str()))
 }
 
 /// Executes plans with the configured backend.
@@ -405,6 +515,22 @@ impl Fabric {
 
     pub fn ready_timeout(&self) -> Duration {
         self.cfg.peering_timeout
+    }
+
+    /// [`plan_establish`] with this fabric's timeout and gateway service type.
+    pub fn plan_establish(
+        &self,
+        contract: &Contract,
+        provider_cluster: &Id,
+        identity: Option<&Path>,
+    ) -> Vec<Action> {
+        plan_establish(
+            contract,
+            provider_cluster,
+            identity,
+            self.cfg.peering_timeout,
+            &self.cfg.gateway_service_type,
+        )
     }
 
     /// The working directory of one contract or intent.
@@ -440,6 +566,21 @@ impl Fabric {
                 out.trim()
             ))
         })
+    }
+
+    /// This cluster's Liqo version, as `liqoctl info` reports it (the dry run reports the
+    /// version fluidlet is pinned to).
+    pub async fn liqo_version(&self) -> Result<String, FabricError> {
+        let a = Action::Run(Command {
+            dry_output: liqo::PINNED.into(),
+            ..command(
+                "read this cluster's Liqo version",
+                Tool::Liqoctl,
+                &["info", "--get", liqo::INFO_VERSION],
+            )
+        });
+        let out = self.execute("liqo-version", &[a]).await?;
+        Ok(out.trim().to_owned())
     }
 
     /// Runs a plan; returns the standard output of its last command.
@@ -550,10 +691,40 @@ impl Fabric {
         Ok(c.dry_output.clone())
     }
 
-    /// The real thing: runs the command, with a timeout, killing it if it hangs.
+    /// The real thing: runs the command (polling it when it has a [`Poll`]).
     async fn perform(&self, c: &Command) -> Result<String, FabricError> {
+        let Some(poll) = &c.poll else {
+            return self
+                .perform_once(c, c.timeout.unwrap_or(self.cfg.command_timeout))
+                .await;
+        };
+        let deadline = tokio::time::Instant::now() + poll.within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let last = match self
+                .perform_once(c, left.min(self.cfg.command_timeout))
+                .await
+            {
+                Ok(out) if out.trim() == poll.want => return Ok(out),
+                Ok(out) => format!("printed {:?}", out.trim()),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() + poll.every >= deadline {
+                return Err(FabricError::NotReady {
+                    what: c.what.clone(),
+                    command: self.command_line(c.tool, &c.args),
+                    want: poll.want.clone(),
+                    secs: poll.within.as_secs(),
+                    last: tail(&last, 200),
+                });
+            }
+            tokio::time::sleep(poll.every).await;
+        }
+    }
+
+    /// Runs the command once, with a timeout, killing it if it hangs.
+    async fn perform_once(&self, c: &Command, timeout: Duration) -> Result<String, FabricError> {
         let (what, tool, args, stdin) = (&c.what, c.tool, &c.args, &c.stdin);
-        let timeout = c.timeout.unwrap_or(self.cfg.command_timeout);
         let program = self.program(tool);
         let command = self.command_line(tool, args);
         info!(%what, %command, "running");
@@ -592,25 +763,22 @@ impl Fabric {
             }
         };
         if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: String = stderr
-                .trim()
-                .chars()
-                .rev()
-                .take(400)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
             return Err(FabricError::Failed {
                 what: what.clone(),
                 command,
                 status: out.status.to_string(),
-                stderr: tail,
+                stderr: tail(&String::from_utf8_lossy(&out.stderr), 400),
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// The last `n` characters of `text`, trimmed.
+fn tail(text: &str, n: usize) -> String {
+    let t = text.trim();
+    let skip = t.chars().count().saturating_sub(n);
+    t.chars().skip(skip).collect()
 }
 
 #[cfg(test)]
@@ -654,6 +822,7 @@ mod tests {
             &Id::new("prov-cluster").unwrap(),
             Some(Path::new("/d/id.kubeconfig")),
             Duration::from_secs(60),
+            "NodePort",
         );
         assert_eq!(plan.len(), 3);
         match &plan[0] {
@@ -667,23 +836,73 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let slice = stdin_of(&plan[1]);
-        assert!(slice.contains("kind: ResourceSlice"));
-        assert!(slice.contains("namespace: liqo-tenant-prov-cluster"));
-        assert!(slice.contains("name: fluidos-prov-c7"));
-        assert!(slice.contains("providerClusterID: prov-cluster"));
-        assert!(slice.contains("cpu: 1500m"));
-        assert!(slice.contains(&format!("memory: \"{}\"", 2u64 << 30)));
-        assert!(slice.contains("pods: \"3\""));
-        assert!(slice.contains("liqo.io/create-virtual-node: \"true\""));
+        let slice: serde_json::Value = serde_json::from_str(stdin_of(&plan[1])).unwrap();
+        assert_eq!(slice["kind"], "ResourceSlice");
+        assert_eq!(slice["apiVersion"], "authentication.liqo.io/v1beta1");
+        let meta = &slice["metadata"];
+        assert_eq!(meta["namespace"], "liqo-tenant-prov-cluster");
+        assert_eq!(meta["name"], "fluidos-prov-c7");
+        assert_eq!(meta["annotations"]["liqo.io/create-virtual-node"], "true");
+        assert_eq!(meta["labels"]["liqo.io/replication"], "true");
+        assert_eq!(meta["labels"]["liqo.io/remoteID"], "prov-cluster");
+        assert_eq!(meta["labels"]["liqo.io/remote-cluster-id"], "prov-cluster");
+        assert_eq!(slice["spec"]["providerClusterID"], "prov-cluster");
+        let res = &slice["spec"]["resources"];
+        assert_eq!(res["cpu"], "1500m");
+        assert_eq!(res["memory"], (2u64 << 30).to_string());
+        assert_eq!(res["pods"], "3");
+        assert_eq!(res["ephemeral-storage"], "0", "none sold: none asked");
         match &plan[2] {
-            Action::Run(Command { args, timeout, .. }) => {
-                assert_eq!(args[2], "node/fluidos-prov-c7");
-                assert_eq!(args[3], "--timeout=60s");
-                assert_eq!(*timeout, Some(Duration::from_secs(65)));
+            Action::Run(Command { args, poll, .. }) => {
+                assert_eq!(args[..2], ["get", "node/fluidos-prov-c7"]);
+                assert_eq!(args[3], NODE_READY_JSONPATH);
+                let poll = poll.as_ref().expect("polled, not a one-shot kubectl wait");
+                assert_eq!(poll.want, "True");
+                assert_eq!(poll.within, Duration::from_secs(60));
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// liqoctl peer waits up to 10 min by default, unpeer 120 s: both get an explicit
+    /// --timeout from the config, and the process a little longer before it is killed.
+    #[test]
+    fn liqoctl_peer_gets_an_explicit_timeout_and_the_process_a_little_more() {
+        let t = Duration::from_secs(90);
+        let plan = plan_establish(
+            &build_contract(),
+            &Id::new("p").unwrap(),
+            Some(Path::new("/d/id")),
+            t,
+            "NodePort",
+        );
+        match &plan[0] {
+            Action::Run(Command { args, timeout, .. }) => {
+                assert_eq!(args[0], "peer");
+                assert!(args.contains(&"--timeout=90s".to_string()), "{args:?}");
+                assert_eq!(*timeout, Some(t + PROCESS_SLACK));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_peer_accept_is_checked_before_anything_runs() {
+        let grant = |cluster: &str, version: Option<&str>| crate::wire::PeerAccept {
+            contract: Id::new("p.c1").unwrap(),
+            cluster_id: Id::new(cluster).unwrap(),
+            identity: None,
+            liqo_version: version.and_then(|v| crate::model::Text::new(v).ok()),
+        };
+        assert!(check_accept(&grant("prov-1", Some("v1.0.0")), "v1.0.3").is_ok());
+        assert!(
+            check_accept(&grant("prov-1", None), "v1.0.3").is_ok(),
+            "older sender"
+        );
+        let e = check_accept(&grant("prov-1", Some("v1.2.0")), "v1.0.3").unwrap_err();
+        assert!(e.contains("Liqo version mismatch"), "{e}");
+        let e = check_accept(&grant("Prov_1", None), "v1.0.3").unwrap_err();
+        assert!(e.contains("Prov_1"), "{e}");
     }
 
     #[test]
@@ -693,6 +912,7 @@ mod tests {
             &Id::new("p").unwrap(),
             None,
             Duration::from_secs(1),
+            "NodePort",
         );
         assert_eq!(plan.len(), 2);
         assert!(plan_grant(&Id::new("c").unwrap(), true).is_empty());
@@ -742,8 +962,18 @@ mod tests {
         let c = build_contract();
         let p = Id::new("p").unwrap();
         let id = Path::new("/d/id");
-        assert_eq!(plan_teardown_consumer(&c, &p, Some(id), false).len(), 1);
-        assert_eq!(plan_teardown_consumer(&c, &p, Some(id), true).len(), 2);
+        let t = Duration::from_secs(30);
+        assert_eq!(plan_teardown_consumer(&c, &p, Some(id), false, t).len(), 1);
+        let plan = plan_teardown_consumer(&c, &p, Some(id), true, t);
+        assert_eq!(plan.len(), 2);
+        match &plan[1] {
+            Action::Run(Command { args, timeout, .. }) => {
+                assert_eq!(args[0], "unpeer");
+                assert!(args.contains(&"--timeout=30s".to_string()), "{args:?}");
+                assert_eq!(*timeout, Some(t + PROCESS_SLACK));
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(plan_teardown_provider(&p, false).is_empty());
         assert_eq!(plan_teardown_provider(&p, true).len(), 1);
     }

@@ -4,7 +4,8 @@
 //!
 //! [`Agent::start`] is the one place that starts the node's tasks: the broker session
 //! ([`crate::broker::Session::run`]), the node task ([`serve`]), the resumption of purchases
-//! left in flight, the expiry sweeper, the control socket (`control::serve`) and one
+//! left in flight, the expiry sweeper, the control socket (`control::serve`), the provider's
+//! contract enforcement in Liqo (`fabric::enforce::run`) and one
 //! task per intent a previous run left unfinished (`orchestrator::resume`).
 //!
 //! The node task handles inbound messages one at a time. Handling them one at a time is deliberate:
@@ -100,7 +101,8 @@ impl Agent {
         let sweeper = tokio::spawn(sweep_lapsed(shared.clone(), stop_rx.clone()));
         let listener = control::bind(&shared.cfg.control_socket)?;
         let control = tokio::spawn(control::serve(shared.clone(), listener, stop_rx.clone()));
-        let mut tasks = vec![resumer, sweeper, control];
+        let enforcer = tokio::spawn(crate::fabric::enforce::run(shared.clone(), stop_rx.clone()));
+        let mut tasks = vec![resumer, sweeper, control, enforcer];
         for intent in orchestrator::unfinished(&shared)? {
             let run = orchestrator::resume(shared.clone(), intent, stop_rx.clone());
             tasks.push(tokio::spawn(run));

@@ -202,6 +202,14 @@ impl Shared {
     }
 
     /// Publishes the current flavours as this node's retained catalog entry.
+    /// [`crate::contracts::peering_in_use`] on this node's tables: the one rule, both sides.
+    pub(crate) fn peering_in_use(&self, c: &crate::model::Contract) -> bool {
+        let all = self.tables.contracts().unwrap_or_default();
+        crate::contracts::peering_in_use(c, &all, |id| {
+            matches!(self.tables.peer_grant(id), Ok(Some(_)))
+        })
+    }
+
     pub(crate) async fn publish_advert(&self) -> Result<(), AgentError> {
         let own = self.tables.flavours()?;
         let flavours: Vec<_> = own.into_iter().map(|o| o.flavour).collect();

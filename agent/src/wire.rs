@@ -41,6 +41,8 @@ pub const MAX_IDENTITY: usize = 12 * 1024;
 pub const MAX_PACKET: usize = 64 * 1024;
 /// Longest error text.
 pub const MAX_ERROR_TEXT: usize = 256;
+/// Longest Liqo version in PEER_REQUEST / PEER_ACCEPT (`v1.0.3`, or a commit id).
+pub const MAX_LIQO_VERSION: usize = 64;
 
 /// Message kinds (envelope key 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +186,10 @@ pub struct PeerRequest {
     /// The consumer's Liqo cluster id.
     #[n(1)]
     pub cluster_id: Id,
+    /// The consumer's Liqo version (`liqoctl info --get local.version`); absent from older
+    /// senders.
+    #[n(2)]
+    pub liqo_version: Option<Text<MAX_LIQO_VERSION>>,
 }
 
 /// PEER_ACCEPT body: the seller's answer (step 26, Liqo's "ResourceOffer").
@@ -199,6 +205,9 @@ pub struct PeerAccept {
     /// the consumer already peers with this provider and reuses that peering.
     #[n(2)]
     pub identity: Option<crate::model::LongText<MAX_IDENTITY>>,
+    /// The provider's Liqo version; absent from older senders.
+    #[n(3)]
+    pub liqo_version: Option<Text<MAX_LIQO_VERSION>>,
 }
 
 /// RELEASE and RELEASED body.
@@ -813,6 +822,7 @@ pub fn examples() -> Vec<(&'static str, Message)> {
                 Body::PeerRequest(PeerRequest {
                     contract: id("provider-1.c9"),
                     cluster_id: id("gw-consumer-cluster"),
+                    liqo_version: None,
                 }),
             ),
         ),
@@ -826,6 +836,7 @@ pub fn examples() -> Vec<(&'static str, Message)> {
                     contract: id("provider-1.c9"),
                     cluster_id: id("gw-provider-cluster"),
                     identity: crate::model::LongText::new("apiVersion: v1\nkind: Config\n").ok(),
+                    liqo_version: None,
                 }),
             ),
         ),
@@ -1022,6 +1033,38 @@ mod tests {
             minicbor::decode::<ErrorBody>(&[0xa2, 0x00, 0x05, 0x01, 0x7f, 0x61, b'x', 0xff])
                 .is_err()
         );
+    }
+
+    /// The Liqo version is a new optional key: bodies from older senders (without it) still
+    /// decode, and a body with it round-trips.
+    #[test]
+    fn peer_bodies_without_the_liqo_version_still_decode() {
+        let old = PeerRequest {
+            contract: Id::new("p.c1").unwrap(),
+            cluster_id: Id::new("c").unwrap(),
+            liqo_version: None,
+        };
+        let bytes = minicbor::to_vec(&old).unwrap();
+        assert_eq!(bytes[0], 0xa2, "two keys, as before the version existed");
+        let new = PeerRequest {
+            liqo_version: Text::new("v1.0.3").ok(),
+            ..old.clone()
+        };
+        let back: PeerRequest = minicbor::decode(&minicbor::to_vec(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+        let accept = PeerAccept {
+            contract: Id::new("p.c1").unwrap(),
+            cluster_id: Id::new("p").unwrap(),
+            identity: None,
+            liqo_version: None,
+        };
+        assert_eq!(minicbor::to_vec(&accept).unwrap()[0], 0xa2);
+        let too_long = format!("{:0<1$}", "v", MAX_LIQO_VERSION + 1);
+        let mut bad = minicbor::to_vec(&old).unwrap();
+        bad[0] = 0xa3;
+        minicbor::encode(2u8, &mut bad).unwrap();
+        minicbor::encode(too_long.as_str(), &mut bad).unwrap();
+        assert!(minicbor::decode::<PeerRequest>(&bad).is_err());
     }
 
     #[test]

@@ -159,11 +159,14 @@ fn body() -> impl Strategy<Value = Body> {
     let error =
         (any::<u16>(), text::<MAX_ERROR_TEXT>()).prop_map(|(code, text)| ErrorBody { code, text });
     let identity = of("[ -~\n]{0,300}".prop_filter_map("fits", |s| LongText::new(&s).ok()));
-    let accept = (id(), id(), identity).prop_map(|(contract, cluster_id, identity)| PeerAccept {
-        contract,
-        cluster_id,
-        identity,
-    });
+    let accept = (id(), id(), identity, of(text::<MAX_LIQO_VERSION>())).prop_map(
+        |(contract, cluster_id, identity, liqo_version)| PeerAccept {
+            contract,
+            cluster_id,
+            identity,
+            liqo_version,
+        },
+    );
     prop_oneof![
         selector().prop_map(|selector| Body::ListFlavours(ListFlavours { selector })),
         flavours().prop_map(Body::Flavours),
@@ -171,10 +174,13 @@ fn body() -> impl Strategy<Value = Body> {
         contract().prop_map(|c| Body::Reserved(Box::new(c))),
         error.prop_map(Body::Error),
         flavours().prop_map(Body::Advert),
-        (id(), id()).prop_map(|(contract, cluster_id)| Body::PeerRequest(PeerRequest {
-            contract,
-            cluster_id
-        })),
+        (id(), id(), of(text::<MAX_LIQO_VERSION>())).prop_map(
+            |(contract, cluster_id, liqo_version)| Body::PeerRequest(PeerRequest {
+                contract,
+                cluster_id,
+                liqo_version,
+            })
+        ),
         accept.prop_map(Body::PeerAccept),
         id().prop_map(|contract| Body::Release(ContractRef { contract })),
         id().prop_map(|contract| Body::Released(ContractRef { contract })),

@@ -80,10 +80,10 @@ async fn intent_goes_through_all_31_steps_and_the_workload_is_placed(port: u16) 
     let files = files_under(&dir.path().join("cons").join("fabric"));
     let slice = files
         .iter()
-        .find(|(_, t)| t.contains("kind: ResourceSlice"))
+        .find(|(_, t)| t.contains("\"kind\": \"ResourceSlice\""))
         .expect("a ResourceSlice");
-    assert!(slice.1.contains("cpu: 1000m"), "{}", slice.1);
-    assert!(slice.1.contains(&format!("name: {node}")));
+    assert!(slice.1.contains("\"cpu\": \"1000m\""), "{}", slice.1);
+    assert!(slice.1.contains(&format!("\"name\": \"{node}\"")));
     let kust = files
         .iter()
         .find(|(p, _)| p.ends_with("kustomization.yaml"))
@@ -262,7 +262,8 @@ async fn release_restores_capacity_and_tears_the_peering_down(port: u16) {
     );
     let cons = files_under(&dir.path().join("cons").join("fabric"));
     assert!(
-        cons.iter().any(|(_, t)| t.contains("delete resourceslice")),
+        cons.iter()
+            .any(|(_, t)| t.contains("delete resourceslices.authentication.liqo.io ")),
         "ResourceSlice removed"
     );
     assert!(
@@ -292,6 +293,7 @@ async fn peering_without_a_matching_contract_is_refused(port: u16) {
         let body = Body::PeerRequest(PeerRequest {
             contract: Id::new(id).unwrap(),
             cluster_id: Id::new("rogue-cluster").unwrap(),
+            liqo_version: None,
         });
         r.send("prov", body).await;
         let m = r.recv().await;

@@ -24,8 +24,19 @@ enum Cmd {
     Intent(IntentCmd),
     Status(StatusCmd),
     Contract(ContractCmd),
+    Doctor(DoctorCmd),
     #[cfg(feature = "demo")]
     Demo(DemoCmd),
+}
+
+/// Check what the liqo fabric backend needs on this gateway (kubectl, liqoctl, kubeconfig,
+/// Liqo, API server address, gateway service) and say what to fix; exits 1 on a problem.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "doctor")]
+struct DoctorCmd {
+    /// path of the TOML config
+    #[argh(option, short = 'c', default = "default_config()")]
+    config: PathBuf,
 }
 
 /// Run the agent: serve this node's offers and keep its tables, until SIGINT or SIGTERM.
@@ -207,6 +218,7 @@ fn main() -> ExitCode {
         Cmd::Contract(ContractCmd {
             cmd: ContractSub::Release(c),
         }) => rt.block_on(cli::release(&c.id, &c.config, c.socket.as_deref(), out)),
+        Cmd::Doctor(c) => cli::doctor(&c.config, &rt, out),
         #[cfg(feature = "demo")]
         Cmd::Demo(_) => cli::demo(&rt).map_err(Into::into),
     };

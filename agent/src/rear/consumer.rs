@@ -417,9 +417,11 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
         ),
     );
     let cluster_id = shared.fabric.cluster_id().await?;
+    let version = shared.fabric.liqo_version().await?;
     let request = Body::PeerRequest(PeerRequest {
         contract: contract.id.clone(),
         cluster_id: cluster_id.clone(),
+        liqo_version: crate::model::Text::new(&version).ok(),
     });
     shared.step(
         22,
@@ -448,6 +450,13 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
             grant.cluster_id
         ),
     );
+    if let Err(text) = crate::fabric::check_accept(&grant, &version) {
+        return Err(RearError::Refused {
+            provider: seller.to_string(),
+            code: Some(crate::wire::ErrorCode::PeeringFailed),
+            text,
+        });
+    }
     // Kept (without the identity, which goes to an owner-only file) for the teardown.
     shared.tables.put_peer_grant(&crate::wire::PeerAccept {
         identity: None,
@@ -467,12 +476,9 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
         }
         None => None,
     };
-    let plan = crate::fabric::plan_establish(
-        contract,
-        &grant.cluster_id,
-        identity.as_deref(),
-        shared.fabric.ready_timeout(),
-    );
+    let plan = shared
+        .fabric
+        .plan_establish(contract, &grant.cluster_id, identity.as_deref());
     let mut pause = PEERING_BACKOFF;
     let mut attempt = 1;
     loop {
@@ -480,8 +486,13 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
             Ok(_) => break,
             Err(e) if attempt < PEERING_ATTEMPTS => {
                 warn!(contract = %contract.id, attempt, error = %e, "peering failed; rolling back and retrying");
-                let undo =
-                    crate::fabric::plan_teardown_consumer(contract, &grant.cluster_id, None, false);
+                let undo = crate::fabric::plan_teardown_consumer(
+                    contract,
+                    &grant.cluster_id,
+                    None,
+                    false,
+                    shared.fabric.ready_timeout(),
+                );
                 if let Err(e) = shared.fabric.execute(contract.id.as_str(), &undo).await {
                     warn!(contract = %contract.id, error = %e, "rollback failed");
                 }
@@ -552,19 +563,15 @@ pub(crate) async fn teardown_bought(shared: &Shared, c: &Contract) {
     let Ok(Some(grant)) = shared.tables.peer_grant(&c.id) else {
         return;
     };
-    let others = shared
-        .tables
-        .contracts()
-        .unwrap_or_default()
-        .into_iter()
-        .any(|o| {
-            o.id != c.id
-                && o.seller == c.seller
-                && matches!(o.state, ContractState::Reserved | ContractState::Active)
-        });
+    let others = shared.peering_in_use(c);
     let identity = shared.fabric.identity_path(&grant.cluster_id);
-    let plan =
-        crate::fabric::plan_teardown_consumer(c, &grant.cluster_id, Some(&identity), !others);
+    let plan = crate::fabric::plan_teardown_consumer(
+        c,
+        &grant.cluster_id,
+        Some(&identity),
+        !others,
+        shared.fabric.ready_timeout(),
+    );
     if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
         warn!(contract = %c.id, error = %e, "peering teardown failed");
     }

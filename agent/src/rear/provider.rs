@@ -261,12 +261,11 @@ async fn grant_peering(
     req: &PeerRequest,
 ) -> Result<PeerAccept, (ErrorCode, String)> {
     let failed = |e: &dyn std::fmt::Display| (ErrorCode::PeeringFailed, e.to_string());
-    let reuse = shared
-        .tables
-        .contracts()
-        .unwrap_or_default()
-        .iter()
-        .any(|o| o.id != c.id && o.buyer == c.buyer && o.state == ContractState::Active);
+    let version = shared.fabric.liqo_version().await.map_err(|e| failed(&e))?;
+    let theirs = req.liqo_version.as_ref().map(|v| v.as_str());
+    crate::fabric::check_liqo_version(&version, theirs)
+        .map_err(|text| (ErrorCode::PeeringFailed, text))?;
+    let reuse = shared.peering_in_use(c);
     let plan = crate::fabric::plan_grant(&req.cluster_id, reuse);
     let out = shared
         .fabric
@@ -284,6 +283,7 @@ async fn grant_peering(
         contract: c.id.clone(),
         cluster_id: shared.fabric.cluster_id().await.map_err(|e| failed(&e))?,
         identity,
+        liqo_version: crate::model::Text::new(&version).ok(),
     };
     let storage = |e: TableError| {
         (
@@ -324,16 +324,7 @@ pub(crate) async fn on_release(shared: &Shared, from: &Id, id: u64, r: ContractR
             if let Err(e) = shared.publish_advert().await {
                 warn!(error = %e, "could not re-publish the advert");
             }
-            let others = shared
-                .tables
-                .contracts()
-                .unwrap_or_default()
-                .iter()
-                .any(|o| {
-                    o.id != c.id
-                        && o.buyer == c.buyer
-                        && matches!(o.state, ContractState::Reserved | ContractState::Active)
-                });
+            let others = shared.peering_in_use(&c);
             let consumer_cluster = shared.tables.peer_cluster(&c.id).ok().flatten();
             if let Some(cluster) = consumer_cluster {
                 let plan = crate::fabric::plan_teardown_provider(&cluster, !others);

@@ -1,0 +1,217 @@
+//! Liqo's names, in one place: every API group, kind, label, annotation, taint, namespace
+//! rule and `liqoctl` default the shim relies on.
+//!
+//! Each was read in Liqo's source at tag [`PINNED`] (the files are named in
+//! `tests/liqo/v1.0.3.toml`, which records the same facts as data); a unit test below and the
+//! conformance test in `tests/tests/liqo_fabric.rs` check these constants and every manifest
+//! the shim writes against that file. Nothing else in the crate spells a Liqo name.
+
+use crate::model::Id;
+use std::time::Duration;
+
+/// The Liqo release these names were checked against.
+pub const PINNED: &str = "v1.0.3";
+
+/// `apiVersion` of Liqo's ResourceSlice (group `authentication.liqo.io`, version `v1beta1`).
+pub const RESOURCE_SLICE_API_VERSION: &str = "authentication.liqo.io/v1beta1";
+pub const RESOURCE_SLICE_KIND: &str = "ResourceSlice";
+/// The fully qualified resource: the plural alone also names Kubernetes' own
+/// `resource.k8s.io` ResourceSlice (Dynamic Resource Allocation), which kubectl prefers.
+pub const RESOURCE_SLICES: &str = "resourceslices.authentication.liqo.io";
+/// The class Liqo's provider reconciles itself.
+pub const DEFAULT_CLASS: &str = "default";
+
+/// Asks Liqo's CRD replicator (and the consumer's slice controllers) to handle the object.
+pub const LABEL_REPLICATION: &str = "liqo.io/replication";
+/// Where the replicator sends the object (a cluster id).
+pub const LABEL_REPLICATION_DESTINATION: &str = "liqo.io/remoteID";
+/// The other cluster of a peering-scoped object.
+pub const LABEL_REMOTE_CLUSTER_ID: &str = "liqo.io/remote-cluster-id";
+/// On the provider's copy of a replicated object: `"true"`.
+pub const LABEL_REPLICATED: &str = "liqo.io/replicated";
+/// On the provider's copy of a replicated object: the consumer's cluster id.
+pub const LABEL_ORIGIN: &str = "liqo.io/originID";
+
+/// Asks for a virtual node for the slice.
+pub const ANNOTATION_CREATE_VIRTUAL_NODE: &str = "liqo.io/create-virtual-node";
+/// A cordoned slice: the consumer's Quota is cordoned, its new pods are refused.
+pub const ANNOTATION_CORDON: &str = "liqo.io/cordon";
+
+/// The taint of every virtual node (value `"true"`, effect [`VIRTUAL_NODE_TAINT_EFFECT`]).
+pub const VIRTUAL_NODE_TAINT: &str = "virtual-node.liqo.io/not-allowed";
+pub const VIRTUAL_NODE_TAINT_EFFECT: &str = "NoExecute";
+/// The node label that carries a virtual node's name.
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// Tenant namespaces are named `liqo-tenant-{cluster id}`.
+pub const TENANT_NAMESPACE_PREFIX: &str = "liqo-tenant-";
+
+/// `liqoctl peer --timeout` default (10 min) and `unpeer --timeout` default (120 s).
+pub const PEER_DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+pub const UNPEER_DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Gateway server Service types `liqoctl peer --gw-server-service-type` accepts; Liqo's
+/// default is LoadBalancer.
+pub const GATEWAY_SERVICE_TYPES: [&str; 3] = ["LoadBalancer", "NodePort", "ClusterIP"];
+pub const GATEWAY_SERVICE_TYPE_DEFAULT: &str = "LoadBalancer";
+
+/// `liqoctl info --get` queries.
+pub const INFO_CLUSTER_ID: &str = "clusterid";
+pub const INFO_VERSION: &str = "local.version";
+pub const INFO_API_SERVER: &str = "local.apiserveraddr";
+
+/// The tenant namespace Liqo creates on one cluster for the other cluster of a peering.
+pub fn tenant_namespace(cluster: &Id) -> String {
+    format!("{TENANT_NAMESPACE_PREFIX}{cluster}")
+}
+
+/// Whether `id` is a cluster id Liqo accepts in a ResourceSlice (`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`).
+pub fn valid_cluster_id(id: &str) -> bool {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !id.is_empty()
+        && id.len() <= 63
+        && id.chars().all(|c| ok(c) || c == '-')
+        && id.starts_with(ok)
+        && id.ends_with(ok)
+}
+
+/// `major.minor` of a Liqo version as `liqoctl info` prints it (`v1.0.3`, `1.1.2-rc.1`);
+/// `None` for anything else (a development build's commit).
+pub fn minor_of(version: &str) -> Option<(u32, u32)> {
+    let v = version.trim();
+    let v = v.strip_prefix('v').unwrap_or(v);
+    let mut parts = v.split(['.', '-', '+']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Liqo peers only clusters of the same major.minor version (docs/usage/peer.md). `Err`
+/// says why not; versions that are not releases must be equal.
+pub fn same_minor(mine: &str, theirs: &str) -> Result<(), String> {
+    let compatible = match (minor_of(mine), minor_of(theirs)) {
+        (Some(a), Some(b)) => a == b,
+        _ => mine.trim() == theirs.trim(),
+    };
+    if compatible {
+        Ok(())
+    } else {
+        Err(format!(
+            "Liqo version mismatch: this cluster runs {}, the other {}; Liqo peers only the same \
+             major.minor version",
+            mine.trim(),
+            theirs.trim()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_match_on_major_and_minor_only() {
+        assert!(same_minor("v1.0.3", "v1.0.0").is_ok());
+        assert!(same_minor("v1.0.3", "1.0.1-rc.2").is_ok());
+        let e = same_minor("v1.0.3", "v1.1.2").unwrap_err();
+        assert!(e.contains("v1.0.3") && e.contains("v1.1.2"), "{e}");
+        assert!(same_minor("v2.0.0", "v1.0.0").is_err());
+        assert!(same_minor("0123abcd", "0123abcd").is_ok());
+        assert!(same_minor("0123abcd", "v1.0.3").is_err());
+    }
+
+    #[test]
+    fn cluster_ids_follow_liqos_pattern() {
+        assert!(valid_cluster_id("gw-turin-01"));
+        for bad in ["", "-a", "a-", "Gw", "a_b", "a.b"] {
+            assert!(!valid_cluster_id(bad), "{bad}");
+        }
+    }
+
+    /// The constants above against the facts file: a change on either side fails here.
+    #[test]
+    fn names_are_the_pinned_facts() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/liqo/v1.0.3.toml");
+        let text = std::fs::read_to_string(file).unwrap();
+        let facts: toml::Table = toml::from_str(&text).unwrap();
+        let get = |path: &str| -> String {
+            let mut v = facts.get(path.split('.').next().unwrap()).unwrap();
+            for p in path.split('.').skip(1) {
+                v = v.get(p).unwrap_or_else(|| panic!("no {path} in {file}"));
+            }
+            match v {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            }
+        };
+        assert_eq!(get("liqo_tag"), PINNED);
+        assert_eq!(
+            format!(
+                "{}/{}",
+                get("resourceslice.group"),
+                get("resourceslice.version")
+            ),
+            RESOURCE_SLICE_API_VERSION
+        );
+        assert_eq!(get("resourceslice.kind"), RESOURCE_SLICE_KIND);
+        assert_eq!(get("resourceslice.qualified_resource"), RESOURCE_SLICES);
+        assert_eq!(
+            format!(
+                "{}.{}",
+                get("resourceslice.plural"),
+                get("resourceslice.group")
+            ),
+            RESOURCE_SLICES
+        );
+        assert_eq!(get("resourceslice.default_class"), DEFAULT_CLASS);
+        assert_eq!(get("labels.replication.key"), LABEL_REPLICATION);
+        assert_eq!(
+            get("labels.replication_destination.key"),
+            LABEL_REPLICATION_DESTINATION
+        );
+        assert_eq!(get("labels.remote_cluster_id.key"), LABEL_REMOTE_CLUSTER_ID);
+        assert_eq!(get("labels.replicated.key"), LABEL_REPLICATED);
+        assert_eq!(get("labels.origin.key"), LABEL_ORIGIN);
+        assert_eq!(
+            get("annotations.create_virtual_node.key"),
+            ANNOTATION_CREATE_VIRTUAL_NODE
+        );
+        assert_eq!(get("annotations.cordon.key"), ANNOTATION_CORDON);
+        assert_eq!(get("taints.virtual_node.key"), VIRTUAL_NODE_TAINT);
+        assert_eq!(get("taints.virtual_node.effect"), VIRTUAL_NODE_TAINT_EFFECT);
+        assert_eq!(get("virtual_node.hostname_label"), HOSTNAME_LABEL);
+        assert_eq!(get("tenant_namespace.prefix"), TENANT_NAMESPACE_PREFIX);
+        assert_eq!(
+            get("liqoctl.peer.timeout_default_secs"),
+            PEER_DEFAULT_TIMEOUT.as_secs().to_string()
+        );
+        assert_eq!(
+            get("liqoctl.unpeer.timeout_default_secs"),
+            UNPEER_DEFAULT_TIMEOUT.as_secs().to_string()
+        );
+        assert_eq!(
+            get("liqoctl.peer.gw_server_service_type_default"),
+            GATEWAY_SERVICE_TYPE_DEFAULT
+        );
+        assert_eq!(
+            get("liqoctl.peer.gw_server_service_types"),
+            toml::Value::Array(
+                GATEWAY_SERVICE_TYPES
+                    .iter()
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect()
+            )
+            .to_string()
+        );
+        assert_eq!(
+            get("liqoctl.info.queries"),
+            toml::Value::Array(
+                [INFO_CLUSTER_ID, INFO_VERSION, INFO_API_SERVER]
+                    .iter()
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect()
+            )
+            .to_string()
+        );
+    }
+}

@@ -25,6 +25,13 @@ if [ "${1:-}" = --cross ]; then
     command -v cross >/dev/null || { echo "cross is missing: cargo install --locked cross --version 0.2.5" >&2; exit 1; }
     cross/images.sh "$1" >&2
     export CROSS_CONFIG=cross/Cross.toml
+    # cross 0.2.5 looks for the toolchain in `rustup toolchain list` and does not recognise
+    # rustup 1.28's "(active, default)" mark (cross-rs/cross#1678), so it runs `rustup
+    # toolchain add stable`, which updates stable to the newest release mid-build. Naming the
+    # toolchain by its path leaves the list's line as "(default)", which it does recognise:
+    # cross then builds with the toolchain the host build uses, unchanged.
+    RUSTUP_TOOLCHAIN=$(rustc --print sysroot)
+    export RUSTUP_TOOLCHAIN
     # cargo in the image may download crates (build-std resolves std's own dependencies):
     # it trusts the host's certificate authorities, which include any TLS proxy's CA.
     [ -d /etc/ssl/certs ] && export CROSS_CONTAINER_OPTS="${CROSS_CONTAINER_OPTS:-} -v /etc/ssl/certs:/etc/ssl/certs:ro"

@@ -115,8 +115,14 @@ pub struct Config {
     pub keepalive: Duration,
     /// How long to wait for RESERVED before retrying under the same transaction id.
     pub reserve_timeout: Duration,
-    /// Attempts per candidate (first try included).
+    /// Attempts per request (first try included) under one id: RESERVE_FLAVOUR of a purchase
+    /// resumed after a restart, PEER_REQUEST and RELEASE. A purchase flow sends each
+    /// provider one RESERVE_FLAVOUR and moves on after `reserve_timeout` (see [`crate::rear`]).
     pub reserve_attempts: u32,
+    /// How long one purchase flow (discovery and reservations) may go on trying providers.
+    pub acquire_budget: Duration,
+    /// How long a provider that lied to a purchase is ranked after honest ones.
+    pub liar_demotion: Duration,
     /// Longest wait for FLAVOURS answers after a LIST_FLAVOURS broadcast.
     pub discovery_window: Duration,
     /// Discovery ends early once no new answer came for this long after the first one.
@@ -186,6 +192,8 @@ impl Config {
             keepalive: Duration::from_secs(30),
             reserve_timeout: Duration::from_secs(2),
             reserve_attempts: 3,
+            acquire_budget: Duration::from_secs(30),
+            liar_demotion: Duration::from_secs(600),
             discovery_window: Duration::from_millis(500),
             discovery_settle: Duration::from_millis(30),
             watch_catalog: true,
@@ -309,6 +317,8 @@ struct RawFabric {
 struct RawConsumer {
     reserve_timeout_ms: Option<u64>,
     reserve_attempts: Option<u32>,
+    acquire_budget_secs: Option<u64>,
+    liar_demotion_secs: Option<u64>,
     discovery_window_ms: Option<u64>,
     discovery_settle_ms: Option<u64>,
     candidate_ttl_secs: Option<u64>,
@@ -602,6 +612,12 @@ impl RawConfig {
                 ));
             }
             cfg.reserve_attempts = v;
+        }
+        if let Some(v) = c.acquire_budget_secs {
+            cfg.acquire_budget = secs(positive("consumer.acquire_budget_secs", v)?);
+        }
+        if let Some(v) = c.liar_demotion_secs {
+            cfg.liar_demotion = secs(v);
         }
         if let Some(v) = c.discovery_window_ms {
             cfg.discovery_window = ms(positive("consumer.discovery_window_ms", v)?);

@@ -115,12 +115,25 @@ pub struct Rating {
     /// Milliseconds from PEER_REQUEST sent to the virtual node ready, last success.
     #[cbor(n(5), default)]
     pub last_peering_ms: u64,
+    /// Reservations the provider refused (NO_FIT, or FLAVOUR_GONE twice in one flow) or
+    /// ignored although it had just offered the flavour: see [`crate::rear`].
+    #[cbor(n(6), default)]
+    pub lies: u64,
+    /// Unix ms until which the provider is ranked after every provider that did not lie
+    /// (0: not demoted).
+    #[cbor(n(7), default)]
+    pub demoted_until: u64,
 }
 
 impl Rating {
     /// What ranking weighs: everything that went wrong with this provider.
     pub fn failures(&self) -> u64 {
         self.reservations_failed + self.peerings_failed
+    }
+
+    /// Whether the provider is demoted at `now`.
+    pub fn demoted(&self, now: u64) -> bool {
+        now < self.demoted_until
     }
 }
 
@@ -800,6 +813,16 @@ impl Tables {
             } else {
                 r.reservations_failed += 1;
             }
+        })
+    }
+
+    /// Records that `provider` lied to a purchase (refused or ignored what it had just
+    /// offered) and demotes it until `until` (Unix ms; a longer demotion already running is
+    /// kept).
+    pub fn demote(&self, provider: &Id, until: u64) -> Result<(), TableError> {
+        self.update_rating(provider, |r| {
+            r.lies += 1;
+            r.demoted_until = r.demoted_until.max(until);
         })
     }
 

@@ -18,6 +18,7 @@
 //! - [`rear`]: REAR Manager, consumer side: candidates, discovery, reservation.
 //! - [`node`]: the running node: provider side of REAR, answer routing, clean stop.
 //! - [`tls`]: mutual TLS to the broker (rustls + ring), the node-id = CN check.
+//! - [`seal`]: peering credentials sealed to the buyer's certificate key (ECDH, HKDF, AEAD).
 //! - [`orchestrator`]: Node Orchestrator: intents, placement, the workflow state machine.
 //! - [`fabric`]: Virtual Fabric Manager: the k3s + Liqo shim and its dry-run backend.
 //! - [`control`]: the local control socket (`fluidlet intent`, `status`, `contract`).
@@ -37,6 +38,7 @@ pub mod model;
 pub mod node;
 pub mod orchestrator;
 pub mod rear;
+pub mod seal;
 pub mod tables;
 pub mod tls;
 pub mod wire;

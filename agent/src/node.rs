@@ -80,6 +80,9 @@ pub(crate) struct Shared {
     pub steps: broadcast::Sender<Step>,
     /// Provider-side peerings set up at once (each may run kubectl/liqoctl for seconds).
     peerings: Arc<Semaphore>,
+    /// Sealing material from the TLS files (`None` on a plain-MQTT loopback/demo domain,
+    /// where peering identities travel in clear): see [`crate::seal`].
+    pub sealing: Option<crate::seal::Keys>,
     /// Unpeered reservations per buyer (provider side), for `limits.pending_per_buyer`.
     /// Counted up at every new reservation and never down: a buyer that reaches the limit
     /// is counted again from the contracts table (peered, released and lapsed ones drop out).
@@ -244,7 +247,7 @@ impl Agent {
     /// Opens the tables, brings the offers in line with the config, connects to the broker
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
-        let tls = prepare_transport(&cfg)?;
+        let (tls, sealing) = prepare_transport(&cfg)?;
         let tables = Tables::open_for(&cfg.data_dir, &cfg.node_id).await?;
         tables.sync_offers(&cfg.offers).await?;
         let topics = Topics::new(&cfg.domain, &cfg.node_id);
@@ -261,6 +264,7 @@ impl Agent {
             fabric,
             steps,
             peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
+            sealing,
             unpeered,
             tables,
             topics: topics.clone(),
@@ -375,19 +379,23 @@ impl Agent {
 
 /// Loads and checks the TLS material (an error names the file and the problem), logs its
 /// warnings, and warns about plain MQTT that leaves the machine.
-fn prepare_transport(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>, AgentError> {
+type Transport = (Option<Arc<rustls::ClientConfig>>, Option<crate::seal::Keys>);
+
+fn prepare_transport(cfg: &Config) -> Result<Transport, AgentError> {
     let Some(files) = &cfg.tls else {
         if !crate::config::is_loopback(&cfg.broker.host) {
             warn!(broker = %cfg.broker.host, "plain MQTT to another machine (insecure_plaintext = true): anyone on the path can read and forge this node's messages");
         }
-        return Ok(None);
+        return Ok((None, None));
     };
     let loaded = crate::tls::load(files, &cfg.node_id)?;
     for w in &loaded.warnings {
         warn!("{w}");
     }
     info!(cn = %loaded.identity.common_name, "mutual TLS to the domain broker");
-    Ok(Some(loaded.client))
+    let keys = crate::seal::Keys::new(&loaded.certificate, &loaded.key, loaded.roots.clone())
+        .map_err(|e| AgentError::Other(format!("{}: {e}", files.key.display())))?;
+    Ok((Some(loaded.client), Some(keys)))
 }
 
 /// Finishes purchases left in flight by a previous run, once the broker is reachable.
@@ -912,6 +920,14 @@ async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req: PeerReque
             return answer_error(shared, &from, Some(id), ErrorCode::NoContract, &text).await;
         }
     };
+    let recipient = match crate::seal::recipient(shared.sealing.as_ref(), &req, &from) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(%from, contract = %req.contract, error = %e, "peering refused");
+            let text = e.to_string();
+            return answer_error(shared, &from, Some(id), ErrorCode::BadCertificate, &text).await;
+        }
+    };
     if let Ok(Some(grant)) = shared.tables.peer_grant(&c.id) {
         if let Err(e) = shared.send(&from, Some(id), Body::PeerAccept(grant)).await {
             warn!(%from, error = %e, "could not answer PEER_REQUEST");
@@ -940,7 +956,7 @@ async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req: PeerReque
                 c.id, req.cluster_id
             ),
         );
-        let grant = match grant_peering(&shared, &c, &req).await {
+        let grant = match grant_peering(&shared, &c, &req, recipient.as_ref()).await {
             Ok(g) => g,
             Err((code, text)) => {
                 error!(contract = %c.id, "peering grant failed: {text}");
@@ -974,6 +990,7 @@ async fn grant_peering(
     shared: &Shared,
     c: &Contract,
     req: &PeerRequest,
+    recipient: Option<&p256::PublicKey>,
 ) -> Result<PeerAccept, (ErrorCode, String)> {
     let failed = |e: &dyn std::fmt::Display| (ErrorCode::PeeringFailed, e.to_string());
     let reuse = shared
@@ -995,10 +1012,18 @@ async fn grant_peering(
                 .map_err(|e| failed(&format!("peering identity too large: {e}")))?,
         ),
     };
+    let ctx = crate::seal::Context {
+        contract: &c.id,
+        provider: shared.me(),
+        buyer: &c.buyer,
+    };
+    let (identity, sealed) =
+        crate::seal::protect(recipient, &ctx, identity).map_err(|e| failed(&e))?;
     let grant = PeerAccept {
         contract: c.id.clone(),
         cluster_id: shared.fabric.cluster_id().await.map_err(|e| failed(&e))?,
         identity,
+        sealed,
     };
     let storage = |e: TableError| {
         (

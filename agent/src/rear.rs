@@ -519,6 +519,11 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
     let request = Body::PeerRequest(PeerRequest {
         contract: contract.id.clone(),
         cluster_id: cluster_id.clone(),
+        // On a TLS domain: the certificate the seller seals the identity to.
+        certificate: shared
+            .sealing
+            .as_ref()
+            .and_then(|k| crate::wire::Bytes::new(&k.certificate).ok()),
     });
     shared.step(
         22,
@@ -547,18 +552,31 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
             grant.cluster_id
         ),
     );
+    let ctx = crate::seal::Context {
+        contract: &contract.id,
+        provider: seller,
+        buyer: shared.me(),
+    };
+    let opened = crate::seal::receive(shared.sealing.as_ref(), &ctx, &grant).map_err(|e| {
+        RearError::Refused {
+            provider: seller.to_string(),
+            code: None,
+            text: e.to_string(),
+        }
+    })?;
     // Kept (without the identity, which goes to an owner-only file) for the teardown.
     shared.tables.put_peer_grant(&crate::wire::PeerAccept {
         identity: None,
+        sealed: None,
         ..grant.clone()
     })?;
-    let identity = match &grant.identity {
+    let identity = match opened {
         Some(kubeconfig) => {
             let path = shared.fabric.identity_path(&grant.cluster_id);
             let file = crate::fabric::Action::File {
                 what: "the provider's peering identity".into(),
                 path: path.clone(),
-                contents: kubeconfig.as_str().to_owned(),
+                contents: kubeconfig,
                 private: true,
             };
             shared.fabric.execute(contract.id.as_str(), &[file]).await?;

@@ -101,6 +101,9 @@ pub enum ErrorCode {
     PeeringFailed = 12,
     /// The buyer holds as many unpeered reservations as the provider allows per buyer.
     TooManyPending = 13,
+    /// A PEER_REQUEST on a TLS domain without a certificate of the sender's from the domain
+    /// CA with a P-256 key, so the identity cannot be sealed to it.
+    BadCertificate = 14,
 }
 
 impl ErrorCode {
@@ -120,6 +123,7 @@ impl ErrorCode {
             11 => NoContract,
             12 => PeeringFailed,
             13 => TooManyPending,
+            14 => BadCertificate,
             _ => return None,
         })
     }
@@ -170,6 +174,55 @@ impl ErrorBody {
     }
 }
 
+/// A byte string of at most `N` bytes: decoding refuses a longer one from its header.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Bytes<const N: usize>(Vec<u8>);
+
+impl<const N: usize> Bytes<N> {
+    pub fn new(b: &[u8]) -> Result<Self, crate::model::ModelError> {
+        if b.len() > N {
+            return Err(crate::model::ModelError::TooLong {
+                max: N,
+                len: b.len(),
+            });
+        }
+        Ok(Bytes(b.to_vec()))
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for Bytes<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+impl<C, const N: usize> Encode<C> for Bytes<N> {
+    fn encode<W: minicbor::encode::Write>(
+        &self,
+        e: &mut minicbor::Encoder<W>,
+        _: &mut C,
+    ) -> Result<(), minicbor::encode::Error<W::Error>> {
+        e.bytes(&self.0)?;
+        Ok(())
+    }
+}
+
+impl<'b, C, const N: usize> Decode<'b, C> for Bytes<N> {
+    fn decode(d: &mut minicbor::Decoder<'b>, _: &mut C) -> Result<Self, minicbor::decode::Error> {
+        // `bytes` refuses indefinite-length strings; the slice is borrowed, not copied, until
+        // its length is checked.
+        let b = d.bytes()?;
+        Bytes::new(b).map_err(|e| minicbor::decode::Error::message(format!("bytes: {e}")))
+    }
+}
+
+/// Largest sealed identity: the largest identity plus what sealing adds.
+pub const MAX_SEALED: usize = MAX_IDENTITY + crate::seal::OVERHEAD;
+
 /// PEER_REQUEST body: the consumer asks the seller to peer for a contract (steps 21-22).
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 #[cbor(map)]
@@ -179,6 +232,9 @@ pub struct PeerRequest {
     /// The consumer's Liqo cluster id.
     #[n(1)]
     pub cluster_id: Id,
+    /// The consumer's node certificate (DER), to seal the identity to (docs/protocol.md).
+    #[n(2)]
+    pub certificate: Option<Bytes<{ crate::seal::MAX_CERTIFICATE }>>,
 }
 
 /// PEER_ACCEPT body: the seller's answer (step 26, Liqo's "ResourceOffer").
@@ -194,6 +250,9 @@ pub struct PeerAccept {
     /// the consumer already peers with this provider and reuses that peering.
     #[n(2)]
     pub identity: Option<crate::model::LongText<MAX_IDENTITY>>,
+    /// The identity sealed to the consumer's certificate key (instead of `identity`).
+    #[n(3)]
+    pub sealed: Option<Bytes<MAX_SEALED>>,
 }
 
 /// RELEASE and RELEASED body.
@@ -647,6 +706,7 @@ pub fn examples() -> Vec<(&'static str, Message)> {
                 Body::PeerRequest(PeerRequest {
                     contract: id("provider-1.c9"),
                     cluster_id: id("gw-consumer-cluster"),
+                    certificate: None,
                 }),
             ),
         ),
@@ -660,6 +720,7 @@ pub fn examples() -> Vec<(&'static str, Message)> {
                     contract: id("provider-1.c9"),
                     cluster_id: id("gw-provider-cluster"),
                     identity: crate::model::LongText::new("apiVersion: v1\nkind: Config\n").ok(),
+                    sealed: None,
                 }),
             ),
         ),

@@ -159,11 +159,19 @@ fn body() -> impl Strategy<Value = Body> {
     let error =
         (any::<u16>(), text::<MAX_ERROR_TEXT>()).prop_map(|(code, text)| ErrorBody { code, text });
     let identity = of("[ -~\n]{0,300}".prop_filter_map("fits", |s| LongText::new(&s).ok()));
-    let accept = (id(), id(), identity).prop_map(|(contract, cluster_id, identity)| PeerAccept {
-        contract,
-        cluster_id,
-        identity,
-    });
+    fn blob<const N: usize>(n: usize) -> impl Strategy<Value = Option<fluidlet::wire::Bytes<N>>> {
+        of(proptest::collection::vec(any::<u8>(), 0..n)
+            .prop_map(|b| fluidlet::wire::Bytes::new(&b).unwrap()))
+    }
+    let accept =
+        (id(), id(), identity, blob(200)).prop_map(|(contract, cluster_id, identity, sealed)| {
+            PeerAccept {
+                contract,
+                cluster_id,
+                identity,
+                sealed,
+            }
+        });
     prop_oneof![
         selector().prop_map(|selector| Body::ListFlavours(ListFlavours { selector })),
         flavours().prop_map(Body::Flavours),
@@ -171,10 +179,13 @@ fn body() -> impl Strategy<Value = Body> {
         contract().prop_map(|c| Body::Reserved(Box::new(c))),
         error.prop_map(Body::Error),
         flavours().prop_map(Body::Advert),
-        (id(), id()).prop_map(|(contract, cluster_id)| Body::PeerRequest(PeerRequest {
-            contract,
-            cluster_id
-        })),
+        (id(), id(), blob(600)).prop_map(|(contract, cluster_id, certificate)| {
+            Body::PeerRequest(PeerRequest {
+                contract,
+                cluster_id,
+                certificate,
+            })
+        }),
         accept.prop_map(Body::PeerAccept),
         id().prop_map(|contract| Body::Release(ContractRef { contract })),
         id().prop_map(|contract| Body::Released(ContractRef { contract })),

@@ -292,6 +292,7 @@ async fn peering_without_a_matching_contract_is_refused(port: u16) {
         let body = Body::PeerRequest(PeerRequest {
             contract: Id::new(id).unwrap(),
             cluster_id: Id::new("rogue-cluster").unwrap(),
+            certificate: None,
         });
         r.send("prov", body).await;
         let m = r.recv().await;

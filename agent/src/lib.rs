@@ -18,6 +18,7 @@
 //! - [`rear`]: REAR Manager, consumer side: candidates, discovery, reservation.
 //! - [`node`]: the running node: provider side of REAR, answer routing, clean stop.
 //! - [`tls`]: mutual TLS to the broker (rustls + ring), the node-id = CN check.
+//! - [`terms`]: contract terms against hoarding: share cap per buyer, RENEW, expiry.
 //! - [`seal`]: peering credentials sealed to the buyer's certificate key (ECDH, HKDF, AEAD).
 //! - [`orchestrator`]: Node Orchestrator: intents, placement, the workflow state machine.
 //! - [`fabric`]: Virtual Fabric Manager: the k3s + Liqo shim and its dry-run backend.
@@ -40,6 +41,7 @@ pub mod orchestrator;
 pub mod rear;
 pub mod seal;
 pub mod tables;
+pub mod terms;
 pub mod tls;
 pub mod wire;
 

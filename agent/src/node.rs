@@ -297,7 +297,8 @@ impl Agent {
         let node = tokio::spawn(serve(shared.clone(), inbound_rx, catalog, stop_rx.clone()));
         let resumer = tokio::spawn(resume_when_connected(shared.clone(), stop_rx.clone()));
         let sweeper = tokio::spawn(sweep_lapsed(shared.clone(), stop_rx.clone()));
-        let mut tasks = vec![resumer, sweeper];
+        let renewer = tokio::spawn(crate::terms::keep_renewed(shared.clone(), stop_rx.clone()));
+        let mut tasks = vec![resumer, sweeper, renewer];
         tasks.extend(crate::orchestrator::start(shared.clone(), stop_rx).await?);
         info!(node = %shared.me(), domain = %shared.cfg.domain, "fluidlet node started");
         Ok(Agent {
@@ -446,11 +447,12 @@ async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 .await
             {
                 Ok(Some(_)) => {
-                    info!(contract = %c.id, buyer = %c.buyer, seller = %c.seller, "reservation expired unpeered; resources returned");
+                    info!(contract = %c.id, buyer = %c.buyer, seller = %c.seller, "contract expired (unpeered, or its term ran out unrenewed); resources returned");
                     if &c.seller == shared.me() {
                         if let Err(e) = shared.publish_advert().await {
                             warn!(error = %e, "could not re-publish the advert");
                         }
+                        crate::terms::expired_sold(&shared, &c).await;
                     } else {
                         rear::teardown_bought(&shared, &c).await;
                     }
@@ -675,11 +677,13 @@ async fn on_addressed(shared: &Arc<Shared>, from: Id, msg: Message) {
         }
         Body::PeerRequest(req) => on_peer_request(shared, from, msg.id, req).await,
         Body::Release(r) => on_release(shared, &from, msg.id, r).await,
+        Body::Renew(r) => crate::terms::on_renew(shared, &from, msg.id, r).await,
         Body::Flavours(_)
         | Body::Reserved(_)
         | Body::Error(_)
         | Body::PeerAccept(_)
-        | Body::Released(_) => deliver(shared, from, msg),
+        | Body::Released(_)
+        | Body::Renewed(_) => deliver(shared, from, msg),
         Body::Advert(_) => unexpected(shared, &from, msg.id, msg.body.kind(), "addressed").await,
     }
 }
@@ -782,10 +786,10 @@ async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
                 req.flavour, req.transaction
             ),
         );
-        let full = shared.pending_full(&req.buyer);
+        let admit = crate::terms::admission(shared, &req, shared.pending_full(&req.buyer));
         let outcome = shared
             .tables
-            .reserve_unflushed(shared.me(), &req, unix_ms(), ttl, full);
+            .reserve_unflushed(shared.me(), &req, unix_ms(), ttl, &admit);
         if let Ok(Reservation::New(_)) = &outcome {
             shared.count_unpeered(&req.buyer);
         }

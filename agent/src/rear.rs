@@ -465,7 +465,12 @@ fn new_request<'a>(
 
 /// Sends `body` to `to` and waits for the answer, resending up to the configured attempts.
 /// The request must be idempotent on the receiving side (all of REAR's are).
-async fn ask(shared: &Shared, to: &Id, body: Body, timeout: Duration) -> Result<Body, RearError> {
+pub(crate) async fn ask(
+    shared: &Shared,
+    to: &Id,
+    body: Body,
+    timeout: Duration,
+) -> Result<Body, RearError> {
     for _ in 0..shared.cfg.reserve_attempts {
         let (_guard, rx, msg) = new_request(shared, to, body.clone())?;
         shared.publish(shared.topics.to(to), false, &msg).await?;

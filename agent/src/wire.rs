@@ -50,6 +50,8 @@ pub enum Kind {
     PeerAccept = 8,
     Release = 9,
     Released = 10,
+    Renew = 11,
+    Renewed = 12,
 }
 
 impl Kind {
@@ -65,6 +67,8 @@ impl Kind {
             8 => Kind::PeerAccept,
             9 => Kind::Release,
             10 => Kind::Released,
+            11 => Kind::Renew,
+            12 => Kind::Renewed,
             _ => return None,
         })
     }
@@ -104,6 +108,9 @@ pub enum ErrorCode {
     /// A PEER_REQUEST on a TLS domain without a certificate of the sender's from the domain
     /// CA with a P-256 key, so the identity cannot be sealed to it.
     BadCertificate = 14,
+    /// The reservation would give the buyer more of an offer than the provider sells to one
+    /// buyer (`[offer] max_per_buyer`).
+    ShareExceeded = 15,
 }
 
 impl ErrorCode {
@@ -124,6 +131,7 @@ impl ErrorCode {
             12 => PeeringFailed,
             13 => TooManyPending,
             14 => BadCertificate,
+            15 => ShareExceeded,
             _ => return None,
         })
     }
@@ -276,6 +284,10 @@ pub enum Body {
     PeerAccept(PeerAccept),
     Release(ContractRef),
     Released(ContractRef),
+    /// The buyer extends a contract's end (docs/protocol.md).
+    Renew(ContractRef),
+    /// The seller's answer: the contract with its new `ends_at`.
+    Renewed(Box<Contract>),
 }
 
 impl Body {
@@ -291,6 +303,8 @@ impl Body {
             Body::PeerAccept(_) => Kind::PeerAccept,
             Body::Release(_) => Kind::Release,
             Body::Released(_) => Kind::Released,
+            Body::Renew(_) => Kind::Renew,
+            Body::Renewed(_) => Kind::Renewed,
         }
     }
 
@@ -305,7 +319,8 @@ impl Body {
             Body::Error(b) => minicbor::to_vec(b),
             Body::PeerRequest(b) => minicbor::to_vec(b),
             Body::PeerAccept(b) => minicbor::to_vec(b),
-            Body::Release(b) | Body::Released(b) => minicbor::to_vec(b),
+            Body::Release(b) | Body::Released(b) | Body::Renew(b) => minicbor::to_vec(b),
+            Body::Renewed(b) => minicbor::to_vec(b.as_ref()),
         };
         r.unwrap_or_default()
     }
@@ -322,6 +337,8 @@ impl Body {
             Kind::PeerAccept => Body::PeerAccept(minicbor::decode(b)?),
             Kind::Release => Body::Release(minicbor::decode(b)?),
             Kind::Released => Body::Released(minicbor::decode(b)?),
+            Kind::Renew => Body::Renew(minicbor::decode(b)?),
+            Kind::Renewed => Body::Renewed(Box::new(minicbor::decode(b)?)),
         })
     }
 }
@@ -642,6 +659,8 @@ pub fn examples() -> Vec<(&'static str, Message)> {
         created_at: T0 + 30,
         expires_at: T0 + 30 + 600_000,
         state: ContractState::Reserved,
+        term_ms: None,
+        ends_at: None,
     };
     let list = Flavours {
         flavours: FlavourList::from_slice_truncated(std::slice::from_ref(&flavour)),
@@ -742,6 +761,17 @@ pub fn examples() -> Vec<(&'static str, Message)> {
                 Some(9),
                 "provider-1",
                 Body::Released(ContractRef {
+                    contract: id("provider-1.c9"),
+                }),
+            ),
+        ),
+        (
+            "RENEW",
+            msg(
+                11,
+                None,
+                "consumer-1",
+                Body::Renew(ContractRef {
                     contract: id("provider-1.c9"),
                 }),
             ),

@@ -128,10 +128,19 @@ fn contract() -> impl Strategy<Value = Contract> {
     ];
     (
         (id(), id(), flavour(), id(), id()),
-        (resources(), any::<[u64; 3]>(), state),
+        (
+            resources(),
+            any::<[u64; 3]>(),
+            state,
+            of(any::<u64>()),
+            of(any::<u64>()),
+        ),
     )
         .prop_map(
-            |((id, transaction, flavour, buyer, seller), (resources, n, state))| Contract {
+            |(
+                (id, transaction, flavour, buyer, seller),
+                (resources, n, state, term_ms, ends_at),
+            )| Contract {
                 id,
                 transaction,
                 flavour,
@@ -142,6 +151,8 @@ fn contract() -> impl Strategy<Value = Contract> {
                 created_at: n[1],
                 expires_at: n[2],
                 state,
+                term_ms,
+                ends_at,
             },
         )
 }

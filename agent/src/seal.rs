@@ -30,7 +30,6 @@ use crate::model::Id;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use ring::{aead, hkdf};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::ClientCertVerifier;
 use std::sync::Arc;
 use x509_cert::der::Decode;
 
@@ -98,7 +97,7 @@ impl Context<'_> {
 pub struct Keys {
     pub certificate: Vec<u8>,
     secret: p256::SecretKey,
-    verifier: Arc<dyn ClientCertVerifier>,
+    roots: Arc<rustls::RootCertStore>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -122,14 +121,13 @@ impl Keys {
                 .map_err(|e| SealError::Key(format!("not a P-256 SEC1 key: {e}")))?,
             _ => return Err(SealError::Key("not an elliptic-curve key".into())),
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
-            .build()
-            .map_err(|e| SealError::Certificate(format!("domain CA: {e}")))?;
+        if roots.is_empty() {
+            return Err(SealError::Certificate("no domain CA".into()));
+        }
         Ok(Keys {
             certificate: certificate.to_vec(),
             secret,
-            verifier,
+            roots,
         })
     }
 
@@ -137,10 +135,26 @@ impl Keys {
     /// subject CN = `sender`, P-256 key) and returns its public key.
     pub fn check(&self, der: &[u8], sender: &Id) -> Result<p256::PublicKey, SealError> {
         let bad = |s: String| SealError::Certificate(s);
+        // The check a TLS server makes of a client certificate (rustls' WebPkiClientVerifier
+        // does the same through more code): path to a domain CA root, validity now, the
+        // clientAuth usage if the certificate names usages, signatures with ring.
         let cert = CertificateDer::from(der);
-        self.verifier
-            .verify_client_cert(&cert, &[], UnixTime::now())
-            .map_err(|e| bad(format!("not issued by the domain CA or not valid now: {e}")))?;
+        let not_domain =
+            |e: webpki::Error| bad(format!("not issued by the domain CA or not valid now: {e}"));
+        let ee = webpki::EndEntityCert::try_from(&cert).map_err(not_domain)?;
+        let algs = rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .all;
+        ee.verify_for_usage(
+            algs,
+            &self.roots.roots,
+            &[],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(not_domain)?;
         let id = crate::tls::identity(der).map_err(bad)?;
         if id.common_name != sender.as_str() {
             return Err(bad(format!(

@@ -115,8 +115,14 @@ pub struct Config {
     pub keepalive: Duration,
     /// How long to wait for RESERVED before retrying under the same transaction id.
     pub reserve_timeout: Duration,
-    /// Attempts per candidate (first try included).
+    /// Attempts per request (first try included) under one id: RESERVE_FLAVOUR of a purchase
+    /// resumed after a restart, PEER_REQUEST and RELEASE. A purchase flow sends each
+    /// provider one RESERVE_FLAVOUR and moves on after `reserve_timeout` (see [`crate::rear`]).
     pub reserve_attempts: u32,
+    /// How long one purchase flow (discovery and reservations) may go on trying providers.
+    pub acquire_budget: Duration,
+    /// How long a provider that lied to a purchase is ranked after honest ones.
+    pub liar_demotion: Duration,
     /// Longest wait for FLAVOURS answers after a LIST_FLAVOURS broadcast.
     pub discovery_window: Duration,
     /// Discovery ends early once no new answer came for this long after the first one.
@@ -134,6 +140,12 @@ pub struct Config {
     pub log: String,
     /// What this node sells: one template flavour per offer, id = offer id, total resources.
     pub offers: Vec<Flavour>,
+    /// Per-offer terms set in `[[offer]]` (`max_per_buyer`, `contract_term_secs`); offers not
+    /// listed, and unset fields, take the node-wide defaults ([`Config::terms_of`]).
+    pub offer_terms: std::collections::HashMap<Id, OfferTerms>,
+    /// Default length of a contract's term (`[provider] contract_term_secs`): an Active
+    /// contract not renewed within it ends and its capacity returns.
+    pub contract_term: Duration,
     /// The control socket `fluidlet intent`, `status` and `contract` talk to.
     pub control_socket: PathBuf,
     /// How often lapsed reservations are looked for.
@@ -157,6 +169,18 @@ pub struct Limits {
     /// Reservations one buyer may hold unpeered at once (provider side); more are refused
     /// with TOO_MANY_PENDING until it peers, releases or they lapse.
     pub pending_per_buyer: u32,
+    /// Default share of an offer one buyer may hold at once, in percent of the offer's total
+    /// (each resource); `[offer] max_per_buyer` overrides it. 100: no cap.
+    pub max_per_buyer: u8,
+}
+
+/// Terms of one offer (`[[offer]]`), each falling back to the node-wide default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OfferTerms {
+    /// Percent of the offer's total (each resource) one buyer may hold at once.
+    pub max_per_buyer: Option<u8>,
+    /// Length of a contract's term.
+    pub contract_term: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -165,6 +189,7 @@ impl Default for Limits {
             sender_rate: 50,
             sender_burst: 100,
             pending_per_buyer: 8,
+            max_per_buyer: 100,
         }
     }
 }
@@ -186,6 +211,8 @@ impl Config {
             keepalive: Duration::from_secs(30),
             reserve_timeout: Duration::from_secs(2),
             reserve_attempts: 3,
+            acquire_budget: Duration::from_secs(30),
+            liar_demotion: Duration::from_secs(600),
             discovery_window: Duration::from_millis(500),
             discovery_settle: Duration::from_millis(30),
             watch_catalog: true,
@@ -194,7 +221,20 @@ impl Config {
             group_commit: true,
             log: "info".into(),
             offers: Vec::new(),
+            offer_terms: Default::default(),
+            contract_term: Duration::from_secs(3600),
         }
+    }
+
+    /// The share cap (percent) and contract term of offer `offer`.
+    pub fn terms_of(&self, offer: &Id) -> (u8, Duration) {
+        let t = self.offer_terms.get(offer);
+        (
+            t.and_then(|t| t.max_per_buyer)
+                .unwrap_or(self.limits.max_per_buyer),
+            t.and_then(|t| t.contract_term)
+                .unwrap_or(self.contract_term),
+        )
     }
 
     /// Reads and validates a config file.
@@ -282,6 +322,7 @@ struct RawLimits {
     sender_rate: Option<u32>,
     sender_burst: Option<u32>,
     pending_per_buyer: Option<u32>,
+    max_per_buyer: Option<u8>,
 }
 
 #[derive(Deserialize)]
@@ -311,6 +352,8 @@ struct RawFabric {
 struct RawConsumer {
     reserve_timeout_ms: Option<u64>,
     reserve_attempts: Option<u32>,
+    acquire_budget_secs: Option<u64>,
+    liar_demotion_secs: Option<u64>,
     discovery_window_ms: Option<u64>,
     discovery_settle_ms: Option<u64>,
     candidate_ttl_secs: Option<u64>,
@@ -321,6 +364,7 @@ struct RawConsumer {
 #[serde(deny_unknown_fields)]
 struct RawProvider {
     reservation_ttl_secs: Option<u64>,
+    contract_term_secs: Option<u64>,
     group_commit: Option<bool>,
 }
 
@@ -339,6 +383,8 @@ struct RawOffer {
     partition: Option<RawPartition>,
     gpu: Option<RawGpu>,
     location: Option<RawLocation>,
+    max_per_buyer: Option<u8>,
+    contract_term_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +433,13 @@ pub(crate) fn node_id(field: &str, s: &str) -> Result<Id, ConfigError> {
         ));
     }
     Id::new(s).map_err(|e| invalid(field, e.to_string()))
+}
+
+fn percent(field: &str, v: u8) -> Result<u8, ConfigError> {
+    if !(1..=100).contains(&v) {
+        return Err(invalid(field, "a percentage: 1 to 100"));
+    }
+    Ok(v)
 }
 
 fn positive(field: &str, v: u64) -> Result<u64, ConfigError> {
@@ -605,6 +658,12 @@ impl RawConfig {
             }
             cfg.reserve_attempts = v;
         }
+        if let Some(v) = c.acquire_budget_secs {
+            cfg.acquire_budget = secs(positive("consumer.acquire_budget_secs", v)?);
+        }
+        if let Some(v) = c.liar_demotion_secs {
+            cfg.liar_demotion = secs(v);
+        }
         if let Some(v) = c.discovery_window_ms {
             cfg.discovery_window = ms(positive("consumer.discovery_window_ms", v)?);
         }
@@ -619,6 +678,9 @@ impl RawConfig {
         }
         if let Some(v) = self.provider.group_commit {
             cfg.group_commit = v;
+        }
+        if let Some(v) = self.provider.contract_term_secs {
+            cfg.contract_term = secs(positive("provider.contract_term_secs", v)?);
         }
         if let Some(v) = self.provider.reservation_ttl_secs {
             cfg.reservation_ttl = secs(positive("provider.reservation_ttl_secs", v)?);
@@ -681,6 +743,9 @@ impl RawConfig {
         if let Some(v) = l.pending_per_buyer {
             cfg.limits.pending_per_buyer = positive("limits.pending_per_buyer", v.into())? as u32;
         }
+        if let Some(v) = l.max_per_buyer {
+            cfg.limits.max_per_buyer = percent("limits.max_per_buyer", v)?;
+        }
         if self.offers.len() > MAX_OFFERS {
             return Err(invalid(
                 "offer",
@@ -695,7 +760,32 @@ impl RawConfig {
                     format!("{} is used twice", flavour.id),
                 ));
             }
+            let terms = OfferTerms {
+                max_per_buyer: o
+                    .max_per_buyer
+                    .map(|v| percent(&format!("offer[{i}].max_per_buyer"), v))
+                    .transpose()?,
+                contract_term: o
+                    .contract_term_secs
+                    .map(|v| positive(&format!("offer[{i}].contract_term_secs"), v))
+                    .transpose()?
+                    .map(secs),
+            };
+            cfg.offer_terms.insert(flavour.id.clone(), terms);
             cfg.offers.push(flavour);
+        }
+        // A cap below 100% on an offer sold only whole would make it unsellable.
+        for o in &cfg.offers {
+            if o.partitionability.is_none() && cfg.terms_of(&o.id).0 < 100 {
+                return Err(invalid(
+                    "max_per_buyer",
+                    format!(
+                        "offer {} is sold only whole, so a buyer's share of it is always 100%; \
+                         give it a [offer.partition] or max_per_buyer = 100",
+                        o.id
+                    ),
+                ));
+            }
         }
         Ok(cfg)
     }
@@ -789,6 +879,29 @@ pods_step = 1
     fn partition_minimum_above_the_offer_is_refused() {
         let e = err_of(&GOOD.replace("cpu_min = 500", "cpu_min = 5000"));
         assert!(e.contains("offer[0].partition"), "{e}");
+    }
+
+    #[test]
+    fn offer_terms_fall_back_to_the_node_defaults_and_a_whole_offer_cannot_be_capped() {
+        let c = Config::from_toml(&GOOD.replace(
+            "currency = \"EUR\"",
+            "currency = \"EUR\"\nmax_per_buyer = 25\ncontract_term_secs = 60",
+        ))
+        .unwrap();
+        let small = Id::new("small").unwrap();
+        assert_eq!(c.terms_of(&small), (25, Duration::from_secs(60)));
+        let other = Id::new("other").unwrap();
+        assert_eq!(c.terms_of(&other), (100, Duration::from_secs(3600)));
+        let e = err_of(&GOOD.replace(
+            "currency = \"EUR\"",
+            "currency = \"EUR\"\nmax_per_buyer = 0",
+        ));
+        assert!(e.contains("offer[0].max_per_buyer"), "{e}");
+        let whole = GOOD[..GOOD.find("[offer.partition]").unwrap()].replace(
+            "currency = \"EUR\"",
+            "currency = \"EUR\"\nmax_per_buyer = 50",
+        );
+        assert!(err_of(&whole).contains("sold only whole"));
     }
 
     #[test]

@@ -26,6 +26,11 @@ pub enum Refusal {
          keeps per buyer; peer, release or let them lapse first"
     )]
     TooManyPending(u32),
+    #[error(
+        "this buyer would hold more than {percent}% of offer {offer}, the most this provider \
+         sells to one buyer; ask for less or release a contract first"
+    )]
+    ShareExceeded { offer: Id, percent: u8 },
 }
 
 impl Refusal {
@@ -35,6 +40,7 @@ impl Refusal {
             Refusal::NoFit(_) => ErrorCode::NoFit,
             Refusal::BadPartition(_) => ErrorCode::BadPartition,
             Refusal::TooManyPending(_) => ErrorCode::TooManyPending,
+            Refusal::ShareExceeded { .. } => ErrorCode::ShareExceeded,
         }
     }
 }
@@ -105,7 +111,11 @@ pub fn can_move(from: ContractState, to: ContractState) -> bool {
     use ContractState::*;
     matches!(
         (from, to),
-        (Reserved, Active) | (Reserved, Released) | (Reserved, Expired) | (Active, Released)
+        (Reserved, Active)
+            | (Reserved, Released)
+            | (Reserved, Expired)
+            | (Active, Released)
+            | (Active, Expired)
     )
 }
 
@@ -288,8 +298,8 @@ mod tests {
         assert!(can_move(Reserved, Expired));
         assert!(can_move(Active, Released));
         assert!(
-            !can_move(Active, Expired),
-            "a peered contract does not lapse"
+            can_move(Active, Expired),
+            "a peered contract ends when its term runs out unrenewed"
         );
         assert!(!can_move(Released, Active));
         assert!(!can_move(Expired, Reserved));
@@ -309,6 +319,8 @@ mod tests {
             created_at: 0,
             expires_at: 1,
             state: ContractState::Reserved,
+            term_ms: None,
+            ends_at: None,
         }
     }
 

@@ -126,29 +126,51 @@ pub fn matching<'a>(
         .collect()
 }
 
-/// Fresh candidates that match `sel`, best first: lowest price, then the provider's record
-/// (`failures`: failed reservations and peerings, from Ratings and Metrics; fewer first), then
-/// least waste, then provider and flavour id so the order is deterministic.
+/// How this node stands with a provider, from Ratings and Metrics: what ranking weighs
+/// besides price and fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Standing {
+    /// The provider recently refused or ignored a reservation of what it had just offered
+    /// (a liar, see [`crate::rear`]): ranked after every provider that is not, whatever
+    /// its price, until the demotion ends.
+    pub demoted: bool,
+    /// Failed reservations and peerings; fewer first, at the same price.
+    pub failures: u64,
+}
+
+/// Fresh candidates that match `sel`, best first: providers not demoted before demoted ones
+/// (a liar cannot buy the top of the list with a low price), then lowest price, then the
+/// provider's record (fewer failures first), then least waste, then provider and flavour id
+/// so the order is deterministic.
 pub fn rank(
     candidates: impl IntoIterator<Item = Candidate>,
     sel: &FlavourSelector,
     now: u64,
     max_age_ms: u64,
-    failures: impl Fn(&Id) -> u64,
+    standing: impl Fn(&Id) -> Standing,
 ) -> Vec<(Candidate, Fit)> {
-    let mut v: Vec<(u64, Candidate, Fit)> = candidates
+    let mut v: Vec<(Standing, Candidate, Fit)> = candidates
         .into_iter()
         .filter(|c| now.saturating_sub(c.seen_at) <= max_age_ms)
-        .filter_map(|c| fit(&c.flavour, sel).map(|f| (failures(&c.flavour.provider), c, f)))
+        .filter_map(|c| fit(&c.flavour, sel).map(|f| (standing(&c.flavour.provider), c, f)))
         .collect();
-    v.sort_by(|(ra, a, fa), (rb, b, fb)| {
-        (fa.price, ra, fa.waste, &a.flavour.provider, &a.flavour.id).cmp(&(
-            fb.price,
-            rb,
-            fb.waste,
-            &b.flavour.provider,
-            &b.flavour.id,
-        ))
+    v.sort_by(|(sa, a, fa), (sb, b, fb)| {
+        (
+            sa.demoted,
+            fa.price,
+            sa.failures,
+            fa.waste,
+            &a.flavour.provider,
+            &a.flavour.id,
+        )
+            .cmp(&(
+                sb.demoted,
+                fb.price,
+                sb.failures,
+                fb.waste,
+                &b.flavour.provider,
+                &b.flavour.id,
+            ))
     });
     v.into_iter().map(|(_, c, f)| (c, f)).collect()
 }
@@ -350,7 +372,7 @@ mod tests {
             &build_selector(2000, 4),
             1500,
             600,
-            |_| 0,
+            |_| Standing::default(),
         );
         let ids: Vec<&str> = ranked.iter().map(|(c, _)| c.flavour.id.as_str()).collect();
         assert_eq!(ids, ["b", "a", "c"]);
@@ -362,7 +384,10 @@ mod tests {
         shaky.provider = Id::new("shaky").unwrap();
         let mut steady = build_flavour("t", 8000, 16, 50);
         steady.provider = Id::new("steady").unwrap();
-        let failures = |p: &Id| if p.as_str() == "shaky" { 3 } else { 0 };
+        let failures = |p: &Id| Standing {
+            demoted: false,
+            failures: if p.as_str() == "shaky" { 3 } else { 0 },
+        };
         let ranked = rank(
             [
                 build_candidate(shaky.clone(), 0),
@@ -385,5 +410,37 @@ mod tests {
             failures,
         );
         assert_eq!(ranked.len(), 1);
+    }
+
+    #[test]
+    fn rank_puts_a_demoted_provider_after_every_other_whatever_its_price() {
+        let mut liar = build_flavour("l", 2000, 4, 1);
+        liar.provider = Id::new("liar").unwrap();
+        let mut honest = build_flavour("h", 2000, 4, 90);
+        honest.provider = Id::new("honest").unwrap();
+        let standing = |demote: bool| {
+            move |p: &Id| Standing {
+                demoted: demote && p.as_str() == "liar",
+                failures: 0,
+            }
+        };
+        let cands = [
+            build_candidate(liar.clone(), 0),
+            build_candidate(honest.clone(), 0),
+        ];
+        let ids = |r: Vec<(Candidate, Fit)>| -> Vec<String> {
+            r.iter().map(|(c, _)| c.flavour.id.to_string()).collect()
+        };
+        let sel = build_selector(2000, 4);
+        assert_eq!(
+            ids(rank(cands.clone(), &sel, 0, 600, standing(false))),
+            ["l", "h"],
+            "cheapest first while nobody is demoted"
+        );
+        assert_eq!(
+            ids(rank(cands, &sel, 0, 600, standing(true))),
+            ["h", "l"],
+            "a demoted provider comes last, still listed"
+        );
     }
 }

@@ -893,6 +893,7 @@ mod tests {
             cluster_id: Id::new(cluster).unwrap(),
             identity: None,
             liqo_version: version.and_then(|v| crate::model::Text::new(v).ok()),
+            sealed: None,
         };
         assert!(check_accept(&grant("prov-1", Some("v1.0.0")), "v1.0.3").is_ok());
         assert!(

@@ -14,6 +14,7 @@
 //! - [`discovery`]: Discovery Manager: selector matching and candidate ranking. Pure.
 //! - [`contracts`]: Contract Manager: reservation planning and contract rules. Pure.
 //! - [`tables`]: the sled trees and the atomic reservation write.
+//! - [`seal`]: peering credentials sealed to the buyer's certificate key (ECDH, HKDF, AEAD).
 //! - [`fabric`]: Virtual Fabric Manager: the k3s + Liqo shim and its dry-run backend.
 //! - [`files`]: owner-only data_dir and secret files, and the warning when they are not.
 //! - [`config`]: the TOML config, validated into model types.
@@ -26,6 +27,7 @@
 //!     (steps 5-7, 10-14, 19-22, 26-28);
 //!   - [`rear::provider`]: selling: answers to LIST_FLAVOURS, RESERVE_FLAVOUR, PEER_REQUEST
 //!     and RELEASE (steps 8-9, 15-18, 23-26).
+//! - [`terms`]: contract terms against hoarding: share cap per buyer, RENEW, expiry.
 //! - [`orchestrator`]: Node Orchestrator: intents, placement, the workflow state machine.
 //! - [`control`]: the local control socket (`fluidlet intent`, `status`, `contract`).
 //! - [`node`]: the running node: lifecycle (start, the one place that starts tasks, clean
@@ -53,8 +55,10 @@ pub mod model;
 pub mod node;
 pub mod orchestrator;
 pub mod rear;
+pub mod seal;
 pub mod shared;
 pub mod tables;
+pub mod terms;
 pub mod tls;
 pub mod wire;
 

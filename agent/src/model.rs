@@ -477,6 +477,14 @@ pub struct Contract {
     pub expires_at: u64,
     #[n(9)]
     pub state: ContractState,
+    /// Length of one term in milliseconds: RENEW moves `ends_at` to at most this far from
+    /// now. `None`: the contract never ends while Active (older providers, own use).
+    #[n(10)]
+    pub term_ms: Option<u64>,
+    /// Unix milliseconds at which the contract ends (Expired, capacity returned) unless the
+    /// buyer renews it before.
+    #[n(11)]
+    pub ends_at: Option<u64>,
 }
 
 /// Which side of a contract an allocation is.
@@ -649,6 +657,8 @@ pub(crate) fn test_contract(
         created_at: 0,
         expires_at: 1,
         state,
+        term_ms: None,
+        ends_at: None,
     }
 }
 

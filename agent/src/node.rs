@@ -53,7 +53,7 @@ impl Agent {
     /// Opens the tables, brings the offers in line with the config, connects to the broker
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
-        let tls = prepare_transport(&cfg)?;
+        let (tls, sealing) = prepare_transport(&cfg)?;
         crate::files::prepare_data_dir(&cfg.data_dir)
             .map_err(|e| AgentError::Other(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
         for w in crate::files::mode_warnings(&cfg.data_dir) {
@@ -77,6 +77,7 @@ impl Agent {
             observer,
             status_rx,
             fabric,
+            sealing,
         )?);
         let session = broker::Session {
             events,
@@ -102,7 +103,8 @@ impl Agent {
         let listener = control::bind(&shared.cfg.control_socket)?;
         let control = tokio::spawn(control::serve(shared.clone(), listener, stop_rx.clone()));
         let enforcer = tokio::spawn(crate::fabric::enforce::run(shared.clone(), stop_rx.clone()));
-        let mut tasks = vec![resumer, sweeper, control, enforcer];
+        let renewer = tokio::spawn(crate::terms::keep_renewed(shared.clone(), stop_rx.clone()));
+        let mut tasks = vec![resumer, sweeper, control, enforcer, renewer];
         for intent in orchestrator::unfinished(&shared)? {
             let run = orchestrator::resume(shared.clone(), intent, stop_rx.clone());
             tasks.push(tokio::spawn(run));
@@ -187,19 +189,23 @@ impl Agent {
 
 /// Loads and checks the TLS material (an error names the file and the problem), logs its
 /// warnings, and warns about plain MQTT that leaves the machine.
-fn prepare_transport(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>, AgentError> {
+type Transport = (Option<Arc<rustls::ClientConfig>>, Option<crate::seal::Keys>);
+
+fn prepare_transport(cfg: &Config) -> Result<Transport, AgentError> {
     let Some(files) = &cfg.tls else {
         if !crate::config::is_loopback(&cfg.broker.host) {
             warn!(broker = %cfg.broker.host, "plain MQTT to another machine (insecure_plaintext = true): anyone on the path can read and forge this node's messages");
         }
-        return Ok(None);
+        return Ok((None, None));
     };
     let loaded = crate::tls::load(files, &cfg.node_id)?;
     for w in &loaded.warnings {
         warn!("{w}");
     }
     info!(cn = %loaded.identity.common_name, "mutual TLS to the domain broker");
-    Ok(Some(loaded.client))
+    let keys = crate::seal::Keys::new(&loaded.certificate, &loaded.key, loaded.roots.clone())
+        .map_err(|e| AgentError::Other(format!("{}: {e}", files.key.display())))?;
+    Ok((Some(loaded.client), Some(keys)))
 }
 
 /// Finishes purchases left in flight by a previous run, once the broker is reachable.
@@ -250,11 +256,12 @@ async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 .await
             {
                 Ok(Some(_)) => {
-                    info!(contract = %c.id, buyer = %c.buyer, seller = %c.seller, "reservation expired unpeered; resources returned");
+                    info!(contract = %c.id, buyer = %c.buyer, seller = %c.seller, "contract expired (unpeered, or its term ran out unrenewed); resources returned");
                     if &c.seller == shared.me() {
                         if let Err(e) = shared.publish_advert().await {
                             warn!(error = %e, "could not re-publish the advert");
                         }
+                        crate::terms::expired_sold(&shared, &c).await;
                     } else {
                         consumer::teardown_bought(&shared, &c).await;
                     }
@@ -471,11 +478,13 @@ async fn on_addressed(shared: &Arc<Shared>, from: Id, msg: Message) {
         }
         Body::PeerRequest(req) => provider::on_peer_request(shared, from, msg.id, req).await,
         Body::Release(r) => provider::on_release(shared, &from, msg.id, r).await,
+        Body::Renew(r) => crate::terms::on_renew(shared, &from, msg.id, r).await,
         Body::Flavours(_)
         | Body::Reserved(_)
         | Body::Error(_)
         | Body::PeerAccept(_)
-        | Body::Released(_) => deliver(shared, from, msg),
+        | Body::Released(_)
+        | Body::Renewed(_) => deliver(shared, from, msg),
         Body::Advert(_) => unexpected(shared, &from, msg.id, msg.body.kind(), "addressed").await,
     }
 }

@@ -59,6 +59,9 @@ pub(crate) struct Shared {
     pub steps: broadcast::Sender<Step>,
     /// Provider-side peerings set up at once (each may run kubectl/liqoctl for seconds).
     pub peerings: Arc<Semaphore>,
+    /// Sealing material from the TLS files (`None` on a plain-MQTT loopback/demo domain,
+    /// where peering identities travel in clear): see [`crate::seal`].
+    pub sealing: Option<crate::seal::Keys>,
     /// Unpeered reservations per buyer (provider side), for `limits.pending_per_buyer`.
     /// Counted up at every new reservation and never down: a buyer that reaches the limit
     /// is counted again from the contracts table (peered, released and lapsed ones drop out).
@@ -75,6 +78,7 @@ impl Shared {
         observer: Option<Observer>,
         status: watch::Receiver<Status>,
         fabric: Fabric,
+        sealing: Option<crate::seal::Keys>,
     ) -> Result<Shared, TableError> {
         let unpeered = Mutex::new(tables.unpeered_by_buyer(&cfg.node_id)?);
         let (steps, _) = broadcast::channel(STEP_QUEUE);
@@ -82,6 +86,7 @@ impl Shared {
             fabric,
             steps,
             peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
+            sealing,
             unpeered,
             tables,
             topics: Topics::new(&cfg.domain, &cfg.node_id),

@@ -84,6 +84,27 @@ pub enum Reservation {
     Refused(Refusal),
 }
 
+/// What a provider's policy adds to a RESERVE_FLAVOUR check (see [`Tables::reserve_unflushed`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// The buyer already holds the most unpeered reservations allowed.
+    pub pending_full: Option<u32>,
+    /// `[offer] max_per_buyer`: what the buyer may still take of the offer.
+    pub room: Option<Room>,
+    /// The contract's term (`[offer] contract_term_secs`); `None`: it never ends while Active.
+    pub term_ms: Option<u64>,
+}
+
+/// What one buyer may still take of one offer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Room {
+    pub offer: Id,
+    /// The cap, in percent of the offer's total.
+    pub percent: u8,
+    /// The cap minus what the buyer holds now.
+    pub left: Resources,
+}
+
 /// A purchase this node started and has not finished (consumer side).
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 #[cbor(map)]
@@ -115,12 +136,25 @@ pub struct Rating {
     /// Milliseconds from PEER_REQUEST sent to the virtual node ready, last success.
     #[cbor(n(5), default)]
     pub last_peering_ms: u64,
+    /// Reservations the provider refused (NO_FIT, or FLAVOUR_GONE twice in one flow) or
+    /// ignored although it had just offered the flavour: see [`crate::rear`].
+    #[cbor(n(6), default)]
+    pub lies: u64,
+    /// Unix ms until which the provider is ranked after every provider that did not lie
+    /// (0: not demoted).
+    #[cbor(n(7), default)]
+    pub demoted_until: u64,
 }
 
 impl Rating {
     /// What ranking weighs: everything that went wrong with this provider.
     pub fn failures(&self) -> u64 {
         self.reservations_failed + self.peerings_failed
+    }
+
+    /// Whether the provider is demoted at `now`.
+    pub fn demoted(&self, now: u64) -> bool {
+        now < self.demoted_until
     }
 }
 
@@ -373,7 +407,7 @@ impl Tables {
         now: u64,
         ttl_ms: u64,
     ) -> Result<Reservation, TableError> {
-        let outcome = self.reserve_unflushed(me, req, now, ttl_ms, None)?;
+        let outcome = self.reserve_unflushed(me, req, now, ttl_ms, &Admission::default())?;
         if matches!(outcome, Reservation::New(_)) {
             self.flush().await?;
         }
@@ -383,15 +417,18 @@ impl Tables {
     /// [`Tables::reserve`] without the flush, for group commit: the caller flushes once for
     /// a batch and answers none of it before that flush returned.
     ///
-    /// `pending_full`: the buyer already holds the most unpeered reservations allowed; a new
-    /// transaction is refused (a repeated one still gets its first answer).
+    /// `admit.pending_full`: the buyer already holds the most unpeered reservations allowed; a
+    /// new transaction is refused (a repeated one still gets its first answer). `admit.room`:
+    /// a piece beyond what the buyer may still take of the offer is refused (after the
+    /// flavour's own checks). `admit.term_ms`: the contract's term; it ends at `now + term`
+    /// unless renewed.
     pub fn reserve_unflushed(
         &self,
         me: &Id,
         req: &ReserveRequest,
         now: u64,
         ttl_ms: u64,
-        pending_full: Option<u32>,
+        admit: &Admission,
     ) -> Result<Reservation, TableError> {
         let key = in_key(&req.buyer, &req.transaction);
         let outcome = flatten(
@@ -407,7 +444,7 @@ impl Tables {
                         if let Some(first) = tx_get("transactions", transactions, &key)? {
                             return Ok(Reservation::Repeat(first));
                         }
-                        if let Some(n) = pending_full {
+                        if let Some(n) = admit.pending_full {
                             return Ok(Reservation::Refused(Refusal::TooManyPending(n)));
                         }
                         let Some(own) = tx_get::<OwnFlavour>(
@@ -428,6 +465,16 @@ impl Tables {
                             Ok(p) => p,
                             Err(r) => return Ok(Reservation::Refused(r)),
                         };
+                        if let Some(room) = &admit.room {
+                            if room.offer == own.offer
+                                && room.left.checked_sub(&resources).is_none()
+                            {
+                                return Ok(Reservation::Refused(Refusal::ShareExceeded {
+                                    offer: own.offer.clone(),
+                                    percent: room.percent,
+                                }));
+                            }
+                        }
                         let n = available.generate_id()?;
                         let id = Id::new(&format!("{me}.c{n}")).map_err(|e| {
                             ConflictableTransactionError::Abort(TableError::Corrupt {
@@ -454,6 +501,8 @@ impl Tables {
                             created_at: now,
                             expires_at: now.saturating_add(ttl_ms),
                             state: ContractState::Reserved,
+                            term_ms: admit.term_ms,
+                            ends_at: admit.term_ms.map(|t| now.saturating_add(t)),
                         };
                         let alloc = Allocation {
                             contract: id.clone(),
@@ -660,13 +709,81 @@ impl Tables {
         Ok(out)
     }
 
-    /// Reserved contracts whose peering deadline has passed.
+    /// Reserved contracts whose peering deadline has passed, and live contracts whose term
+    /// ran out unrenewed (`ends_at`).
     pub fn lapsed(&self, now: u64) -> Result<Vec<Contract>, TableError> {
         Ok(self
             .contracts()?
             .into_iter()
-            .filter(|c| c.state == ContractState::Reserved && c.expires_at <= now)
+            .filter(|c| {
+                let unpeered = c.state == ContractState::Reserved && c.expires_at <= now;
+                let live = matches!(c.state, ContractState::Reserved | ContractState::Active);
+                unpeered || (live && c.ends_at.is_some_and(|e| e <= now))
+            })
             .collect())
+    }
+
+    /// What `buyer` holds now of `offer` (live Node allocations, provider side).
+    pub fn held_by(&self, buyer: &Id, offer: &Id) -> Result<Resources, TableError> {
+        let mut held = Resources::default();
+        for a in all::<Allocation>("allocations", &self.allocations)? {
+            if a.kind == AllocationKind::Node
+                && a.status != AllocationStatus::Released
+                && &a.peer == buyer
+                && a.offer.as_ref() == Some(offer)
+            {
+                held = held.saturating_add(&a.resources);
+            }
+        }
+        Ok(held)
+    }
+
+    /// The flavour on offer now under `id`, with its offer.
+    pub fn own_flavour(&self, id: &Id) -> Result<Option<OwnFlavour>, TableError> {
+        one("available", &self.available, id.as_str().as_bytes())
+    }
+
+    /// Renews a live contract with a term: `ends_at` becomes `max(ends_at, now + term)` (a
+    /// repeated renewal never adds a second term), flushed. Returns the contract as it is
+    /// now, or `None` if it is not live. A contract without a term is returned unchanged.
+    pub async fn renew(&self, contract: &Id, now: u64) -> Result<Option<Contract>, TableError> {
+        let key = contract.as_str().as_bytes();
+        let out = flatten(self.contracts.transaction(|contracts| {
+            let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? else {
+                return Ok(None);
+            };
+            let live = matches!(c.state, ContractState::Reserved | ContractState::Active);
+            if !live || c.ends_at.is_some_and(|e| e <= now) {
+                return Ok(None);
+            }
+            if let Some(t) = c.term_ms {
+                let end = now.saturating_add(t).max(c.ends_at.unwrap_or(0));
+                if c.ends_at != Some(end) {
+                    c.ends_at = Some(end);
+                    contracts.insert(key, enc(&c))?;
+                }
+            }
+            Ok(Some(c))
+        }))?;
+        if out.is_some() {
+            self.flush().await?;
+        }
+        Ok(out)
+    }
+
+    /// Buyer side: records the end a seller's RENEWED gave a contract (only ever later).
+    pub async fn extend(&self, contract: &Id, ends_at: u64) -> Result<(), TableError> {
+        let key = contract.as_str().as_bytes();
+        flatten(self.contracts.transaction(|contracts| {
+            if let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? {
+                if c.ends_at.is_some_and(|e| e < ends_at) {
+                    c.ends_at = Some(ends_at);
+                    contracts.insert(key, enc(&c))?;
+                }
+            }
+            Ok(())
+        }))?;
+        self.flush().await
     }
 
     /// Remembers the PEER_ACCEPT given for a contract, so a repeated PEER_REQUEST gets the
@@ -800,6 +917,16 @@ impl Tables {
             } else {
                 r.reservations_failed += 1;
             }
+        })
+    }
+
+    /// Records that `provider` lied to a purchase (refused or ignored what it had just
+    /// offered) and demotes it until `until` (Unix ms; a longer demotion already running is
+    /// kept).
+    pub fn demote(&self, provider: &Id, until: u64) -> Result<(), TableError> {
+        self.update_rating(provider, |r| {
+            r.lies += 1;
+            r.demoted_until = r.demoted_until.max(until);
         })
     }
 

@@ -70,6 +70,11 @@ pub struct Loaded {
     pub client: Arc<rustls::ClientConfig>,
     pub identity: Identity,
     pub warnings: Vec<String>,
+    /// The node's own certificate (the first of its chain), its key and the domain CA: what
+    /// sealed peering credentials need ([`crate::seal::Keys`]).
+    pub certificate: CertificateDer<'static>,
+    pub key: PrivateKeyDer<'static>,
+    pub roots: Arc<rustls::RootCertStore>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -215,17 +220,23 @@ pub fn load(files: &TlsFiles, node: &Id) -> Result<Loaded, TlsError> {
         return Err(pem_error(&files.ca, "holds no usable CA certificate"));
     }
 
+    let roots = Arc::new(roots);
+    let certificate = chain[0].clone();
+    let own_key = key.clone_key();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
-        .with_root_certificates(roots)
+        .with_root_certificates(roots.clone())
         .with_client_auth_cert(chain, key)
         .map_err(|e| pem_error(&files.key, format!("does not go with the certificate: {e}")))?;
     Ok(Loaded {
         client: Arc::new(client),
         identity: id,
         warnings,
+        certificate,
+        key: own_key,
+        roots,
     })
 }
 

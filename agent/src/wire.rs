@@ -57,6 +57,8 @@ pub enum Kind {
     PeerAccept = 8,
     Release = 9,
     Released = 10,
+    Renew = 11,
+    Renewed = 12,
 }
 
 impl Kind {
@@ -72,6 +74,8 @@ impl Kind {
             8 => Kind::PeerAccept,
             9 => Kind::Release,
             10 => Kind::Released,
+            11 => Kind::Renew,
+            12 => Kind::Renewed,
             _ => return None,
         })
     }
@@ -108,6 +112,12 @@ pub enum ErrorCode {
     PeeringFailed = 12,
     /// The buyer holds as many unpeered reservations as the provider allows per buyer.
     TooManyPending = 13,
+    /// A PEER_REQUEST on a TLS domain without a certificate of the sender's from the domain
+    /// CA with a P-256 key, so the identity cannot be sealed to it.
+    BadCertificate = 14,
+    /// The reservation would give the buyer more of an offer than the provider sells to one
+    /// buyer (`[offer] max_per_buyer`).
+    ShareExceeded = 15,
 }
 
 impl ErrorCode {
@@ -127,6 +137,8 @@ impl ErrorCode {
             11 => NoContract,
             12 => PeeringFailed,
             13 => TooManyPending,
+            14 => BadCertificate,
+            15 => ShareExceeded,
             _ => return None,
         })
     }
@@ -177,6 +189,55 @@ impl ErrorBody {
     }
 }
 
+/// A byte string of at most `N` bytes: decoding refuses a longer one from its header.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Bytes<const N: usize>(Vec<u8>);
+
+impl<const N: usize> Bytes<N> {
+    pub fn new(b: &[u8]) -> Result<Self, crate::model::ModelError> {
+        if b.len() > N {
+            return Err(crate::model::ModelError::TooLong {
+                max: N,
+                len: b.len(),
+            });
+        }
+        Ok(Bytes(b.to_vec()))
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for Bytes<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+impl<C, const N: usize> Encode<C> for Bytes<N> {
+    fn encode<W: minicbor::encode::Write>(
+        &self,
+        e: &mut minicbor::Encoder<W>,
+        _: &mut C,
+    ) -> Result<(), minicbor::encode::Error<W::Error>> {
+        e.bytes(&self.0)?;
+        Ok(())
+    }
+}
+
+impl<'b, C, const N: usize> Decode<'b, C> for Bytes<N> {
+    fn decode(d: &mut minicbor::Decoder<'b>, _: &mut C) -> Result<Self, minicbor::decode::Error> {
+        // `bytes` refuses indefinite-length strings; the slice is borrowed, not copied, until
+        // its length is checked.
+        let b = d.bytes()?;
+        Bytes::new(b).map_err(|e| minicbor::decode::Error::message(format!("bytes: {e}")))
+    }
+}
+
+/// Largest sealed identity: the largest identity plus what sealing adds.
+pub const MAX_SEALED: usize = MAX_IDENTITY + crate::seal::OVERHEAD;
+
 /// PEER_REQUEST body: the consumer asks the seller to peer for a contract (steps 21-22).
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 #[cbor(map)]
@@ -190,6 +251,9 @@ pub struct PeerRequest {
     /// senders.
     #[n(2)]
     pub liqo_version: Option<Text<MAX_LIQO_VERSION>>,
+    /// The consumer's node certificate (DER), to seal the identity to (docs/protocol.md).
+    #[n(3)]
+    pub certificate: Option<Bytes<{ crate::seal::MAX_CERTIFICATE }>>,
 }
 
 /// PEER_ACCEPT body: the seller's answer (step 26, Liqo's "ResourceOffer").
@@ -208,6 +272,9 @@ pub struct PeerAccept {
     /// The provider's Liqo version; absent from older senders.
     #[n(3)]
     pub liqo_version: Option<Text<MAX_LIQO_VERSION>>,
+    /// The identity sealed to the consumer's certificate key (instead of `identity`).
+    #[n(4)]
+    pub sealed: Option<Bytes<MAX_SEALED>>,
 }
 
 /// RELEASE and RELEASED body.
@@ -231,6 +298,10 @@ pub enum Body {
     PeerAccept(PeerAccept),
     Release(ContractRef),
     Released(ContractRef),
+    /// The buyer extends a contract's end (docs/protocol.md).
+    Renew(ContractRef),
+    /// The seller's answer: the contract with its new `ends_at`.
+    Renewed(Box<Contract>),
 }
 
 impl Body {
@@ -246,6 +317,8 @@ impl Body {
             Body::PeerAccept(_) => Kind::PeerAccept,
             Body::Release(_) => Kind::Release,
             Body::Released(_) => Kind::Released,
+            Body::Renew(_) => Kind::Renew,
+            Body::Renewed(_) => Kind::Renewed,
         }
     }
 
@@ -260,7 +333,8 @@ impl Body {
             Body::Error(b) => minicbor::to_vec(b),
             Body::PeerRequest(b) => minicbor::to_vec(b),
             Body::PeerAccept(b) => minicbor::to_vec(b),
-            Body::Release(b) | Body::Released(b) => minicbor::to_vec(b),
+            Body::Release(b) | Body::Released(b) | Body::Renew(b) => minicbor::to_vec(b),
+            Body::Renewed(b) => minicbor::to_vec(b.as_ref()),
         };
         r.unwrap_or_default()
     }
@@ -277,6 +351,8 @@ impl Body {
             Kind::PeerAccept => Body::PeerAccept(minicbor::decode(b)?),
             Kind::Release => Body::Release(minicbor::decode(b)?),
             Kind::Released => Body::Released(minicbor::decode(b)?),
+            Kind::Renew => Body::Renew(minicbor::decode(b)?),
+            Kind::Renewed => Body::Renewed(Box::new(minicbor::decode(b)?)),
         })
     }
 }
@@ -758,6 +834,8 @@ pub fn examples() -> Vec<(&'static str, Message)> {
         created_at: T0 + 30,
         expires_at: T0 + 30 + 600_000,
         state: ContractState::Reserved,
+        term_ms: None,
+        ends_at: None,
     };
     let list = Flavours {
         flavours: FlavourList::from_slice_truncated(std::slice::from_ref(&flavour)),
@@ -823,6 +901,7 @@ pub fn examples() -> Vec<(&'static str, Message)> {
                     contract: id("provider-1.c9"),
                     cluster_id: id("gw-consumer-cluster"),
                     liqo_version: None,
+                    certificate: None,
                 }),
             ),
         ),
@@ -837,6 +916,7 @@ pub fn examples() -> Vec<(&'static str, Message)> {
                     cluster_id: id("gw-provider-cluster"),
                     identity: crate::model::LongText::new("apiVersion: v1\nkind: Config\n").ok(),
                     liqo_version: None,
+                    sealed: None,
                 }),
             ),
         ),
@@ -858,6 +938,17 @@ pub fn examples() -> Vec<(&'static str, Message)> {
                 Some(9),
                 "provider-1",
                 Body::Released(ContractRef {
+                    contract: id("provider-1.c9"),
+                }),
+            ),
+        ),
+        (
+            "RENEW",
+            msg(
+                11,
+                None,
+                "consumer-1",
+                Body::Renew(ContractRef {
                     contract: id("provider-1.c9"),
                 }),
             ),
@@ -1043,6 +1134,7 @@ mod tests {
             contract: Id::new("p.c1").unwrap(),
             cluster_id: Id::new("c").unwrap(),
             liqo_version: None,
+            certificate: None,
         };
         let bytes = minicbor::to_vec(&old).unwrap();
         assert_eq!(bytes[0], 0xa2, "two keys, as before the version existed");
@@ -1057,6 +1149,7 @@ mod tests {
             cluster_id: Id::new("p").unwrap(),
             identity: None,
             liqo_version: None,
+            sealed: None,
         };
         assert_eq!(minicbor::to_vec(&accept).unwrap()[0], 0xa2);
         let too_long = format!("{:0<1$}", "v", MAX_LIQO_VERSION + 1);

@@ -128,10 +128,19 @@ fn contract() -> impl Strategy<Value = Contract> {
     ];
     (
         (id(), id(), flavour(), id(), id()),
-        (resources(), any::<[u64; 3]>(), state),
+        (
+            resources(),
+            any::<[u64; 3]>(),
+            state,
+            of(any::<u64>()),
+            of(any::<u64>()),
+        ),
     )
         .prop_map(
-            |((id, transaction, flavour, buyer, seller), (resources, n, state))| Contract {
+            |(
+                (id, transaction, flavour, buyer, seller),
+                (resources, n, state, term_ms, ends_at),
+            )| Contract {
                 id,
                 transaction,
                 flavour,
@@ -142,6 +151,8 @@ fn contract() -> impl Strategy<Value = Contract> {
                 created_at: n[1],
                 expires_at: n[2],
                 state,
+                term_ms,
+                ends_at,
             },
         )
 }
@@ -159,14 +170,26 @@ fn body() -> impl Strategy<Value = Body> {
     let error =
         (any::<u16>(), text::<MAX_ERROR_TEXT>()).prop_map(|(code, text)| ErrorBody { code, text });
     let identity = of("[ -~\n]{0,300}".prop_filter_map("fits", |s| LongText::new(&s).ok()));
-    let accept = (id(), id(), identity, of(text::<MAX_LIQO_VERSION>())).prop_map(
-        |(contract, cluster_id, identity, liqo_version)| PeerAccept {
-            contract,
-            cluster_id,
-            identity,
-            liqo_version,
-        },
-    );
+    fn blob<const N: usize>(n: usize) -> impl Strategy<Value = Option<fluidlet::wire::Bytes<N>>> {
+        of(proptest::collection::vec(any::<u8>(), 0..n)
+            .prop_map(|b| fluidlet::wire::Bytes::new(&b).unwrap()))
+    }
+    let accept = (
+        id(),
+        id(),
+        identity,
+        of(text::<MAX_LIQO_VERSION>()),
+        blob(200),
+    )
+        .prop_map(
+            |(contract, cluster_id, identity, liqo_version, sealed)| PeerAccept {
+                contract,
+                cluster_id,
+                identity,
+                liqo_version,
+                sealed,
+            },
+        );
     prop_oneof![
         selector().prop_map(|selector| Body::ListFlavours(ListFlavours { selector })),
         flavours().prop_map(Body::Flavours),
@@ -174,11 +197,12 @@ fn body() -> impl Strategy<Value = Body> {
         contract().prop_map(|c| Body::Reserved(Box::new(c))),
         error.prop_map(Body::Error),
         flavours().prop_map(Body::Advert),
-        (id(), id(), of(text::<MAX_LIQO_VERSION>())).prop_map(
-            |(contract, cluster_id, liqo_version)| Body::PeerRequest(PeerRequest {
+        (id(), id(), of(text::<MAX_LIQO_VERSION>()), blob(600)).prop_map(
+            |(contract, cluster_id, liqo_version, certificate)| Body::PeerRequest(PeerRequest {
                 contract,
                 cluster_id,
                 liqo_version,
+                certificate,
             })
         ),
         accept.prop_map(Body::PeerAccept),

@@ -609,7 +609,7 @@ async fn discovery(port: u16, dir: &Path, n: usize) -> Res<(Duration, Duration)>
                 &sel,
                 fluidlet::unix_ms(),
                 60_000,
-                |_| 0,
+                |_| fluidlet::discovery::Standing::default(),
             );
             let rank = r0.elapsed();
             if ranked.is_empty() {

@@ -688,6 +688,7 @@ async fn peer_request(eve: &mut Rogue, contract: &Id) -> Body {
             contract: contract.clone(),
             cluster_id: Id::new("eve-cluster").unwrap(),
             liqo_version: None,
+            certificate: None,
         }),
     )
     .await;

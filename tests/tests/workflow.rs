@@ -294,6 +294,7 @@ async fn peering_without_a_matching_contract_is_refused(port: u16) {
             contract: Id::new(id).unwrap(),
             cluster_id: Id::new("rogue-cluster").unwrap(),
             liqo_version: None,
+            certificate: None,
         });
         r.send("prov", body).await;
         let m = r.recv().await;

@@ -7,27 +7,38 @@
 //! then ask the Contract Manager to reserve the best candidate (13-14) and store the
 //! contract and a VirtualNode allocation when RESERVED comes back (19-20).
 //!
-//! Retries reuse the transaction id, so a RESERVED lost on the way back is recovered by
-//! asking again and never reserves twice (the provider answers a repeated id with its first
-//! answer). A refusal drops that candidate and moves to the next one; after
-//! [`MAX_TRIED`] candidates the flow gives up with the last reason.
+//! Providers can lie: advertise cheap flavours and then refuse or ignore every RESERVE.
+//! So a flow gives each provider **one attempt** (one RESERVE_FLAVOUR, one
+//! `reserve_timeout`) and then moves on to the next provider, for as long as its time budget
+//! (`consumer.acquire_budget_secs`) lasts, not for a fixed number of candidates. A provider
+//! that answers NO_FIT for a flavour it offered (an honest provider never does: a flavour's
+//! id changes whenever its resources do), that does not answer in time, or whose RESERVED is
+//! not the contract asked for, is a *liar* for this flow: it is out of the flow and demoted
+//! in Ratings and Metrics for `consumer.liar_demotion_secs`, during which [`rank`] puts it
+//! after every other provider whatever its price. FLAVOUR_GONE is what an honest provider
+//! answers when the flavour was sold since this node saw it, so the first one only excludes
+//! that provider's candidates known so far: it gets a second attempt on a flavour heard of
+//! after the refusal (a fresh advert or discovery answer); a second FLAVOUR_GONE in the same
+//! flow makes it a liar too. A RESERVED lost on the way back is no longer recovered by a
+//! resend within the flow: the provider's reservation lapses at its expiry. Purchases
+//! resumed after a restart ([`resume`]) still resend under the same transaction id
+//! (`reserve_attempts`), so a contract made while this node was down is recovered.
 
 use super::NETWORK_NOTE;
 use crate::contracts::check_answer;
-use crate::discovery::{rank, Fit};
+use crate::discovery::{rank, Fit, Standing};
 use crate::model::ContractState;
 use crate::model::{Candidate, Contract, FlavourSelector, Id, ReserveRequest};
 use crate::shared::{RearError, Shared, Waiter};
 use crate::tables::Outgoing;
 use crate::unix_ms;
-use crate::wire::{Body, ContractRef, ListFlavours, Message, PeerRequest};
+use crate::wire::{Body, ContractRef, ErrorCode, ListFlavours, Message, PeerRequest};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-/// Candidates tried for one selector before giving up.
-pub const MAX_TRIED: usize = 3;
 /// FLAVOURS answers buffered during one discovery (each holds at most 16 flavours).
 const DISCOVERY_QUEUE: usize = 32;
 
@@ -57,21 +68,58 @@ pub fn describe(sel: &FlavourSelector) -> String {
 
 fn ranked(shared: &Shared, sel: &FlavourSelector) -> Result<Vec<(Candidate, Fit)>, RearError> {
     let ttl = shared.cfg.candidate_ttl.as_millis() as u64;
-    let failures = |p: &Id| {
+    let now = unix_ms();
+    let standing = |p: &Id| {
         shared
             .tables
             .rating(p)
             .ok()
             .flatten()
-            .map_or(0, |r| r.failures())
+            .map_or(Standing::default(), |r| Standing {
+                demoted: r.demoted(now),
+                failures: r.failures(),
+            })
     };
-    Ok(rank(
-        shared.tables.candidates()?,
-        sel,
-        unix_ms(),
-        ttl,
-        failures,
-    ))
+    Ok(rank(shared.tables.candidates()?, sel, now, ttl, standing))
+}
+
+/// Which providers a purchase flow may still try.
+#[derive(Default)]
+struct Turns {
+    /// Providers whose attempt is used up (refused, silent, or a bad answer).
+    done: HashSet<Id>,
+    /// Providers that answered FLAVOUR_GONE once, with the Unix ms of the refusal: only
+    /// their candidates heard of after it are eligible.
+    gone_at: HashMap<Id, u64>,
+}
+
+impl Turns {
+    fn eligible(&self, c: &Candidate) -> bool {
+        let p = &c.flavour.provider;
+        !self.done.contains(p) && self.gone_at.get(p).is_none_or(|t| c.seen_at > *t)
+    }
+
+    /// Records how `provider`'s attempt ended; true when it lied (to be demoted).
+    fn ended(&mut self, provider: &Id, e: &RearError) -> bool {
+        let lied = match e {
+            RearError::Refused {
+                code: Some(ErrorCode::FlavourGone),
+                ..
+            } if !self.gone_at.contains_key(provider) => {
+                self.gone_at.insert(provider.clone(), unix_ms());
+                return false;
+            }
+            RearError::Refused {
+                code: Some(ErrorCode::FlavourGone | ErrorCode::NoFit),
+                ..
+            }
+            | RearError::Timeout(_)
+            | RearError::BadAnswer(_) => true,
+            _ => false,
+        };
+        self.done.insert(provider.clone());
+        lied
+    }
 }
 
 /// The whole consumer flow for one selector.
@@ -85,16 +133,37 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
             .unwrap_or_else(|| "not connected yet".into());
         return Err(RearError::Disconnected(why));
     }
-    let mut found = ranked(shared, sel)?;
-    shared.step(
-        5,
-        "REAR Manager",
-        format_args!("{} matching peering candidate(s) in the table", found.len()),
-    );
+    let deadline = Instant::now() + shared.cfg.acquire_budget;
+    let mut turns = Turns::default();
     let mut discovered = false;
     let mut last = None;
+    let mut first = true;
     loop {
-        if found.is_empty() && !discovered {
+        let found: Vec<_> = ranked(shared, sel)?
+            .into_iter()
+            .filter(|(c, _)| turns.eligible(c))
+            .collect();
+        if first {
+            shared.step(
+                5,
+                "REAR Manager",
+                format_args!("{} matching peering candidate(s) in the table", found.len()),
+            );
+            first = false;
+        }
+        if Instant::now() >= deadline {
+            warn!(
+                budget_s = shared.cfg.acquire_budget.as_secs(),
+                "purchase flow out of time"
+            );
+            return Err(last.unwrap_or_else(|| RearError::NoProvider(describe(sel))));
+        }
+        let Some((cand, fit)) = found.into_iter().next() else {
+            // Every candidate known before discovery failed (sold since, stale, or offered
+            // by a liar): ask the domain once for what is on offer now.
+            if discovered {
+                return Err(last.unwrap_or_else(|| RearError::NoProvider(describe(sel))));
+            }
             shared.step(
                 6,
                 "REAR Manager",
@@ -105,48 +174,45 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
             );
             discover(shared, sel).await?;
             discovered = true;
-            found = ranked(shared, sel)?;
+            let n = ranked(shared, sel)?
+                .iter()
+                .filter(|(c, _)| turns.eligible(c))
+                .count();
             shared.step(
                 12,
                 "REAR Manager",
-                format_args!(
-                    "{} matching peering candidate(s) after discovery",
-                    found.len()
-                ),
+                format_args!("{n} matching peering candidate(s) after discovery"),
             );
-        }
-        if found.is_empty() {
-            return Err(last.unwrap_or_else(|| RearError::NoProvider(describe(sel))));
-        }
-        for (cand, fit) in found.drain(..).take(MAX_TRIED) {
-            shared.step(
-                13,
-                "REAR Manager",
-                format_args!(
-                    "best candidate {} from {}: reservation phase to the Contract Manager",
-                    cand.flavour.id, cand.flavour.provider
-                ),
-            );
-            match reserve(shared, &cand, &fit).await {
-                Ok(c) => return Ok(c),
-                Err(
-                    e @ (RearError::Refused { .. }
-                    | RearError::Timeout(_)
-                    | RearError::BadAnswer(_)),
-                ) => {
-                    warn!(provider = %cand.flavour.provider, error = %e, "candidate failed; trying the next");
-                    let _ = shared
-                        .tables
-                        .remove_candidate(&cand.flavour.provider, &cand.flavour.id);
-                    last = Some(e);
+            continue;
+        };
+        let provider = cand.flavour.provider.clone();
+        shared.step(
+            13,
+            "REAR Manager",
+            format_args!(
+                "best candidate {} from {provider}: reservation phase to the Contract Manager",
+                cand.flavour.id
+            ),
+        );
+        match reserve(shared, &cand, &fit).await {
+            Ok(c) => return Ok(c),
+            Err(
+                e @ (RearError::Refused { .. } | RearError::Timeout(_) | RearError::BadAnswer(_)),
+            ) => {
+                let _ = shared.tables.remove_candidate(&provider, &cand.flavour.id);
+                if turns.ended(&provider, &e) {
+                    let until =
+                        unix_ms().saturating_add(shared.cfg.liar_demotion.as_millis() as u64);
+                    warn!(%provider, error = %e, "provider refused or ignored what it had just offered: demoted, trying the next provider");
+                    if let Err(e) = shared.tables.demote(&provider, until) {
+                        warn!(error = %e, "could not record the demotion in Ratings and Metrics");
+                    }
+                } else {
+                    warn!(%provider, error = %e, "candidate failed; trying the next");
                 }
-                Err(e) => return Err(e),
+                last = Some(e);
             }
-        }
-        // Every candidate known before discovery failed (sold since, or stale): ask the
-        // domain once more rather than give up on what may be an old view.
-        if discovered {
-            return Err(last.unwrap_or_else(|| RearError::NoProvider(describe(sel))));
+            Err(e) => return Err(e),
         }
     }
 }
@@ -222,19 +288,20 @@ async fn reserve(shared: &Shared, cand: &Candidate, fit: &Fit) -> Result<Contrac
         started_at: unix_ms(),
     };
     shared.tables.begin_purchase(&out)?;
-    pursue(shared, &out).await
+    // One attempt: a provider that does not answer within one timeout costs the flow no more.
+    pursue(shared, &out, 1).await
 }
 
-/// Sends RESERVE_FLAVOUR for a recorded purchase until it is answered or the attempts run
+/// Sends RESERVE_FLAVOUR for a recorded purchase until it is answered or `attempts` run
 /// out, always under the purchase's transaction id.
 ///
 /// The purchase record is made durable while the first request travels (not before it
 /// leaves, which would add an fsync to every reservation): if this node crashes before the
 /// flush, it never received an OK either, and the provider's reservation lapses at expiry.
-async fn pursue(shared: &Shared, out: &Outgoing) -> Result<Contract, RearError> {
+async fn pursue(shared: &Shared, out: &Outgoing, attempts: u32) -> Result<Contract, RearError> {
     let (provider, request) = (&out.seller, &out.request);
     let started = Instant::now();
-    for attempt in 1..=shared.cfg.reserve_attempts {
+    for attempt in 1..=attempts.max(1) {
         let (_guard, rx, msg) =
             new_request(shared, provider, Body::ReserveFlavour(request.clone()))?;
         let send = shared.publish(shared.topics.to(provider), false, &msg);
@@ -275,7 +342,7 @@ pub(crate) async fn resume(shared: &Shared) {
     for out in pending {
         let tx = &out.request.transaction;
         info!(%tx, seller = %out.seller, "resuming a purchase left in flight");
-        match pursue(shared, &out).await {
+        match pursue(shared, &out, shared.cfg.reserve_attempts).await {
             Ok(c) => info!(contract = %c.id, %tx, "purchase recovered"),
             Err(e) => warn!(%tx, error = %e, "purchase in flight abandoned"),
         }
@@ -366,7 +433,12 @@ fn new_request<'a>(
 
 /// Sends `body` to `to` and waits for the answer, resending up to the configured attempts.
 /// The request must be idempotent on the receiving side (all of REAR's are).
-async fn ask(shared: &Shared, to: &Id, body: Body, timeout: Duration) -> Result<Body, RearError> {
+pub(crate) async fn ask(
+    shared: &Shared,
+    to: &Id,
+    body: Body,
+    timeout: Duration,
+) -> Result<Body, RearError> {
     for _ in 0..shared.cfg.reserve_attempts {
         let (_guard, rx, msg) = new_request(shared, to, body.clone())?;
         shared.publish(shared.topics.to(to), false, &msg).await?;
@@ -422,6 +494,11 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
         contract: contract.id.clone(),
         cluster_id: cluster_id.clone(),
         liqo_version: crate::model::Text::new(&version).ok(),
+        // On a TLS domain: the certificate the seller seals the identity to.
+        certificate: shared
+            .sealing
+            .as_ref()
+            .and_then(|k| crate::wire::Bytes::new(&k.certificate).ok()),
     });
     shared.step(
         22,
@@ -457,18 +534,31 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
             text,
         });
     }
+    let ctx = crate::seal::Context {
+        contract: &contract.id,
+        provider: seller,
+        buyer: shared.me(),
+    };
+    let opened = crate::seal::receive(shared.sealing.as_ref(), &ctx, &grant).map_err(|e| {
+        RearError::Refused {
+            provider: seller.to_string(),
+            code: None,
+            text: e.to_string(),
+        }
+    })?;
     // Kept (without the identity, which goes to an owner-only file) for the teardown.
     shared.tables.put_peer_grant(&crate::wire::PeerAccept {
         identity: None,
+        sealed: None,
         ..grant.clone()
     })?;
-    let identity = match &grant.identity {
+    let identity = match opened {
         Some(kubeconfig) => {
             let path = shared.fabric.identity_path(&grant.cluster_id);
             let file = crate::fabric::Action::File {
                 what: "the provider's peering identity".into(),
                 path: path.clone(),
-                contents: kubeconfig.as_str().to_owned(),
+                contents: kubeconfig,
                 private: true,
             };
             shared.fabric.execute(contract.id.as_str(), &[file]).await?;

@@ -91,10 +91,10 @@ pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>
                 req.flavour, req.transaction
             ),
         );
-        let full = shared.pending_full(&req.buyer);
+        let admit = crate::terms::admission(shared, &req, shared.pending_full(&req.buyer));
         let outcome = shared
             .tables
-            .reserve_unflushed(shared.me(), &req, unix_ms(), ttl, full);
+            .reserve_unflushed(shared.me(), &req, unix_ms(), ttl, &admit);
         if let Ok(Reservation::New(_)) = &outcome {
             shared.count_unpeered(&req.buyer);
         }
@@ -197,6 +197,14 @@ pub(crate) async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req
             return answer_error(shared, &from, Some(id), ErrorCode::NoContract, &text).await;
         }
     };
+    let recipient = match crate::seal::recipient(shared.sealing.as_ref(), &req, &from) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(%from, contract = %req.contract, error = %e, "peering refused");
+            let text = e.to_string();
+            return answer_error(shared, &from, Some(id), ErrorCode::BadCertificate, &text).await;
+        }
+    };
     if let Ok(Some(grant)) = shared.tables.peer_grant(&c.id) {
         if let Err(e) = shared.send(&from, Some(id), Body::PeerAccept(grant)).await {
             warn!(%from, error = %e, "could not answer PEER_REQUEST");
@@ -225,7 +233,7 @@ pub(crate) async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req
                 c.id, req.cluster_id
             ),
         );
-        let grant = match grant_peering(&shared, &c, &req).await {
+        let grant = match grant_peering(&shared, &c, &req, recipient.as_ref()).await {
             Ok(g) => g,
             Err((code, text)) => {
                 error!(contract = %c.id, "peering grant failed: {text}");
@@ -259,6 +267,7 @@ async fn grant_peering(
     shared: &Shared,
     c: &Contract,
     req: &PeerRequest,
+    recipient: Option<&p256::PublicKey>,
 ) -> Result<PeerAccept, (ErrorCode, String)> {
     let failed = |e: &dyn std::fmt::Display| (ErrorCode::PeeringFailed, e.to_string());
     let version = shared.fabric.liqo_version().await.map_err(|e| failed(&e))?;
@@ -279,11 +288,19 @@ async fn grant_peering(
                 .map_err(|e| failed(&format!("peering identity too large: {e}")))?,
         ),
     };
+    let ctx = crate::seal::Context {
+        contract: &c.id,
+        provider: shared.me(),
+        buyer: &c.buyer,
+    };
+    let (identity, sealed) =
+        crate::seal::protect(recipient, &ctx, identity).map_err(|e| failed(&e))?;
     let grant = PeerAccept {
         contract: c.id.clone(),
         cluster_id: shared.fabric.cluster_id().await.map_err(|e| failed(&e))?,
         identity,
         liqo_version: crate::model::Text::new(&version).ok(),
+        sealed,
     };
     let storage = |e: TableError| {
         (

@@ -1,0 +1,219 @@
+//! Contract terms against hoarding: a provider caps the share of an offer one buyer may hold
+//! (`[offer] max_per_buyer`, percent of the offer's total, each resource), and contracts have
+//! a term (`[offer] contract_term_secs`, carried in the contract as `term_ms` and `ends_at`):
+//! a contract its buyer does not RENEW before `ends_at` ends as Expired on both sides and its
+//! capacity goes back on offer, so an abandoned contract cannot hold capacity forever.
+//!
+//! Provider side: [`admission`] (the cap and the term of a RESERVE_FLAVOUR), [`on_renew`]
+//! (RENEW, answered RENEWED with the contract), [`expired_sold`] (the peering user of a
+//! contract that ran out). Buyer side: [`keep_renewed`] renews every live contract it bought
+//! when half of its term is left (sooner for very short terms).
+
+use crate::model::{Contract, ContractState, Id, ReserveRequest};
+use crate::shared::RearError;
+use crate::shared::Shared;
+use crate::tables::{Admission, Room};
+use crate::unix_ms;
+use crate::wire::{Body, ContractRef, ErrorBody, ErrorCode};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// The policy part of a RESERVE_FLAVOUR check: `pending_full` (from the caller), the
+/// buyer's room under the offer's share cap, and the offer's contract term.
+pub(crate) fn admission(
+    shared: &Shared,
+    req: &ReserveRequest,
+    pending_full: Option<u32>,
+) -> Admission {
+    let mut admit = Admission {
+        pending_full,
+        ..Admission::default()
+    };
+    let own = match shared.tables.own_flavour(&req.flavour) {
+        Ok(Some(own)) => own,
+        // Unknown flavour: the reservation itself answers FLAVOUR_GONE.
+        Ok(None) => return admit,
+        Err(e) => {
+            error!(error = %e, "cannot read the flavour's offer");
+            return admit;
+        }
+    };
+    let (percent, term) = shared.cfg.terms_of(&own.offer);
+    admit.term_ms = Some(term.as_millis() as u64);
+    if percent >= 100 {
+        return admit;
+    }
+    let total = match shared.cfg.offers.iter().find(|o| o.id == own.offer) {
+        Some(o) => o.resources,
+        None => return admit,
+    };
+    let share = |v: u64| (v as u128 * percent as u128 / 100) as u64;
+    let cap = crate::model::Resources {
+        cpu: share(total.cpu),
+        memory: share(total.memory),
+        pods: share(total.pods as u64) as u32,
+        storage: share(total.storage),
+    };
+    let held = match shared.tables.held_by(&req.buyer, &own.offer) {
+        Ok(h) => h,
+        Err(e) => {
+            error!(error = %e, "cannot count the buyer's share; assuming the cap is reached");
+            cap
+        }
+    };
+    let left = crate::model::Resources {
+        cpu: cap.cpu.saturating_sub(held.cpu),
+        memory: cap.memory.saturating_sub(held.memory),
+        pods: cap.pods.saturating_sub(held.pods),
+        storage: cap.storage.saturating_sub(held.storage),
+    };
+    admit.room = Some(Room {
+        offer: own.offer,
+        percent,
+        left,
+    });
+    admit
+}
+
+async fn answer(shared: &Shared, to: &Id, id: u64, body: Body) {
+    if let Err(e) = shared.send(to, Some(id), body).await {
+        warn!(%to, error = %e, "could not answer RENEW");
+    }
+}
+
+/// RENEW from `from`: only the buyer of a live contract this node sold may renew it; the
+/// answer is RENEWED with the contract and its new `ends_at` (see [`crate::tables::Tables::renew`]).
+pub(crate) async fn on_renew(shared: &Shared, from: &Id, id: u64, r: ContractRef) {
+    let refuse = |text: String| Body::Error(ErrorBody::new(ErrorCode::NoContract, &text));
+    let sold = match shared.tables.contract(&r.contract) {
+        Ok(Some(c)) if &c.seller == shared.me() && &c.buyer == from => c,
+        Ok(_) => {
+            warn!(%from, contract = %r.contract, "RENEW refused: not the buyer");
+            let text = format!("no contract {} sold to {from}", r.contract);
+            return answer(shared, from, id, refuse(text)).await;
+        }
+        Err(e) => {
+            error!(error = %e, "cannot read contracts");
+            let body = Body::Error(ErrorBody::new(ErrorCode::Storage, "cannot read contracts"));
+            return answer(shared, from, id, body).await;
+        }
+    };
+    match shared.tables.renew(&sold.id, unix_ms()).await {
+        Ok(Some(c)) => {
+            info!(contract = %c.id, buyer = %from, ends_at = ?c.ends_at, "contract renewed");
+            answer(shared, from, id, Body::Renewed(Box::new(c))).await
+        }
+        Ok(None) => {
+            let text = format!(
+                "contract {} has ended ({:?}, or its term ran out): it cannot be renewed",
+                sold.id, sold.state
+            );
+            answer(shared, from, id, refuse(text)).await
+        }
+        Err(e) => {
+            error!(contract = %sold.id, error = %e, "renewal not stored");
+            let body = Body::Error(ErrorBody::new(
+                ErrorCode::Storage,
+                "could not store the renewal",
+            ));
+            answer(shared, from, id, body).await
+        }
+    }
+}
+
+/// Provider side of a contract that ran out: removes the buyer's peering user when no other
+/// live contract of that buyer needs it (the capacity itself went back with the expiry).
+pub(crate) async fn expired_sold(shared: &Shared, c: &Contract) {
+    let Ok(Some(cluster)) = shared.tables.peer_cluster(&c.id) else {
+        return;
+    };
+    let others = shared
+        .tables
+        .contracts()
+        .unwrap_or_default()
+        .iter()
+        .any(|o| {
+            o.id != c.id
+                && o.buyer == c.buyer
+                && matches!(o.state, ContractState::Reserved | ContractState::Active)
+        });
+    let plan = crate::fabric::plan_teardown_provider(&cluster, !others);
+    if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
+        warn!(contract = %c.id, error = %e, "peering teardown failed");
+    }
+}
+
+/// Buyer side: renews every live contract this node bought once half of its term is left, or
+/// two `expiry_check`s and one `reserve_timeout`, whichever is longer (checked every
+/// `expiry_check`). A seller that answers NO_CONTRACT has ended it: it ends
+/// here too. A seller that does not answer is asked again at the next check; if `ends_at`
+/// passes first, the expiry sweeper ends the contract here.
+pub(crate) async fn keep_renewed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.cfg.expiry_check);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Cancel safety: a tick has no state; a renewal in progress finishes before the next
+        // select!.
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let now = unix_ms();
+        // Half the term, but never less than two checks and an answer's wait: a short term
+        // must not slip between two checks.
+        let margin = (2 * shared.cfg.expiry_check + shared.cfg.reserve_timeout).as_millis() as u64;
+        let due: Vec<Contract> = match shared.tables.contracts() {
+            Ok(all) => all
+                .into_iter()
+                .filter(|c| {
+                    &c.buyer == shared.me()
+                        && matches!(c.state, ContractState::Reserved | ContractState::Active)
+                        && matches!((c.term_ms, c.ends_at), (Some(t), Some(e)) if now.saturating_add((t / 2).max(margin)) >= e && now < e)
+                })
+                .collect(),
+            Err(e) => {
+                error!(error = %e, "cannot read contracts for renewal");
+                continue;
+            }
+        };
+        for c in due {
+            renew(&shared, &c).await;
+        }
+    }
+}
+
+/// Sends RENEW for one bought contract and records the answer.
+async fn renew(shared: &Shared, c: &Contract) {
+    let body = Body::Renew(ContractRef {
+        contract: c.id.clone(),
+    });
+    match crate::rear::consumer::ask(shared, &c.seller, body, shared.cfg.reserve_timeout).await {
+        Ok(Body::Renewed(r)) if r.id == c.id && r.seller == c.seller && &r.buyer == shared.me() => {
+            if let Some(end) = r.ends_at {
+                if let Err(e) = shared.tables.extend(&c.id, end).await {
+                    error!(contract = %c.id, error = %e, "renewal not stored");
+                }
+            }
+        }
+        Ok(Body::Error(e)) if e.code() == Some(ErrorCode::NoContract) => {
+            warn!(contract = %c.id, seller = %c.seller, text = %e.text, "seller ended the contract");
+            match shared
+                .tables
+                .end_contract(&c.id, ContractState::Expired, unix_ms())
+                .await
+            {
+                Ok(Some(_)) => crate::rear::consumer::teardown_bought(shared, c).await,
+                Ok(None) => {}
+                Err(e) => error!(contract = %c.id, error = %e, "expiry failed"),
+            }
+        }
+        Ok(other) => {
+            warn!(contract = %c.id, answer = ?other.kind(), "unexpected answer to RENEW")
+        }
+        Err(RearError::Timeout(_)) => {
+            warn!(contract = %c.id, seller = %c.seller, "RENEW not answered; retrying")
+        }
+        Err(e) => warn!(contract = %c.id, error = %e, "RENEW failed"),
+    }
+}

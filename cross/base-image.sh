@@ -12,8 +12,12 @@ if "$engine" image inspect "$image" >/dev/null 2>&1; then
     exit 0
 fi
 if [ -z "${MIRROR:-}" ]; then
-    MIRROR=$(sed -n 's/^URIs: *\([^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
-    MIRROR=${MIRROR:-$(sed -n 's/^deb \([^ ]*\/debian\) bookworm .*/\1/p' /etc/apt/sources.list 2>/dev/null | head -n 1)}
+    for f in /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list; do
+        [ -f "$f" ] || continue
+        MIRROR=$(sed -n -e 's/^URIs: *\([^ ]*\/debian\)$/\1/p' \
+            -e 's/^deb \([^ ]*\/debian\) bookworm .*/\1/p' "$f" | head -n 1)
+        [ -n "$MIRROR" ] && break
+    done
     MIRROR=${MIRROR:-http://deb.debian.org/debian}
 fi
 command -v debootstrap >/dev/null || {

@@ -69,7 +69,7 @@ impl Agent {
         let (stop_tx, stop_rx) = watch::channel(false);
         let advert = AdvertSlot::default();
         let fabric = Fabric::new(cfg.fabric.clone(), &cfg.data_dir, &cfg.node_id);
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             cfg,
             tables,
             client.clone(),
@@ -77,8 +77,9 @@ impl Agent {
             observer,
             status_rx,
             fabric,
-            sealing,
-        )?);
+        )?;
+        shared.sealing = sealing;
+        let shared = Arc::new(shared);
         let session = broker::Session {
             events,
             client,

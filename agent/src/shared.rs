@@ -60,7 +60,8 @@ pub(crate) struct Shared {
     /// Provider-side peerings set up at once (each may run kubectl/liqoctl for seconds).
     pub peerings: Arc<Semaphore>,
     /// Sealing material from the TLS files (`None` on a plain-MQTT loopback/demo domain,
-    /// where peering identities travel in clear): see [`crate::seal`].
+    /// where peering identities travel in clear): see [`crate::seal`]. Set by
+    /// [`crate::Agent::start`] before the node is shared.
     pub sealing: Option<crate::seal::Keys>,
     /// Unpeered reservations per buyer (provider side), for `limits.pending_per_buyer`.
     /// Counted up at every new reservation and never down: a buyer that reaches the limit
@@ -78,7 +79,6 @@ impl Shared {
         observer: Option<Observer>,
         status: watch::Receiver<Status>,
         fabric: Fabric,
-        sealing: Option<crate::seal::Keys>,
     ) -> Result<Shared, TableError> {
         let unpeered = Mutex::new(tables.unpeered_by_buyer(&cfg.node_id)?);
         let (steps, _) = broadcast::channel(STEP_QUEUE);
@@ -86,7 +86,7 @@ impl Shared {
             fabric,
             steps,
             peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
-            sealing,
+            sealing: None,
             unpeered,
             tables,
             topics: Topics::new(&cfg.domain, &cfg.node_id),

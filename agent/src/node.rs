@@ -58,7 +58,7 @@ impl Agent {
         for w in crate::files::mode_warnings(&cfg.data_dir) {
             warn!("{w}");
         }
-        let tables = Tables::open_for(&cfg.data_dir, &cfg.node_id).await?;
+        let tables = Tables::open_for(&cfg.data_dir, &cfg.node_id, cfg.retention).await?;
         tables.sync_offers(&cfg.offers).await?;
         let topics = Topics::new(&cfg.domain, &cfg.node_id);
         let (client, events) = broker::connect(&cfg, &topics, tls);
@@ -222,8 +222,13 @@ async fn resume_when_connected(shared: Arc<Shared>, mut stop: watch::Receiver<bo
     }
 }
 
+/// Most `deadlines` entries one tick of the sweeper handles; the rest wait for the next tick.
+const SWEEP_BATCH: usize = 256;
+
 /// Contract Manager: ends reservations that were never peered before their expiry, on both
-/// sides; a provider gets the capacity back and re-advertises it at once.
+/// sides (a provider gets the capacity back and re-advertises it at once), and deletes ended
+/// contracts whose retention is over. Each tick reads only the `deadlines` entries due
+/// ([`Tables::due`]), never the whole contracts table.
 async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(shared.cfg.expiry_check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -234,33 +239,74 @@ async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
-        let lapsed = match shared.tables.lapsed(unix_ms()) {
-            Ok(v) => v,
+        sweep_due(&shared, unix_ms()).await;
+    }
+}
+
+/// One pass of the sweeper over the `deadlines` entries due at `now`: the contract of each is
+/// read and what is due is done, by its state.
+async fn sweep_due(shared: &Shared, now: u64) {
+    let due = match shared.tables.due(now, SWEEP_BATCH) {
+        Ok(v) => v,
+        Err(e) => {
+            error!(error = %e, "cannot read the deadlines index");
+            return;
+        }
+    };
+    for (deadline, id) in due {
+        let c = match shared.tables.contract(&id) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                if let Err(e) = shared.tables.drop_deadline(deadline, &id) {
+                    error!(contract = %id, error = %e, "cannot drop a stale deadline");
+                }
+                continue;
+            }
             Err(e) => {
-                error!(error = %e, "cannot read contracts for expiry");
+                error!(contract = %id, error = %e, "cannot read a contract due");
                 continue;
             }
         };
-        for c in lapsed {
-            match shared
-                .tables
-                .end_contract(&c.id, ContractState::Expired, unix_ms())
-                .await
-            {
-                Ok(Some(_)) => {
-                    info!(contract = %c.id, buyer = %c.buyer, seller = %c.seller, "reservation expired unpeered; resources returned");
-                    if &c.seller == shared.me() {
-                        if let Err(e) = shared.publish_advert().await {
-                            warn!(error = %e, "could not re-publish the advert");
-                        }
-                    } else {
-                        consumer::teardown_bought(&shared, &c).await;
+        let result = match c.state {
+            ContractState::Reserved if deadline == c.expires_at => {
+                expire(shared, &c).await;
+                Ok(())
+            }
+            ContractState::Released | ContractState::Expired if deadline != c.expires_at => {
+                shared.tables.prune(deadline, &c.id).map(|pruned| {
+                    if pruned {
+                        debug!(contract = %c.id, "retention over: contract and its records deleted");
                     }
+                })
+            }
+            // Nothing of this contract is due at this deadline any more.
+            _ => shared.tables.drop_deadline(deadline, &c.id),
+        };
+        if let Err(e) = result {
+            error!(contract = %c.id, error = %e, "cannot handle a deadline");
+        }
+    }
+}
+
+/// Ends a Reserved contract whose peering deadline passed, as Expired.
+async fn expire(shared: &Shared, c: &Contract) {
+    match shared
+        .tables
+        .end_contract(&c.id, ContractState::Expired, unix_ms())
+        .await
+    {
+        Ok(Some(_)) => {
+            info!(contract = %c.id, buyer = %c.buyer, seller = %c.seller, "reservation expired unpeered; resources returned");
+            if &c.seller == shared.me() {
+                if let Err(e) = shared.publish_advert().await {
+                    warn!(error = %e, "could not re-publish the advert");
                 }
-                Ok(None) => {}
-                Err(e) => error!(contract = %c.id, error = %e, "expiry failed"),
+            } else {
+                consumer::teardown_bought(shared, c).await;
             }
         }
+        Ok(None) => {}
+        Err(e) => error!(contract = %c.id, error = %e, "expiry failed"),
     }
 }
 

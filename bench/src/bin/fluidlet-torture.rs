@@ -552,28 +552,7 @@ async fn soak(agent: &Path, dir: &Path, port: u16, span: Duration) -> Res<Outcom
         }
     }
     stop(&mut child);
-    let third = samples.len() / 3;
-    if third == 0 {
-        violations.push("too short a soak to judge growth (run it for 60 s or more)".into());
-    } else {
-        let first = &samples[..third];
-        let last = &samples[samples.len() - third..];
-        let max = |v: &[(u64, u64)], f: fn(&(u64, u64)) -> u64| v.iter().map(f).max().unwrap_or(0);
-        for (what, f) in [
-            ("RSS", (|s: &(u64, u64)| s.0) as fn(&(u64, u64)) -> u64),
-            ("on-disk size", |s: &(u64, u64)| s.1),
-        ] {
-            let (a, b) = (max(first, f), max(last, f));
-            let grew = b as f64 > a as f64 * (1.0 + SOAK_TOLERANCE);
-            println!(
-                "{what}: max {a} kB in the first third after retention kicked in, {b} kB in the last ({:+.1}%)",
-                (b as f64 / a.max(1) as f64 - 1.0) * 100.0
-            );
-            if grew {
-                violations.push(format!("{what} kept growing: {a} kB -> {b} kB"));
-            }
-        }
-    }
+    violations.extend(growth(&samples));
     let acked = acked.lock().map_err(|_| "poisoned")?.clone();
     let released = released.lock().map_err(|_| "poisoned")?.clone();
     violations.extend(check(&data, capacity, &acked, &released)?);
@@ -590,6 +569,34 @@ async fn soak(agent: &Path, dir: &Path, port: u16, span: Duration) -> Res<Outcom
         kills: 0,
         violations,
     })
+}
+
+/// The soak's verdict on (RSS kB, on-disk kB) samples taken after retention kicked in: a
+/// violation for each that grew by more than [`SOAK_TOLERANCE`] from the largest of the first
+/// third of the samples to the largest of the last third (and one if there are too few).
+fn growth(samples: &[(u64, u64)]) -> Vec<String> {
+    let third = samples.len() / 3;
+    if third == 0 {
+        return vec!["too short a soak to judge growth (run it for 60 s or more)".into()];
+    }
+    let first = &samples[..third];
+    let last = &samples[samples.len() - third..];
+    let mut violations = Vec::new();
+    for (what, f) in [
+        ("RSS", (|s: &(u64, u64)| s.0) as fn(&(u64, u64)) -> u64),
+        ("on-disk size", |s: &(u64, u64)| s.1),
+    ] {
+        let a = first.iter().map(f).max().unwrap_or(0);
+        let b = last.iter().map(f).max().unwrap_or(0);
+        println!(
+            "{what}: max {a} kB in the first third after retention kicked in, {b} kB in the last ({:+.1}%)",
+            (b as f64 / a.max(1) as f64 - 1.0) * 100.0
+        );
+        if b as f64 > a as f64 * (1.0 + SOAK_TOLERANCE) {
+            violations.push(format!("{what} kept growing: {a} kB -> {b} kB"));
+        }
+    }
+    violations
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -855,4 +862,22 @@ async fn run(args: Args) -> Res<bool> {
         );
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::growth;
+
+    #[test]
+    fn soak_fails_on_steady_growth_and_passes_on_noise() {
+        let flat: Vec<(u64, u64)> = (0..12).map(|i| (6000 + (i % 3) * 500, 2560)).collect();
+        assert!(growth(&flat).is_empty(), "{:?}", growth(&flat));
+        let disk: Vec<(u64, u64)> = (0..12).map(|i| (6000, 2560 + i * 100)).collect();
+        let v = growth(&disk);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].starts_with("on-disk size kept growing"), "{v:?}");
+        let rss: Vec<(u64, u64)> = (0..12).map(|i| (6000 + i * 300, 2560)).collect();
+        assert!(growth(&rss)[0].starts_with("RSS kept growing"));
+        assert_eq!(growth(&flat[..2]).len(), 1, "too few samples is a failure");
+    }
 }

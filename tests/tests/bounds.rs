@@ -223,9 +223,13 @@ async fn an_advert_with_too_many_flavours_is_refused_with_a_clear_error(port: u1
 async fn candidates_per_provider_are_bounded_and_the_oldest_are_forgotten() {
     use fluidlet::tables::{Tables, MAX_CANDIDATES_PER_PROVIDER};
     let dir = tempfile::tempdir().unwrap();
-    let t = Tables::open_for(dir.path(), &Id::new("me").unwrap())
-        .await
-        .unwrap();
+    let t = Tables::open_for(
+        dir.path(),
+        &Id::new("me").unwrap(),
+        fluidlet::config::DEFAULT_RETENTION,
+    )
+    .await
+    .unwrap();
     let flavour = |provider: &str, i: usize| {
         let mut f = fluidlet::demo::demo_offer(&Id::new(provider).unwrap());
         f.id = Id::new(&format!("f{i:03}")).unwrap();

@@ -106,46 +106,7 @@ fn start_broker() -> Result<u16, String> {
     ))
 }
 
-/// Kubernetes' name for this machine's architecture.
-pub fn k8s_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        other => other,
-    }
-}
-
-/// The demo provider's one offer: 4 CPUs, 8 GiB, 110 pods, sold in pieces of 500m / 1 GiB.
-pub fn demo_offer(provider: &Id) -> Flavour {
-    Flavour {
-        id: Id::new("edge-pool").unwrap_or_default(),
-        provider: provider.clone(),
-        architecture: Text::new(k8s_arch()).unwrap_or_default(),
-        resources: Resources {
-            cpu: 4000,
-            memory: 8 << 30,
-            pods: 110,
-            storage: 0,
-        },
-        gpu: None,
-        partitionability: Some(Partitionability {
-            cpu_min: 500,
-            memory_min: 1 << 30,
-            pods_min: 1,
-            cpu_step: 500,
-            memory_step: 1 << 30,
-            pods_step: 1,
-        }),
-        price: Price {
-            amount: 2_000_000,
-            currency: Text::new("EUR").unwrap_or_default(),
-            period: Text::new("hour").unwrap_or_default(),
-        },
-        available: true,
-        location: None,
-    }
-}
+pub use crate::model::{demo_offer, k8s_arch};
 
 /// A node config for the demo broker on `port`.
 pub fn demo_config(node: &str, domain: &str, port: u16, dir: &Path) -> Result<Config, AgentError> {

@@ -627,6 +627,48 @@ pub type FlavourList = Bounded<Flavour, MAX_FLAVOURS>;
 
 /// A contract for unit tests: `seller` sold `buyer` the piece `resources` of its flavour
 /// `pool.1`, under contract id `id`.
+/// Kubernetes' name for this machine's architecture.
+pub fn k8s_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        other => other,
+    }
+}
+
+/// The demo provider's one offer: 4 CPUs, 8 GiB, 110 pods, sold in pieces of 500m / 1 GiB.
+/// Here rather than in `demo` so that unit tests use it in builds without the demo feature.
+pub fn demo_offer(provider: &Id) -> Flavour {
+    Flavour {
+        id: Id::new("edge-pool").unwrap_or_default(),
+        provider: provider.clone(),
+        architecture: Text::new(k8s_arch()).unwrap_or_default(),
+        resources: Resources {
+            cpu: 4000,
+            memory: 8 << 30,
+            pods: 110,
+            storage: 0,
+        },
+        gpu: None,
+        partitionability: Some(Partitionability {
+            cpu_min: 500,
+            memory_min: 1 << 30,
+            pods_min: 1,
+            cpu_step: 500,
+            memory_step: 1 << 30,
+            pods_step: 1,
+        }),
+        price: Price {
+            amount: 2_000_000,
+            currency: Text::new("EUR").unwrap_or_default(),
+            period: Text::new("hour").unwrap_or_default(),
+        },
+        available: true,
+        location: None,
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn test_contract(
     id: &str,

@@ -1385,7 +1385,7 @@ mod tests {
     async fn provider(dir: &Path, retention: Duration) -> (Tables, Id) {
         let t = Tables::open_with(dir, retention).unwrap();
         let me = id("prov");
-        t.sync_offers(&[(crate::demo::demo_offer(&me), SaleTerms::default())])
+        t.sync_offers(&[(crate::model::demo_offer(&me), SaleTerms::default())])
             .await
             .unwrap();
         (t, me)
@@ -1620,7 +1620,7 @@ mod tests {
         let (t, me) = provider(dir.path(), Duration::from_secs(60)).await;
         let first = current(&t);
         reserve(&t, &me, "ta", 0).await;
-        let mut offer = crate::demo::demo_offer(&me);
+        let mut offer = crate::model::demo_offer(&me);
         offer.price.amount *= 2;
         t.sync_offers(&[(offer, SaleTerms::default())])
             .await
@@ -1802,7 +1802,7 @@ mod tests {
     async fn a_superseded_id_from_before_the_sale_terms_changed_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let (t, me) = provider(dir.path(), Duration::from_secs(60)).await;
-        let offer = crate::demo::demo_offer(&me);
+        let offer = crate::model::demo_offer(&me);
         let first = current(&t);
         reserve(&t, &me, "ta", 0).await;
         // The same terms again: superseded ids are still served.

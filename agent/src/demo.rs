@@ -12,9 +12,7 @@
 //! isolate themselves by domain instead.
 
 use crate::config::BrokerAddr;
-use crate::model::{
-    Flavour, FlavourSelector, Id, IntentState, LongText, Partitionability, Price, Resources, Text,
-};
+use crate::model::{Flavour, FlavourSelector, Id, IntentState, LongText, Resources, Text};
 use crate::orchestrator::IntentSpec;
 use crate::wire::MAX_PACKET;
 use crate::{Agent, AgentError, Config, Observer, Step};

@@ -4,8 +4,9 @@
 //!
 //! [`Agent::start`] is the one place that starts the node's tasks: the broker session
 //! ([`crate::broker::Session::run`]), the node task ([`serve`]), the resumption of purchases
-//! left in flight, the expiry sweeper, the control socket (`control::serve`) and one
-//! task per intent a previous run left unfinished (`orchestrator::resume`).
+//! left in flight, the expiry sweeper, the control socket (`control::serve`), the metrics
+//! file writer (`metrics::export`, when `[metrics] textfile` is set) and one task per intent
+//! a previous run left unfinished (`orchestrator::resume`).
 //!
 //! The node task handles inbound messages one at a time. Handling them one at a time is deliberate:
 //! a reservation's check and its durable write then never interleave with another one on
@@ -90,6 +91,7 @@ impl Agent {
                 shared.cfg.limits.sender_rate,
                 shared.cfg.limits.sender_burst,
             ),
+            metrics: shared.metrics.clone(),
         };
         let session = tokio::spawn(session.run(stop_rx.clone()));
         if !shared.cfg.offers.is_empty() {
@@ -101,6 +103,10 @@ impl Agent {
         let listener = control::bind(&shared.cfg.control_socket)?;
         let control = tokio::spawn(control::serve(shared.clone(), listener, stop_rx.clone()));
         let mut tasks = vec![resumer, sweeper, control];
+        if shared.cfg.metrics.textfile.is_some() {
+            let export = crate::metrics::export(shared.clone(), stop_rx.clone());
+            tasks.push(tokio::spawn(export));
+        }
         for intent in orchestrator::unfinished(&shared)? {
             let run = orchestrator::resume(shared.clone(), intent, stop_rx.clone());
             tasks.push(tokio::spawn(run));

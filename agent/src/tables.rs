@@ -837,6 +837,20 @@ impl Tables {
     pub fn rating(&self, provider: &Id) -> Result<Option<Rating>, TableError> {
         one("ratings", &self.ratings, provider.as_str().as_bytes())
     }
+
+    /// Records per table (each count is a scan: for metrics, not for hot paths).
+    pub fn sizes(&self) -> [(&'static str, usize); 8] {
+        [
+            ("offers", self.offers.len()),
+            ("available", self.available.len()),
+            ("allocations", self.allocations.len()),
+            ("candidates", self.candidates.len()),
+            ("contracts", self.contracts.len()),
+            ("transactions", self.transactions.len()),
+            ("ratings", self.ratings.len()),
+            ("intents", self.intents.len()),
+        ]
+    }
 }
 
 /// Puts the flavour offering `left` of `offer` (whose id is `offer_id`) on offer under a new

@@ -5,11 +5,19 @@
 //! | `offers` | offer id | the configured offer: a [`Flavour`] whose resources are the total |
 //! | `available` | flavour id | [`OwnFlavour`]: what is on offer now (Available Resources) |
 //! | `allocations` | contract id | [`Allocation`] (Node on the provider, VirtualNode on the consumer) |
-//! | `candidates` | `{provider}/{flavour}` | [`Candidate`] (Peering Candidates) |
+//! | (in memory) | `{provider}/{flavour}` | [`Candidate`] (Peering Candidates), CBOR-encoded |
 //! | `contracts` | contract id | [`Contract`] |
 //! | `transactions` | `in/{buyer}/{tx}` or `out/{tx}` | first answer given, or a purchase in flight |
 //! | `ratings` | provider id | [`Rating`] (Ratings and Metrics) |
 //! | `intents` | intent id | [`Intent`] |
+//!
+//! Peering candidates are a cache of other nodes' adverts and answers (fresh for
+//! `candidate_ttl`, sent again by the broker's retained catalog after a restart), so they are
+//! kept in memory, encoded, not in sled: in sled a domain of thousands of providers made every
+//! advert stored cost 30x more once the tree outgrew sled's page cache (discovery grew
+//! super-linearly with the domain) and cost about 2 KiB of resident memory per candidate,
+//! against about 250 bytes here (`bench/examples/tables_probe.rs`). Databases written before keep an unused `candidates` tree,
+//! emptied at open.
 //!
 //! Why one sled transaction per reservation: the provider removes the old flavour, creates
 //! the reduced one, the Node allocation, the contract and the transaction record together
@@ -32,7 +40,9 @@ use crate::wire::PeerAccept;
 use minicbor::{Decode, Encode};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Peering candidates kept per provider: twice the flavours of one advert, since answers to
 /// different selectors list different flavours and ids change as flavours are cut.
@@ -131,7 +141,8 @@ pub struct Tables {
     offers: Tree,
     available: Tree,
     allocations: Tree,
-    candidates: Tree,
+    /// Peering candidates, CBOR-encoded, by `{provider}/{flavour}` (sorted, as sled kept them).
+    candidates: Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>,
     contracts: Tree,
     transactions: Tree,
     ratings: Tree,
@@ -233,7 +244,14 @@ impl Tables {
             offers: db.open_tree("offers")?,
             available: db.open_tree("available")?,
             allocations: db.open_tree("allocations")?,
-            candidates: db.open_tree("candidates")?,
+            candidates: {
+                // Candidates stored by earlier versions: a cache, now kept in memory.
+                let old = db.open_tree("candidates")?;
+                if !old.is_empty() {
+                    old.clear()?;
+                }
+                Arc::default()
+            },
             contracts: db.open_tree("contracts")?,
             transactions: db.open_tree("transactions")?,
             ratings: db.open_tree("ratings")?,
@@ -711,6 +729,12 @@ impl Tables {
         one("intents", &self.intents, id.as_str().as_bytes())
     }
 
+    /// The candidates, however a panicking holder left them (each update is complete or not
+    /// made: a poisoned lock holds no half-written entry).
+    fn cands(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+        self.candidates.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Replaces everything known of `provider` with `flavours` (an advert or an answer).
     pub fn replace_candidates(
         &self,
@@ -718,18 +742,23 @@ impl Tables {
         flavours: &[Flavour],
         now: u64,
     ) -> Result<(), TableError> {
-        let mut batch = sled::Batch::default();
-        for kv in self.candidates.scan_prefix(format!("{provider}/")) {
-            batch.remove(kv?.0);
+        let prefix = format!("{provider}/").into_bytes();
+        let mut map = self.cands();
+        let old: Vec<Vec<u8>> = map
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in old {
+            map.remove(&k);
         }
         for f in flavours {
             let c = Candidate {
                 flavour: f.clone(),
                 seen_at: now,
             };
-            batch.insert(candidate_key(provider, &f.id), enc(&c));
+            map.insert(candidate_key(provider, &f.id), enc(&c));
         }
-        self.candidates.apply_batch(batch)?;
         Ok(())
     }
 
@@ -744,29 +773,29 @@ impl Tables {
         flavours: impl IntoIterator<Item = &'a Flavour>,
         now: u64,
     ) -> Result<usize, TableError> {
-        let mut batch = sled::Batch::default();
+        let prefix = format!("{provider}/").into_bytes();
+        let mut map = self.cands();
         for f in flavours {
             let c = Candidate {
                 flavour: f.clone(),
                 seen_at: now,
             };
-            batch.insert(candidate_key(provider, &f.id), enc(&c));
+            map.insert(candidate_key(provider, &f.id), enc(&c));
         }
-        self.candidates.apply_batch(batch)?;
         let mut theirs = Vec::new();
-        for kv in self.candidates.scan_prefix(format!("{provider}/")) {
-            let (k, v) = kv?;
-            let c: Candidate = dec("candidates", &k, &v)?;
-            theirs.push((c.seen_at, k));
+        for (k, v) in map
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+        {
+            let c: Candidate = dec("candidates", k, v)?;
+            theirs.push((c.seen_at, k.clone()));
         }
         let over = theirs.len().saturating_sub(MAX_CANDIDATES_PER_PROVIDER);
         if over > 0 {
             theirs.sort();
-            let mut batch = sled::Batch::default();
             for (_, k) in theirs.into_iter().take(over) {
-                batch.remove(k);
+                map.remove(&k);
             }
-            self.candidates.apply_batch(batch)?;
         }
         Ok(over)
     }
@@ -778,17 +807,21 @@ impl Tables {
 
     /// Forgets one candidate (it was sold or refused).
     pub fn remove_candidate(&self, provider: &Id, flavour: &Id) -> Result<(), TableError> {
-        self.candidates.remove(candidate_key(provider, flavour))?;
+        self.cands().remove(&candidate_key(provider, flavour));
         Ok(())
     }
 
-    /// How many peering candidates are stored.
+    /// How many peering candidates are kept.
     pub fn candidate_count(&self) -> Result<usize, TableError> {
-        Ok(self.candidates.len())
+        Ok(self.cands().len())
     }
 
+    /// Every peering candidate, by provider then flavour id.
     pub fn candidates(&self) -> Result<Vec<Candidate>, TableError> {
-        all("candidates", &self.candidates)
+        self.cands()
+            .iter()
+            .map(|(k, v)| dec("candidates", k, v))
+            .collect()
     }
 
     /// Records the outcome of a reservation attempt with `provider`.
@@ -844,7 +877,7 @@ impl Tables {
             ("offers", self.offers.len()),
             ("available", self.available.len()),
             ("allocations", self.allocations.len()),
-            ("candidates", self.candidates.len()),
+            ("candidates", self.cands().len()),
             ("contracts", self.contracts.len()),
             ("transactions", self.transactions.len()),
             ("ratings", self.ratings.len()),

@@ -249,7 +249,7 @@ async fn run(args: Args) -> Res<()> {
     let sizes: &[usize] = if q {
         &[10, 100]
     } else {
-        &[10, 100, 1000, 5000]
+        &[10, 100, 1000, 5000, 10_000]
     };
     let mut disc = Vec::new();
     for &size in sizes {

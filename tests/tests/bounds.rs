@@ -266,3 +266,38 @@ async fn candidates_per_provider_are_bounded_and_the_oldest_are_forgotten() {
         "another provider's candidates are untouched"
     );
 }
+
+/// Peering candidates are a cache kept in memory (agent/src/tables.rs): replacing one
+/// provider's never touches another whose id extends it, and none outlive the process.
+#[tokio::test]
+async fn candidates_are_replaced_per_provider_and_kept_in_memory_only() {
+    use fluidlet::tables::Tables;
+    let dir = tempfile::tempdir().unwrap();
+    let me = Id::new("me").unwrap();
+    let flavour = |provider: &str, i: usize| {
+        let mut f = fluidlet::demo::demo_offer(&Id::new(provider).unwrap());
+        f.id = Id::new(&format!("f{i}")).unwrap();
+        f
+    };
+    {
+        let t = Tables::open_for(dir.path(), &me).await.unwrap();
+        let (a, ab) = (Id::new("a").unwrap(), Id::new("ab").unwrap());
+        t.replace_candidates(&a, &[flavour("a", 1), flavour("a", 2)], 1)
+            .unwrap();
+        t.replace_candidates(&ab, &[flavour("ab", 1)], 1).unwrap();
+        t.replace_candidates(&a, &[flavour("a", 3)], 2).unwrap();
+        let ids: Vec<String> = t
+            .candidates()
+            .unwrap()
+            .iter()
+            .map(|c| format!("{}/{}", c.flavour.provider, c.flavour.id))
+            .collect();
+        assert_eq!(ids, ["a/f3", "ab/f1"]);
+        assert_eq!(t.candidate_count().unwrap(), 2);
+        t.replace_candidates(&a, &[], 3).unwrap();
+        assert_eq!(t.candidate_count().unwrap(), 1);
+        t.flush().await.unwrap();
+    }
+    let t = Tables::open_for(dir.path(), &me).await.unwrap();
+    assert_eq!(t.candidate_count().unwrap(), 0, "a restart starts empty");
+}

@@ -7,7 +7,7 @@
 //! | `allocations` | contract id | [`Allocation`] (Node on the provider, VirtualNode on the consumer) |
 //! | (in memory) | `{provider}/{flavour}` | [`Candidate`] (Peering Candidates), CBOR-encoded |
 //! | `contracts` | contract id | [`Contract`] |
-//! | `transactions` | `in/{buyer}/{tx}` or `out/{tx}` | first answer given, or a purchase in flight |
+//! | `transactions` | `in/{buyer}/{tx}` or `out/{tx}` | the contract id a transaction got (records written before hold the whole contract), or a purchase in flight |
 //! | `ratings` | provider id | [`Rating`] (Ratings and Metrics) |
 //! | `intents` | intent id | [`Intent`] |
 //!
@@ -204,6 +204,30 @@ fn flatten<T>(r: Result<T, TransactionError<TableError>>) -> Result<T, TableErro
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => TableError::Sled(e),
     })
+}
+
+/// The contract first given for the transaction record `key`, as it was given (Reserved). The
+/// record holds the contract's id; records written by earlier versions hold the contract
+/// itself. `None` when no record or its contract is gone (a fresh evaluation follows).
+fn first_answer(
+    transactions: &TransactionalTree,
+    contracts: &TransactionalTree,
+    key: &[u8],
+) -> TxResult<Option<Contract>> {
+    let Some(v) = transactions.get(key)? else {
+        return Ok(None);
+    };
+    let Ok(id) = minicbor::decode::<Id>(&v) else {
+        return dec("transactions", key, &v)
+            .map(Some)
+            .map_err(ConflictableTransactionError::Abort);
+    };
+    let Some(mut c) = tx_get::<Contract>("contracts", contracts, id.as_str().as_bytes())? else {
+        return Ok(None);
+    };
+    // Only the state changes after a contract is made: the first answer said Reserved.
+    c.state = ContractState::Reserved;
+    Ok(Some(c))
 }
 
 fn in_key(buyer: &Id, tx: &Id) -> Vec<u8> {
@@ -422,7 +446,7 @@ impl Tables {
             )
                 .transaction(
                     |(offers, available, allocations, contracts, transactions)| {
-                        if let Some(first) = tx_get("transactions", transactions, &key)? {
+                        if let Some(first) = first_answer(transactions, contracts, &key)? {
                             return Ok(Reservation::Repeat(first));
                         }
                         if let Some(n) = pending_full {
@@ -484,7 +508,8 @@ impl Tables {
                         };
                         allocations.insert(id.as_str(), enc(&alloc))?;
                         contracts.insert(id.as_str(), enc(&contract))?;
-                        transactions.insert(key.clone(), enc(&contract))?;
+                        // The contract is stored once; the transaction record names it.
+                        transactions.insert(key.clone(), enc(&contract.id))?;
                         Ok(Reservation::New(contract))
                     },
                 ),

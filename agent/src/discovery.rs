@@ -136,12 +136,16 @@ pub fn rank(
     max_age_ms: u64,
     failures: impl Fn(&Id) -> u64,
 ) -> Vec<(Candidate, Fit)> {
-    let mut v: Vec<(u64, Candidate, Fit)> = candidates
+    let v: Vec<(u64, Candidate, Fit)> = candidates
         .into_iter()
         .filter(|c| now.saturating_sub(c.seen_at) <= max_age_ms)
         .filter_map(|c| fit(&c.flavour, sel).map(|f| (failures(&c.flavour.provider), c, f)))
         .collect();
-    v.sort_by(|(ra, a, fa), (rb, b, fb)| {
+    // Sort positions, not the candidates: a candidate is large, and moving it log n times
+    // each made ranking a big domain cost more than storing it.
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_unstable_by(|&i, &j| {
+        let ((ra, a, fa), (rb, b, fb)) = (&v[i], &v[j]);
         (fa.price, ra, fa.waste, &a.flavour.provider, &a.flavour.id).cmp(&(
             fb.price,
             rb,
@@ -150,7 +154,9 @@ pub fn rank(
             &b.flavour.id,
         ))
     });
-    v.into_iter().map(|(_, c, f)| (c, f)).collect()
+    let mut slots: Vec<Option<(Candidate, Fit)>> =
+        v.into_iter().map(|(_, c, f)| Some((c, f))).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
 #[cfg(test)]

@@ -152,6 +152,18 @@ fn candidates(t: &Tables, n: usize) {
         }
     }
     let _ = me;
+    let sel = fluidlet_tests::intent_spec("x", 1000, 1).selector;
+    let r0 = Instant::now();
+    let all = t.candidates().unwrap_or_default();
+    let decoded = r0.elapsed();
+    let ranked = fluidlet::discovery::rank(all, &sel, fluidlet::unix_ms(), 60_000, |_| 0);
+    println!(
+        "candidates(): {:.2} ms; rank: {:.2} ms for {} ({} B per Candidate in memory)",
+        decoded.as_secs_f64() * 1e3,
+        (r0.elapsed() - decoded).as_secs_f64() * 1e3,
+        ranked.len(),
+        std::mem::size_of::<fluidlet::model::Candidate>()
+    );
     let c0 = Instant::now();
     let k = t.candidate_count().unwrap_or(0);
     println!(

@@ -258,8 +258,12 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
     let c = shared.metrics.counters();
     let status = shared.status.borrow().clone();
     let mut by_state = [0u64; 4];
-    for contract in shared.tables.contracts().unwrap_or_default() {
-        by_state[contract.state as usize] += 1;
+    // One contract decoded at a time: a long history is not materialised every interval.
+    if let Err(e) = shared
+        .tables
+        .each_contract(|c| by_state[c.state as usize] += 1)
+    {
+        warn!(error = %e, "cannot count contracts for the metrics");
     }
     let states = [
         (ContractState::Reserved, "reserved"),

@@ -585,9 +585,7 @@ async fn discovery(port: u16, dir: &Path, n: usize) -> Res<(Duration, Duration, 
             .await
             .map_err(|e| e.to_string())?;
     }
-    // Let the broker store them all. The time a bare MQTT client takes from its subscription
-    // to the last retained advert is the floor: the broker's delivery, no agent work.
-    let f0 = Instant::now();
+    // Let the broker store them all.
     let mut probe = peer(
         port,
         &format!("probe@{domain}"),
@@ -598,6 +596,20 @@ async fn discovery(port: u16, dir: &Path, n: usize) -> Res<(Duration, Duration, 
         tokio::time::timeout(Duration::from_secs(30), probe.rx.recv())
             .await
             .map_err(|_| "adverts not retained")?;
+    }
+    // The floor: a second bare MQTT client, once all are stored, from its connect to its last
+    // retained advert (the broker's delivery and the client library, no agent work).
+    let f0 = Instant::now();
+    let mut bare = peer(
+        port,
+        &format!("bare@{domain}"),
+        &[format!("fluidos/v1/{domain}/catalog/+")],
+    )
+    .await?;
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(30), bare.rx.recv())
+            .await
+            .map_err(|_| "adverts not delivered")?;
     }
     let floor = f0.elapsed();
     let cfg = fluidlet_tests::config("cons", &domain, port, &dir.join(format!("disc{n}")));

@@ -16,8 +16,8 @@
 //! kept in memory, encoded, not in sled: in sled a domain of thousands of providers made every
 //! advert stored cost 30x more once the tree outgrew sled's page cache (discovery grew
 //! super-linearly with the domain) and cost about 2 KiB of resident memory per candidate,
-//! against about 250 bytes here (`bench/examples/tables_probe.rs`). Databases written before keep an unused `candidates` tree,
-//! emptied at open.
+//! against about 250 bytes here (`bench/examples/tables_probe.rs`, docs/benchmarks.md).
+//! Databases written before keep an unused `candidates` tree, emptied at open.
 //!
 //! Why one sled transaction per reservation: the provider removes the old flavour, creates
 //! the reduced one, the Node allocation, the contract and the transaction record together

@@ -132,6 +132,11 @@ impl Agent {
         &self.shared.tables
     }
 
+    /// The node's metrics now, as `fluidlet status --json` shows them.
+    pub fn metrics(&self) -> crate::metrics::Snapshot {
+        crate::metrics::snapshot(&self.shared)
+    }
+
     pub fn broker_status(&self) -> Status {
         self.shared.status.borrow().clone()
     }

@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     /// Counted up at every new reservation and never down: a buyer that reaches the limit
     /// is counted again from the contracts table (peered, released and lapsed ones drop out).
     unpeered: Mutex<HashMap<Id, u32>>,
+    /// Counters for `fluidlet status --json` and the metrics file (atomics only).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -83,6 +85,7 @@ impl Shared {
         let unpeered = Mutex::new(tables.unpeered_by_buyer(&cfg.node_id)?);
         let (steps, _) = broadcast::channel(STEP_QUEUE);
         Ok(Shared {
+            metrics: Arc::default(),
             fabric,
             steps,
             peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),

@@ -5,11 +5,19 @@
 //! | `offers` | offer id | the configured offer: a [`Flavour`] whose resources are the total |
 //! | `available` | flavour id | [`OwnFlavour`]: what is on offer now (Available Resources) |
 //! | `allocations` | contract id | [`Allocation`] (Node on the provider, VirtualNode on the consumer) |
-//! | `candidates` | `{provider}/{flavour}` | [`Candidate`] (Peering Candidates) |
+//! | (in memory) | `{provider}/{flavour}` | [`Candidate`] (Peering Candidates), CBOR-encoded |
 //! | `contracts` | contract id | [`Contract`] |
-//! | `transactions` | `in/{buyer}/{tx}` or `out/{tx}` | first answer given, or a purchase in flight |
+//! | `transactions` | `in/{buyer}/{tx}` or `out/{tx}` | the contract id a transaction got (records written before hold the whole contract), or a purchase in flight |
 //! | `ratings` | provider id | [`Rating`] (Ratings and Metrics) |
 //! | `intents` | intent id | [`Intent`] |
+//!
+//! Peering candidates are a cache of other nodes' adverts and answers (fresh for
+//! `candidate_ttl`, sent again by the broker's retained catalog after a restart), so they are
+//! kept in memory, encoded, not in sled: in sled a domain of thousands of providers made every
+//! advert stored cost 30x more once the tree outgrew sled's page cache (discovery grew
+//! super-linearly with the domain) and cost about 2 KiB of resident memory per candidate,
+//! against about 250 bytes here (`bench/examples/tables_probe.rs`, docs/benchmarks.md).
+//! Databases written before keep an unused `candidates` tree, emptied at open.
 //!
 //! Why one sled transaction per reservation: the provider removes the old flavour, creates
 //! the reduced one, the Node allocation, the contract and the transaction record together
@@ -32,7 +40,9 @@ use crate::wire::PeerAccept;
 use minicbor::{Decode, Encode};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Peering candidates kept per provider: twice the flavours of one advert, since answers to
 /// different selectors list different flavours and ids change as flavours are cut.
@@ -165,7 +175,8 @@ pub struct Tables {
     offers: Tree,
     available: Tree,
     allocations: Tree,
-    candidates: Tree,
+    /// Peering candidates, CBOR-encoded, by `{provider}/{flavour}` (sorted, as sled kept them).
+    candidates: Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>,
     contracts: Tree,
     transactions: Tree,
     ratings: Tree,
@@ -229,6 +240,32 @@ fn flatten<T>(r: Result<T, TransactionError<TableError>>) -> Result<T, TableErro
     })
 }
 
+/// The contract first given for the transaction record `key`, as it was given (Reserved). The
+/// record holds the contract's id; records written by earlier versions hold the contract
+/// itself. `None` when no record or its contract is gone (a fresh evaluation follows).
+fn first_answer(
+    transactions: &TransactionalTree,
+    contracts: &TransactionalTree,
+    key: &[u8],
+) -> TxResult<Option<Contract>> {
+    let Some(v) = transactions.get(key)? else {
+        return Ok(None);
+    };
+    let Ok(id) = minicbor::decode::<Id>(&v) else {
+        return dec("transactions", key, &v)
+            .map(Some)
+            .map_err(ConflictableTransactionError::Abort);
+    };
+    let Some(mut c) = tx_get::<Contract>("contracts", contracts, id.as_str().as_bytes())? else {
+        return Ok(None);
+    };
+    // After a contract is made only its state and its end (RENEW) change: the first answer
+    // said Reserved, and ended `term_ms` after it was made.
+    c.state = ContractState::Reserved;
+    c.ends_at = c.term_ms.map(|t| c.created_at.saturating_add(t));
+    Ok(Some(c))
+}
+
 fn in_key(buyer: &Id, tx: &Id) -> Vec<u8> {
     format!("in/{buyer}/{tx}").into_bytes()
 }
@@ -267,7 +304,14 @@ impl Tables {
             offers: db.open_tree("offers")?,
             available: db.open_tree("available")?,
             allocations: db.open_tree("allocations")?,
-            candidates: db.open_tree("candidates")?,
+            candidates: {
+                // Candidates stored by earlier versions: a cache, now kept in memory.
+                let old = db.open_tree("candidates")?;
+                if !old.is_empty() {
+                    old.clear()?;
+                }
+                Arc::default()
+            },
             contracts: db.open_tree("contracts")?,
             transactions: db.open_tree("transactions")?,
             ratings: db.open_tree("ratings")?,
@@ -441,7 +485,7 @@ impl Tables {
             )
                 .transaction(
                     |(offers, available, allocations, contracts, transactions)| {
-                        if let Some(first) = tx_get("transactions", transactions, &key)? {
+                        if let Some(first) = first_answer(transactions, contracts, &key)? {
                             return Ok(Reservation::Repeat(first));
                         }
                         if let Some(n) = admit.pending_full {
@@ -515,7 +559,8 @@ impl Tables {
                         };
                         allocations.insert(id.as_str(), enc(&alloc))?;
                         contracts.insert(id.as_str(), enc(&contract))?;
-                        transactions.insert(key.clone(), enc(&contract))?;
+                        // The contract is stored once; the transaction record names it.
+                        transactions.insert(key.clone(), enc(&contract.id))?;
                         Ok(Reservation::New(contract))
                     },
                 ),
@@ -701,26 +746,37 @@ impl Tables {
         me: &Id,
     ) -> Result<std::collections::HashMap<Id, u32>, TableError> {
         let mut out = std::collections::HashMap::new();
-        for c in self.contracts()? {
+        self.each_contract(|c| {
             if &c.seller == me && c.state == ContractState::Reserved {
                 *out.entry(c.buyer).or_insert(0) += 1;
             }
-        }
+        })?;
         Ok(out)
+    }
+
+    /// Calls `f` with every contract, decoding one at a time: a scan that keeps one contract
+    /// in memory, not the whole table (a table of 10,000 contracts decoded at once took
+    /// about 10 MB, the provider's peak RSS under load).
+    pub fn each_contract(&self, mut f: impl FnMut(Contract)) -> Result<(), TableError> {
+        for kv in self.contracts.iter() {
+            let (k, v) = kv?;
+            f(dec("contracts", &k, &v)?);
+        }
+        Ok(())
     }
 
     /// Reserved contracts whose peering deadline has passed, and live contracts whose term
     /// ran out unrenewed (`ends_at`).
     pub fn lapsed(&self, now: u64) -> Result<Vec<Contract>, TableError> {
-        Ok(self
-            .contracts()?
-            .into_iter()
-            .filter(|c| {
-                let unpeered = c.state == ContractState::Reserved && c.expires_at <= now;
-                let live = matches!(c.state, ContractState::Reserved | ContractState::Active);
-                unpeered || (live && c.ends_at.is_some_and(|e| e <= now))
-            })
-            .collect())
+        let mut out = Vec::new();
+        self.each_contract(|c| {
+            let unpeered = c.state == ContractState::Reserved && c.expires_at <= now;
+            let live = matches!(c.state, ContractState::Reserved | ContractState::Active);
+            if unpeered || (live && c.ends_at.is_some_and(|e| e <= now)) {
+                out.push(c);
+            }
+        })?;
+        Ok(out)
     }
 
     /// What `buyer` holds now of `offer` (live Node allocations, provider side).
@@ -828,6 +884,12 @@ impl Tables {
         one("intents", &self.intents, id.as_str().as_bytes())
     }
 
+    /// The candidates, however a panicking holder left them (each update is complete or not
+    /// made: a poisoned lock holds no half-written entry).
+    fn cands(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+        self.candidates.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Replaces everything known of `provider` with `flavours` (an advert or an answer).
     pub fn replace_candidates(
         &self,
@@ -835,18 +897,23 @@ impl Tables {
         flavours: &[Flavour],
         now: u64,
     ) -> Result<(), TableError> {
-        let mut batch = sled::Batch::default();
-        for kv in self.candidates.scan_prefix(format!("{provider}/")) {
-            batch.remove(kv?.0);
+        let prefix = format!("{provider}/").into_bytes();
+        let mut map = self.cands();
+        let old: Vec<Vec<u8>> = map
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in old {
+            map.remove(&k);
         }
         for f in flavours {
             let c = Candidate {
                 flavour: f.clone(),
                 seen_at: now,
             };
-            batch.insert(candidate_key(provider, &f.id), enc(&c));
+            map.insert(candidate_key(provider, &f.id), enc(&c));
         }
-        self.candidates.apply_batch(batch)?;
         Ok(())
     }
 
@@ -861,29 +928,29 @@ impl Tables {
         flavours: impl IntoIterator<Item = &'a Flavour>,
         now: u64,
     ) -> Result<usize, TableError> {
-        let mut batch = sled::Batch::default();
+        let prefix = format!("{provider}/").into_bytes();
+        let mut map = self.cands();
         for f in flavours {
             let c = Candidate {
                 flavour: f.clone(),
                 seen_at: now,
             };
-            batch.insert(candidate_key(provider, &f.id), enc(&c));
+            map.insert(candidate_key(provider, &f.id), enc(&c));
         }
-        self.candidates.apply_batch(batch)?;
         let mut theirs = Vec::new();
-        for kv in self.candidates.scan_prefix(format!("{provider}/")) {
-            let (k, v) = kv?;
-            let c: Candidate = dec("candidates", &k, &v)?;
-            theirs.push((c.seen_at, k));
+        for (k, v) in map
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+        {
+            let c: Candidate = dec("candidates", k, v)?;
+            theirs.push((c.seen_at, k.clone()));
         }
         let over = theirs.len().saturating_sub(MAX_CANDIDATES_PER_PROVIDER);
         if over > 0 {
             theirs.sort();
-            let mut batch = sled::Batch::default();
             for (_, k) in theirs.into_iter().take(over) {
-                batch.remove(k);
+                map.remove(&k);
             }
-            self.candidates.apply_batch(batch)?;
         }
         Ok(over)
     }
@@ -895,17 +962,21 @@ impl Tables {
 
     /// Forgets one candidate (it was sold or refused).
     pub fn remove_candidate(&self, provider: &Id, flavour: &Id) -> Result<(), TableError> {
-        self.candidates.remove(candidate_key(provider, flavour))?;
+        self.cands().remove(&candidate_key(provider, flavour));
         Ok(())
     }
 
-    /// How many peering candidates are stored.
+    /// How many peering candidates are kept.
     pub fn candidate_count(&self) -> Result<usize, TableError> {
-        Ok(self.candidates.len())
+        Ok(self.cands().len())
     }
 
+    /// Every peering candidate, by provider then flavour id.
     pub fn candidates(&self) -> Result<Vec<Candidate>, TableError> {
-        all("candidates", &self.candidates)
+        self.cands()
+            .iter()
+            .map(|(k, v)| dec("candidates", k, v))
+            .collect()
     }
 
     /// Records the outcome of a reservation attempt with `provider`.
@@ -963,6 +1034,20 @@ impl Tables {
 
     pub fn rating(&self, provider: &Id) -> Result<Option<Rating>, TableError> {
         one("ratings", &self.ratings, provider.as_str().as_bytes())
+    }
+
+    /// Records per table (each count is a scan: for metrics, not for hot paths).
+    pub fn sizes(&self) -> [(&'static str, usize); 8] {
+        [
+            ("offers", self.offers.len()),
+            ("available", self.available.len()),
+            ("allocations", self.allocations.len()),
+            ("candidates", self.cands().len()),
+            ("contracts", self.contracts.len()),
+            ("transactions", self.transactions.len()),
+            ("ratings", self.ratings.len()),
+            ("intents", self.intents.len()),
+        ]
     }
 }
 

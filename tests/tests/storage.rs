@@ -181,3 +181,85 @@ async fn full_disk_refuses_reservations_and_loses_no_acknowledged_one() {
         acked.len()
     );
 }
+
+/// A contract is stored once: the transaction record names it. A repeated transaction still
+/// gets the first answer (Reserved), even after the contract moved on, and reserves nothing.
+#[tokio::test]
+async fn a_repeated_transaction_gets_its_first_answer_from_the_one_stored_contract() {
+    use fluidlet::model::{ContractState, Id, ReserveRequest, Resources};
+    use fluidlet::tables::{Reservation, Tables};
+    let dir = tempfile::tempdir().unwrap();
+    let me = Id::new("prov").unwrap();
+    let t = Tables::open_for(dir.path(), &me).await.unwrap();
+    t.sync_offers(&[fluidlet::demo::demo_offer(&me)])
+        .await
+        .unwrap();
+    let flavour = t.flavours().unwrap()[0].flavour.id.clone();
+    let req = ReserveRequest {
+        transaction: Id::new("b.t1").unwrap(),
+        flavour,
+        buyer: Id::new("b").unwrap(),
+        partition: Some(Resources {
+            cpu: 1000,
+            memory: 1 << 30,
+            pods: 1,
+            storage: 0,
+        }),
+    };
+    let Reservation::New(first) = t.reserve(&me, &req, 1, 60_000).await.unwrap() else {
+        panic!("not reserved")
+    };
+    assert!(t.activate(&first.id, 2).await.unwrap());
+    let left = t.flavours().unwrap();
+    let again = t.reserve(&me, &req, 3, 60_000).await.unwrap();
+    assert_eq!(again, Reservation::Repeat(first.clone()));
+    assert_eq!(first.state, ContractState::Reserved);
+    assert_eq!(t.flavours().unwrap(), left, "nothing reserved twice");
+    assert_eq!(t.contracts().unwrap().len(), 1);
+    assert_eq!(
+        t.contract(&first.id).unwrap().unwrap().state,
+        ContractState::Active
+    );
+}
+
+/// A renewed contract moved its end; a repeat of its transaction still gets the first answer,
+/// with the end the contract was made with.
+#[tokio::test]
+async fn a_repeat_after_a_renewal_gets_the_first_end() {
+    use fluidlet::model::{Id, ReserveRequest, Resources};
+    use fluidlet::tables::{Admission, Reservation, Tables};
+    let dir = tempfile::tempdir().unwrap();
+    let me = Id::new("prov").unwrap();
+    let t = Tables::open_for(dir.path(), &me).await.unwrap();
+    t.sync_offers(&[fluidlet::demo::demo_offer(&me)])
+        .await
+        .unwrap();
+    let flavour = t.flavours().unwrap()[0].flavour.id.clone();
+    let req = ReserveRequest {
+        transaction: Id::new("b.t1").unwrap(),
+        flavour,
+        buyer: Id::new("b").unwrap(),
+        partition: Some(Resources {
+            cpu: 1000,
+            memory: 1 << 30,
+            pods: 1,
+            storage: 0,
+        }),
+    };
+    let admit = Admission {
+        term_ms: Some(10_000),
+        ..Admission::default()
+    };
+    let Reservation::New(first) = t.reserve_unflushed(&me, &req, 1, 60_000, &admit).unwrap() else {
+        panic!("not reserved")
+    };
+    t.flush().await.unwrap();
+    assert_eq!(first.ends_at, Some(10_001));
+    assert!(t.activate(&first.id, 2).await.unwrap());
+    let renewed = t.renew(&first.id, 5_000).await.unwrap().unwrap();
+    assert_eq!(renewed.ends_at, Some(15_000));
+    let again = t
+        .reserve_unflushed(&me, &req, 6_000, 60_000, &admit)
+        .unwrap();
+    assert_eq!(again, Reservation::Repeat(first));
+}

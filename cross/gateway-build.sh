@@ -23,7 +23,7 @@ if [ "${1:-}" = --cross ]; then
     shift
     case "${1:-}" in aarch64|armv7) ;; *) echo "--cross builds aarch64 or armv7" >&2; exit 2 ;; esac
     command -v cross >/dev/null || { echo "cross is missing: cargo install --locked cross --version 0.2.5" >&2; exit 1; }
-    cross/images.sh "$1" >&2
+    cross/images.sh >&2
     export CROSS_CONFIG=cross/Cross.toml
     # cross 0.2.5 looks for the toolchain in `rustup toolchain list` and does not recognise
     # rustup 1.28's "(active, default)" mark (cross-rs/cross#1678), so it runs `rustup

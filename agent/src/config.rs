@@ -150,6 +150,9 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// How often lapsed reservations are looked for.
     pub expiry_check: Duration,
+    /// How long an ended (released or expired) contract and its transaction record are kept
+    /// before they are deleted (docs/protocol.md, "Retention").
+    pub retention: Duration,
     /// The Virtual Fabric Manager's backend and tools.
     pub fabric: FabricConfig,
     /// Bounds on what other nodes may make this node do.
@@ -203,6 +206,9 @@ pub struct OfferTerms {
     pub contract_term: Option<Duration>,
 }
 
+/// How long ended contracts are kept by default: 7 days.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
@@ -220,6 +226,7 @@ impl Config {
         Config {
             control_socket: data_dir.join("control.sock"),
             expiry_check: Duration::from_secs(1),
+            retention: DEFAULT_RETENTION,
             fabric: FabricConfig::default(),
             limits: Limits::default(),
             metrics: MetricsConfig::default(),
@@ -323,6 +330,7 @@ struct RawConfig {
     tls: Option<RawTls>,
     data_dir: PathBuf,
     keepalive_secs: Option<u64>,
+    retention_secs: Option<u64>,
     log: Option<String>,
     #[serde(default)]
     consumer: RawConsumer,
@@ -712,6 +720,9 @@ impl RawConfig {
         if let Some(v) = self.provider.contract_term_secs {
             cfg.contract_term = secs(positive("provider.contract_term_secs", v)?);
         }
+        if let Some(v) = self.retention_secs {
+            cfg.retention = secs(positive("retention_secs", v)?);
+        }
         if let Some(v) = self.provider.reservation_ttl_secs {
             cfg.reservation_ttl = secs(positive("provider.reservation_ttl_secs", v)?);
         }
@@ -888,6 +899,25 @@ pods_step = 1
         assert_eq!(c.offers.len(), 1);
         assert_eq!(c.offers[0].price.amount, 900_000);
         assert!(c.watch_catalog);
+        assert_eq!(
+            c.retention, DEFAULT_RETENTION,
+            "the example shows the default"
+        );
+    }
+
+    #[test]
+    fn retention_is_read_and_zero_is_refused() {
+        let c = Config::from_toml(&GOOD.replace(
+            "keepalive_secs = 10",
+            "keepalive_secs = 10\nretention_secs = 60",
+        ))
+        .unwrap();
+        assert_eq!(c.retention, Duration::from_secs(60));
+        let e = err_of(&GOOD.replace(
+            "keepalive_secs = 10",
+            "keepalive_secs = 10\nretention_secs = 0",
+        ));
+        assert!(e.contains("retention_secs"), "{e}");
     }
 
     #[test]

@@ -289,7 +289,7 @@ pub(crate) fn status(shared: &Shared) -> StatusReport {
         allocations: t.allocations().unwrap_or_default(),
         intents,
         fabric: format!("{:?}", shared.fabric.backend()),
-        metrics: Some(crate::metrics::snapshot(shared)),
+        metrics: Some(shared.metrics_snapshot()),
     }
 }
 

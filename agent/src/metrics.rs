@@ -10,13 +10,12 @@
 //! Every metric, its type, labels and meaning are listed in docs/operations.md.
 
 use crate::model::ContractState;
-use crate::shared::Shared;
+use crate::tables::Tables;
 use crate::wire::ErrorCode;
 use minicbor::{Decode, Encode};
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::warn;
@@ -33,11 +32,11 @@ const CODES: usize = 16;
 /// Why a message was dropped by a bound instead of being handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dropped {
-    /// The node's inbound queue ([`crate::broker::INBOUND_QUEUE`]) was full.
+    /// The node's inbound queue (`broker::INBOUND_QUEUE`) was full.
     QueueFull,
     /// Its sender was over `limits.sender_rate` (and had already been told BUSY).
     RateLimit,
-    /// The catalog backlog ([`crate::broker::CATALOG_BACKLOG_BYTES`]) was full.
+    /// The catalog backlog (`broker::CATALOG_BACKLOG_BYTES`) was full.
     CatalogBacklog,
 }
 
@@ -256,15 +255,18 @@ fn proc_status_bytes(field: &str) -> Option<u64> {
 
 /// Takes a snapshot of a running node's metrics (scans the contracts and counts each table:
 /// for the status command and the exporter, never on the reservation path).
-pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
-    let c = shared.metrics.counters();
-    let status = shared.status.borrow().clone();
+/// `connected` and `connects` are the broker session's (`broker::Status`); passed in so that
+/// this module imports neither the broker nor `Shared` (which both hold a [`Metrics`]).
+pub(crate) fn snapshot(
+    metrics: &Metrics,
+    tables: &Tables,
+    connected: bool,
+    connects: u64,
+) -> Snapshot {
+    let c = metrics.counters();
     let mut by_state = [0u64; 4];
     // One contract decoded at a time: a long history is not materialised every interval.
-    if let Err(e) = shared
-        .tables
-        .each_contract(|c| by_state[c.state as usize] += 1)
-    {
+    if let Err(e) = tables.each_contract(|c| by_state[c.state as usize] += 1) {
         warn!(error = %e, "cannot count contracts for the metrics");
     }
     let states = [
@@ -285,8 +287,7 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
                 value: by_state[*s as usize],
             })
             .collect(),
-        tables: shared
-            .tables
+        tables: tables
             .sizes()
             .into_iter()
             .map(|(name, n)| Named {
@@ -296,8 +297,8 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
             .collect(),
         rss_bytes: proc_status_bytes("VmRSS:"),
         rss_peak_bytes: proc_status_bytes("VmHWM:"),
-        broker_connected: status.connected,
-        broker_connects: status.connects,
+        broker_connected: connected,
+        broker_connects: connects,
         dropped: c.dropped,
     }
 }
@@ -496,12 +497,16 @@ pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     written
 }
 
-/// Writes the metrics file every `metrics.interval` until `stop`, and once more at the end.
-pub(crate) async fn export(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let Some(path) = shared.cfg.metrics.textfile.clone() else {
-        return;
-    };
-    let mut tick = tokio::time::interval(shared.cfg.metrics.interval);
+/// Writes the metrics of node `node`, as `take` gives them, to `path` every `interval` until
+/// `stop`, and once more at the end.
+pub(crate) async fn export(
+    path: PathBuf,
+    interval: Duration,
+    node: String,
+    take: impl Fn() -> Snapshot,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
@@ -510,7 +515,7 @@ pub(crate) async fn export(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
             _ = stop.changed() => true,
             _ = tick.tick() => false,
         };
-        let text = render(&snapshot(&shared), shared.me().as_str());
+        let text = render(&take(), &node);
         match write_atomically(&path, &text) {
             Ok(()) => failing = false,
             // Said once per run of failures, not every interval.

@@ -61,8 +61,13 @@ impl Agent {
         for w in crate::files::mode_warnings(&cfg.data_dir) {
             warn!("{w}");
         }
-        let tables = Tables::open_for(&cfg.data_dir, &cfg.node_id).await?;
-        tables.sync_offers(&cfg.offers).await?;
+        let tables = Tables::open_for(&cfg.data_dir, &cfg.node_id, cfg.retention).await?;
+        let offers: Vec<_> = cfg
+            .offers
+            .iter()
+            .map(|o| (o.clone(), crate::terms::sale_terms(&cfg, &o.id)))
+            .collect();
+        tables.sync_offers(&offers).await?;
         let topics = Topics::new(&cfg.domain, &cfg.node_id);
         let (client, events) = broker::connect(&cfg, &topics, tls);
         let (inbound_tx, inbound_rx) = mpsc::channel(broker::INBOUND_QUEUE);
@@ -109,8 +114,11 @@ impl Agent {
         let enforcer = tokio::spawn(crate::fabric::enforce::run(shared.clone(), stop_rx.clone()));
         let renewer = tokio::spawn(crate::terms::keep_renewed(shared.clone(), stop_rx.clone()));
         let mut tasks = vec![resumer, sweeper, control, enforcer, renewer];
-        if shared.cfg.metrics.textfile.is_some() {
-            let export = crate::metrics::export(shared.clone(), stop_rx.clone());
+        if let Some(path) = shared.cfg.metrics.textfile.clone() {
+            let (sh, node) = (shared.clone(), shared.me().to_string());
+            let take = move || sh.metrics_snapshot();
+            let interval = shared.cfg.metrics.interval;
+            let export = crate::metrics::export(path, interval, node, take, stop_rx.clone());
             tasks.push(tokio::spawn(export));
         }
         for intent in orchestrator::unfinished(&shared)? {
@@ -140,7 +148,7 @@ impl Agent {
 
     /// The node's metrics now, as `fluidlet status --json` shows them.
     pub fn metrics(&self) -> crate::metrics::Snapshot {
-        crate::metrics::snapshot(&self.shared)
+        self.shared.metrics_snapshot()
     }
 
     pub fn broker_status(&self) -> Status {
@@ -243,8 +251,14 @@ async fn resume_when_connected(shared: Arc<Shared>, mut stop: watch::Receiver<bo
     }
 }
 
-/// Contract Manager: ends reservations that were never peered before their expiry, on both
-/// sides; a provider gets the capacity back and re-advertises it at once.
+/// Most `deadlines` entries one tick of the sweeper handles; the rest wait for the next tick.
+const SWEEP_BATCH: usize = 256;
+
+/// Contract Manager: ends reservations that were never peered before their expiry and
+/// contracts whose term ran out unrenewed, on both sides (a provider gets the capacity back
+/// and re-advertises it at once), and deletes ended contracts whose retention is over. Each
+/// tick reads only the `deadlines` entries due ([`Tables::due`]), never the whole contracts
+/// table.
 async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(shared.cfg.expiry_check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -255,34 +269,84 @@ async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
-        let lapsed = match shared.tables.lapsed(unix_ms()) {
-            Ok(v) => v,
+        sweep_due(&shared, unix_ms()).await;
+    }
+}
+
+/// One pass of the sweeper over the `deadlines` entries due at `now`: the contract of each is
+/// read and what is due is done, by its state.
+async fn sweep_due(shared: &Shared, now: u64) {
+    let due = match shared.tables.due(now, SWEEP_BATCH) {
+        Ok(v) => v,
+        Err(e) => {
+            error!(error = %e, "cannot read the deadlines index");
+            return;
+        }
+    };
+    for (deadline, id) in due {
+        let c = match shared.tables.contract(&id) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                if let Err(e) = shared.tables.drop_deadline(deadline, &id) {
+                    error!(contract = %id, error = %e, "cannot drop a stale deadline");
+                }
+                continue;
+            }
             Err(e) => {
-                error!(error = %e, "cannot read contracts for expiry");
+                error!(contract = %id, error = %e, "cannot read a contract due");
                 continue;
             }
         };
-        for c in lapsed {
-            match shared
-                .tables
-                .end_contract(&c.id, ContractState::Expired, unix_ms())
-                .await
-            {
-                Ok(Some(_)) => {
-                    info!(contract = %c.id, buyer = %c.buyer, seller = %c.seller, "contract expired (unpeered, or its term ran out unrenewed); resources returned");
-                    if &c.seller == shared.me() {
-                        if let Err(e) = shared.publish_advert().await {
-                            warn!(error = %e, "could not re-publish the advert");
-                        }
-                        crate::terms::expired_sold(&shared, &c).await;
-                    } else {
-                        consumer::teardown_bought(&shared, &c).await;
+        let live = matches!(c.state, ContractState::Reserved | ContractState::Active);
+        let result = match c.state {
+            ContractState::Reserved if deadline == c.expires_at => {
+                expire(shared, &c, "reservation expired unpeered").await;
+                Ok(())
+            }
+            _ if live && c.ends_at == Some(deadline) => {
+                expire(shared, &c, "contract term ran out unrenewed").await;
+                Ok(())
+            }
+            // The retention's entry (an entry the end removed, read before it, is left alone
+            // by prune).
+            ContractState::Released | ContractState::Expired => {
+                shared.tables.prune(deadline, &c.id).map(|pruned| {
+                    if pruned {
+                        debug!(contract = %c.id, "retention over: contract and its records deleted");
                     }
+                })
+            }
+            // Nothing of this contract is due at this deadline any more.
+            _ => shared.tables.drop_deadline(deadline, &c.id),
+        };
+        if let Err(e) = result {
+            error!(contract = %c.id, error = %e, "cannot handle a deadline");
+        }
+    }
+}
+
+/// Ends a live contract whose peering deadline passed unpeered, or whose term ran out
+/// unrenewed, as Expired, on either side: a seller re-advertises the capacity and removes the
+/// buyer's peering user ([`crate::terms::expired_sold`]); a buyer tears its side down.
+async fn expire(shared: &Shared, c: &Contract, why: &str) {
+    match shared
+        .tables
+        .end_contract(&c.id, ContractState::Expired, unix_ms())
+        .await
+    {
+        Ok(Some(_)) => {
+            info!(contract = %c.id, buyer = %c.buyer, seller = %c.seller, "{why}; resources returned");
+            if &c.seller == shared.me() {
+                if let Err(e) = shared.publish_advert().await {
+                    warn!(error = %e, "could not re-publish the advert");
                 }
-                Ok(None) => {}
-                Err(e) => error!(contract = %c.id, error = %e, "expiry failed"),
+                crate::terms::expired_sold(shared, c).await;
+            } else {
+                consumer::teardown_bought(shared, c).await;
             }
         }
+        Ok(None) => {}
+        Err(e) => error!(contract = %c.id, error = %e, "expiry failed"),
     }
 }
 

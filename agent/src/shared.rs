@@ -108,6 +108,17 @@ impl Shared {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The node's metrics now (`fluidlet status --json`, the metrics file).
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let status = self.status.borrow().clone();
+        crate::metrics::snapshot(
+            &self.metrics,
+            &self.tables,
+            status.connected,
+            status.connects,
+        )
+    }
+
     pub fn me(&self) -> &Id {
         &self.cfg.node_id
     }

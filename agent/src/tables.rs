@@ -7,7 +7,9 @@
 //! | `allocations` | contract id | [`Allocation`] (Node on the provider, VirtualNode on the consumer) |
 //! | (in memory) | `{provider}/{flavour}` | [`Candidate`] (Peering Candidates), CBOR-encoded |
 //! | `contracts` | contract id | [`Contract`] |
-//! | `transactions` | `in/{buyer}/{tx}` or `out/{tx}` | the contract id a transaction got (records written before hold the whole contract), or a purchase in flight |
+//! | `transactions` | `in/{buyer}/{tx}` or `out/{tx}` | the id of the contract the first answer gave, or a purchase in flight |
+//! | `deadlines` | big-endian deadline (Unix ms, 8 bytes) + contract id | empty: the contract has something due then |
+//! | `terms` | offer id | [`Epoch`]: first flavour number issued under the offer's current terms, and the terms of sale set outside its record |
 //! | `ratings` | provider id | [`Rating`] (Ratings and Metrics) |
 //! | `intents` | intent id | [`Intent`] |
 //!
@@ -29,6 +31,15 @@
 //!
 //! The invariant kept here for every offer: the available flavour's resources plus the
 //! resources of live (not released) Node allocations equal the offer's total.
+//!
+//! The `deadlines` index holds an entry per thing a contract has due at a known time: a
+//! Reserved contract at its peering deadline (`expires_at`), a live (Reserved or Active)
+//! contract with a term at the end of it (`ends_at`, moved by a renewal), an ended (Released
+//! or Expired) contract at the end of its retention. Each entry is written
+//! and removed in the same transaction that creates or changes the contract, so the expiry
+//! sweeper reads only the entries due ([`Tables::due`]) and decodes only those contracts.
+//! Contracts are stored once, in `contracts`; a transaction record holds the contract's id
+//! (records written before this version hold a copy, and are still read).
 
 use crate::contracts::{self, Plan, Refusal};
 use crate::discovery::price_of;
@@ -43,6 +54,7 @@ use sled::{Transactional, Tree};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// Peering candidates kept per provider: twice the flavours of one advert, since answers to
 /// different selectors list different flavours and ids change as flavours are cut.
@@ -181,6 +193,92 @@ pub struct Tables {
     transactions: Tree,
     ratings: Tree,
     intents: Tree,
+    deadlines: Tree,
+    terms: Tree,
+    /// How long an ended contract is kept, in milliseconds.
+    retention_ms: u64,
+}
+
+/// The key of a `deadlines` entry: the deadline in big-endian Unix milliseconds (so keys sort
+/// by time), then the contract id.
+pub fn deadline_key(deadline: u64, contract: &Id) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + contract.as_str().len());
+    k.extend_from_slice(&deadline.to_be_bytes());
+    k.extend_from_slice(contract.as_str().as_bytes());
+    k
+}
+
+/// The deadline and contract id of a `deadlines` key; `None` for a key that is not one.
+pub fn parse_deadline_key(key: &[u8]) -> Option<(u64, Id)> {
+    let (at, id) = key.split_first_chunk::<8>()?;
+    let id = Id::new(std::str::from_utf8(id).ok()?).ok()?;
+    Some((u64::from_be_bytes(*at), id))
+}
+
+/// What a transaction record (`in/{buyer}/{tx}`) holds: the contract's id, or, for records
+/// written before contracts were stored once, a copy of the contract.
+enum TxRecord {
+    Points(Id),
+    Copy(Box<Contract>),
+}
+
+fn dec_tx_record(key: &[u8], bytes: &[u8]) -> Result<TxRecord, TableError> {
+    if let Ok(id) = minicbor::decode::<Id>(bytes) {
+        return Ok(TxRecord::Points(id));
+    }
+    dec("transactions", key, bytes).map(|c| TxRecord::Copy(Box::new(c)))
+}
+
+fn is_ended(s: ContractState) -> bool {
+    matches!(s, ContractState::Released | ContractState::Expired)
+}
+
+/// The `deadlines` entries a contract needs while it is live: its peering deadline while
+/// Reserved, and the end of its term (`ends_at`) while Reserved or Active. An ended contract
+/// needs none of these; it gets its retention entry when it ends.
+fn live_deadlines(c: &Contract) -> impl Iterator<Item = u64> {
+    let reserved = c.state == ContractState::Reserved;
+    let live = reserved || c.state == ContractState::Active;
+    [reserved.then_some(c.expires_at), c.ends_at.filter(|_| live)]
+        .into_iter()
+        .flatten()
+}
+
+/// Moves a contract's live `deadlines` entries from those `old` needed to those `new` needs,
+/// inside a transaction (removals first, so an entry both need stays).
+fn reindex(deadlines: &TransactionalTree, old: &Contract, new: &Contract) -> TxResult<()> {
+    for at in live_deadlines(old) {
+        deadlines.remove(deadline_key(at, &old.id))?;
+    }
+    for at in live_deadlines(new) {
+        deadlines.insert(deadline_key(at, &new.id), &[])?;
+    }
+    Ok(())
+}
+
+/// Terms of sale of an offer that live in the configuration rather than in its flavour
+/// record: the share cap and the contract term. Changing them is a change of terms for
+/// superseded flavour ids (docs/protocol.md, "Superseded flavour ids").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct SaleTerms {
+    /// `max_per_buyer`, percent of the offer's total.
+    #[n(0)]
+    pub max_per_buyer: u8,
+    /// The contract term in milliseconds.
+    #[n(1)]
+    pub term_ms: u64,
+}
+
+/// A `terms` record: flavour ids of the offer numbered from `first` on were issued under the
+/// offer's current flavour record and `sale` terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+#[cbor(map)]
+pub struct Epoch {
+    #[n(0)]
+    pub first: u64,
+    #[n(1)]
+    pub sale: SaleTerms,
 }
 
 fn enc<T: Encode<()>>(v: &T) -> Vec<u8> {
@@ -240,32 +338,6 @@ fn flatten<T>(r: Result<T, TransactionError<TableError>>) -> Result<T, TableErro
     })
 }
 
-/// The contract first given for the transaction record `key`, as it was given (Reserved). The
-/// record holds the contract's id; records written by earlier versions hold the contract
-/// itself. `None` when no record or its contract is gone (a fresh evaluation follows).
-fn first_answer(
-    transactions: &TransactionalTree,
-    contracts: &TransactionalTree,
-    key: &[u8],
-) -> TxResult<Option<Contract>> {
-    let Some(v) = transactions.get(key)? else {
-        return Ok(None);
-    };
-    let Ok(id) = minicbor::decode::<Id>(&v) else {
-        return dec("transactions", key, &v)
-            .map(Some)
-            .map_err(ConflictableTransactionError::Abort);
-    };
-    let Some(mut c) = tx_get::<Contract>("contracts", contracts, id.as_str().as_bytes())? else {
-        return Ok(None);
-    };
-    // After a contract is made only its state and its end (RENEW) change: the first answer
-    // said Reserved, and ended `term_ms` after it was made.
-    c.state = ContractState::Reserved;
-    c.ends_at = c.term_ms.map(|t| c.created_at.saturating_add(t));
-    Ok(Some(c))
-}
-
 fn in_key(buyer: &Id, tx: &Id) -> Vec<u8> {
     format!("in/{buyer}/{tx}").into_bytes()
 }
@@ -291,8 +363,14 @@ fn flavour_id(offer: &Id, n: u64) -> Result<Id, ConflictableTransactionError<Tab
 }
 
 impl Tables {
-    /// Opens (or creates) the tables under `dir`.
+    /// Opens (or creates) the tables under `dir`, keeping ended contracts for the default
+    /// retention ([`crate::config::DEFAULT_RETENTION`]).
     pub fn open(dir: &Path) -> Result<Tables, TableError> {
+        Tables::open_with(dir, crate::config::DEFAULT_RETENTION)
+    }
+
+    /// Opens (or creates) the tables under `dir`, keeping ended contracts for `retention`.
+    pub fn open_with(dir: &Path, retention: Duration) -> Result<Tables, TableError> {
         let db = sled::Config::new()
             .path(dir)
             // A gateway has little memory and the tables are small: 1 MiB of page cache keeps
@@ -300,7 +378,7 @@ impl Tables {
             // reservations grow the agent (the benchmark's peak RSS shows it).
             .cache_capacity(1024 * 1024)
             .open()?;
-        Ok(Tables {
+        let t = Tables {
             offers: db.open_tree("offers")?,
             available: db.open_tree("available")?,
             allocations: db.open_tree("allocations")?,
@@ -316,8 +394,38 @@ impl Tables {
             transactions: db.open_tree("transactions")?,
             ratings: db.open_tree("ratings")?,
             intents: db.open_tree("intents")?,
+            deadlines: db.open_tree("deadlines")?,
+            terms: db.open_tree("terms")?,
+            retention_ms: u64::try_from(retention.as_millis()).unwrap_or(u64::MAX),
             db,
-        })
+        };
+        t.index_deadlines(crate::unix_ms())?;
+        Ok(t)
+    }
+
+    /// Builds the `deadlines` index of a database written before it existed (once): Reserved
+    /// contracts at their peering deadline, live ones with a term at its end (`ends_at`),
+    /// ended ones at `now` plus the retention.
+    fn index_deadlines(&self, now: u64) -> Result<(), TableError> {
+        let meta = self.db.open_tree("meta")?;
+        if meta.contains_key(b"deadlines")? {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for c in self.contracts()? {
+            if is_ended(c.state) {
+                batch.insert(
+                    deadline_key(now.saturating_add(self.retention_ms), &c.id),
+                    &[],
+                );
+            }
+            for at in live_deadlines(&c) {
+                batch.insert(deadline_key(at, &c.id), &[]);
+            }
+        }
+        self.deadlines.apply_batch(batch)?;
+        meta.insert(b"deadlines", &[1u8])?;
+        Ok(())
     }
 
     /// Opens the tables of node `me` for running it, and checks they are the ones it left.
@@ -327,8 +435,8 @@ impl Tables {
     /// capacity it already sold. So the node's id is kept both inside the database (tree
     /// `meta`) and in a marker file beside it (`fluidlet.node`); a marker without the record
     /// is reported as [`TableError::Damaged`] and the node refuses to start.
-    pub async fn open_for(dir: &Path, me: &Id) -> Result<Tables, TableError> {
-        let t = Tables::open(dir)?;
+    pub async fn open_for(dir: &Path, me: &Id, retention: Duration) -> Result<Tables, TableError> {
+        let t = Tables::open_with(dir, retention)?;
         let meta = t.db.open_tree("meta")?;
         let marker = dir.join("fluidlet.node");
         let recorded: Option<Id> = one("meta", &meta, b"node")?;
@@ -383,12 +491,12 @@ impl Tables {
     }
 
     /// Brings the offers in line with the configuration: each configured offer (a flavour
-    /// whose id is the offer id and whose resources are the total) is advertised with its
-    /// total minus what live reservations hold; offers no longer configured are withdrawn.
-    /// Called at start, before the node serves anything.
-    pub async fn sync_offers(&self, configured: &[Flavour]) -> Result<(), TableError> {
+    /// whose id is the offer id and whose resources are the total, with its [`SaleTerms`]) is
+    /// advertised with its total minus what live reservations hold; offers no longer
+    /// configured are withdrawn. Called at start, before the node serves anything.
+    pub async fn sync_offers(&self, configured: &[(Flavour, SaleTerms)]) -> Result<(), TableError> {
         let mut wanted = Vec::new();
-        for offer in configured {
+        for (offer, sale) in configured {
             let held = self.held(&offer.id)?;
             let left =
                 offer
@@ -398,26 +506,39 @@ impl Tables {
                         offer: offer.id.to_string(),
                         held: Box::new(held),
                     })?;
-            wanted.push((offer, left));
+            wanted.push((offer, left, *sale));
         }
         let current: Vec<OwnFlavour> = all("available", &self.available)?;
         let stored: Vec<Flavour> = all("offers", &self.offers)?;
-        flatten(
-            (&self.offers, &self.available).transaction(|(offers, available)| {
+        flatten((&self.offers, &self.available, &self.terms).transaction(
+            |(offers, available, terms)| {
                 for old in &stored {
-                    if !configured.iter().any(|o| o.id == old.id) {
+                    if !configured.iter().any(|(o, _)| o.id == old.id) {
                         offers.remove(old.id.as_str())?;
+                        terms.remove(old.id.as_str())?;
                     }
                 }
                 for own in &current {
-                    let keep = wanted.iter().any(|(o, left)| {
+                    let keep = wanted.iter().any(|(o, left, _)| {
                         own.offer == o.id && own.flavour == cut(o, &own.flavour.id, *left)
                     });
                     if !keep {
                         available.remove(own.flavour.id.as_str())?;
                     }
                 }
-                for (o, left) in &wanted {
+                for (o, left, sale) in &wanted {
+                    // Flavour ids issued before the offer's terms last changed (its record, or
+                    // its share cap or contract term), or before this record existed, are not
+                    // served as superseded ids. A record that does not decode (an older
+                    // format) counts as absent.
+                    let same = stored.iter().any(|old| old == *o);
+                    let epoch = terms
+                        .get(o.id.as_str())?
+                        .and_then(|v| minicbor::decode::<Epoch>(&v).ok());
+                    if !same || epoch.is_none_or(|e| e.sale != *sale) {
+                        let first = available.generate_id()?;
+                        terms.insert(o.id.as_str(), enc(&Epoch { first, sale: *sale }))?;
+                    }
                     offers.insert(o.id.as_str(), enc(*o))?;
                     let kept = current.iter().any(|own| {
                         own.offer == o.id && own.flavour == cut(o, &own.flavour.id, *left)
@@ -427,8 +548,8 @@ impl Tables {
                     }
                 }
                 Ok(())
-            }),
-        )?;
+            },
+        ))?;
         self.flush().await
     }
 
@@ -475,6 +596,25 @@ impl Tables {
         admit: &Admission,
     ) -> Result<Reservation, TableError> {
         let key = in_key(&req.buyer, &req.transaction);
+        // A flavour id no longer on offer may be a superseded id of an offer (docs/protocol.md,
+        // "Superseded flavour ids"): the offer's current flavour is found outside the
+        // transaction (sled transactions cannot scan) and re-read inside it, so a concurrent
+        // change makes the transaction retry.
+        let superseded = match self.available.contains_key(req.flavour.as_str())? {
+            true => None,
+            false => superseded_offer(&req.flavour).and_then(|(offer, n)| {
+                let current = self
+                    .available
+                    .iter()
+                    .filter_map(|kv| {
+                        let (k, v) = kv.ok()?;
+                        let own: OwnFlavour = dec("available", &k, &v).ok()?;
+                        (own.offer == offer).then_some(own.flavour.id)
+                    })
+                    .next()?;
+                Some((offer, n, current))
+            }),
+        };
         let outcome = flatten(
             (
                 &self.offers,
@@ -482,24 +622,83 @@ impl Tables {
                 &self.allocations,
                 &self.contracts,
                 &self.transactions,
+                &self.deadlines,
+                &self.terms,
             )
                 .transaction(
-                    |(offers, available, allocations, contracts, transactions)| {
-                        if let Some(first) = first_answer(transactions, contracts, &key)? {
+                    |(
+                        offers,
+                        available,
+                        allocations,
+                        contracts,
+                        transactions,
+                        deadlines,
+                        terms,
+                    )| {
+                        if let Some(v) = transactions.get(&key)? {
+                            let first = match dec_tx_record(&key, &v)
+                                .map_err(ConflictableTransactionError::Abort)?
+                            {
+                                TxRecord::Copy(c) => *c,
+                                TxRecord::Points(id) => {
+                                    let Some(mut c) = tx_get::<Contract>(
+                                        "contracts",
+                                        contracts,
+                                        id.as_str().as_bytes(),
+                                    )?
+                                    else {
+                                        return Err(ConflictableTransactionError::Abort(
+                                            TableError::Corrupt {
+                                                tree: "transactions",
+                                                key: String::from_utf8_lossy(&key).into_owned(),
+                                                reason: format!("contract {id} is missing"),
+                                            },
+                                        ));
+                                    };
+                                    // The first answer: the contract as it was sold. Only
+                                    // the state and a renewal's `ends_at` change after it.
+                                    c.state = ContractState::Reserved;
+                                    c.ends_at = c.term_ms.map(|t| c.created_at.saturating_add(t));
+                                    c
+                                }
+                            };
                             return Ok(Reservation::Repeat(first));
                         }
                         if let Some(n) = admit.pending_full {
                             return Ok(Reservation::Refused(Refusal::TooManyPending(n)));
                         }
-                        let Some(own) = tx_get::<OwnFlavour>(
+                        let gone = || {
+                            Ok(Reservation::Refused(Refusal::FlavourGone(
+                                req.flavour.clone(),
+                            )))
+                        };
+                        let own = match tx_get::<OwnFlavour>(
                             "available",
                             available,
                             req.flavour.as_str().as_bytes(),
-                        )?
-                        else {
-                            return Ok(Reservation::Refused(Refusal::FlavourGone(
-                                req.flavour.clone(),
-                            )));
+                        )? {
+                            Some(own) => own,
+                            None => {
+                                let Some((offer, n, current)) = &superseded else {
+                                    return gone();
+                                };
+                                // A record that does not decode is an older format: no
+                                // superseded id is served for the offer until it is rewritten.
+                                let epoch = terms
+                                    .get(offer.as_str().as_bytes())?
+                                    .and_then(|v| minicbor::decode::<Epoch>(&v).ok());
+                                if req.partition.is_none() || epoch.is_none_or(|e| *n < e.first) {
+                                    return gone();
+                                }
+                                match tx_get::<OwnFlavour>(
+                                    "available",
+                                    available,
+                                    current.as_str().as_bytes(),
+                                )? {
+                                    Some(own) if &own.offer == offer => own,
+                                    _ => return gone(),
+                                }
+                            }
                         };
                         let Plan {
                             resources,
@@ -527,17 +726,23 @@ impl Tables {
                                 reason: e.to_string(),
                             })
                         })?;
-                        available.remove(req.flavour.as_str())?;
+                        available.remove(own.flavour.id.as_str())?;
                         if let Some(left) = remainder {
                             let offer: Flavour =
                                 tx_get("offers", offers, own.offer.as_str().as_bytes())?
                                     .unwrap_or_else(|| own.flavour.clone());
                             offer_cut(available, &own.offer, &offer, left)?;
                         }
+                        // The flavour bought, under the id the buyer named (a superseded id
+                        // names the same terms; the resources are those it was served from).
+                        let flavour = Flavour {
+                            id: req.flavour.clone(),
+                            ..own.flavour.clone()
+                        };
                         let contract = Contract {
                             id: id.clone(),
                             transaction: req.transaction.clone(),
-                            flavour: own.flavour.clone(),
+                            flavour,
                             buyer: req.buyer.clone(),
                             seller: me.clone(),
                             resources,
@@ -559,8 +764,10 @@ impl Tables {
                         };
                         allocations.insert(id.as_str(), enc(&alloc))?;
                         contracts.insert(id.as_str(), enc(&contract))?;
-                        // The contract is stored once; the transaction record names it.
-                        transactions.insert(key.clone(), enc(&contract.id))?;
+                        transactions.insert(key.clone(), enc(&id))?;
+                        for at in live_deadlines(&contract) {
+                            deadlines.insert(deadline_key(at, &id), &[])?;
+                        }
                         Ok(Reservation::New(contract))
                     },
                 ),
@@ -607,14 +814,21 @@ impl Tables {
             offer: None,
         };
         flatten(
-            (&self.contracts, &self.allocations, &self.transactions).transaction(
-                |(contracts, allocations, transactions)| {
+            (
+                &self.contracts,
+                &self.allocations,
+                &self.transactions,
+                &self.deadlines,
+            )
+                .transaction(|(contracts, allocations, transactions, deadlines)| {
                     contracts.insert(c.id.as_str(), enc(c))?;
                     allocations.insert(c.id.as_str(), enc(&alloc))?;
                     transactions.remove(out_key(&c.transaction))?;
+                    for at in live_deadlines(c) {
+                        deadlines.insert(deadline_key(at, &c.id), &[])?;
+                    }
                     Ok(())
-                },
-            ),
+                }),
         )?;
         self.flush().await
     }
@@ -644,27 +858,32 @@ impl Tables {
     /// active is fine for a repeated call; released or expired is not).
     pub async fn activate(&self, contract: &Id, now: u64) -> Result<bool, TableError> {
         let key = contract.as_str().as_bytes();
-        let changed = flatten((&self.contracts, &self.allocations).transaction(
-            |(contracts, allocations)| {
-                let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? else {
-                    return Ok(false);
-                };
-                if c.state == ContractState::Active {
-                    return Ok(true);
-                }
-                if !contracts::can_move(c.state, ContractState::Active) {
-                    return Ok(false);
-                }
-                c.state = ContractState::Active;
-                contracts.insert(key, enc(&c))?;
-                if let Some(mut a) = tx_get::<Allocation>("allocations", allocations, key)? {
-                    a.status = AllocationStatus::Active;
-                    a.updated_at = now;
-                    allocations.insert(key, enc(&a))?;
-                }
-                Ok(true)
-            },
-        ))?;
+        let changed = flatten(
+            (&self.contracts, &self.allocations, &self.deadlines).transaction(
+                |(contracts, allocations, deadlines)| {
+                    let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? else {
+                        return Ok(false);
+                    };
+                    if c.state == ContractState::Active {
+                        return Ok(true);
+                    }
+                    if !contracts::can_move(c.state, ContractState::Active) {
+                        return Ok(false);
+                    }
+                    let before = c.clone();
+                    c.state = ContractState::Active;
+                    contracts.insert(key, enc(&c))?;
+                    // Peered: the peering deadline no longer applies; the term's end does.
+                    reindex(deadlines, &before, &c)?;
+                    if let Some(mut a) = tx_get::<Allocation>("allocations", allocations, key)? {
+                        a.status = AllocationStatus::Active;
+                        a.updated_at = now;
+                        allocations.insert(key, enc(&a))?;
+                    }
+                    Ok(true)
+                },
+            ),
+        )?;
         self.flush().await?;
         Ok(changed)
     }
@@ -692,49 +911,63 @@ impl Tables {
                 .map(|f| f.flavour.id),
             None => None,
         };
+        let retention_ms = self.retention_ms;
         let ended = flatten(
             (
                 &self.offers,
                 &self.available,
                 &self.allocations,
                 &self.contracts,
+                &self.deadlines,
             )
-                .transaction(|(offers, available, allocations, contracts)| {
-                    let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? else {
-                        return Ok(None);
-                    };
-                    if !contracts::can_move(c.state, end) {
-                        return Ok(None);
-                    }
-                    c.state = end;
-                    contracts.insert(key, enc(&c))?;
-                    let Some(mut a) = tx_get::<Allocation>("allocations", allocations, key)? else {
-                        return Ok(Some(c));
-                    };
-                    a.status = AllocationStatus::Released;
-                    a.updated_at = now;
-                    allocations.insert(key, enc(&a))?;
-                    let (AllocationKind::Node, Some(offer_id)) = (a.kind, &a.offer) else {
-                        return Ok(Some(c));
-                    };
-                    let Some(offer) =
-                        tx_get::<Flavour>("offers", offers, offer_id.as_str().as_bytes())?
-                    else {
-                        // The offer was withdrawn from the config: nothing to give back to.
-                        return Ok(Some(c));
-                    };
-                    let mut back = a.resources;
-                    if let Some(old) = &current {
-                        if let Some(own) =
-                            tx_get::<OwnFlavour>("available", available, old.as_str().as_bytes())?
-                        {
-                            back = back.saturating_add(&own.flavour.resources);
-                            available.remove(old.as_str())?;
+                .transaction(
+                    |(offers, available, allocations, contracts, deadlines)| {
+                        let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? else {
+                            return Ok(None);
+                        };
+                        if !contracts::can_move(c.state, end) {
+                            return Ok(None);
                         }
-                    }
-                    offer_cut(available, offer_id, &offer, back)?;
-                    Ok(Some(c))
-                }),
+                        // Ended: the peering deadline and the term's end no longer apply; the
+                        // retention does.
+                        for at in live_deadlines(&c) {
+                            deadlines.remove(deadline_key(at, &c.id))?;
+                        }
+                        c.state = end;
+                        contracts.insert(key, enc(&c))?;
+                        let kept_until = now.saturating_add(retention_ms);
+                        deadlines.insert(deadline_key(kept_until, &c.id), &[])?;
+                        let Some(mut a) = tx_get::<Allocation>("allocations", allocations, key)?
+                        else {
+                            return Ok(Some(c));
+                        };
+                        a.status = AllocationStatus::Released;
+                        a.updated_at = now;
+                        allocations.insert(key, enc(&a))?;
+                        let (AllocationKind::Node, Some(offer_id)) = (a.kind, &a.offer) else {
+                            return Ok(Some(c));
+                        };
+                        let Some(offer) =
+                            tx_get::<Flavour>("offers", offers, offer_id.as_str().as_bytes())?
+                        else {
+                            // The offer was withdrawn from the config: nothing to give back to.
+                            return Ok(Some(c));
+                        };
+                        let mut back = a.resources;
+                        if let Some(old) = &current {
+                            if let Some(own) = tx_get::<OwnFlavour>(
+                                "available",
+                                available,
+                                old.as_str().as_bytes(),
+                            )? {
+                                back = back.saturating_add(&own.flavour.resources);
+                                available.remove(old.as_str())?;
+                            }
+                        }
+                        offer_cut(available, offer_id, &offer, back)?;
+                        Ok(Some(c))
+                    },
+                ),
         )?;
         self.flush().await?;
         Ok(ended)
@@ -765,18 +998,87 @@ impl Tables {
         Ok(())
     }
 
-    /// Reserved contracts whose peering deadline has passed, and live contracts whose term
-    /// ran out unrenewed (`ends_at`).
-    pub fn lapsed(&self, now: u64) -> Result<Vec<Contract>, TableError> {
+    /// The entries of the `deadlines` index due at `now` (deadline not after it), earliest
+    /// first, at most `limit`: (deadline, contract id). Decodes no contract.
+    pub fn due(&self, now: u64, limit: usize) -> Result<Vec<(u64, Id)>, TableError> {
         let mut out = Vec::new();
-        self.each_contract(|c| {
-            let unpeered = c.state == ContractState::Reserved && c.expires_at <= now;
-            let live = matches!(c.state, ContractState::Reserved | ContractState::Active);
-            if unpeered || (live && c.ends_at.is_some_and(|e| e <= now)) {
-                out.push(c);
+        let end = now.saturating_add(1).to_be_bytes();
+        for kv in self.deadlines.range(..&end[..]).take(limit) {
+            let (k, _) = kv?;
+            match parse_deadline_key(&k) {
+                Some(entry) => out.push(entry),
+                None => {
+                    // Not a key this code writes: drop it rather than read it every tick.
+                    self.deadlines.remove(&k)?;
+                }
             }
-        })?;
+        }
         Ok(out)
+    }
+
+    /// How many entries the `deadlines` index holds.
+    pub fn deadline_count(&self) -> usize {
+        self.deadlines.len()
+    }
+
+    /// Forgets the `deadlines` entry (`deadline`, `contract`) alone (it is stale: the
+    /// contract is gone, or nothing of it is due then any more).
+    pub fn drop_deadline(&self, deadline: u64, contract: &Id) -> Result<(), TableError> {
+        self.deadlines.remove(deadline_key(deadline, contract))?;
+        Ok(())
+    }
+
+    /// Deletes an ended contract whose retention is over (entry `deadline` of the index), with
+    /// everything kept for it: its allocation, the transaction record that points to it, the
+    /// peering grant and the consumer cluster, and the index entry; in one transaction.
+    /// Returns false (and deletes nothing but the entry) if the contract is not ended, and
+    /// false (deleting nothing) if the entry is no longer in the index: it was read before
+    /// the transaction that ended the contract removed it, so it is not the retention's.
+    pub fn prune(&self, deadline: u64, contract: &Id) -> Result<bool, TableError> {
+        let key = contract.as_str().as_bytes();
+        flatten(
+            (
+                &self.contracts,
+                &self.allocations,
+                &self.transactions,
+                &self.deadlines,
+            )
+                .transaction(|(contracts, allocations, transactions, deadlines)| {
+                    if deadlines
+                        .remove(deadline_key(deadline, contract))?
+                        .is_none()
+                    {
+                        return Ok(false);
+                    }
+                    let Some(c) = tx_get::<Contract>("contracts", contracts, key)? else {
+                        return Ok(false);
+                    };
+                    if !is_ended(c.state) {
+                        return Ok(false);
+                    }
+                    contracts.remove(key)?;
+                    allocations.remove(key)?;
+                    let tx = in_key(&c.buyer, &c.transaction);
+                    if let Some(v) = transactions.get(&tx)? {
+                        let ours = match dec_tx_record(&tx, &v) {
+                            Ok(TxRecord::Points(id)) => id == c.id,
+                            Ok(TxRecord::Copy(old)) => old.id == c.id,
+                            Err(_) => false,
+                        };
+                        if ours {
+                            transactions.remove(tx)?;
+                        }
+                    }
+                    transactions.remove(format!("peer/{contract}").as_bytes())?;
+                    transactions.remove(format!("peer-cluster/{contract}").as_bytes())?;
+                    Ok(true)
+                }),
+        )
+    }
+
+    /// How many transaction records (`in/...`) are stored.
+    pub fn transaction_record_count(&self) -> usize {
+        self.transactions.scan_prefix("in/").count()
     }
 
     /// What `buyer` holds now of `offer` (live Node allocations, provider side).
@@ -799,46 +1101,69 @@ impl Tables {
         one("available", &self.available, id.as_str().as_bytes())
     }
 
+    /// The offer a flavour id belongs to: the offer of the flavour on offer under `id`, or, for
+    /// an id no longer on offer that has the form of a superseded id (`{offer}.{n}`), that
+    /// offer if it is configured. Whether the id is still served is decided by the reservation.
+    pub fn offer_of(&self, id: &Id) -> Result<Option<Id>, TableError> {
+        if let Some(own) = self.own_flavour(id)? {
+            return Ok(Some(own.offer));
+        }
+        match superseded_offer(id) {
+            Some((offer, _)) if self.offers.contains_key(offer.as_str())? => Ok(Some(offer)),
+            _ => Ok(None),
+        }
+    }
+
     /// Renews a live contract with a term: `ends_at` becomes `max(ends_at, now + term)` (a
     /// repeated renewal never adds a second term), flushed. Returns the contract as it is
     /// now, or `None` if it is not live. A contract without a term is returned unchanged.
+    /// The contract's `deadlines` entry moves to the new end in the same transaction.
     pub async fn renew(&self, contract: &Id, now: u64) -> Result<Option<Contract>, TableError> {
         let key = contract.as_str().as_bytes();
-        let out = flatten(self.contracts.transaction(|contracts| {
-            let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? else {
-                return Ok(None);
-            };
-            let live = matches!(c.state, ContractState::Reserved | ContractState::Active);
-            if !live || c.ends_at.is_some_and(|e| e <= now) {
-                return Ok(None);
-            }
-            if let Some(t) = c.term_ms {
-                let end = now.saturating_add(t).max(c.ends_at.unwrap_or(0));
-                if c.ends_at != Some(end) {
-                    c.ends_at = Some(end);
-                    contracts.insert(key, enc(&c))?;
+        let out = flatten((&self.contracts, &self.deadlines).transaction(
+            |(contracts, deadlines)| {
+                let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? else {
+                    return Ok(None);
+                };
+                let live = matches!(c.state, ContractState::Reserved | ContractState::Active);
+                if !live || c.ends_at.is_some_and(|e| e <= now) {
+                    return Ok(None);
                 }
-            }
-            Ok(Some(c))
-        }))?;
+                if let Some(t) = c.term_ms {
+                    let end = now.saturating_add(t).max(c.ends_at.unwrap_or(0));
+                    if c.ends_at != Some(end) {
+                        let before = c.clone();
+                        c.ends_at = Some(end);
+                        contracts.insert(key, enc(&c))?;
+                        reindex(deadlines, &before, &c)?;
+                    }
+                }
+                Ok(Some(c))
+            },
+        ))?;
         if out.is_some() {
             self.flush().await?;
         }
         Ok(out)
     }
 
-    /// Buyer side: records the end a seller's RENEWED gave a contract (only ever later).
+    /// Buyer side: records the end a seller's RENEWED gave a contract (only ever later),
+    /// moving its `deadlines` entry in the same transaction.
     pub async fn extend(&self, contract: &Id, ends_at: u64) -> Result<(), TableError> {
         let key = contract.as_str().as_bytes();
-        flatten(self.contracts.transaction(|contracts| {
-            if let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? {
-                if c.ends_at.is_some_and(|e| e < ends_at) {
-                    c.ends_at = Some(ends_at);
-                    contracts.insert(key, enc(&c))?;
+        flatten(
+            (&self.contracts, &self.deadlines).transaction(|(contracts, deadlines)| {
+                if let Some(mut c) = tx_get::<Contract>("contracts", contracts, key)? {
+                    if c.ends_at.is_some_and(|e| e < ends_at) {
+                        let before = c.clone();
+                        c.ends_at = Some(ends_at);
+                        contracts.insert(key, enc(&c))?;
+                        reindex(deadlines, &before, &c)?;
+                    }
                 }
-            }
-            Ok(())
-        }))?;
+                Ok(())
+            }),
+        )?;
         self.flush().await
     }
 
@@ -1037,7 +1362,7 @@ impl Tables {
     }
 
     /// Records per table (each count is a scan: for metrics, not for hot paths).
-    pub fn sizes(&self) -> [(&'static str, usize); 8] {
+    pub fn sizes(&self) -> [(&'static str, usize); 10] {
         [
             ("offers", self.offers.len()),
             ("available", self.available.len()),
@@ -1047,8 +1372,16 @@ impl Tables {
             ("transactions", self.transactions.len()),
             ("ratings", self.ratings.len()),
             ("intents", self.intents.len()),
+            ("deadlines", self.deadlines.len()),
+            ("terms", self.terms.len()),
         ]
     }
+}
+
+/// The offer and flavour number of a flavour id `{offer}.{n}`, if it has that form.
+fn superseded_offer(flavour: &Id) -> Option<(Id, u64)> {
+    let (offer, n) = flavour.as_str().rsplit_once('.')?;
+    Some((Id::new(offer).ok()?, n.parse().ok()?))
 }
 
 /// Puts the flavour offering `left` of `offer` (whose id is `offer_id`) on offer under a new
@@ -1078,4 +1411,509 @@ fn cut(offer: &Flavour, id: &Id, left: Resources) -> Flavour {
     };
     f.price.amount = price_of(offer, &left);
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Resources;
+
+    const MIN: u64 = 60_000;
+
+    fn id(s: &str) -> Id {
+        Id::new(s).unwrap()
+    }
+
+    fn piece() -> Option<Resources> {
+        Some(Resources {
+            cpu: 500,
+            memory: 1 << 30,
+            pods: 1,
+            storage: 0,
+        })
+    }
+
+    fn request(tx: &str, flavour: &Id) -> ReserveRequest {
+        ReserveRequest {
+            transaction: id(tx),
+            flavour: flavour.clone(),
+            buyer: id("buyer"),
+            partition: piece(),
+        }
+    }
+
+    async fn provider(dir: &Path, retention: Duration) -> (Tables, Id) {
+        let t = Tables::open_with(dir, retention).unwrap();
+        let me = id("prov");
+        t.sync_offers(&[(crate::demo::demo_offer(&me), SaleTerms::default())])
+            .await
+            .unwrap();
+        (t, me)
+    }
+
+    fn current(t: &Tables) -> Id {
+        t.flavours().unwrap()[0].flavour.id.clone()
+    }
+
+    async fn reserve(t: &Tables, me: &Id, tx: &str, now: u64) -> Contract {
+        let req = request(tx, &current(t));
+        match t.reserve(me, &req, now, 10 * MIN).await.unwrap() {
+            Reservation::New(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn deadline_keys_sort_by_time_and_parse_back() {
+        let a = deadline_key(255, &id("z"));
+        let b = deadline_key(256, &id("a"));
+        assert!(a < b, "big-endian keys sort by deadline first");
+        assert_eq!(parse_deadline_key(&b), Some((256, id("a"))));
+        assert_eq!(parse_deadline_key(b"short"), None);
+    }
+
+    #[tokio::test]
+    async fn transaction_record_holds_the_contract_id_not_a_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_secs(60)).await;
+        let c = reserve(&t, &me, "t1", 0).await;
+        let rec = t
+            .transactions
+            .get(in_key(&c.buyer, &c.transaction))
+            .unwrap()
+            .unwrap();
+        assert_eq!(minicbor::decode::<Id>(&rec).unwrap(), c.id);
+        // A repeat still gets the first answer (the contract as sold), even once it is Active.
+        assert!(t.activate(&c.id, 1).await.unwrap());
+        let again = t
+            .reserve(&me, &request("t1", &c.flavour.id), 2, MIN)
+            .await
+            .unwrap();
+        assert_eq!(again, Reservation::Repeat(c));
+    }
+
+    #[tokio::test]
+    async fn a_transaction_record_written_as_a_copy_is_still_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_secs(60)).await;
+        let c = reserve(&t, &me, "t1", 0).await;
+        // As the previous version wrote it.
+        t.transactions
+            .insert(in_key(&c.buyer, &c.transaction), enc(&c))
+            .unwrap();
+        let again = t
+            .reserve(&me, &request("t1", &c.flavour.id), 2, MIN)
+            .await
+            .unwrap();
+        assert_eq!(again, Reservation::Repeat(c));
+    }
+
+    #[tokio::test]
+    async fn due_reads_only_the_entries_due_and_decodes_no_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_secs(60)).await;
+        let due = reserve(&t, &me, "t0", 0).await; // peering deadline 10 min
+        let mut later = Vec::new();
+        for i in 1..8 {
+            later.push(reserve(&t, &me, &format!("t{i}"), MIN).await); // 11 min
+        }
+        // The contracts not due are made undecodable: reading any of them would fail.
+        for c in &later {
+            t.contracts.insert(c.id.as_str(), &b"not cbor"[..]).unwrap();
+        }
+        assert_eq!(t.due(10 * MIN - 1, 100).unwrap(), vec![]);
+        assert_eq!(
+            t.due(10 * MIN, 100).unwrap(),
+            vec![(10 * MIN, due.id.clone())]
+        );
+        assert_eq!(t.contract(&due.id).unwrap().map(|c| c.id), Some(due.id));
+        assert_eq!(t.due(11 * MIN, 3).unwrap().len(), 3, "at most the limit");
+    }
+
+    #[tokio::test]
+    async fn peering_removes_the_deadline_and_ending_sets_the_retention_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_millis(5 * MIN)).await;
+        let a = reserve(&t, &me, "ta", 0).await;
+        let b = reserve(&t, &me, "tb", 0).await;
+        assert_eq!(t.deadline_count(), 2);
+        assert!(t.activate(&a.id, 1).await.unwrap());
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(10 * MIN, b.id.clone())]
+        );
+        t.end_contract(&a.id, ContractState::Released, 2 * MIN)
+            .await
+            .unwrap();
+        t.end_contract(&b.id, ContractState::Expired, 10 * MIN)
+            .await
+            .unwrap();
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(7 * MIN, a.id.clone()), (15 * MIN, b.id.clone())]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_contract_past_retention_is_deleted_with_its_records_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_millis(5 * MIN)).await;
+        let c = reserve(&t, &me, "t1", 0).await;
+        let kept = reserve(&t, &me, "t2", 0).await;
+        t.put_peer_cluster(&c.id, &id("cluster")).unwrap();
+        t.end_contract(&c.id, ContractState::Released, MIN)
+            .await
+            .unwrap();
+        t.flush().await.unwrap();
+        drop(t);
+
+        let t = Tables::open_with(dir.path(), Duration::from_millis(5 * MIN)).unwrap();
+        assert_eq!(
+            t.due(6 * MIN - 1, 10).unwrap(),
+            vec![],
+            "still in retention"
+        );
+        let due = t.due(6 * MIN, 10).unwrap();
+        assert_eq!(due, vec![(6 * MIN, c.id.clone())]);
+        assert!(t.prune(due[0].0, &due[0].1).unwrap());
+        assert_eq!(t.contract(&c.id).unwrap(), None);
+        assert_eq!(t.allocation(&c.id).unwrap(), None);
+        assert_eq!(t.peer_cluster(&c.id).unwrap(), None);
+        assert_eq!(
+            t.transaction_record_count(),
+            1,
+            "only the live contract's record is left"
+        );
+        assert_eq!(
+            t.deadline_count(),
+            1,
+            "only the live contract's peering deadline"
+        );
+        assert!(t.contract(&kept.id).unwrap().is_some());
+        // A retry of the pruned transaction is a new request: the flavour id it named was
+        // superseded under unchanged terms, so it is served afresh with a new contract.
+        let retry = t
+            .reserve(&me, &request("t1", &c.flavour.id), 7 * MIN, MIN)
+            .await
+            .unwrap();
+        assert!(
+            matches!(retry, Reservation::New(ref n) if n.id != c.id),
+            "{retry:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn prune_deletes_nothing_of_a_live_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_millis(MIN)).await;
+        let c = reserve(&t, &me, "t1", 0).await;
+        assert!(!t.prune(c.expires_at, &c.id).unwrap());
+        assert!(t.contract(&c.id).unwrap().is_some());
+        assert_eq!(t.transaction_record_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_index_is_indexed_once_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_millis(MIN)).await;
+        let live = reserve(&t, &me, "t1", 0).await;
+        let ended = reserve(&t, &me, "t2", 0).await;
+        t.end_contract(&ended.id, ContractState::Released, 0)
+            .await
+            .unwrap();
+        // As the previous version left it: no index, no record that it was built.
+        t.deadlines.clear().unwrap();
+        t.db.open_tree("meta")
+            .unwrap()
+            .remove(b"deadlines")
+            .unwrap();
+        t.flush().await.unwrap();
+        drop(t);
+        let t = Tables::open_with(dir.path(), Duration::from_millis(MIN)).unwrap();
+        let due = t.due(u64::MAX - 1, 10).unwrap();
+        assert_eq!(due.len(), 2);
+        assert!(due.contains(&(live.expires_at, live.id.clone())));
+        assert!(due
+            .iter()
+            .any(|(at, c)| c == &ended.id && *at > live.expires_at));
+    }
+
+    #[tokio::test]
+    async fn a_superseded_flavour_id_is_served_from_the_current_flavour() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_secs(60)).await;
+        let first = current(&t);
+        let a = t
+            .reserve(&me, &request("ta", &first), 0, MIN)
+            .await
+            .unwrap();
+        let b = t
+            .reserve(&me, &request("tb", &first), 0, MIN)
+            .await
+            .unwrap();
+        let (Reservation::New(a), Reservation::New(b)) = (a, b) else {
+            panic!("both served");
+        };
+        assert_eq!(a.flavour.id, first);
+        assert_eq!(
+            b.flavour.id, first,
+            "the contract names the id the buyer named"
+        );
+        assert_eq!(
+            b.flavour.resources.cpu, 3500,
+            "served from the reduced flavour"
+        );
+        assert_eq!(t.flavours().unwrap()[0].flavour.resources.cpu, 3000);
+        assert_ne!(current(&t), first);
+        // A whole purchase under a superseded id is refused: what it named is gone.
+        let mut whole = request("tc", &first);
+        whole.partition = None;
+        assert!(matches!(
+            t.reserve(&me, &whole, 0, MIN).await.unwrap(),
+            Reservation::Refused(Refusal::FlavourGone(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_superseded_id_from_before_the_terms_changed_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_secs(60)).await;
+        let first = current(&t);
+        reserve(&t, &me, "ta", 0).await;
+        let mut offer = crate::demo::demo_offer(&me);
+        offer.price.amount *= 2;
+        t.sync_offers(&[(offer, SaleTerms::default())])
+            .await
+            .unwrap();
+        let r = t
+            .reserve(&me, &request("tb", &first), 0, MIN)
+            .await
+            .unwrap();
+        assert_eq!(r, Reservation::Refused(Refusal::FlavourGone(first)));
+        // The current id still sells, at the new price.
+        let c = reserve(&t, &me, "tc", 0).await;
+        assert_eq!(c.price, 2 * 250_000);
+    }
+
+    /// Reserves a piece at `now` under a contract term of `term` ms (peering deadline 10 min).
+    async fn reserve_with_term(t: &Tables, me: &Id, tx: &str, now: u64, term: u64) -> Contract {
+        let admit = Admission {
+            term_ms: Some(term),
+            ..Admission::default()
+        };
+        let req = request(tx, &current(t));
+        match t
+            .reserve_unflushed(me, &req, now, 10 * MIN, &admit)
+            .unwrap()
+        {
+            Reservation::New(c) => {
+                t.flush().await.unwrap();
+                c
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_contracts_term_end_is_indexed_moved_by_renew_and_kept_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_millis(5 * MIN)).await;
+        let c = reserve_with_term(&t, &me, "t1", 0, 30 * MIN).await;
+        assert_eq!(c.ends_at, Some(30 * MIN));
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(10 * MIN, c.id.clone()), (30 * MIN, c.id.clone())],
+            "Reserved: the peering deadline and the term's end"
+        );
+        assert!(t.activate(&c.id, MIN).await.unwrap());
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(30 * MIN, c.id.clone())],
+            "Active: only the term's end"
+        );
+        let renewed = t.renew(&c.id, 20 * MIN).await.unwrap().unwrap();
+        assert_eq!(renewed.ends_at, Some(50 * MIN));
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(50 * MIN, c.id.clone())],
+            "the renewal moved the entry"
+        );
+        // A repeated renewal adds nothing and leaves the single entry.
+        t.renew(&c.id, 20 * MIN).await.unwrap().unwrap();
+        assert_eq!(t.deadline_count(), 1);
+        drop(t);
+
+        let t = Tables::open_with(dir.path(), Duration::from_millis(5 * MIN)).unwrap();
+        assert_eq!(t.due(50 * MIN - 1, 10).unwrap(), vec![]);
+        assert_eq!(
+            t.due(50 * MIN, 10).unwrap(),
+            vec![(50 * MIN, c.id.clone())],
+            "still due after a restart"
+        );
+        t.end_contract(&c.id, ContractState::Expired, 50 * MIN)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(55 * MIN, c.id.clone())],
+            "ended: only the retention's entry"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_term_ending_with_the_peering_deadline_keeps_its_entry_once_peered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_millis(5 * MIN)).await;
+        // Term = peering deadline: one key for both.
+        let c = reserve_with_term(&t, &me, "t1", 0, 10 * MIN).await;
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(10 * MIN, c.id.clone())]
+        );
+        assert!(t.activate(&c.id, MIN).await.unwrap());
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(10 * MIN, c.id.clone())],
+            "the term's end is still due"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bought_contracts_term_end_is_indexed_and_moved_by_extend() {
+        let dir = tempfile::tempdir().unwrap();
+        let (seller, me) = provider(dir.path(), Duration::from_millis(5 * MIN)).await;
+        let sold = reserve_with_term(&seller, &me, "t1", 0, 30 * MIN).await;
+        drop(seller);
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tables::open_with(dir.path(), Duration::from_millis(5 * MIN)).unwrap();
+        t.complete_purchase(&sold, 0).await.unwrap();
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(10 * MIN, sold.id.clone()), (30 * MIN, sold.id.clone())]
+        );
+        assert!(t.activate(&sold.id, MIN).await.unwrap());
+        t.extend(&sold.id, 45 * MIN).await.unwrap();
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(45 * MIN, sold.id.clone())]
+        );
+        // Only ever later.
+        t.extend(&sold.id, 40 * MIN).await.unwrap();
+        assert_eq!(
+            t.due(u64::MAX - 1, 10).unwrap(),
+            vec![(45 * MIN, sold.id.clone())]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_repeat_after_a_renewal_gets_the_first_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_secs(60)).await;
+        let c = reserve_with_term(&t, &me, "t1", 0, 30 * MIN).await;
+        assert!(t.activate(&c.id, 1).await.unwrap());
+        t.renew(&c.id, 20 * MIN).await.unwrap().unwrap();
+        let again = t
+            .reserve(&me, &request("t1", &c.flavour.id), 21 * MIN, MIN)
+            .await
+            .unwrap();
+        assert_eq!(again, Reservation::Repeat(c.clone()));
+        let Reservation::Repeat(first) = again else {
+            unreachable!()
+        };
+        assert_eq!(enc(&first), enc(&c), "byte-identical");
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_index_gets_its_terms_ends_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_millis(MIN)).await;
+        let c = reserve_with_term(&t, &me, "t1", 0, 30 * MIN).await;
+        assert!(t.activate(&c.id, 1).await.unwrap());
+        t.deadlines.clear().unwrap();
+        t.db.open_tree("meta")
+            .unwrap()
+            .remove(b"deadlines")
+            .unwrap();
+        t.flush().await.unwrap();
+        drop(t);
+        let t = Tables::open_with(dir.path(), Duration::from_millis(MIN)).unwrap();
+        assert_eq!(t.due(u64::MAX - 1, 10).unwrap(), vec![(30 * MIN, c.id)]);
+    }
+
+    #[tokio::test]
+    async fn prune_leaves_an_ended_contract_whose_entry_was_already_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_millis(5 * MIN)).await;
+        let c = reserve(&t, &me, "t1", 0).await;
+        // The sweeper read the peering deadline's entry, then the contract was released.
+        t.end_contract(&c.id, ContractState::Released, MIN)
+            .await
+            .unwrap();
+        assert!(!t.prune(c.expires_at, &c.id).unwrap());
+        assert!(
+            t.contract(&c.id).unwrap().is_some(),
+            "kept for its retention"
+        );
+        assert_eq!(t.due(u64::MAX - 1, 10).unwrap(), vec![(6 * MIN, c.id)]);
+    }
+
+    #[tokio::test]
+    async fn a_superseded_id_from_before_the_sale_terms_changed_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_secs(60)).await;
+        let offer = crate::demo::demo_offer(&me);
+        let first = current(&t);
+        reserve(&t, &me, "ta", 0).await;
+        // The same terms again: superseded ids are still served.
+        t.sync_offers(&[(offer.clone(), SaleTerms::default())])
+            .await
+            .unwrap();
+        assert!(matches!(
+            t.reserve(&me, &request("tb", &first), 0, MIN)
+                .await
+                .unwrap(),
+            Reservation::New(_)
+        ));
+        for sale in [
+            SaleTerms {
+                max_per_buyer: 50,
+                term_ms: 0,
+            },
+            SaleTerms {
+                max_per_buyer: 50,
+                term_ms: 3_600_000,
+            },
+        ] {
+            let before = current(&t);
+            // Supersedes `before` under the terms in force.
+            reserve(&t, &me, &format!("tx{}", sale.term_ms), 0).await;
+            assert_ne!(current(&t), before);
+            t.sync_offers(&[(offer.clone(), sale)]).await.unwrap();
+            let tx = format!("tc{}", sale.term_ms);
+            let r = t
+                .reserve(&me, &request(&tx, &before), 0, MIN)
+                .await
+                .unwrap();
+            assert_eq!(
+                r,
+                Reservation::Refused(Refusal::FlavourGone(before.clone())),
+                "{sale:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_superseded_id_names_its_offer_for_the_admission() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, me) = provider(dir.path(), Duration::from_secs(60)).await;
+        let first = current(&t);
+        let offer = t.flavours().unwrap()[0].offer.clone();
+        reserve(&t, &me, "ta", 0).await;
+        assert_eq!(t.own_flavour(&first).unwrap(), None, "superseded");
+        assert_eq!(t.offer_of(&first).unwrap(), Some(offer.clone()));
+        assert_eq!(t.offer_of(&current(&t)).unwrap(), Some(offer));
+        assert_eq!(t.offer_of(&id("elsewhere.1")).unwrap(), None);
+        assert_eq!(t.offer_of(&id("nodot")).unwrap(), None);
+    }
 }

@@ -9,15 +9,26 @@
 //! contract that ran out). Buyer side: [`keep_renewed`] renews every live contract it bought
 //! when half of its term is left (sooner for very short terms).
 
+use crate::config::Config;
 use crate::model::{Contract, ContractState, Id, ReserveRequest};
 use crate::shared::RearError;
 use crate::shared::Shared;
-use crate::tables::{Admission, Room};
+use crate::tables::{Admission, Room, SaleTerms};
 use crate::unix_ms;
 use crate::wire::{Body, ContractRef, ErrorBody, ErrorCode};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
+
+/// The share cap and contract term offer `offer` is sold under, as the tables record them
+/// (a change of either is a change of terms for superseded flavour ids).
+pub(crate) fn sale_terms(cfg: &Config, offer: &crate::model::Id) -> SaleTerms {
+    let (max_per_buyer, term) = cfg.terms_of(offer);
+    SaleTerms {
+        max_per_buyer,
+        term_ms: u64::try_from(term.as_millis()).unwrap_or(u64::MAX),
+    }
+}
 
 /// The policy part of a RESERVE_FLAVOUR check: `pending_full` (from the caller), the
 /// buyer's room under the offer's share cap, and the offer's contract term.
@@ -30,8 +41,10 @@ pub(crate) fn admission(
         pending_full,
         ..Admission::default()
     };
-    let own = match shared.tables.own_flavour(&req.flavour) {
-        Ok(Some(own)) => own,
+    // A superseded flavour id is sold from its offer's current flavour, under the offer's
+    // cap and term like the current id.
+    let offer = match shared.tables.offer_of(&req.flavour) {
+        Ok(Some(offer)) => offer,
         // Unknown flavour: the reservation itself answers FLAVOUR_GONE.
         Ok(None) => return admit,
         Err(e) => {
@@ -39,12 +52,15 @@ pub(crate) fn admission(
             return admit;
         }
     };
-    let (percent, term) = shared.cfg.terms_of(&own.offer);
-    admit.term_ms = Some(term.as_millis() as u64);
+    let SaleTerms {
+        max_per_buyer: percent,
+        term_ms,
+    } = sale_terms(&shared.cfg, &offer);
+    admit.term_ms = Some(term_ms);
     if percent >= 100 {
         return admit;
     }
-    let total = match shared.cfg.offers.iter().find(|o| o.id == own.offer) {
+    let total = match shared.cfg.offers.iter().find(|o| o.id == offer) {
         Some(o) => o.resources,
         None => return admit,
     };
@@ -55,7 +71,7 @@ pub(crate) fn admission(
         pods: share(total.pods as u64) as u32,
         storage: share(total.storage),
     };
-    let held = match shared.tables.held_by(&req.buyer, &own.offer) {
+    let held = match shared.tables.held_by(&req.buyer, &offer) {
         Ok(h) => h,
         Err(e) => {
             error!(error = %e, "cannot count the buyer's share; assuming the cap is reached");
@@ -69,7 +85,7 @@ pub(crate) fn admission(
         storage: cap.storage.saturating_sub(held.storage),
     };
     admit.room = Some(Room {
-        offer: own.offer,
+        offer,
         percent,
         left,
     });
@@ -163,20 +179,21 @@ pub(crate) async fn keep_renewed(shared: Arc<Shared>, mut stop: watch::Receiver<
         // Half the term, but never less than two checks and an answer's wait: a short term
         // must not slip between two checks.
         let margin = (2 * shared.cfg.expiry_check + shared.cfg.reserve_timeout).as_millis() as u64;
-        let due: Vec<Contract> = match shared.tables.contracts() {
-            Ok(all) => all
-                .into_iter()
-                .filter(|c| {
-                    &c.buyer == shared.me()
-                        && matches!(c.state, ContractState::Reserved | ContractState::Active)
-                        && matches!((c.term_ms, c.ends_at), (Some(t), Some(e)) if now.saturating_add((t / 2).max(margin)) >= e && now < e)
-                })
-                .collect(),
-            Err(e) => {
-                error!(error = %e, "cannot read contracts for renewal");
-                continue;
+        // One contract decoded at a time: this runs every `expiry_check` on every node, and
+        // a provider's table of thousands of contracts decoded at once is its peak memory.
+        let mut due: Vec<Contract> = Vec::new();
+        let read = shared.tables.each_contract(|c| {
+            if &c.buyer == shared.me()
+                && matches!(c.state, ContractState::Reserved | ContractState::Active)
+                && matches!((c.term_ms, c.ends_at), (Some(t), Some(e)) if now.saturating_add((t / 2).max(margin)) >= e && now < e)
+            {
+                due.push(c);
             }
-        };
+        });
+        if let Err(e) = read {
+            error!(error = %e, "cannot read contracts for renewal");
+            continue;
+        }
         for c in due {
             renew(&shared, &c).await;
         }

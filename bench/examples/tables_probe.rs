@@ -30,7 +30,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     rt.block_on(async {
         let me = Id::new("prov").unwrap_or_default();
-        let t = Tables::open_for(dir.path(), &me)
+        let t = Tables::open_for(dir.path(), &me, fluidlet::config::DEFAULT_RETENTION)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         println!(
@@ -88,6 +88,12 @@ async fn reserve(t: &Tables, me: &Id, n: usize) {
         }
         offers.push(f);
     }
+    // The default terms of sale: no share cap, one hour.
+    let terms = fluidlet::tables::SaleTerms {
+        max_per_buyer: 100,
+        term_ms: 3_600_000,
+    };
+    let offers: Vec<_> = offers.into_iter().map(|f| (f, terms)).collect();
     t.sync_offers(&offers)
         .await
         .unwrap_or_else(|e| panic!("{e}"));

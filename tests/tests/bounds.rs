@@ -234,9 +234,13 @@ async fn an_advert_with_too_many_flavours_is_refused_with_a_clear_error(port: u1
 async fn candidates_per_provider_are_bounded_and_the_oldest_are_forgotten() {
     use fluidlet::tables::{Tables, MAX_CANDIDATES_PER_PROVIDER};
     let dir = tempfile::tempdir().unwrap();
-    let t = Tables::open_for(dir.path(), &Id::new("me").unwrap())
-        .await
-        .unwrap();
+    let t = Tables::open_for(
+        dir.path(),
+        &Id::new("me").unwrap(),
+        fluidlet::config::DEFAULT_RETENTION,
+    )
+    .await
+    .unwrap();
     let flavour = |provider: &str, i: usize| {
         let mut f = fluidlet::demo::demo_offer(&Id::new(provider).unwrap());
         f.id = Id::new(&format!("f{i:03}")).unwrap();
@@ -291,7 +295,9 @@ async fn candidates_are_replaced_per_provider_and_kept_in_memory_only() {
         f
     };
     {
-        let t = Tables::open_for(dir.path(), &me).await.unwrap();
+        let t = Tables::open_for(dir.path(), &me, fluidlet::config::DEFAULT_RETENTION)
+            .await
+            .unwrap();
         let (a, ab) = (Id::new("a").unwrap(), Id::new("ab").unwrap());
         t.replace_candidates(&a, &[flavour("a", 1), flavour("a", 2)], 1)
             .unwrap();
@@ -309,6 +315,8 @@ async fn candidates_are_replaced_per_provider_and_kept_in_memory_only() {
         assert_eq!(t.candidate_count().unwrap(), 1);
         t.flush().await.unwrap();
     }
-    let t = Tables::open_for(dir.path(), &me).await.unwrap();
+    let t = Tables::open_for(dir.path(), &me, fluidlet::config::DEFAULT_RETENTION)
+        .await
+        .unwrap();
     assert_eq!(t.candidate_count().unwrap(), 0, "a restart starts empty");
 }

@@ -244,3 +244,44 @@ async fn a_consumer_agent_renews_its_contracts_before_they_end() {
     cons.shutdown().await;
     prov.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_renewed_contract_ends_at_its_new_end_after_a_provider_restart() {
+    let Some(b) = broker(BrokerKind::Embedded) else {
+        return;
+    };
+    let domain = fresh_domain();
+    let pd = tempfile::tempdir().unwrap();
+    let mut pcfg = provider_config("prov", &domain, b.port, pd.path());
+    pcfg.contract_term = Duration::from_secs(3);
+    let total = pcfg.offers[0].resources;
+    let prov = start(pcfg.clone(), None).await;
+    let mut bob = Rogue::connect(b.port, &domain, "bob").await;
+    let c = buy_and_peer(&mut bob, &prov, "bob.t1").await;
+    let first_end = c.ends_at.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let renewed = contract(renew(&mut bob, &prov, &c.id).await);
+    let new_end = renewed.ends_at.unwrap();
+    assert!(new_end >= first_end + 1000, "{first_end} -> {new_end}");
+    prov.shutdown().await;
+
+    // The renewed end is what the restarted provider's sweeper finds in its index.
+    let prov = start(pcfg, None).await;
+    tokio::time::sleep(Duration::from_millis(
+        (first_end + 500).saturating_sub(fluidlet::unix_ms()),
+    ))
+    .await;
+    let now = prov.tables().contract(&c.id).unwrap().unwrap();
+    assert_eq!(
+        now.state,
+        ContractState::Active,
+        "not ended at the first end"
+    );
+    eventually("the renewed contract to end unrenewed", || {
+        prov.tables().contract(&c.id).unwrap().unwrap().state == ContractState::Expired
+    })
+    .await;
+    assert!(fluidlet::unix_ms() >= new_end, "not before its new end");
+    assert_eq!(flavours(&prov)[0].resources, total, "capacity back");
+    prov.shutdown().await;
+}

@@ -9,6 +9,11 @@
 //! - no transaction holds two contracts, and no capacity is sold twice;
 //! - capacity is conserved: the flavour on offer plus the live allocations equal the offer.
 //!
+//! `--soak SECONDS` instead runs reserve-release cycles against one provider with a short
+//! retention for that long, prints the provider's RSS and on-disk size over time, and fails
+//! if either keeps growing once retention has kicked in (besides the invariants above, where
+//! a contract the consumer released may have been deleted by retention).
+//!
 //! Exits non-zero if any invariant is broken.
 
 use argh::FromArgs;
@@ -17,7 +22,7 @@ use fluidlet::wire::{Body, ErrorCode, Message};
 use fluidlet_bench::*;
 use fluidlet_tests::{broker, BrokerKind};
 use rumqttc::QoS;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{Arc, Mutex};
@@ -32,6 +37,9 @@ struct Args {
     /// the gateway binary to run as provider (built into target/bench-agent when absent)
     #[argh(option)]
     agent: Option<PathBuf>,
+    /// soak: reserve-release cycles for this many seconds (retention 5 s), RSS and disk checked
+    #[argh(option)]
+    soak: Option<u64>,
 }
 
 /// What consumers were told: transaction -> the contract answered (the first answer).
@@ -224,7 +232,15 @@ struct Outcome {
 }
 
 /// Checks the provider's tables against what consumers were told.
-fn check(data: &Path, capacity: u64, acked: &HashMap<String, Contract>) -> Res<Vec<String>> {
+///
+/// `released`: contracts the consumers released (RELEASED received), which retention may have
+/// deleted since: their absence is not a loss.
+fn check(
+    data: &Path,
+    capacity: u64,
+    acked: &HashMap<String, Contract>,
+    released: &HashSet<String>,
+) -> Res<Vec<String>> {
     let tables = fluidlet::tables::Tables::open(data).map_err(|e| e.to_string())?;
     let mut v = Vec::new();
     let contracts = tables.contracts().map_err(|e| e.to_string())?;
@@ -239,6 +255,7 @@ fn check(data: &Path, capacity: u64, acked: &HashMap<String, Contract>) -> Res<V
                 "acknowledged contract {} ({tx}) differs on the provider",
                 c.id
             )),
+            None if released.contains(c.id.as_str()) => {}
             None => v.push(format!(
                 "acknowledged contract {} ({tx}) LOST on the provider",
                 c.id
@@ -353,7 +370,7 @@ async fn scenario(
     }
     stop(&mut child);
     let acked = acked.lock().map_err(|_| "poisoned")?.clone();
-    let mut violations = check(&data, capacity, &acked)?;
+    let mut violations = check(&data, capacity, &acked, &HashSet::new())?;
     if mismatched > 0 {
         violations.push(format!(
             "{mismatched} retried transactions got a different contract"
@@ -366,6 +383,220 @@ async fn scenario(
         kills: killed,
         violations,
     })
+}
+
+/// Retention of the soak's provider: short, so that it kicks in within the run.
+const SOAK_RETENTION_SECS: u64 = 5;
+/// Consumers cycling at once in the soak.
+const SOAK_CONSUMERS: usize = 4;
+/// Growth allowed between the first and the last third of the samples taken once retention
+/// has kicked in (allocator and sled segment noise), as a fraction.
+const SOAK_TOLERANCE: f64 = 0.10;
+
+/// Bytes of the files under `dir` (apparent size).
+fn disk_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// One soak consumer: reserve a unit piece (naming the first advertised flavour id, a
+/// superseded id after the first cycle), release it, again, until `until`. Records what it was
+/// answered RESERVED and which contracts it got RELEASED for.
+async fn soak_consumer(
+    port: u16,
+    domain: String,
+    buyer: String,
+    acked: Acked,
+    released: Arc<Mutex<HashSet<String>>>,
+    until: Instant,
+) -> Res<u64> {
+    let prov = "prov";
+    let subs = [
+        format!("fluidos/v1/{domain}/to/{buyer}/from/{prov}"),
+        format!("fluidos/v1/{domain}/catalog/{prov}"),
+    ];
+    let mut p = peer(port, &format!("{buyer}@{domain}"), &subs).await?;
+    let to = format!("fluidos/v1/{domain}/to/{prov}/from/{buyer}");
+    let flavour = loop {
+        match tokio::time::timeout(Duration::from_secs(5), p.rx.recv()).await {
+            Ok(Some((t, payload, _))) if t.contains("/catalog/") => {
+                if let Some(f) = advert_flavour(&payload, "pool") {
+                    break f;
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => return Err(format!("{buyer}: no advert")),
+        }
+    };
+    let me = Id::new(&buyer).map_err(|e| e.to_string())?;
+    let mut cycles = 0u64;
+    let mut msg_id = 0u64;
+    while Instant::now() < until {
+        msg_id += 1;
+        let bytes = reserve_msg(msg_id, &buyer, msg_id, &flavour);
+        p.client
+            .publish(&to, QoS::AtLeastOnce, false, bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Body::Reserved(c) = answer(&mut p, msg_id, &buyer).await? else {
+            return Err(format!("{buyer}: reservation refused"));
+        };
+        acked
+            .lock()
+            .map_err(|_| "poisoned")?
+            .insert(c.transaction.to_string(), (*c).clone());
+        msg_id += 1;
+        let release = Message {
+            id: msg_id,
+            correlation: None,
+            sent_at: 0,
+            sender: me.clone(),
+            body: Body::Release(fluidlet::wire::ContractRef {
+                contract: c.id.clone(),
+            }),
+        }
+        .encode()
+        .map_err(|e| e.to_string())?;
+        p.client
+            .publish(&to, QoS::AtLeastOnce, false, release)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Body::Released(_) = answer(&mut p, msg_id, &buyer).await? else {
+            return Err(format!("{buyer}: release refused"));
+        };
+        released
+            .lock()
+            .map_err(|_| "poisoned")?
+            .insert(c.id.to_string());
+        cycles += 1;
+    }
+    Ok(cycles)
+}
+
+/// The answer correlated with `id`, skipping adverts; an error after 5 s.
+async fn answer(p: &mut Peer, id: u64, buyer: &str) -> Res<Body> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), p.rx.recv()).await {
+            Ok(Some((t, _, _))) if t.contains("/catalog/") => {}
+            Ok(Some((_, payload, _))) => {
+                if let Ok(m) = Message::decode(&payload) {
+                    if m.correlation == Some(id) {
+                        return Ok(m.body);
+                    }
+                }
+            }
+            _ => return Err(format!("{buyer}: no answer in 5 s")),
+        }
+    }
+}
+
+/// The soak: reserve-release cycles for `span`, sampling the provider's RSS and on-disk size
+/// every tenth of the run; fails if either grew by more than [`SOAK_TOLERANCE`] from the first
+/// to the last third of the samples taken after retention kicked in (twice the retention, or
+/// a fifth of the run, whichever is later).
+async fn soak(agent: &Path, dir: &Path, port: u16, span: Duration) -> Res<Outcome> {
+    let (domain, node, capacity) = ("soak", "prov", 1_000_000u64);
+    let data = dir.join("soak");
+    let cfg = dir.join("soak.toml");
+    let toml = provider_config(node, domain, port, &data, capacity).replace(
+        "log = \"error\"\n",
+        &format!("log = \"error\"\nretention_secs = {SOAK_RETENTION_SECS}\n"),
+    );
+    std::fs::write(&cfg, toml).map_err(|e| e.to_string())?;
+    let mut child = spawn_provider(agent, &cfg, node, domain, port).await?;
+    let acked: Acked = Arc::default();
+    let released: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let t0 = Instant::now();
+    let until = t0 + span;
+    let mut tasks = Vec::new();
+    for i in 0..SOAK_CONSUMERS {
+        tasks.push(tokio::spawn(soak_consumer(
+            port,
+            domain.into(),
+            format!("s{i}"),
+            acked.clone(),
+            released.clone(),
+            until,
+        )));
+    }
+    let warm = Duration::from_secs(2 * SOAK_RETENTION_SECS).max(span / 5);
+    let every = (span / 20).max(Duration::from_secs(1));
+    let mut samples = Vec::new();
+    println!("| t (s) | cycles | RSS (kB) | on disk (kB) |\n| --- | --- | --- | --- |");
+    while Instant::now() + every <= until {
+        tokio::time::sleep(every).await;
+        let t = t0.elapsed();
+        let rss = rss_kb(child.id()).unwrap_or(0);
+        let disk = disk_bytes(&data) / 1024;
+        let cycles = released.lock().map_err(|_| "poisoned")?.len();
+        println!("| {:.0} | {cycles} | {rss} | {disk} |", t.as_secs_f64());
+        if t >= warm {
+            samples.push((rss, disk));
+        }
+    }
+    let mut cycles = 0;
+    let mut violations = Vec::new();
+    for t in tasks {
+        match t.await.map_err(|e| e.to_string())? {
+            Ok(n) => cycles += n,
+            Err(e) => violations.push(e),
+        }
+    }
+    stop(&mut child);
+    violations.extend(growth(&samples));
+    let acked = acked.lock().map_err(|_| "poisoned")?.clone();
+    let released = released.lock().map_err(|_| "poisoned")?.clone();
+    violations.extend(check(&data, capacity, &acked, &released)?);
+    let tables = fluidlet::tables::Tables::open(&data).map_err(|e| e.to_string())?;
+    let kept = tables.contracts().map_err(|e| e.to_string())?.len();
+    println!(
+        "{cycles} reserve-release cycles in {:.0} s; {kept} contracts left on disk (retention {SOAK_RETENTION_SECS} s)",
+        span.as_secs_f64()
+    );
+    Ok(Outcome {
+        name: "soak".into(),
+        attempts: cycles,
+        acked: acked.len(),
+        kills: 0,
+        violations,
+    })
+}
+
+/// The soak's verdict on (RSS kB, on-disk kB) samples taken after retention kicked in: a
+/// violation for each that grew by more than [`SOAK_TOLERANCE`] from the largest of the first
+/// third of the samples to the largest of the last third (and one if there are too few).
+fn growth(samples: &[(u64, u64)]) -> Vec<String> {
+    let third = samples.len() / 3;
+    if third == 0 {
+        return vec!["too short a soak to judge growth (run it for 60 s or more)".into()];
+    }
+    let first = &samples[..third];
+    let last = &samples[samples.len() - third..];
+    let mut violations = Vec::new();
+    for (what, f) in [
+        ("RSS", (|s: &(u64, u64)| s.0) as fn(&(u64, u64)) -> u64),
+        ("on-disk size", |s: &(u64, u64)| s.1),
+    ] {
+        let a = first.iter().map(f).max().unwrap_or(0);
+        let b = last.iter().map(f).max().unwrap_or(0);
+        println!(
+            "{what}: max {a} kB in the first third after retention kicked in, {b} kB in the last ({:+.1}%)",
+            (b as f64 / a.max(1) as f64 - 1.0) * 100.0
+        );
+        if b as f64 > a as f64 * (1.0 + SOAK_TOLERANCE) {
+            violations.push(format!("{what} kept growing: {a} kB -> {b} kB"));
+        }
+    }
+    violations
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -551,6 +782,23 @@ async fn run(args: Args) -> Res<bool> {
     let mut b =
         broker(BrokerKind::Mosquitto).ok_or("mosquitto is required (apt-get install mosquitto)")?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    if let Some(secs) = args.soak {
+        println!(
+            "fluidlet-torture (soak, {secs} s): mosquitto on 127.0.0.1:{}",
+            b.port
+        );
+        let o = soak(&agent, dir.path(), b.port, Duration::from_secs(secs)).await?;
+        let verdict = match o.violations.is_empty() {
+            true => "all hold".to_owned(),
+            false => o.violations.join("; "),
+        };
+        println!("\n| scenario | cycles | acknowledged | kills | invariants |\n| --- | --- | --- | --- | --- |");
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            o.name, o.attempts, o.acked, o.kills, verdict
+        );
+        return Ok(o.violations.is_empty());
+    }
     let (race_cap, race_span, kills, kill_cap, kill_span) = if args.long {
         (
             110_000,
@@ -614,4 +862,22 @@ async fn run(args: Args) -> Res<bool> {
         );
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::growth;
+
+    #[test]
+    fn soak_fails_on_steady_growth_and_passes_on_noise() {
+        let flat: Vec<(u64, u64)> = (0..12).map(|i| (6000 + (i % 3) * 500, 2560)).collect();
+        assert!(growth(&flat).is_empty(), "{:?}", growth(&flat));
+        let disk: Vec<(u64, u64)> = (0..12).map(|i| (6000, 2560 + i * 100)).collect();
+        let v = growth(&disk);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].starts_with("on-disk size kept growing"), "{v:?}");
+        let rss: Vec<(u64, u64)> = (0..12).map(|i| (6000 + i * 300, 2560)).collect();
+        assert!(growth(&rss)[0].starts_with("RSS kept growing"));
+        assert_eq!(growth(&flat[..2]).len(), 1, "too few samples is a failure");
+    }
 }

@@ -13,6 +13,7 @@
 //! catalog entry cleared by the will during the outage.
 
 use crate::config::Config;
+use crate::metrics::Dropped;
 use crate::wire::{Topics, MAX_PACKET};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use std::sync::{Arc, Mutex};
@@ -246,6 +247,8 @@ pub struct Session {
     pub status: watch::Sender<Status>,
     /// Per-sender rate limits on addressed mail and discovery broadcasts.
     pub limits: SenderLimits,
+    /// Counts the messages dropped by a bound.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Session {
@@ -282,6 +285,7 @@ impl Session {
                     if self.topics.is_catalog(&p.topic) {
                         let topic = p.topic.clone();
                         if !self.catalog.put(p.topic, p.payload.to_vec()) {
+                            self.metrics.dropped(Dropped::CatalogBacklog);
                             warn!(%topic, "catalog backlog full, advert dropped");
                         }
                         continue;
@@ -291,6 +295,7 @@ impl Session {
                         None => Verdict::Pass,
                     };
                     if verdict == Verdict::Drop {
+                        self.metrics.dropped(Dropped::RateLimit);
                         tracing::debug!(topic = %p.topic, "sender over its rate limit: dropped");
                         continue;
                     }
@@ -300,6 +305,7 @@ impl Session {
                         limited: verdict == Verdict::Tell,
                     };
                     if let Err(mpsc::error::TrySendError::Full(m)) = self.inbound.try_send(msg) {
+                        self.metrics.dropped(Dropped::QueueFull);
                         warn!(topic = %m.topic, "node busy: inbound queue full, message dropped");
                     }
                 }

@@ -157,6 +157,26 @@ pub struct Config {
     pub fabric: FabricConfig,
     /// Bounds on what other nodes may make this node do.
     pub limits: Limits,
+    /// The Prometheus text file for node_exporter (`[metrics]`).
+    pub metrics: MetricsConfig,
+}
+
+/// Where and how often the metrics file is written (`[metrics]`, docs/operations.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// The file node_exporter's textfile collector reads; `None`: no file is written.
+    pub textfile: Option<PathBuf>,
+    /// How often it is rewritten.
+    pub interval: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> MetricsConfig {
+        MetricsConfig {
+            textfile: None,
+            interval: Duration::from_secs(15),
+        }
+    }
 }
 
 /// Bounds on what other nodes may make this node do (`[limits]`). The protocol's own bounds
@@ -209,6 +229,7 @@ impl Config {
             retention: DEFAULT_RETENTION,
             fabric: FabricConfig::default(),
             limits: Limits::default(),
+            metrics: MetricsConfig::default(),
             node_id,
             domain,
             broker,
@@ -322,6 +343,15 @@ struct RawConfig {
     fabric: RawFabric,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    textfile: Option<PathBuf>,
+    interval_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -757,6 +787,16 @@ impl RawConfig {
         if let Some(v) = l.max_per_buyer {
             cfg.limits.max_per_buyer = percent("limits.max_per_buyer", v)?;
         }
+        if let Some(v) = self.metrics.interval_secs {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(
+                    "metrics.interval_secs",
+                    "must be between 1 and 3600",
+                ));
+            }
+            cfg.metrics.interval = secs(v);
+        }
+        cfg.metrics.textfile = self.metrics.textfile;
         if self.offers.len() > MAX_OFFERS {
             return Err(invalid(
                 "offer",
@@ -878,6 +918,19 @@ pods_step = 1
             "keepalive_secs = 10\nretention_secs = 0",
         ));
         assert!(e.contains("retention_secs"), "{e}");
+    }
+
+    #[test]
+    fn metrics_file_is_off_by_default_and_its_interval_is_bounded() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.metrics.textfile, None);
+        assert_eq!(c.metrics.interval, Duration::from_secs(15));
+        let with = format!("{GOOD}\n[metrics]\ntextfile = \"/m/f.prom\"\ninterval_secs = 5\n");
+        let c = Config::from_toml(&with).unwrap();
+        assert_eq!(c.metrics.textfile.as_deref(), Some(Path::new("/m/f.prom")));
+        assert_eq!(c.metrics.interval, Duration::from_secs(5));
+        let e = err_of(&with.replace("interval_secs = 5", "interval_secs = 0"));
+        assert!(e.contains("metrics.interval_secs"), "{e}");
     }
 
     #[test]

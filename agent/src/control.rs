@@ -65,6 +65,9 @@ pub struct StatusReport {
     pub intents: Vec<Intent>,
     #[n(9)]
     pub fabric: String,
+    /// Counters and gauges (docs/operations.md, "Metrics"); absent from older agents.
+    #[n(10)]
+    pub metrics: Option<crate::metrics::Snapshot>,
 }
 
 #[derive(Clone, Debug, Encode, Decode)]
@@ -286,6 +289,7 @@ pub(crate) fn status(shared: &Shared) -> StatusReport {
         allocations: t.allocations().unwrap_or_default(),
         intents,
         fabric: format!("{:?}", shared.fabric.backend()),
+        metrics: Some(shared.metrics_snapshot()),
     }
 }
 

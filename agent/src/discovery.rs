@@ -149,12 +149,16 @@ pub fn rank(
     max_age_ms: u64,
     standing: impl Fn(&Id) -> Standing,
 ) -> Vec<(Candidate, Fit)> {
-    let mut v: Vec<(Standing, Candidate, Fit)> = candidates
+    let v: Vec<(Standing, Candidate, Fit)> = candidates
         .into_iter()
         .filter(|c| now.saturating_sub(c.seen_at) <= max_age_ms)
         .filter_map(|c| fit(&c.flavour, sel).map(|f| (standing(&c.flavour.provider), c, f)))
         .collect();
-    v.sort_by(|(sa, a, fa), (sb, b, fb)| {
+    // Sort positions, not the candidates: a candidate is large, and moving it log n times
+    // each made ranking a big domain cost more than storing it.
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_unstable_by(|&i, &j| {
+        let ((sa, a, fa), (sb, b, fb)) = (&v[i], &v[j]);
         (
             sa.demoted,
             fa.price,
@@ -172,7 +176,9 @@ pub fn rank(
                 &b.flavour.id,
             ))
     });
-    v.into_iter().map(|(_, c, f)| (c, f)).collect()
+    let mut slots: Vec<Option<(Candidate, Fit)>> =
+        v.into_iter().map(|(_, c, f)| Some((c, f))).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
 #[cfg(test)]

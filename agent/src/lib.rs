@@ -30,6 +30,8 @@
 //! - [`terms`]: contract terms against hoarding: share cap per buyer, RENEW, expiry.
 //! - [`orchestrator`]: Node Orchestrator: intents, placement, the workflow state machine.
 //! - [`control`]: the local control socket (`fluidlet intent`, `status`, `contract`).
+//! - [`metrics`]: counters kept with atomics, shown by `fluidlet status --json` and written
+//!   as a Prometheus text file for node_exporter.
 //! - [`node`]: the running node: lifecycle (start, the one place that starts tasks, clean
 //!   stop) and dispatch of inbound messages to the two sides of REAR.
 //! - `demo` (feature `demo`): an embedded broker and two nodes in one process.
@@ -51,6 +53,7 @@ pub mod demo;
 pub mod discovery;
 pub mod fabric;
 pub mod files;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod orchestrator;

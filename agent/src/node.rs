@@ -5,8 +5,10 @@
 //! [`Agent::start`] is the one place that starts the node's tasks: the broker session
 //! ([`crate::broker::Session::run`]), the node task ([`serve`]), the resumption of purchases
 //! left in flight, the expiry sweeper, the control socket (`control::serve`), the provider's
-//! contract enforcement in Liqo (`fabric::enforce::run`) and one
-//! task per intent a previous run left unfinished (`orchestrator::resume`).
+//! contract enforcement in Liqo (`fabric::enforce::run`), the renewal of terms
+//! (`terms::keep_renewed`), the metrics file writer (`metrics::export`, when `[metrics]
+//! textfile` is set) and one task per intent a previous run left unfinished
+//! (`orchestrator::resume`).
 //!
 //! The node task handles inbound messages one at a time. Handling them one at a time is deliberate:
 //! a reservation's check and its durable write then never interleave with another one on
@@ -98,6 +100,7 @@ impl Agent {
                 shared.cfg.limits.sender_rate,
                 shared.cfg.limits.sender_burst,
             ),
+            metrics: shared.metrics.clone(),
         };
         let session = tokio::spawn(session.run(stop_rx.clone()));
         if !shared.cfg.offers.is_empty() {
@@ -111,6 +114,13 @@ impl Agent {
         let enforcer = tokio::spawn(crate::fabric::enforce::run(shared.clone(), stop_rx.clone()));
         let renewer = tokio::spawn(crate::terms::keep_renewed(shared.clone(), stop_rx.clone()));
         let mut tasks = vec![resumer, sweeper, control, enforcer, renewer];
+        if let Some(path) = shared.cfg.metrics.textfile.clone() {
+            let (sh, node) = (shared.clone(), shared.me().to_string());
+            let take = move || sh.metrics_snapshot();
+            let interval = shared.cfg.metrics.interval;
+            let export = crate::metrics::export(path, interval, node, take, stop_rx.clone());
+            tasks.push(tokio::spawn(export));
+        }
         for intent in orchestrator::unfinished(&shared)? {
             let run = orchestrator::resume(shared.clone(), intent, stop_rx.clone());
             tasks.push(tokio::spawn(run));
@@ -134,6 +144,11 @@ impl Agent {
     /// The node's tables, for inspection (status, tests). Keep no clone past shutdown.
     pub fn tables(&self) -> &Tables {
         &self.shared.tables
+    }
+
+    /// The node's metrics now, as `fluidlet status --json` shows them.
+    pub fn metrics(&self) -> crate::metrics::Snapshot {
+        self.shared.metrics_snapshot()
     }
 
     pub fn broker_status(&self) -> Status {

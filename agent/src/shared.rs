@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     /// Counted up at every new reservation and never down: a buyer that reaches the limit
     /// is counted again from the contracts table (peered, released and lapsed ones drop out).
     unpeered: Mutex<HashMap<Id, u32>>,
+    /// Counters for `fluidlet status --json` and the metrics file (atomics only).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -83,6 +85,7 @@ impl Shared {
         let unpeered = Mutex::new(tables.unpeered_by_buyer(&cfg.node_id)?);
         let (steps, _) = broadcast::channel(STEP_QUEUE);
         Ok(Shared {
+            metrics: Arc::default(),
             fabric,
             steps,
             peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
@@ -103,6 +106,17 @@ impl Shared {
     /// A fresh message id. Seeded from the clock so that ids keep growing across restarts.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The node's metrics now (`fluidlet status --json`, the metrics file).
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let status = self.status.borrow().clone();
+        crate::metrics::snapshot(
+            &self.metrics,
+            &self.tables,
+            status.connected,
+            status.connects,
+        )
     }
 
     pub fn me(&self) -> &Id {

@@ -5,13 +5,21 @@
 //! | `offers` | offer id | the configured offer: a [`Flavour`] whose resources are the total |
 //! | `available` | flavour id | [`OwnFlavour`]: what is on offer now (Available Resources) |
 //! | `allocations` | contract id | [`Allocation`] (Node on the provider, VirtualNode on the consumer) |
-//! | `candidates` | `{provider}/{flavour}` | [`Candidate`] (Peering Candidates) |
+//! | (in memory) | `{provider}/{flavour}` | [`Candidate`] (Peering Candidates), CBOR-encoded |
 //! | `contracts` | contract id | [`Contract`] |
 //! | `transactions` | `in/{buyer}/{tx}` or `out/{tx}` | the id of the contract the first answer gave, or a purchase in flight |
 //! | `deadlines` | big-endian deadline (Unix ms, 8 bytes) + contract id | empty: the contract has something due then |
 //! | `terms` | offer id | [`Epoch`]: first flavour number issued under the offer's current terms, and the terms of sale set outside its record |
 //! | `ratings` | provider id | [`Rating`] (Ratings and Metrics) |
 //! | `intents` | intent id | [`Intent`] |
+//!
+//! Peering candidates are a cache of other nodes' adverts and answers (fresh for
+//! `candidate_ttl`, sent again by the broker's retained catalog after a restart), so they are
+//! kept in memory, encoded, not in sled: in sled a domain of thousands of providers made every
+//! advert stored cost 30x more once the tree outgrew sled's page cache (discovery grew
+//! super-linearly with the domain) and cost about 2 KiB of resident memory per candidate,
+//! against about 250 bytes here (`bench/examples/tables_probe.rs`, docs/benchmarks.md).
+//! Databases written before keep an unused `candidates` tree, emptied at open.
 //!
 //! Why one sled transaction per reservation: the provider removes the old flavour, creates
 //! the reduced one, the Node allocation, the contract and the transaction record together
@@ -43,7 +51,9 @@ use crate::wire::PeerAccept;
 use minicbor::{Decode, Encode};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Transactional, Tree};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Peering candidates kept per provider: twice the flavours of one advert, since answers to
@@ -177,7 +187,8 @@ pub struct Tables {
     offers: Tree,
     available: Tree,
     allocations: Tree,
-    candidates: Tree,
+    /// Peering candidates, CBOR-encoded, by `{provider}/{flavour}` (sorted, as sled kept them).
+    candidates: Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>,
     contracts: Tree,
     transactions: Tree,
     ratings: Tree,
@@ -371,7 +382,14 @@ impl Tables {
             offers: db.open_tree("offers")?,
             available: db.open_tree("available")?,
             allocations: db.open_tree("allocations")?,
-            candidates: db.open_tree("candidates")?,
+            candidates: {
+                // Candidates stored by earlier versions: a cache, now kept in memory.
+                let old = db.open_tree("candidates")?;
+                if !old.is_empty() {
+                    old.clear()?;
+                }
+                Arc::default()
+            },
             contracts: db.open_tree("contracts")?,
             transactions: db.open_tree("transactions")?,
             ratings: db.open_tree("ratings")?,
@@ -961,12 +979,23 @@ impl Tables {
         me: &Id,
     ) -> Result<std::collections::HashMap<Id, u32>, TableError> {
         let mut out = std::collections::HashMap::new();
-        for c in self.contracts()? {
+        self.each_contract(|c| {
             if &c.seller == me && c.state == ContractState::Reserved {
                 *out.entry(c.buyer).or_insert(0) += 1;
             }
-        }
+        })?;
         Ok(out)
+    }
+
+    /// Calls `f` with every contract, decoding one at a time: a scan that keeps one contract
+    /// in memory, not the whole table (a table of 10,000 contracts decoded at once took
+    /// about 10 MB, the provider's peak RSS under load).
+    pub fn each_contract(&self, mut f: impl FnMut(Contract)) -> Result<(), TableError> {
+        for kv in self.contracts.iter() {
+            let (k, v) = kv?;
+            f(dec("contracts", &k, &v)?);
+        }
+        Ok(())
     }
 
     /// The entries of the `deadlines` index due at `now` (deadline not after it), earliest
@@ -1180,6 +1209,12 @@ impl Tables {
         one("intents", &self.intents, id.as_str().as_bytes())
     }
 
+    /// The candidates, however a panicking holder left them (each update is complete or not
+    /// made: a poisoned lock holds no half-written entry).
+    fn cands(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+        self.candidates.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Replaces everything known of `provider` with `flavours` (an advert or an answer).
     pub fn replace_candidates(
         &self,
@@ -1187,18 +1222,23 @@ impl Tables {
         flavours: &[Flavour],
         now: u64,
     ) -> Result<(), TableError> {
-        let mut batch = sled::Batch::default();
-        for kv in self.candidates.scan_prefix(format!("{provider}/")) {
-            batch.remove(kv?.0);
+        let prefix = format!("{provider}/").into_bytes();
+        let mut map = self.cands();
+        let old: Vec<Vec<u8>> = map
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in old {
+            map.remove(&k);
         }
         for f in flavours {
             let c = Candidate {
                 flavour: f.clone(),
                 seen_at: now,
             };
-            batch.insert(candidate_key(provider, &f.id), enc(&c));
+            map.insert(candidate_key(provider, &f.id), enc(&c));
         }
-        self.candidates.apply_batch(batch)?;
         Ok(())
     }
 
@@ -1213,29 +1253,29 @@ impl Tables {
         flavours: impl IntoIterator<Item = &'a Flavour>,
         now: u64,
     ) -> Result<usize, TableError> {
-        let mut batch = sled::Batch::default();
+        let prefix = format!("{provider}/").into_bytes();
+        let mut map = self.cands();
         for f in flavours {
             let c = Candidate {
                 flavour: f.clone(),
                 seen_at: now,
             };
-            batch.insert(candidate_key(provider, &f.id), enc(&c));
+            map.insert(candidate_key(provider, &f.id), enc(&c));
         }
-        self.candidates.apply_batch(batch)?;
         let mut theirs = Vec::new();
-        for kv in self.candidates.scan_prefix(format!("{provider}/")) {
-            let (k, v) = kv?;
-            let c: Candidate = dec("candidates", &k, &v)?;
-            theirs.push((c.seen_at, k));
+        for (k, v) in map
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+        {
+            let c: Candidate = dec("candidates", k, v)?;
+            theirs.push((c.seen_at, k.clone()));
         }
         let over = theirs.len().saturating_sub(MAX_CANDIDATES_PER_PROVIDER);
         if over > 0 {
             theirs.sort();
-            let mut batch = sled::Batch::default();
             for (_, k) in theirs.into_iter().take(over) {
-                batch.remove(k);
+                map.remove(&k);
             }
-            self.candidates.apply_batch(batch)?;
         }
         Ok(over)
     }
@@ -1247,17 +1287,21 @@ impl Tables {
 
     /// Forgets one candidate (it was sold or refused).
     pub fn remove_candidate(&self, provider: &Id, flavour: &Id) -> Result<(), TableError> {
-        self.candidates.remove(candidate_key(provider, flavour))?;
+        self.cands().remove(&candidate_key(provider, flavour));
         Ok(())
     }
 
-    /// How many peering candidates are stored.
+    /// How many peering candidates are kept.
     pub fn candidate_count(&self) -> Result<usize, TableError> {
-        Ok(self.candidates.len())
+        Ok(self.cands().len())
     }
 
+    /// Every peering candidate, by provider then flavour id.
     pub fn candidates(&self) -> Result<Vec<Candidate>, TableError> {
-        all("candidates", &self.candidates)
+        self.cands()
+            .iter()
+            .map(|(k, v)| dec("candidates", k, v))
+            .collect()
     }
 
     /// Records the outcome of a reservation attempt with `provider`.
@@ -1315,6 +1359,22 @@ impl Tables {
 
     pub fn rating(&self, provider: &Id) -> Result<Option<Rating>, TableError> {
         one("ratings", &self.ratings, provider.as_str().as_bytes())
+    }
+
+    /// Records per table (each count is a scan: for metrics, not for hot paths).
+    pub fn sizes(&self) -> [(&'static str, usize); 10] {
+        [
+            ("offers", self.offers.len()),
+            ("available", self.available.len()),
+            ("allocations", self.allocations.len()),
+            ("candidates", self.cands().len()),
+            ("contracts", self.contracts.len()),
+            ("transactions", self.transactions.len()),
+            ("ratings", self.ratings.len()),
+            ("intents", self.intents.len()),
+            ("deadlines", self.deadlines.len()),
+            ("terms", self.terms.len()),
+        ]
     }
 }
 

@@ -179,20 +179,21 @@ pub(crate) async fn keep_renewed(shared: Arc<Shared>, mut stop: watch::Receiver<
         // Half the term, but never less than two checks and an answer's wait: a short term
         // must not slip between two checks.
         let margin = (2 * shared.cfg.expiry_check + shared.cfg.reserve_timeout).as_millis() as u64;
-        let due: Vec<Contract> = match shared.tables.contracts() {
-            Ok(all) => all
-                .into_iter()
-                .filter(|c| {
-                    &c.buyer == shared.me()
-                        && matches!(c.state, ContractState::Reserved | ContractState::Active)
-                        && matches!((c.term_ms, c.ends_at), (Some(t), Some(e)) if now.saturating_add((t / 2).max(margin)) >= e && now < e)
-                })
-                .collect(),
-            Err(e) => {
-                error!(error = %e, "cannot read contracts for renewal");
-                continue;
+        // One contract decoded at a time: this runs every `expiry_check` on every node, and
+        // a provider's table of thousands of contracts decoded at once is its peak memory.
+        let mut due: Vec<Contract> = Vec::new();
+        let read = shared.tables.each_contract(|c| {
+            if &c.buyer == shared.me()
+                && matches!(c.state, ContractState::Reserved | ContractState::Active)
+                && matches!((c.term_ms, c.ends_at), (Some(t), Some(e)) if now.saturating_add((t / 2).max(margin)) >= e && now < e)
+            {
+                due.push(c);
             }
-        };
+        });
+        if let Err(e) = read {
+            error!(error = %e, "cannot read contracts for renewal");
+            continue;
+        }
         for c in due {
             renew(&shared, &c).await;
         }

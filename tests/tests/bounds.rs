@@ -31,7 +31,7 @@ async fn a_sender_over_its_rate_limit_is_told_busy_and_others_are_served(port: u
     let provider = start(pcfg, None).await;
     let consumer = start(config("cons", &domain, port, cd.path()), None).await;
     let mut eve = Rogue::connect(port, &domain, "eve").await;
-    let sent = 200;
+    let sent = 200u64;
     for _ in 0..sent {
         eve.send(
             "prov",
@@ -41,7 +41,7 @@ async fn a_sender_over_its_rate_limit_is_told_busy_and_others_are_served(port: u
         )
         .await;
     }
-    let (mut answered, mut busy) = (0, Vec::new());
+    let (mut answered, mut busy) = (0u64, Vec::new());
     while let Some((_, payload)) = eve.recv_within(Duration::from_millis(1500)).await {
         let m = Message::decode(&payload).unwrap();
         match error_of(&m) {
@@ -60,6 +60,17 @@ async fn a_sender_over_its_rate_limit_is_told_busy_and_others_are_served(port: u
         answered < sent / 2,
         "{answered} of {sent} requests served: the limit did not hold"
     );
+    // Every request was served, told BUSY, or counted as dropped by a bound.
+    let dropped = |reason: &str| {
+        let m = provider.metrics();
+        m.dropped
+            .iter()
+            .find(|d| d.name == reason)
+            .map_or(0, |d| d.value)
+    };
+    let (limited, full) = (dropped("rate_limit"), dropped("queue_full"));
+    assert!(limited > 0, "no drop counted under rate_limit");
+    assert_eq!(answered + busy.len() as u64 + limited + full, sent);
     // A well-behaved node is served at once.
     let c = consumer.acquire(&want(1000, 1)).await.expect("cons buys");
     assert_eq!(c.seller.as_str(), "prov");
@@ -269,4 +280,43 @@ async fn candidates_per_provider_are_bounded_and_the_oldest_are_forgotten() {
         3,
         "another provider's candidates are untouched"
     );
+}
+
+/// Peering candidates are a cache kept in memory (agent/src/tables.rs): replacing one
+/// provider's never touches another whose id extends it, and none outlive the process.
+#[tokio::test]
+async fn candidates_are_replaced_per_provider_and_kept_in_memory_only() {
+    use fluidlet::tables::Tables;
+    let dir = tempfile::tempdir().unwrap();
+    let me = Id::new("me").unwrap();
+    let flavour = |provider: &str, i: usize| {
+        let mut f = fluidlet::demo::demo_offer(&Id::new(provider).unwrap());
+        f.id = Id::new(&format!("f{i}")).unwrap();
+        f
+    };
+    {
+        let t = Tables::open_for(dir.path(), &me, fluidlet::config::DEFAULT_RETENTION)
+            .await
+            .unwrap();
+        let (a, ab) = (Id::new("a").unwrap(), Id::new("ab").unwrap());
+        t.replace_candidates(&a, &[flavour("a", 1), flavour("a", 2)], 1)
+            .unwrap();
+        t.replace_candidates(&ab, &[flavour("ab", 1)], 1).unwrap();
+        t.replace_candidates(&a, &[flavour("a", 3)], 2).unwrap();
+        let ids: Vec<String> = t
+            .candidates()
+            .unwrap()
+            .iter()
+            .map(|c| format!("{}/{}", c.flavour.provider, c.flavour.id))
+            .collect();
+        assert_eq!(ids, ["a/f3", "ab/f1"]);
+        assert_eq!(t.candidate_count().unwrap(), 2);
+        t.replace_candidates(&a, &[], 3).unwrap();
+        assert_eq!(t.candidate_count().unwrap(), 1);
+        t.flush().await.unwrap();
+    }
+    let t = Tables::open_for(dir.path(), &me, fluidlet::config::DEFAULT_RETENTION)
+        .await
+        .unwrap();
+    assert_eq!(t.candidate_count().unwrap(), 0, "a restart starts empty");
 }

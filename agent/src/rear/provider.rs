@@ -14,6 +14,7 @@
 
 use super::NETWORK_NOTE;
 use crate::discovery;
+use crate::metrics::Answer;
 use crate::model::{Contract, ContractState, FlavourList, Id, ReserveRequest};
 use crate::shared::Shared;
 use crate::tables::{Reservation, TableError};
@@ -81,6 +82,7 @@ pub(crate) type PendingReserve = (Id, u64, ReserveRequest);
 /// expiry, so it is never sold twice nor acknowledged without being on disk).
 pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
     let ttl = shared.cfg.reservation_ttl.as_millis() as u64;
+    let started = std::time::Instant::now();
     let mut outcomes = Vec::with_capacity(batch.len());
     for (from, id, req) in batch {
         shared.step(
@@ -109,6 +111,12 @@ pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>
         Ok(())
     };
     for (from, id, req, outcome) in outcomes {
+        let answer = match (&outcome, &durable) {
+            (Ok(Reservation::New(_)), Ok(())) => Answer::New,
+            (Ok(Reservation::Repeat(_)), _) => Answer::Repeat,
+            (Ok(Reservation::Refused(r)), _) => Answer::Refused(r.code()),
+            _ => Answer::Refused(ErrorCode::Storage),
+        };
         let body = match (outcome, &durable) {
             (Ok(Reservation::New(c)), Ok(())) => {
                 shared.step(
@@ -163,6 +171,7 @@ pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>
             Ok(_) => {}
             Err(e) => warn!(%from, error = %e, "could not answer RESERVE_FLAVOUR"),
         }
+        shared.metrics.reservation(answer, started.elapsed());
     }
     // The new advert goes out after the answers: buyers wait on the answer, the catalog
     // only informs.

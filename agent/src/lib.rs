@@ -37,9 +37,9 @@
 //! - `demo` (feature `demo`): an embedded broker and two nodes in one process.
 //! - [`cli`]: the work of each `fluidlet` command (the binary only parses the command line).
 //!
-//! The crate root's own items ([`AgentError`], [`Step`], [`Observer`], [`unix_ms`]) sit
-//! between [`tls`] and [`shared`]. So there are no import circles; docs/architecture.md draws
-//! the graph.
+//! The crate root's own items ([`AgentError`], [`Step`], [`Observer`]) sit between [`tls`]
+//! and [`shared`]; [`unix_ms`] is [`model`]'s. So there are no import circles;
+//! docs/architecture.md draws the graph.
 //!
 //! Data flows one way: broker -> wire -> manager -> tables, and back out through wire.
 
@@ -66,6 +66,7 @@ pub mod tls;
 pub mod wire;
 
 pub use config::Config;
+pub use model::unix_ms;
 pub use node::Agent;
 
 use std::sync::Arc;
@@ -101,11 +102,3 @@ pub struct Step {
 
 /// Receives every [`Step`]; the demo prints them, tests record them.
 pub type Observer = Arc<dyn Fn(&Step) + Send + Sync>;
-
-/// Unix time in milliseconds (0 if the clock is before 1970).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}

@@ -669,6 +669,14 @@ pub fn demo_offer(provider: &Id) -> Flavour {
     }
 }
 
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 pub(crate) fn test_contract(
     id: &str,

@@ -33,10 +33,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use std::sync::Arc;
 use x509_cert::der::Decode;
 
-/// Largest certificate a PEER_REQUEST may carry (a P-256 node certificate is under 1 KiB).
-pub const MAX_CERTIFICATE: usize = 4096;
-/// Bytes a seal adds to the identity: the ephemeral point and the AEAD tag.
+pub use crate::wire::MAX_CERTIFICATE;
+/// Bytes a seal adds to the identity: the ephemeral point and the AEAD tag. The wire's size
+/// limit is declared in `wire` (below `seal`), so the two are checked to agree here.
 pub const OVERHEAD: usize = POINT + TAG;
+const _: () = assert!(OVERHEAD == crate::wire::SEAL_OVERHEAD);
 const POINT: usize = 65;
 const TAG: usize = 16;
 const LABEL: &[u8] = b"fluidlet-seal-v1";

@@ -399,7 +399,7 @@ impl Tables {
             retention_ms: u64::try_from(retention.as_millis()).unwrap_or(u64::MAX),
             db,
         };
-        t.index_deadlines(crate::unix_ms())?;
+        t.index_deadlines(crate::model::unix_ms())?;
         Ok(t)
     }
 

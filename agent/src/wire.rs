@@ -235,8 +235,13 @@ impl<'b, C, const N: usize> Decode<'b, C> for Bytes<N> {
     }
 }
 
+/// Largest certificate a PEER_REQUEST may carry (a P-256 node certificate is under 1 KiB).
+pub const MAX_CERTIFICATE: usize = 4096;
+/// Bytes a seal adds to the identity: the ephemeral P-256 point (65) and the AEAD tag (16)
+/// (docs/protocol.md, "Sealed identity"; `seal` checks its construction against it).
+pub const SEAL_OVERHEAD: usize = 65 + 16;
 /// Largest sealed identity: the largest identity plus what sealing adds.
-pub const MAX_SEALED: usize = MAX_IDENTITY + crate::seal::OVERHEAD;
+pub const MAX_SEALED: usize = MAX_IDENTITY + SEAL_OVERHEAD;
 
 /// PEER_REQUEST body: the consumer asks the seller to peer for a contract (steps 21-22).
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
@@ -253,7 +258,7 @@ pub struct PeerRequest {
     pub liqo_version: Option<Text<MAX_LIQO_VERSION>>,
     /// The consumer's node certificate (DER), to seal the identity to (docs/protocol.md).
     #[n(3)]
-    pub certificate: Option<Bytes<{ crate::seal::MAX_CERTIFICATE }>>,
+    pub certificate: Option<Bytes<MAX_CERTIFICATE>>,
 }
 
 /// PEER_ACCEPT body: the seller's answer (step 26, Liqo's "ResourceOffer").

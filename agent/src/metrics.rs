@@ -13,7 +13,7 @@ use crate::model::ContractState;
 use crate::tables::Tables;
 use crate::wire::ErrorCode;
 use minicbor::{Decode, Encode};
-use std::fmt::Write as _;
+use std::fmt::{Display, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -319,43 +319,34 @@ pub fn render(s: &Snapshot, node: &str) -> String {
     let mut o = String::with_capacity(4096);
     // Ids are A-Z a-z 0-9 . _ - (crate::model::Id): nothing in them needs escaping.
     let n = node;
-    family(
-        &mut o,
+    let o = &mut o;
+    single(
+        o,
+        n,
         "fluidlet_reservations_total",
         "counter",
         "New contracts this node acknowledged as a provider (RESERVED, durable).",
+        s.reservations,
     );
-    let _ = writeln!(
+    single(
         o,
-        "fluidlet_reservations_total{{node=\"{n}\"}} {}",
-        s.reservations
-    );
-    family(
-        &mut o,
+        n,
         "fluidlet_reservation_repeats_total",
         "counter",
         "Repeated RESERVE_FLAVOUR transactions answered with their first contract again.",
+        s.reservation_repeats,
     );
-    let _ = writeln!(
+    labelled(
         o,
-        "fluidlet_reservation_repeats_total{{node=\"{n}\"}} {}",
-        s.reservation_repeats
-    );
-    family(
-        &mut o,
+        n,
         "fluidlet_reservation_refusals_total",
         "counter",
         "RESERVE_FLAVOUR requests answered with ERROR, by error code.",
+        "code",
+        s.reservation_refusals.iter().map(|r| (&r.code, r.count)),
     );
-    for r in &s.reservation_refusals {
-        let _ = writeln!(
-            o,
-            "fluidlet_reservation_refusals_total{{node=\"{n}\",code=\"{}\"}} {}",
-            r.code, r.count
-        );
-    }
     family(
-        &mut o,
+        o,
         "fluidlet_reservation_duration_seconds",
         "histogram",
         "From a RESERVE_FLAVOUR taken from the inbound queue to its answer queued for the broker (flush included).",
@@ -379,86 +370,92 @@ pub fn render(s: &Snapshot, node: &str) -> String {
         "fluidlet_reservation_duration_seconds_count{{node=\"{n}\"}} {}",
         h.count
     );
-    family(
-        &mut o,
+    labelled(
+        o,
+        n,
         "fluidlet_contracts",
         "gauge",
         "Contracts in this node's table (bought and sold), by state.",
+        "state",
+        s.contracts.iter().map(|c| (&c.name, c.value)),
     );
-    for c in &s.contracts {
-        let _ = writeln!(
-            o,
-            "fluidlet_contracts{{node=\"{n}\",state=\"{}\"}} {}",
-            c.name, c.value
-        );
-    }
-    family(
-        &mut o,
+    labelled(
+        o,
+        n,
         "fluidlet_table_records",
         "gauge",
         "Records in each of this node's tables.",
+        "table",
+        s.tables.iter().map(|t| (&t.name, t.value)),
     );
-    for t in &s.tables {
-        let _ = writeln!(
-            o,
-            "fluidlet_table_records{{node=\"{n}\",table=\"{}\"}} {}",
-            t.name, t.value
-        );
-    }
     if let Some(v) = s.rss_bytes {
-        family(
-            &mut o,
+        single(
+            o,
+            n,
             "fluidlet_resident_memory_bytes",
             "gauge",
             "Resident set size of the agent (VmRSS).",
+            v,
         );
-        let _ = writeln!(o, "fluidlet_resident_memory_bytes{{node=\"{n}\"}} {v}");
     }
     if let Some(v) = s.rss_peak_bytes {
-        family(
-            &mut o,
+        single(
+            o,
+            n,
             "fluidlet_resident_memory_peak_bytes",
             "gauge",
             "Largest resident set size of the agent since it started (VmHWM).",
+            v,
         );
-        let _ = writeln!(o, "fluidlet_resident_memory_peak_bytes{{node=\"{n}\"}} {v}");
     }
-    family(
-        &mut o,
+    single(
+        o,
+        n,
         "fluidlet_broker_connected",
         "gauge",
         "1 while the MQTT session with the domain broker is up, else 0.",
+        u8::from(s.broker_connected),
     );
-    let _ = writeln!(
+    single(
         o,
-        "fluidlet_broker_connected{{node=\"{n}\"}} {}",
-        u8::from(s.broker_connected)
-    );
-    family(
-        &mut o,
+        n,
         "fluidlet_broker_reconnects_total",
         "counter",
         "Connections to the domain broker after the first one.",
+        s.broker_connects.saturating_sub(1),
     );
-    let _ = writeln!(
+    labelled(
         o,
-        "fluidlet_broker_reconnects_total{{node=\"{n}\"}} {}",
-        s.broker_connects.saturating_sub(1)
-    );
-    family(
-        &mut o,
+        n,
         "fluidlet_messages_dropped_total",
         "counter",
         "Inbound messages dropped by a bound instead of handled, by reason.",
+        "reason",
+        s.dropped.iter().map(|d| (&d.name, d.value)),
     );
-    for d in &s.dropped {
-        let _ = writeln!(
-            o,
-            "fluidlet_messages_dropped_total{{node=\"{n}\",reason=\"{}\"}} {}",
-            d.name, d.value
-        );
+    std::mem::take(o)
+}
+
+/// A family with one sample, labelled with the node only.
+fn single(out: &mut String, node: &str, name: &str, kind: &str, help: &str, v: impl Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name}{{node=\"{node}\"}} {v}");
+}
+
+/// A family with one sample per item, labelled with the node and `label`.
+fn labelled<'a>(
+    out: &mut String,
+    node: &str,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    items: impl Iterator<Item = (&'a String, u64)>,
+) {
+    family(out, name, kind, help);
+    for (value, count) in items {
+        let _ = writeln!(out, "{name}{{node=\"{node}\",{label}=\"{value}\"}} {count}");
     }
-    o
 }
 
 /// Writes `text` to `path` atomically: a temporary file in the same directory (a dot name

@@ -277,6 +277,40 @@ pub fn reserve_msg(id: u64, buyer: &str, tx: u64, flavour: &Id) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// A buyer `buyer` of provider `prov`: a [`peer_with`] subscribed to `prov`'s answers and its
+/// catalog entry, and the topic its requests go to.
+pub async fn buyer_peer(
+    port: u16,
+    domain: &str,
+    buyer: &str,
+    prov: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Res<(Peer, String)> {
+    let subs = [
+        format!("fluidos/v1/{domain}/to/{buyer}/from/{prov}"),
+        format!("fluidos/v1/{domain}/catalog/{prov}"),
+    ];
+    let p = peer_with(port, &format!("{buyer}@{domain}"), &subs, tls).await?;
+    Ok((p, format!("fluidos/v1/{domain}/to/{prov}/from/{buyer}")))
+}
+
+/// Waits (5 s at most for each message) for an advert carrying `offer` and returns the id of
+/// its flavour; other messages are skipped.
+pub async fn first_flavour(p: &mut Peer, offer: &str) -> Res<Id> {
+    loop {
+        let Ok(Some((topic, payload, _))) =
+            tokio::time::timeout(Duration::from_secs(5), p.rx.recv()).await
+        else {
+            return Err("no advert".into());
+        };
+        if topic.contains("/catalog/") {
+            if let Some(f) = advert_flavour(&payload, offer) {
+                return Ok(f);
+            }
+        }
+    }
+}
+
 pub fn advert_flavour(payload: &[u8], offer: &str) -> Option<Id> {
     let m = Message::decode(payload).ok()?;
     let Body::Advert(Flavours { flavours }) = m.body else {

@@ -475,12 +475,7 @@ async fn consumer_loop(b: Buyer, ok: Arc<AtomicU64>) -> Res<Vec<Duration>> {
         count,
         tls,
     } = b;
-    let subs = [
-        format!("fluidos/v1/{domain}/to/{buyer}/from/{prov}"),
-        format!("fluidos/v1/{domain}/catalog/{prov}"),
-    ];
-    let mut p = peer_with(port, &format!("{buyer}@{domain}"), &subs, tls).await?;
-    let to = format!("fluidos/v1/{domain}/to/{prov}/from/{buyer}");
+    let (mut p, to) = buyer_peer(port, &domain, &buyer, &prov, tls).await?;
     let mut current: Option<Id> = None;
     let mut lat = Vec::new();
     let mut i = 0u64;
@@ -619,24 +614,8 @@ async fn pipelined(port: u16, domain: &str, prov: &str, span: Duration) -> Res<f
         let (domain, prov) = (domain.to_owned(), prov.to_owned());
         tasks.push(tokio::spawn(async move {
             let buyer = format!("pp{c:02}");
-            let subs = [
-                format!("fluidos/v1/{domain}/to/{buyer}/from/{prov}"),
-                format!("fluidos/v1/{domain}/catalog/{prov}"),
-            ];
-            let mut p = peer(port, &format!("{buyer}@{domain}"), &subs).await?;
-            let to = format!("fluidos/v1/{domain}/to/{prov}/from/{buyer}");
-            let flavour = loop {
-                let Ok(Some((topic, payload, _))) =
-                    tokio::time::timeout(Duration::from_secs(5), p.rx.recv()).await
-                else {
-                    return Err::<(), String>("no advert".into());
-                };
-                if topic.contains("/catalog/") {
-                    if let Some(f) = advert_flavour(&payload, "o00") {
-                        break f;
-                    }
-                }
-            };
+            let (mut p, to) = buyer_peer(port, &domain, &buyer, &prov, None).await?;
+            let flavour = first_flavour(&mut p, "o00").await?;
             let mut sent = 0u64;
             let mut in_flight = 0usize;
             loop {
@@ -689,6 +668,23 @@ async fn pipelined(port: u16, domain: &str, prov: &str, span: Duration) -> Res<f
     Ok(done as f64 / span.as_secs_f64())
 }
 
+/// A bare client `name` that subscribes to the whole catalog and returns once it has received
+/// `n` adverts (30 s at most for each; `what` says what failed otherwise).
+async fn read_catalog(port: u16, domain: &str, name: &str, n: usize, what: &str) -> Res<()> {
+    let mut p = peer(
+        port,
+        &format!("{name}@{domain}"),
+        &[format!("fluidos/v1/{domain}/catalog/+")],
+    )
+    .await?;
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(30), p.rx.recv())
+            .await
+            .map_err(|_| what.to_owned())?;
+    }
+    Ok(())
+}
+
 /// N simulated providers with retained adverts; a consumer node starts and picks the best
 /// candidate. Returns (connect to chosen candidate, of which ranking, the floor: a bare MQTT
 /// client's connect to its last retained advert).
@@ -721,31 +717,11 @@ async fn discovery(port: u16, dir: &Path, n: usize) -> Res<(Duration, Duration, 
             .map_err(|e| e.to_string())?;
     }
     // Let the broker store them all.
-    let mut probe = peer(
-        port,
-        &format!("probe@{domain}"),
-        &[format!("fluidos/v1/{domain}/catalog/+")],
-    )
-    .await?;
-    for _ in 0..n {
-        tokio::time::timeout(Duration::from_secs(30), probe.rx.recv())
-            .await
-            .map_err(|_| "adverts not retained")?;
-    }
+    read_catalog(port, &domain, "probe", n, "adverts not retained").await?;
     // The floor: a second bare MQTT client, once all are stored, from its connect to its last
     // retained advert (the broker's delivery and the client library, no agent work).
     let f0 = Instant::now();
-    let mut bare = peer(
-        port,
-        &format!("bare@{domain}"),
-        &[format!("fluidos/v1/{domain}/catalog/+")],
-    )
-    .await?;
-    for _ in 0..n {
-        tokio::time::timeout(Duration::from_secs(30), bare.rx.recv())
-            .await
-            .map_err(|_| "adverts not delivered")?;
-    }
+    read_catalog(port, &domain, "bare", n, "adverts not delivered").await?;
     let floor = f0.elapsed();
     let cfg = fluidlet_tests::config("cons", &domain, port, &dir.join(format!("disc{n}")));
     let t0 = Instant::now();

@@ -118,12 +118,7 @@ async fn consumer(
     acked: Acked,
     until: Instant,
 ) -> Res<Tally> {
-    let subs = [
-        format!("fluidos/v1/{domain}/to/{buyer}/from/{prov}"),
-        format!("fluidos/v1/{domain}/catalog/{prov}"),
-    ];
-    let mut p = peer(port, &format!("{buyer}@{domain}"), &subs).await?;
-    let to = format!("fluidos/v1/{domain}/to/{prov}/from/{buyer}");
+    let (mut p, to) = buyer_peer(port, &domain, &buyer, &prov, None).await?;
     let mut tally = Tally::default();
     let mut current: Option<Id> = None;
     let mut sold_out = false;
@@ -419,24 +414,10 @@ async fn soak_consumer(
     released: Arc<Mutex<HashSet<String>>>,
     until: Instant,
 ) -> Res<u64> {
-    let prov = "prov";
-    let subs = [
-        format!("fluidos/v1/{domain}/to/{buyer}/from/{prov}"),
-        format!("fluidos/v1/{domain}/catalog/{prov}"),
-    ];
-    let mut p = peer(port, &format!("{buyer}@{domain}"), &subs).await?;
-    let to = format!("fluidos/v1/{domain}/to/{prov}/from/{buyer}");
-    let flavour = loop {
-        match tokio::time::timeout(Duration::from_secs(5), p.rx.recv()).await {
-            Ok(Some((t, payload, _))) if t.contains("/catalog/") => {
-                if let Some(f) = advert_flavour(&payload, "pool") {
-                    break f;
-                }
-            }
-            Ok(Some(_)) => {}
-            _ => return Err(format!("{buyer}: no advert")),
-        }
-    };
+    let (mut p, to) = buyer_peer(port, &domain, &buyer, "prov", None).await?;
+    let flavour = first_flavour(&mut p, "pool")
+        .await
+        .map_err(|e| format!("{buyer}: {e}"))?;
     let me = Id::new(&buyer).map_err(|e| e.to_string())?;
     let mut cycles = 0u64;
     let mut msg_id = 0u64;

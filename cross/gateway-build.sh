@@ -32,6 +32,15 @@ if [ "${1:-}" = --cross ]; then
     # cross then builds with the toolchain the host build uses, unchanged.
     RUSTUP_TOOLCHAIN=$(rustc --print sysroot)
     export RUSTUP_TOOLCHAIN
+    # Both builds compile std from source, so the toolchain needs rust-src and no target's
+    # prebuilt std; without this, cross runs `rustup target add` for armv7 (whose std is
+    # not needed, and is not on every rustup mirror: CI failed on "component download
+    # failed for rust-std-armv7-unknown-linux-musleabihf"). The toolchain is ours to keep.
+    export CROSS_CUSTOM_TOOLCHAIN=1
+    rustup component list --installed 2>/dev/null | grep -q '^rust-src' || {
+        echo "rust-src is missing: rustup component add rust-src" >&2
+        exit 1
+    }
     # cargo in the image may download crates (build-std resolves std's own dependencies):
     # it trusts the host's certificate authorities, which include any TLS proxy's CA.
     [ -d /etc/ssl/certs ] && export CROSS_CONTAINER_OPTS="${CROSS_CONTAINER_OPTS:-} -v /etc/ssl/certs:/etc/ssl/certs:ro"

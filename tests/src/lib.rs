@@ -253,15 +253,20 @@ pub fn flavours(a: &Agent) -> Vec<Flavour> {
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
+pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    assert!(within(WAIT, cond).await, "timed out waiting for {what}");
+}
+
+/// Polls `cond` until it holds (true) or `limit` passes (false).
+pub async fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
     while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    true
 }
 
 /// A bare MQTT peer that speaks the protocol by hand.

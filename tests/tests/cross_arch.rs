@@ -80,7 +80,9 @@ impl Launcher {
             }
             Launcher::Container { image, volume } => {
                 // The image's default command: `run -c /etc/fluidlet/agent.toml`. Host
-                // networking: the broker is on this machine's loopback.
+                // networking: the broker is on this machine's loopback. (The config is
+                // bind-mounted: `docker cp -a` would keep the files' owner, but Docker 20.10
+                // looks the image's user up in the host's passwd and fails.)
                 let name = format!("{volume}-{run}");
                 let out = Command::new("docker")
                     .args(["run", "-d", "--name", &name, "--network", "host"])
@@ -92,18 +94,56 @@ impl Launcher {
                     .arg(image)
                     .output()
                     .expect("docker run");
+                // Removed on drop from here on, even if it failed to start.
+                let running = Running::Container(name);
                 assert!(
                     out.status.success(),
                     "docker run failed: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
-                Running::Container(name)
+                running
             }
         }
     }
 }
 
+/// How long a foreign provider gets for each step: it runs under qemu (TLS handshakes
+/// included), on a machine that may be building in parallel.
+const FOREIGN_WAIT: Duration = Duration::from_secs(60);
+
 impl Running {
+    /// Waits for `cond`; if it does not hold within [`FOREIGN_WAIT`], fails with what the
+    /// provider printed (a container's logs and state; a process's stderr is the test's).
+    async fn wait(&self, what: &str, cond: impl FnMut() -> bool) {
+        if within(FOREIGN_WAIT, cond).await {
+            return;
+        }
+        let detail = match self {
+            Running::Process(child) => format!("process {} (its log is above)", child.id()),
+            Running::Container(name) => {
+                let run = |args: &[&str]| {
+                    Command::new("docker")
+                        .args(args)
+                        .output()
+                        .map(|o| {
+                            format!(
+                                "{}{}",
+                                String::from_utf8_lossy(&o.stdout),
+                                String::from_utf8_lossy(&o.stderr)
+                            )
+                        })
+                        .unwrap_or_else(|e| format!("docker: {e}"))
+                };
+                format!(
+                    "container {name}: state {}logs:\n{}",
+                    run(&["inspect", "-f", "{{json .State}}", name]),
+                    run(&["logs", name])
+                )
+            }
+        };
+        panic!("timed out waiting for {what}; {detail}");
+    }
+
     /// SIGTERM to the agent (`kill`, or `docker stop` to the container's PID 1) and a clean
     /// exit.
     fn terminate(mut self) {
@@ -271,19 +311,21 @@ pods_step = 1
     .unwrap();
     let provider = launcher.spawn(dir.path(), 1);
 
-    let c = start(
-        domain.config("x86-cons", domain.enrol("x86-cons"), dir.path()),
-        None,
-    )
-    .await;
-    eventually("the foreign provider's advert", || {
-        c.tables()
-            .candidates()
-            .unwrap()
-            .iter()
-            .any(|k| k.flavour.provider.as_str() == "arm-prov")
-    })
-    .await;
+    // The provider runs emulated on a machine that may be busy: its answers get the wait a
+    // slow gateway would, not the 1.5 s of the native tests.
+    let mut cfg = domain.config("x86-cons", domain.enrol("x86-cons"), dir.path());
+    cfg.reserve_timeout = Duration::from_secs(20);
+    cfg.acquire_budget = FOREIGN_WAIT;
+    let c = start(cfg, None).await;
+    provider
+        .wait("the foreign provider's advert", || {
+            c.tables()
+                .candidates()
+                .unwrap()
+                .iter()
+                .any(|k| k.flavour.provider.as_str() == "arm-prov")
+        })
+        .await;
     let sel = FlavourSelector {
         architecture: Some(Text::new("arm64").unwrap()),
         min: Some(Resources {
@@ -303,21 +345,20 @@ pods_step = 1
 
     // A clean stop (SIGTERM) withdraws the advert.
     provider.terminate();
-    eventually("the advert withdrawn", || {
-        c.tables().candidates().unwrap().is_empty()
-    })
-    .await;
+    assert!(
+        within(FOREIGN_WAIT, || c.tables().candidates().unwrap().is_empty()).await,
+        "timed out waiting for the advert to be withdrawn"
+    );
 
     // Restarted, the foreign provider advertises the reduced flavour from its tables.
     let provider = launcher.spawn(dir.path(), 2);
-    eventually("the reduced advert after restart", || {
-        c.tables()
-            .candidates()
-            .unwrap()
-            .iter()
-            .any(|k| k.flavour.provider.as_str() == "arm-prov" && k.flavour.resources.cpu == 1000)
-    })
-    .await;
+    provider
+        .wait("the reduced advert after restart", || {
+            c.tables().candidates().unwrap().iter().any(|k| {
+                k.flavour.provider.as_str() == "arm-prov" && k.flavour.resources.cpu == 1000
+            })
+        })
+        .await;
     provider.terminate();
     tokio::time::sleep(Duration::from_millis(10)).await;
     c.shutdown().await;

@@ -268,9 +268,6 @@ async fn serves_a_native_consumer(launcher: Launcher) {
         std::fs::copy(from, dir.path().join(name)).unwrap();
         files.push(name);
     }
-    if let Launcher::Container { .. } = launcher {
-        hand_to_image_user(dir.path(), &files);
-    }
     let (tls_dir, data_dir) = launcher.paths(dir.path());
     std::fs::write(
         dir.path().join("agent.toml"),
@@ -309,6 +306,12 @@ pods_step = 1
         ),
     )
     .unwrap();
+    // After every file is written, whatever the umask (CI's may be 077, which left
+    // agent.toml unreadable to the image's user).
+    if let Launcher::Container { .. } = launcher {
+        files.push("agent.toml");
+        hand_to_image_user(dir.path(), &files);
+    }
     let provider = launcher.spawn(dir.path(), 1);
 
     // The provider runs emulated on a machine that may be busy: its answers get the wait a

@@ -998,6 +998,24 @@ impl Tables {
         Ok(())
     }
 
+    /// Calls `f` with every contract `me` did not sell, one decoded at a time. Contracts
+    /// `me` sold (ids `{me}.c{n}`, docs/protocol.md) are skipped by their key, without
+    /// decoding: a provider holds thousands of sales and buys a few, and the buyer's renewal
+    /// check runs every `expiry_check`.
+    pub fn each_bought(&self, me: &Id, mut f: impl FnMut(Contract)) -> Result<(), TableError> {
+        let sold = format!("{me}.c");
+        for kv in self.contracts.iter() {
+            let (k, v) = kv?;
+            let mine = k
+                .strip_prefix(sold.as_bytes())
+                .is_some_and(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit));
+            if !mine {
+                f(dec("contracts", &k, &v)?);
+            }
+        }
+        Ok(())
+    }
+
     /// The entries of the `deadlines` index due at `now` (deadline not after it), earliest
     /// first, at most `limit`: (deadline, contract id). Decodes no contract.
     pub fn due(&self, now: u64, limit: usize) -> Result<Vec<(u64, Id)>, TableError> {
@@ -1470,6 +1488,38 @@ mod tests {
         assert!(a < b, "big-endian keys sort by deadline first");
         assert_eq!(parse_deadline_key(&b), Some((256, id("a"))));
         assert_eq!(parse_deadline_key(b"short"), None);
+    }
+
+    #[tokio::test]
+    async fn each_bought_skips_only_this_nodes_own_sales() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tables::open_with(dir.path(), Duration::from_secs(60)).unwrap();
+        let me = id("alice");
+        // Sold by alice: `alice.c{n}`. Bought: from bob, and from sellers whose ids begin
+        // like alice's sales (node ids may hold dots).
+        let ids = [
+            ("alice.c1", "alice", "bob"),
+            ("alice.c22", "alice", "carol"),
+            ("bob.c3", "bob", "alice"),
+            ("alice.c2.c7", "alice.c2", "alice"),
+            ("alice.x.c5", "alice.x", "alice"),
+            ("alice.c.c1", "alice.c", "alice"),
+        ];
+        for (cid, seller, buyer) in ids {
+            let c = crate::model::test_contract(
+                cid,
+                seller,
+                buyer,
+                Resources::default(),
+                ContractState::Active,
+            );
+            t.complete_purchase(&c, 0).await.unwrap();
+        }
+        let mut seen = Vec::new();
+        t.each_bought(&me, |c| seen.push(c.id.as_str().to_owned()))
+            .unwrap();
+        seen.sort();
+        assert_eq!(seen, ["alice.c.c1", "alice.c2.c7", "alice.x.c5", "bob.c3"]);
     }
 
     #[tokio::test]

@@ -179,10 +179,10 @@ pub(crate) async fn keep_renewed(shared: Arc<Shared>, mut stop: watch::Receiver<
         // Half the term, but never less than two checks and an answer's wait: a short term
         // must not slip between two checks.
         let margin = (2 * shared.cfg.expiry_check + shared.cfg.reserve_timeout).as_millis() as u64;
-        // One contract decoded at a time: this runs every `expiry_check` on every node, and
-        // a provider's table of thousands of contracts decoded at once is its peak memory.
+        // One contract decoded at a time, and none of this node's sales (skipped by their
+        // ids): this runs every `expiry_check` on every node, and a provider holds thousands.
         let mut due: Vec<Contract> = Vec::new();
-        let read = shared.tables.each_contract(|c| {
+        let read = shared.tables.each_bought(shared.me(), |c| {
             if &c.buyer == shared.me()
                 && matches!(c.state, ContractState::Reserved | ContractState::Active)
                 && matches!((c.term_ms, c.ends_at), (Some(t), Some(e)) if now.saturating_add((t / 2).max(margin)) >= e && now < e)

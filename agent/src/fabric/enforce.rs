@@ -276,20 +276,23 @@ pub async fn enforce(
     Ok(found)
 }
 
-/// This provider's sales, each with the consumer cluster it was granted to.
+/// This provider's sales, each with the consumer cluster it was granted to. One contract is
+/// decoded at a time and only sales that were peered are kept (a provider's whole table of
+/// contracts decoded at once was its peak memory).
 fn sales(shared: &crate::shared::Shared) -> Vec<(Contract, Id)> {
     let me = shared.me();
-    shared
-        .tables
-        .contracts()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|c| &c.seller == me && &c.buyer != me)
-        .filter_map(|c| {
-            let cluster = shared.tables.peer_cluster(&c.id).ok().flatten()?;
-            Some((c, cluster))
-        })
-        .collect()
+    let mut out = Vec::new();
+    let read = shared.tables.each_contract(|c| {
+        if &c.seller == me && &c.buyer != me {
+            if let Ok(Some(cluster)) = shared.tables.peer_cluster(&c.id) {
+                out.push((c, cluster));
+            }
+        }
+    });
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read contracts for enforcement");
+    }
+    out
 }
 
 /// The provider's enforcement task (liqo backend only): one [`enforce`] round every

@@ -188,6 +188,9 @@ pub struct Status {
     pub subscribed: bool,
     /// Connections made since start (1 after the first).
     pub connects: u64,
+    /// Unix ms of the current (or last) connection's CONNACK; 0 before the first. Whatever
+    /// was heard before it belongs to an earlier session.
+    pub since_ms: u64,
     /// Last connection error, if any.
     pub last_error: Option<String>,
 }
@@ -276,6 +279,7 @@ impl Session {
                         s.connected = true;
                         s.subscribed = false;
                         s.connects += 1;
+                        s.since_ms = crate::model::unix_ms();
                     });
                     info!(broker = ?self.events.mqtt_options.broker_address(), "connected to the domain broker");
                     self.on_connect();

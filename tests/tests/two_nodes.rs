@@ -41,6 +41,54 @@ async fn mosquitto_joining_a_domain_of_800_providers_sees_them_all() {
 
 const GI: u64 = 1 << 30;
 
+/// After a broker restart every node reconnects on its own backoff. A purchase that starts
+/// on a consumer back before its provider must not spend its one attempt on the candidate
+/// heard in the old session (the RESERVE would be lost and the provider taken for a liar),
+/// nor fail at once: within its budget it waits for the provider's advert.
+#[tokio::test]
+async fn after_a_broker_restart_a_purchase_waits_for_the_provider_to_come_back() {
+    let Some(mut b) = broker(BrokerKind::Mosquitto) else {
+        return;
+    };
+    let port = b.port;
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let c = start(config("cons", &d, port, dir.path()), None).await;
+    eventually("the provider's advert", || {
+        !c.tables().candidates().unwrap().is_empty()
+    })
+    .await;
+    // The broker restarts (without its retained messages); the provider is away longer.
+    assert!(b.stop());
+    p.shutdown().await;
+    b.restart();
+    eventually("the consumer reconnected", || {
+        let s = c.broker_status();
+        s.connected && s.connects >= 2
+    })
+    .await;
+    let buy = tokio::spawn(async move {
+        let r = c.acquire(&want(1000, 1)).await;
+        (c, r)
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let (c, r) = buy.await.unwrap();
+    let contract = r.expect("bought from the provider once it was back");
+    assert_eq!(contract.seller.as_str(), "prov");
+    assert_eq!(
+        c.tables()
+            .rating(&Id::new("prov").unwrap())
+            .unwrap()
+            .map(|r| r.demoted(fluidlet::unix_ms())),
+        Some(false),
+        "the provider's absence was not taken for a lie"
+    );
+    c.shutdown().await;
+    p.shutdown().await;
+}
+
 fn want(cpu: u64, mem_gi: u64) -> FlavourSelector {
     FlavourSelector {
         min: Some(Resources {

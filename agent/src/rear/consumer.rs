@@ -83,6 +83,10 @@ fn ranked(shared: &Shared, sel: &FlavourSelector) -> Result<Vec<(Candidate, Fit)
     Ok(rank(shared.tables.candidates()?, sel, now, ttl, standing))
 }
 
+/// How often a flow waiting for the domain to come back after a reconnect looks at the
+/// candidates again.
+const REJOIN_POLL: Duration = Duration::from_millis(200);
+
 /// Which providers a purchase flow may still try.
 #[derive(Default)]
 struct Turns {
@@ -134,14 +138,22 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
         return Err(RearError::Disconnected(why));
     }
     let deadline = Instant::now() + shared.cfg.acquire_budget;
+    let budget_ms = shared.cfg.acquire_budget.as_millis() as u64;
     let mut turns = Turns::default();
     let mut discovered = false;
     let mut last = None;
     let mut first = true;
     loop {
+        // Candidates heard before the current broker session began are from a session that
+        // is gone: after an outage their provider may not be back (a RESERVE to it would be
+        // lost, and its silence taken for a lie). The retained catalog, sent again on every
+        // reconnect, refreshes those that are. (`min`: a clock stepped back after the
+        // connect does not hide every candidate.)
+        let session = shared.status.borrow().clone();
+        let since = session.since_ms.min(unix_ms());
         let found: Vec<_> = ranked(shared, sel)?
             .into_iter()
-            .filter(|(c, _)| turns.eligible(c))
+            .filter(|(c, _)| turns.eligible(c) && c.seen_at >= since)
             .collect();
         if first {
             shared.step(
@@ -162,6 +174,15 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
             // Every candidate known before discovery failed (sold since, stale, or offered
             // by a liar): ask the domain once for what is on offer now.
             if discovered {
+                // Right after a REconnect the domain may still be coming back (after a broker
+                // restart every node reconnects on its own backoff): within the flow's budget
+                // of it, wait for an advert instead of failing. On the first connection the
+                // retained catalog is complete, and a flow nobody can serve fails at once.
+                let age = unix_ms().saturating_sub(since);
+                if session.connects > 1 && age < budget_ms {
+                    tokio::time::sleep(REJOIN_POLL).await;
+                    continue;
+                }
                 return Err(last.unwrap_or_else(|| RearError::NoProvider(describe(sel))));
             }
             shared.step(

@@ -183,9 +183,26 @@ async fn run(args: Args) -> Res<()> {
         format!("{:.2}x", p50.as_secs_f64() / floor.as_secs_f64().max(1e-9)),
         "≤ 1.5x floor",
     ));
+    // What the durable write costs through sled: its own sync (sync_file_range) and the
+    // agent's fdatasync after it (docs/reliability.md), against one fsync.
+    let sled_path = sled_path_floor(dir.path(), n)?;
+    let floor2 = percentile(&echo, 0.5) + percentile(&sled_path, 0.5);
+    rows.push(row(
+        "the same p50 against sled's write path (sync_file_range, then fdatasync)",
+        format!("{:.3} ms", ms(p50)),
+        format!(
+            "{:.3} ms = RTT {:.3} + write path {:.3}",
+            ms(floor2),
+            ms(percentile(&echo, 0.5)),
+            ms(percentile(&sled_path, 0.5))
+        ),
+        format!("{:.2}x", p50.as_secs_f64() / floor2.as_secs_f64().max(1e-9)),
+        "-",
+    ));
     json.insert("reserve_latency".into(), json!({
         "n": n, "p50_ms": ms(p50), "p99_ms": ms(percentile(&lat, 0.99)),
         "floor_ms": ms(floor), "echo_rtt_p50_ms": ms(percentile(&echo, 0.5)), "fsync_p50_ms": ms(percentile(&fsync, 0.5)),
+        "sled_write_path_p50_ms": ms(percentile(&sled_path, 0.5)),
     }));
 
     // 1b. The same over mutual TLS, on the domain broker of broker-config/ (mosquitto only).
@@ -443,6 +460,47 @@ fn fsync_floor(dir: &Path, n: usize) -> Res<Vec<Duration>> {
         let t = Instant::now();
         f.write_all(&block).map_err(|e| e.to_string())?;
         f.sync_data().map_err(|e| e.to_string())?;
+        v.push(t.elapsed());
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// sled's durable write as the agent does it, without sled: append 256 bytes, then
+/// `sync_file_range` (wait before, write, wait after: what sled 0.34 does on Linux), then
+/// `fdatasync` (what `Tables::flush` adds). Compared with [`fsync_floor`], it shows what the
+/// two syncs cost against one.
+fn sled_path_floor(dir: &Path, n: usize) -> Res<Vec<Duration>> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("sled-path-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| e.to_string())?;
+    let block = [7u8; 256];
+    let mut at: i64 = 0;
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&block).map_err(|e| e.to_string())?;
+        // SAFETY: a valid open descriptor and a range within the file.
+        let r = unsafe {
+            libc::sync_file_range(
+                f.as_raw_fd(),
+                at,
+                block.len() as i64,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        f.sync_data().map_err(|e| e.to_string())?;
+        at += block.len() as i64;
         v.push(t.elapsed());
     }
     v.sort();

@@ -113,11 +113,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// MQTT keepalive; the broker declares the node dead (and fires its will) after 1.5x.
     pub keepalive: Duration,
-    /// How often the node re-publishes its advert even when nothing changed (`None`: only on
-    /// a change and after each connect). Bridged domains need it: a broker cut off from the
+    /// `[provider] advert_refresh_secs`: how often the node re-publishes its advert even when
+    /// nothing changed (`None`: only on a change and after each connect). Bridged domains need it: a broker cut off from the
     /// others catches up with the live adverts at the next refresh (docs/protocol.md).
     pub advert_refresh: Option<Duration>,
-    /// Adverts older than this (by their `sent_at`) are ignored, and peering candidates not
+    /// `[consumer] advert_max_age_secs`: adverts older than this (by their `sent_at`) are ignored, and peering candidates not
     /// re-advertised within it are forgotten (`None`: adverts never age). Set it, larger than
     /// the providers' refresh, in a domain of bridged brokers.
     pub advert_max_age: Option<Duration>,
@@ -343,8 +343,6 @@ struct RawConfig {
     tls: Option<RawTls>,
     data_dir: PathBuf,
     keepalive_secs: Option<u64>,
-    advert_refresh_secs: Option<u64>,
-    advert_max_age_secs: Option<u64>,
     retention_secs: Option<u64>,
     log: Option<String>,
     #[serde(default)]
@@ -411,11 +409,13 @@ struct RawConsumer {
     discovery_settle_ms: Option<u64>,
     candidate_ttl_secs: Option<u64>,
     watch_catalog: Option<bool>,
+    advert_max_age_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawProvider {
+    advert_refresh_secs: Option<u64>,
     reservation_ttl_secs: Option<u64>,
     contract_term_secs: Option<u64>,
     group_commit: Option<bool>,
@@ -695,19 +695,19 @@ impl RawConfig {
             }
             cfg.keepalive = secs(v);
         }
-        if let Some(v) = self.advert_refresh_secs {
+        if let Some(v) = self.provider.advert_refresh_secs {
             if v != 0 && !(5..=86_400).contains(&v) {
                 return Err(invalid(
-                    "advert_refresh_secs",
+                    "provider.advert_refresh_secs",
                     "must be 0 (never) or between 5 and 86400",
                 ));
             }
             cfg.advert_refresh = (v != 0).then(|| secs(v));
         }
-        if let Some(v) = self.advert_max_age_secs {
+        if let Some(v) = self.consumer.advert_max_age_secs {
             if v != 0 && !(10..=604_800).contains(&v) {
                 return Err(invalid(
-                    "advert_max_age_secs",
+                    "consumer.advert_max_age_secs",
                     "must be 0 (adverts never age) or between 10 and 604800",
                 ));
             }
@@ -716,8 +716,8 @@ impl RawConfig {
         if let (Some(r), Some(a)) = (cfg.advert_refresh, cfg.advert_max_age) {
             if a <= r {
                 return Err(invalid(
-                    "advert_max_age_secs",
-                    "must be longer than advert_refresh_secs (or a live provider's advert would age out between two refreshes)",
+                    "consumer.advert_max_age_secs",
+                    "must be longer than provider.advert_refresh_secs (or a live provider's advert would age out between two refreshes)",
                 ));
             }
         }
@@ -953,22 +953,25 @@ pods_step = 1
             (c.advert_refresh, c.advert_max_age),
             (Some(DEFAULT_ADVERT_REFRESH), None)
         );
-        let set = |extra: &str| {
-            GOOD.replace(
-                "keepalive_secs = 10",
-                &format!("keepalive_secs = 10\n{extra}"),
-            )
+        // refresh: [provider] advert_refresh_secs; max age: [consumer] advert_max_age_secs.
+        let set = |refresh: &str, max_age: &str| {
+            let mut t = GOOD.replace(
+                "reserve_timeout_ms = 500",
+                &format!("reserve_timeout_ms = 500\n{max_age}"),
+            );
+            t.push_str(&format!("\n[provider]\n{refresh}\n"));
+            t
         };
         let c =
-            Config::from_toml(&set("advert_refresh_secs = 5\nadvert_max_age_secs = 20")).unwrap();
+            Config::from_toml(&set("advert_refresh_secs = 5", "advert_max_age_secs = 20")).unwrap();
         assert_eq!(c.advert_refresh, Some(Duration::from_secs(5)));
         assert_eq!(c.advert_max_age, Some(Duration::from_secs(20)));
-        let c = Config::from_toml(&set("advert_refresh_secs = 0")).unwrap();
+        let c = Config::from_toml(&set("advert_refresh_secs = 0", "")).unwrap();
         assert_eq!(c.advert_refresh, None);
-        let e = err_of(&set("advert_refresh_secs = 60\nadvert_max_age_secs = 60"));
-        assert!(e.contains("advert_max_age_secs"), "{e}");
-        let e = err_of(&set("advert_refresh_secs = 2"));
-        assert!(e.contains("advert_refresh_secs"), "{e}");
+        let e = err_of(&set("advert_refresh_secs = 60", "advert_max_age_secs = 60"));
+        assert!(e.contains("consumer.advert_max_age_secs"), "{e}");
+        let e = err_of(&set("advert_refresh_secs = 2", ""));
+        assert!(e.contains("provider.advert_refresh_secs"), "{e}");
     }
 
     #[test]

@@ -581,14 +581,12 @@ async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
         return unexpected(shared, &node, msg.id, msg.body.kind(), "catalog").await;
     };
     // A stale advert: one a broker kept (or got back from another broker over a bridge) after
-    // its provider stopped refreshing it. Treated as the provider gone.
+    // its provider stopped refreshing it. Ignored; what a fresher advert said stays until it
+    // ages out in its turn (keep_adverts_fresh).
     if let Some(max) = shared.cfg.advert_max_age {
         let now = unix_ms();
         if msg.sent_at.saturating_add(max.as_millis() as u64) < now {
             debug!(%node, age_ms = now - msg.sent_at, "advert older than advert_max_age; ignored");
-            if let Err(e) = shared.tables.replace_candidates(&node, &[], now) {
-                error!(error = %e, "peering candidates update failed");
-            }
             return;
         }
     }

@@ -487,9 +487,22 @@ architecture = "amd64"
         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: cam\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {app: cam}\n  template:\n    metadata:\n      labels: {app: cam}\n    spec:\n      containers:\n      - name: cam\n        image: busybox\n",
     )
     .unwrap();
+    // Modes as the image's user needs them, whatever this process's umask.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(dir.join("node.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mode = |name: &str, m: u32| {
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode("", 0o755);
+    for f in [
+        "agent.toml",
+        "intent.toml",
+        "cam.yaml",
+        "domain-ca.pem",
+        "node.pem",
+    ] {
+        mode(f, 0o644);
+    }
+    mode("node.key", 0o600);
     dir
 }
 

@@ -818,7 +818,7 @@ fn a_domain_of_a_core_and_two_bridged_sites_trades_across_and_heals_after_a_cut(
         WAIT,
         || {
             let (c, a, b) = (core.catalog(), site_a.catalog(), site_b.catalog());
-            c.get("prov-a").is_some()
+            c.contains_key("prov-a")
                 && c.get("prov-a") == a.get("prov-a")
                 && a.get("prov-a") == b.get("prov-a")
         },

@@ -202,7 +202,7 @@ site)
     echo "start the site:  mosquitto -c $abs/mosquitto.conf"
     ;;
 *)
-    sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

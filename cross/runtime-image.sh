@@ -15,7 +15,7 @@ case "${1:-}" in
     *) echo "usage: $0 aarch64|armv7|x86_64 [TAG]" >&2; exit 2 ;;
 esac
 image=${2:-localhost/fluidlet:$tag}
-bin=target/$target/release/fluidlet
+bin=${CARGO_TARGET_DIR:-target}/$target/release/fluidlet
 if [ "$1" = x86_64 ]; then
     hint="cargo build --release --target x86_64-unknown-linux-musl -p fluidlet"
 else

@@ -301,16 +301,29 @@ async fn keep_adverts_fresh(shared: Arc<Shared>, mut stop: watch::Receiver<bool>
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut last_refresh = tokio::time::Instant::now();
+    let mut last_connects = shared.status.borrow().connects;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
-        if let Some(r) = refresh {
-            if last_refresh.elapsed() + Duration::from_millis(50) >= r {
+        // Not while disconnected. After a reconnect the session re-publishes the advert it
+        // last sent, with its old sent_at: a fresh one follows at the next tick.
+        let (connected, connects) = {
+            let st = shared.status.borrow();
+            (st.connected, st.connects)
+        };
+        if let Some(r) = refresh.filter(|_| connected) {
+            let reconnected = connects != last_connects;
+            last_connects = connects;
+            if reconnected || last_refresh.elapsed() + Duration::from_millis(50) >= r {
                 last_refresh = tokio::time::Instant::now();
-                if let Err(e) = shared.publish_advert().await {
-                    debug!(error = %e, "could not refresh the advert");
+                // Cancel safety: an advert half-handed to the client is simply not sent.
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    r = shared.publish_advert() => if let Err(e) = r {
+                        debug!(error = %e, "could not refresh the advert");
+                    }
                 }
             }
         }

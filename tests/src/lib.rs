@@ -470,9 +470,38 @@ fn rogue_tls(files: &TlsFiles) -> Arc<rustls::ClientConfig> {
     let cn = fluidlet::tls::identity(&pem_first_der(&cert))
         .expect("cert")
         .common_name;
-    fluidlet::tls::load(files, &Id::new(&cn).expect("cn"))
-        .expect("tls material")
-        .client
+    match Id::new(&cn) {
+        Ok(id) => {
+            fluidlet::tls::load(files, &id)
+                .expect("tls material")
+                .client
+        }
+        // A CN no node can have (a site broker's bridge, `bridge:SITE`): the same client
+        // config, built here without the agent's node-id check.
+        Err(_) => raw_client_tls(files),
+    }
+}
+
+fn raw_client_tls(files: &TlsFiles) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .expect("read cert")
+        .collect::<Result<_, _>>()
+        .expect("PEM certificates");
+    let key = PrivateKeyDer::from_pem_file(&files.key).expect("PEM key");
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&files.ca).expect("read CA") {
+        roots.add(ca.expect("PEM CA")).expect("CA certificate");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("certificate and key");
+    Arc::new(config)
 }
 
 fn pem_first_der(pem: &[u8]) -> Vec<u8> {

@@ -466,6 +466,115 @@ async fn a_catalog_entry_over_the_size_bound_is_refused_and_adverts_and_wills_st
     carol.shutdown().await;
 }
 
+/// `domain.sh site DIR SITE ...` on the test domain's directory: the site's bridge
+/// certificate (CN `bridge:SITE`) and the core ACL's `user bridge:SITE` lines.
+fn site_bridge(d: &TlsDomain, site: &str) -> fluidlet::config::TlsFiles {
+    let dir = d.dir.path();
+    let out = std::process::Command::new("sh")
+        .arg(fluidlet_tests::domain_script())
+        .arg("site")
+        .arg(dir)
+        .args([site, &format!("127.0.0.1:{}", d.port), "18884", "127.0.0.1"])
+        .output()
+        .expect("run domain.sh site");
+    assert!(
+        out.status.success(),
+        "domain.sh site failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = dir.join("sites").join(site);
+    fluidlet::config::TlsFiles {
+        ca: s.join("domain-ca.pem"),
+        cert: s.join("bridge.pem"),
+        key: s.join("bridge.key"),
+    }
+}
+
+#[tokio::test]
+async fn a_site_bridge_may_retain_any_nodes_catalog_entry_within_the_bound_and_nothing_else() {
+    // A site broker's bridge forwards every advert of its site's nodes, so the plugin lets a
+    // `bridge:SITE` client retain on any node's catalog entry; still only there (one entry
+    // per node id, none elsewhere) and within the size bound.
+    let Some(d) = TlsDomain::start() else { return };
+    let dom = d.domain.clone();
+    let s1 = site_bridge(&d, "s1");
+    let s2 = site_bridge(&d, "s2");
+    // No node can be enrolled under a bridge's name.
+    let out = std::process::Command::new("sh")
+        .arg(fluidlet_tests::domain_script())
+        .arg("node")
+        .arg(d.dir.path())
+        .arg("bridge:s1")
+        .output()
+        .expect("run domain.sh node");
+    assert_eq!(out.status.code(), Some(2), "a node id with ':' is refused");
+    // mosquitto re-reads its ACL file on SIGHUP.
+    let pid = d.broker_pid().expect("broker pid").to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let bridge = Rogue::connect_tls(d.port, &dom, "bridge-s1", &s1).await;
+    let t = |rest: &str| format!("fluidos/v1/{dom}/{rest}");
+    bridge
+        .publish(&t("catalog/gw-a"), true, b"advert of gw-a".to_vec())
+        .await;
+    let at_bound = vec![1_u8; fluidlet::wire::MAX_PAYLOAD];
+    bridge
+        .publish(&t("catalog/gw-b"), true, at_bound.clone())
+        .await;
+    bridge
+        .publish(
+            &t("catalog/gw-c"),
+            true,
+            vec![2_u8; fluidlet::wire::MAX_PAYLOAD + 1],
+        )
+        .await;
+    bridge
+        .publish(&t("catalog/gw:d"), true, b"not a node id".to_vec())
+        .await;
+    bridge
+        .publish(&t("catalog/gw-e/x"), true, b"two levels".to_vec())
+        .await;
+    bridge
+        .publish(&t("to/gw-f/from/gw-a"), true, b"parked mail".to_vec())
+        .await;
+    // Outside the domain's topics the ACL refuses the bridge anything.
+    bridge
+        .publish("fluidos/v1/other/catalog/gw-a", true, b"x".to_vec())
+        .await;
+    // Not retained, the bridge's mail goes through (the ACL gives it the domain's topics).
+    let mut gw_f = Rogue::connect_tls(d.port, &dom, "gw-f", &d.enrol("gw-f")).await;
+    bridge
+        .publish(&t("to/gw-f/from/gw-a"), false, b"live mail".to_vec())
+        .await;
+    let (topic, live) = gw_f
+        .recv_within(WAIT)
+        .await
+        .expect("the bridge's mail delivered");
+    assert_eq!(
+        (topic, live),
+        (t("to/gw-f/from/gw-a"), b"live mail".to_vec())
+    );
+
+    // Another site's bridge, subscribing late to everything, finds exactly what was kept.
+    let mut reader = Rogue::connect_tls(d.port, &dom, "bridge-s2", &s2).await;
+    reader.subscribe("fluidos/#").await;
+    let mut kept = std::collections::BTreeMap::new();
+    while let Some((topic, payload)) = reader.recv_within(Duration::from_millis(800)).await {
+        kept.insert(topic, payload);
+    }
+    assert_eq!(
+        kept.keys().cloned().collect::<Vec<_>>(),
+        [t("catalog/gw-a"), t("catalog/gw-b")],
+        "retained: only node catalog entries within the bound"
+    );
+    assert_eq!(kept[&t("catalog/gw-b")], at_bound);
+}
+
 /// Runs `openssl s_client` against the broker with TLS 1.2 and one cipher suite; returns the
 /// suite negotiated, or `None` if the handshake failed.
 fn tls12_handshake(d: &TlsDomain, cipher: &str) -> Option<String> {

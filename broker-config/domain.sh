@@ -16,9 +16,22 @@
 #       Rebuilds DIR/fluidos_retain.so (after a mosquitto upgrade, or for a domain set up
 #       before the plugin existed: then also copy the `plugin` lines of this folder's
 #       mosquitto.conf into DIR/mosquitto.conf, with DIR and the domain filled in).
+#   domain.sh site DIR SITE CORE_HOST[:CORE_PORT] [PORT [BIND [HOSTNAME...]]]
+#       A site broker bridged to the domain's core broker (the one `init` set up in DIR):
+#       DIR/sites/SITE/ holds its broker certificate (for HOSTNAMEs, plus localhost and
+#       127.0.0.1), the domain CA, the node ACL, the plugin, and a mosquitto.conf like the
+#       core's plus a bridge: mutual TLS to CORE_HOST:CORE_PORT (8883 by default; the host
+#       must be one of the core's HOSTNAMEs) with the certificate bridge.pem, CN
+#       `bridge:SITE` (no node id can contain ':'), carrying fluidos/v1/DOMAIN/# both ways
+#       at QoS 1. Adds `user bridge:SITE` with the domain's topics to DIR/acl: reload the
+#       core (SIGHUP) after. Nodes of the site are enrolled with `node DIR` as usual and
+#       pointed at the site broker. Copy DIR/sites/SITE to the site's host and run
+#       mosquitto -c .../mosquitto.conf there.  PORT 8883 and BIND 0.0.0.0 by default.
 #
+# INSTALL_DIR: the path the directory will have on the broker host (init: DIR; site:
+# DIR/sites/SITE), written into its mosquitto.conf; by default where it is made.
 # Keys are EC P-256. DIR/domain-ca.key signs every node: keep it offline once the
-# domain is set up (move it away and bring it back to enrol a node).
+# domain is set up (move it away and bring it back to enrol a node or a site).
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -45,6 +58,58 @@ build_plugin() {
     chmod 0755 "$1"
 }
 
+# broker_cert CADIR OUT DOMAIN [HOSTNAME...]: OUT/broker.{pem,key} (serverAuth, CN broker)
+# signed by CADIR's CA, for the HOSTNAMEs plus localhost, 127.0.0.1 and ::1.
+broker_cert() {
+    ca=$1; out=$2; dom=$3; shift 3
+    san="DNS:localhost,IP:127.0.0.1,IP:::1"
+    for h in "$@"; do
+        case "$h" in *[!A-Za-z0-9.:-]*) die "hostname '$h' has odd characters";; esac
+        case "$h" in *[!0-9.]*) case "$h" in *:*) san="$san,IP:$h";; *) san="$san,DNS:$h";; esac;; *) san="$san,IP:$h";; esac
+    done
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$out/broker.key" -out "$out/broker.csr" \
+        -subj "/O=FLUIDOS/OU=$dom/CN=broker" 2>/dev/null
+    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' \
+        "$san" > "$out/broker.ext"
+    openssl x509 -req -in "$out/broker.csr" -CA "$ca/domain-ca.pem" -CAkey "$ca/domain-ca.key" \
+        -CAcreateserial -out "$out/broker.pem" -days 825 -extfile "$out/broker.ext" 2>/dev/null
+    rm -f "$out/broker.csr" "$out/broker.ext"
+    chmod 0644 "$out/broker.pem"
+}
+
+# client_cert CADIR OUT NAME CN DAYS: OUT/NAME.{pem,key} (clientAuth) signed by CADIR's CA.
+client_cert() {
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$2/$3.key" -out "$2/$3.csr" -subj "/O=FLUIDOS/CN=$4" 2>/dev/null
+    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' \
+        > "$2/$3.ext"
+    openssl x509 -req -in "$2/$3.csr" -CA "$1/domain-ca.pem" -CAkey "$1/domain-ca.key" \
+        -CAcreateserial -out "$2/$3.pem" -days "$5" -extfile "$2/$3.ext" 2>/dev/null
+    rm -f "$2/$3.csr" "$2/$3.ext"
+    chmod 0600 "$2/$3.key"; chmod 0644 "$2/$3.pem"
+}
+
+# render DIR DOMAIN PORT BIND: DIR/mosquitto.conf and DIR/acl from this folder's templates.
+render() {
+    abs=${INSTALL_DIR:-$(cd "$1" && pwd)}
+    case "$abs" in /*) ;; *) die "INSTALL_DIR '$abs' is not an absolute path";; esac
+    case "$abs" in *[!A-Za-z0-9._/-]*) die "path '$abs' has odd characters";; esac
+    for f in mosquitto.conf acl; do
+        sed -e "s|@DOMAIN@|$2|g" -e "s|@DIR@|$abs|g" -e "s|@PORT@|$3|g" \
+            -e "s|@BIND@|$4|g" "$here/$f" > "$1/$f"
+        chmod 0644 "$1/$f"
+    done
+}
+
+# mosquitto drops privileges to its own user: give it the key by group, not by world.
+give_to_mosquitto() {
+    if [ "$(id -u)" = 0 ] && getent group mosquitto >/dev/null; then
+        chgrp mosquitto "$1/broker.key" "$1/domain-ca.pem" "$1/broker.pem" "$1/acl" 2>/dev/null || true
+        chgrp -R mosquitto "$1/data"; chmod 0770 "$1/data"; chmod 0640 "$1/broker.key"
+    fi
+}
+
 case "${1:-}" in
 init)
     [ $# -ge 3 ] || die "usage: domain.sh init DIR DOMAIN [PORT [BIND [HOSTNAME...]]]"
@@ -61,31 +126,11 @@ init)
         -subj "/O=FLUIDOS/OU=$domain/CN=$domain domain CA" \
         -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
         -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-    san="DNS:localhost,IP:127.0.0.1,IP:::1"
-    for h in "$@"; do
-        case "$h" in *[!A-Za-z0-9.:-]*) die "hostname '$h' has odd characters";; esac
-        case "$h" in *[!0-9.]*) case "$h" in *:*) san="$san,IP:$h";; *) san="$san,DNS:$h";; esac;; *) san="$san,IP:$h";; esac
-    done
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-        -keyout "$dir/broker.key" -out "$dir/broker.csr" \
-        -subj "/O=FLUIDOS/OU=$domain/CN=broker" 2>/dev/null
-    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' \
-        "$san" > "$dir/broker.ext"
-    openssl x509 -req -in "$dir/broker.csr" -CA "$dir/domain-ca.pem" -CAkey "$dir/domain-ca.key" \
-        -CAcreateserial -out "$dir/broker.pem" -days 825 -extfile "$dir/broker.ext" 2>/dev/null
-    rm -f "$dir/broker.csr" "$dir/broker.ext"
+    broker_cert "$dir" "$dir" "$domain" "$@"
     chmod 0644 "$dir/domain-ca.pem" "$dir/broker.pem"
-    abs=$(cd "$dir" && pwd)
-    for f in mosquitto.conf acl; do
-        sed -e "s|@DOMAIN@|$domain|g" -e "s|@DIR@|$abs|g" -e "s|@PORT@|$port|g" \
-            -e "s|@BIND@|$bind|g" "$here/$f" > "$dir/$f"
-        chmod 0644 "$dir/$f"
-    done
-    # mosquitto drops privileges to its own user: give it the key by group, not by world.
-    if [ "$(id -u)" = 0 ] && getent group mosquitto >/dev/null; then
-        chgrp mosquitto "$dir/broker.key" "$dir/domain-ca.pem" "$dir/broker.pem" "$dir/acl" 2>/dev/null || true
-        chgrp -R mosquitto "$dir/data"; chmod 0770 "$dir/data"; chmod 0640 "$dir/broker.key"
-    fi
+    render "$dir" "$domain" "$port" "$bind"
+    give_to_mosquitto "$dir"
+    abs=${INSTALL_DIR:-$(cd "$dir" && pwd)}
     echo "domain $domain: CA $dir/domain-ca.pem, broker listening on $bind:$port (TLS)"
     echo "start it:  mosquitto -c $abs/mosquitto.conf"
     ;;
@@ -115,8 +160,49 @@ plugin)
     build_plugin "$2/fluidos_retain.so"
     echo "built $2/fluidos_retain.so; restart mosquitto to load it"
     ;;
+site)
+    [ $# -ge 4 ] || die "usage: domain.sh site DIR SITE CORE_HOST[:CORE_PORT] [PORT [BIND [HOSTNAME...]]]"
+    dir=$2; site=$3; core=$4; port=${5:-8883}; bind=${6:-0.0.0.0}
+    shift 4; [ $# -gt 0 ] && shift; [ $# -gt 0 ] && shift
+    valid_id "$site" || die "site '$site': use A-Z a-z 0-9 . _ - (at most 48)"
+    case "$port" in ''|*[!0-9]*) die "port '$port' is not a number";; esac
+    case "$core" in
+        *:*) core_host=${core%:*}; core_port=${core##*:} ;;
+        *) core_host=$core; core_port=8883 ;;
+    esac
+    case "$core_host" in ''|*[!A-Za-z0-9.-]*) die "core host '$core_host': a DNS name or an IPv4 address";; esac
+    case "$core_port" in ''|*[!0-9]*) die "core port '$core_port' is not a number";; esac
+    [ -r "$dir/domain-ca.key" ] || die "$dir/domain-ca.key not found: run 'domain.sh init' (or bring the CA key back)"
+    [ -f "$dir/acl" ] && [ -f "$dir/mosquitto.conf" ] && [ -f "$dir/fluidos_retain.so" ] \
+        || die "$dir is not a domain made by 'domain.sh init' (acl, mosquitto.conf, fluidos_retain.so)"
+    domain=$(sed -n 's/^plugin_opt_domain \([A-Za-z0-9._-]*\)$/\1/p' "$dir/mosquitto.conf")
+    valid_id "$domain" || die "no plugin_opt_domain line in $dir/mosquitto.conf"
+    out="$dir/sites/$site"
+    [ -e "$out" ] && die "$out exists: site names are unique in a domain"
+    mkdir -p "$out/data"
+    umask 077
+    cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; chmod 0644 "$out/domain-ca.pem"
+    cp "$dir/fluidos_retain.so" "$out/fluidos_retain.so"; chmod 0755 "$out/fluidos_retain.so"
+    broker_cert "$dir" "$out" "$domain" "$@"
+    # The bridge's client certificate. Its CN has a ':', which valid_id (and so `node`)
+    # never accepts: no node can be enrolled under a bridge's name.
+    client_cert "$dir" "$out" bridge "bridge:$site" 825
+    render "$out" "$domain" "$port" "$bind"
+    abs=${INSTALL_DIR:-$(cd "$out" && pwd)}
+    sed -e "s|@DOMAIN@|$domain|g" -e "s|@DIR@|$abs|g" -e "s|@SITE@|$site|g" \
+        -e "s|@CORE@|$core_host:$core_port|g" "$here/bridge.conf" >> "$out/mosquitto.conf"
+    if [ "$(id -u)" = 0 ] && getent group mosquitto >/dev/null; then
+        chgrp mosquitto "$out/bridge.key" && chmod 0640 "$out/bridge.key"
+    fi
+    give_to_mosquitto "$out"
+    printf '\n# Site %s (domain.sh site): its bridge carries the domain'"'"'s topics both ways.\nuser bridge:%s\ntopic readwrite fluidos/v1/%s/#\n' \
+        "$site" "$site" "$domain" >> "$dir/acl"
+    echo "site $site: $out (broker on $bind:$port, bridged to $core_host:$core_port)"
+    echo "core: $dir/acl now lets bridge:$site carry fluidos/v1/$domain/#; reload it (kill -HUP the core's mosquitto)"
+    echo "start the site:  mosquitto -c $abs/mosquitto.conf"
+    ;;
 *)
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

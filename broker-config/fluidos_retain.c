@@ -11,6 +11,13 @@
  *     entry, `fluidos/v1/{domain}/catalog/{username}` (the username is the certificate's CN);
  *   - any publish on that catalog entry whose payload is larger than `max_catalog_bytes`.
  *
+ * A site broker's bridge (domain.sh site; username `bridge:{site}`, a CN no node id can have,
+ * since node ids never contain ':') forwards every advert of its site's nodes, so for it the
+ * first rule reads: a retained publish with a payload only on `catalog/{id}` where {id} is a
+ * valid node id (A-Z a-z 0-9 . _ -, at most 48 bytes, one topic level), and the size bound
+ * holds on every catalog entry. A bridge can thus park at most one bounded entry per node id
+ * (docs/security.md, "Site brokers").
+ *
  * An empty retained payload stores nothing (it deletes), so it is left to the ACL: the last
  * will that clears a catalog entry, and a node cleaning up, keep working. Everything this
  * plugin does not refuse is deferred to the ACL file, which decides as before (a plugin
@@ -36,6 +43,8 @@
 
 #define DEFAULT_MAX_CATALOG_BYTES 16384u
 #define MAX_DOMAIN 48
+#define MAX_NODE_ID 48
+#define BRIDGE_PREFIX "bridge:"
 
 struct config {
 	char prefix[sizeof("fluidos/v1/") + MAX_DOMAIN + sizeof("/catalog/")];
@@ -57,11 +66,26 @@ static void refused(const char *what, const char *user, const char *topic, uint3
 	}
 }
 
+/* A node id: 1..MAX_NODE_ID bytes of A-Z a-z 0-9 . _ - (so one whole topic level). */
+static bool valid_node_id(const char *id)
+{
+	size_t n = 0;
+	for(; id[n]; n++){
+		char c = id[n];
+		bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')
+			|| c == '.' || c == '_' || c == '-';
+		if(!ok || n >= MAX_NODE_ID){
+			return false;
+		}
+	}
+	return n > 0;
+}
+
 static int on_acl_check(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_acl_check *ed = event_data;
 	const char *user;
-	bool own_catalog;
+	bool catalog, own_catalog;
 	(void)event;
 	(void)userdata;
 
@@ -69,9 +93,14 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 		return MOSQ_ERR_PLUGIN_DEFER;
 	}
 	user = mosquitto_client_username(ed->client);
-	own_catalog = user != NULL && ed->topic != NULL
-		&& strncmp(ed->topic, cfg.prefix, cfg.prefix_len) == 0
-		&& strcmp(ed->topic + cfg.prefix_len, user) == 0;
+	catalog = user != NULL && ed->topic != NULL
+		&& strncmp(ed->topic, cfg.prefix, cfg.prefix_len) == 0;
+	if(catalog && strncmp(user, BRIDGE_PREFIX, strlen(BRIDGE_PREFIX)) == 0){
+		/* A site's bridge speaks for every node of its site: any node's entry. */
+		own_catalog = valid_node_id(ed->topic + cfg.prefix_len);
+	}else{
+		own_catalog = catalog && strcmp(ed->topic + cfg.prefix_len, user) == 0;
+	}
 	if(own_catalog){
 		if(ed->payloadlen > cfg.max_catalog_bytes){
 			refused("an oversized catalog entry", user, ed->topic, ed->payloadlen);

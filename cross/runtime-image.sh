@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds the runtime image (cross/Containerfile) from a gateway binary built before, offline:
-#   cross/runtime-image.sh aarch64|armv7 [TAG]   (default localhost/fluidlet:arm64 or :armv7)
+#   cross/runtime-image.sh aarch64|armv7|x86_64 [TAG]
+#       (default localhost/fluidlet:arm64, :armv7 or :amd64)
+# x86_64 takes the binary of `cargo build --release --target x86_64-unknown-linux-musl -p
+# fluidlet` (static; the containerised tests run their nodes in it, tests/tests/bridged.rs).
 # Prints the image's tag and size. ENGINE=podman to use podman.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,11 +11,17 @@ engine=${ENGINE:-docker}
 case "${1:-}" in
     aarch64) target=aarch64-unknown-linux-musl; platform=linux/arm64; tag=arm64 ;;
     armv7) target=armv7-unknown-linux-musleabihf; platform=linux/arm/v7; tag=armv7 ;;
-    *) echo "usage: $0 aarch64|armv7 [TAG]" >&2; exit 2 ;;
+    x86_64) target=x86_64-unknown-linux-musl; platform=linux/amd64; tag=amd64 ;;
+    *) echo "usage: $0 aarch64|armv7|x86_64 [TAG]" >&2; exit 2 ;;
 esac
 image=${2:-localhost/fluidlet:$tag}
 bin=target/$target/release/fluidlet
-[ -f "$bin" ] || { echo "missing $bin: run cross/gateway-build.sh [--cross] $1" >&2; exit 1; }
+if [ "$1" = x86_64 ]; then
+    hint="cargo build --release --target x86_64-unknown-linux-musl -p fluidlet"
+else
+    hint="cross/gateway-build.sh [--cross] $1"
+fi
+[ -f "$bin" ] || { echo "missing $bin: run $hint" >&2; exit 1; }
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 install -m 0755 "$bin" "$ctx/fluidlet"

@@ -113,6 +113,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// MQTT keepalive; the broker declares the node dead (and fires its will) after 1.5x.
     pub keepalive: Duration,
+    /// How often the node re-publishes its advert even when nothing changed (`None`: only on
+    /// a change and after each connect). Bridged domains need it: a broker cut off from the
+    /// others catches up with the live adverts at the next refresh (docs/protocol.md).
+    pub advert_refresh: Option<Duration>,
+    /// Adverts older than this (by their `sent_at`) are ignored, and peering candidates not
+    /// re-advertised within it are forgotten (`None`: adverts never age). Set it, larger than
+    /// the providers' refresh, in a domain of bridged brokers.
+    pub advert_max_age: Option<Duration>,
     /// How long to wait for RESERVED before retrying under the same transaction id.
     pub reserve_timeout: Duration,
     /// Attempts per request (first try included) under one id: RESERVE_FLAVOUR of a purchase
@@ -207,6 +215,9 @@ pub struct OfferTerms {
 }
 
 /// How long ended contracts are kept by default: 7 days.
+/// How often a node re-publishes an unchanged advert by default (`advert_refresh_secs`).
+pub const DEFAULT_ADVERT_REFRESH: Duration = Duration::from_secs(300);
+
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Default for Limits {
@@ -237,6 +248,8 @@ impl Config {
             insecure_plaintext: false,
             data_dir,
             keepalive: Duration::from_secs(30),
+            advert_refresh: Some(DEFAULT_ADVERT_REFRESH),
+            advert_max_age: None,
             reserve_timeout: Duration::from_secs(2),
             reserve_attempts: 3,
             acquire_budget: Duration::from_secs(30),
@@ -330,6 +343,8 @@ struct RawConfig {
     tls: Option<RawTls>,
     data_dir: PathBuf,
     keepalive_secs: Option<u64>,
+    advert_refresh_secs: Option<u64>,
+    advert_max_age_secs: Option<u64>,
     retention_secs: Option<u64>,
     log: Option<String>,
     #[serde(default)]
@@ -680,6 +695,32 @@ impl RawConfig {
             }
             cfg.keepalive = secs(v);
         }
+        if let Some(v) = self.advert_refresh_secs {
+            if v != 0 && !(5..=86_400).contains(&v) {
+                return Err(invalid(
+                    "advert_refresh_secs",
+                    "must be 0 (never) or between 5 and 86400",
+                ));
+            }
+            cfg.advert_refresh = (v != 0).then(|| secs(v));
+        }
+        if let Some(v) = self.advert_max_age_secs {
+            if v != 0 && !(10..=604_800).contains(&v) {
+                return Err(invalid(
+                    "advert_max_age_secs",
+                    "must be 0 (adverts never age) or between 10 and 604800",
+                ));
+            }
+            cfg.advert_max_age = (v != 0).then(|| secs(v));
+        }
+        if let (Some(r), Some(a)) = (cfg.advert_refresh, cfg.advert_max_age) {
+            if a <= r {
+                return Err(invalid(
+                    "advert_max_age_secs",
+                    "must be longer than advert_refresh_secs (or a live provider's advert would age out between two refreshes)",
+                ));
+            }
+        }
         if let Some(v) = self.log {
             cfg.log = v;
         }
@@ -903,6 +944,31 @@ pods_step = 1
             c.retention, DEFAULT_RETENTION,
             "the example shows the default"
         );
+    }
+
+    #[test]
+    fn advert_freshness_is_read_and_a_max_age_within_the_refresh_is_refused() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(
+            (c.advert_refresh, c.advert_max_age),
+            (Some(DEFAULT_ADVERT_REFRESH), None)
+        );
+        let set = |extra: &str| {
+            GOOD.replace(
+                "keepalive_secs = 10",
+                &format!("keepalive_secs = 10\n{extra}"),
+            )
+        };
+        let c =
+            Config::from_toml(&set("advert_refresh_secs = 5\nadvert_max_age_secs = 20")).unwrap();
+        assert_eq!(c.advert_refresh, Some(Duration::from_secs(5)));
+        assert_eq!(c.advert_max_age, Some(Duration::from_secs(20)));
+        let c = Config::from_toml(&set("advert_refresh_secs = 0")).unwrap();
+        assert_eq!(c.advert_refresh, None);
+        let e = err_of(&set("advert_refresh_secs = 60\nadvert_max_age_secs = 60"));
+        assert!(e.contains("advert_max_age_secs"), "{e}");
+        let e = err_of(&set("advert_refresh_secs = 2"));
+        assert!(e.contains("advert_refresh_secs"), "{e}");
     }
 
     #[test]

@@ -114,6 +114,14 @@ impl Agent {
         let enforcer = tokio::spawn(crate::fabric::enforce::run(shared.clone(), stop_rx.clone()));
         let renewer = tokio::spawn(crate::terms::keep_renewed(shared.clone(), stop_rx.clone()));
         let mut tasks = vec![resumer, sweeper, control, enforcer, renewer];
+        if shared.cfg.advert_max_age.is_some()
+            || (shared.cfg.advert_refresh.is_some() && !shared.cfg.offers.is_empty())
+        {
+            tasks.push(tokio::spawn(keep_adverts_fresh(
+                shared.clone(),
+                stop_rx.clone(),
+            )));
+        }
         if let Some(path) = shared.cfg.metrics.textfile.clone() {
             let (sh, node) = (shared.clone(), shared.me().to_string());
             let take = move || sh.metrics_snapshot();
@@ -270,6 +278,52 @@ async fn sweep_lapsed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
         }
         sweep_due(&shared, unix_ms()).await;
+    }
+}
+
+/// Discovery Manager, for domains of bridged brokers (docs/protocol.md, "Advert freshness"):
+/// re-publishes this node's advert every `advert_refresh` (a provider with offers), and
+/// forgets the peering candidates of providers not heard from within `advert_max_age`.
+async fn keep_adverts_fresh(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let refresh = shared
+        .cfg
+        .advert_refresh
+        .filter(|_| !shared.cfg.offers.is_empty());
+    let max_age = shared.cfg.advert_max_age;
+    // Ages are checked a few times per max age; the refresh runs on its own period.
+    let period = match (refresh, max_age) {
+        (Some(r), Some(a)) => r.min(a / 4),
+        (Some(r), None) => r,
+        (None, Some(a)) => a / 4,
+        (None, None) => return,
+    };
+    let mut tick = tokio::time::interval(period.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last_refresh = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(r) = refresh {
+            if last_refresh.elapsed() + Duration::from_millis(50) >= r {
+                last_refresh = tokio::time::Instant::now();
+                if let Err(e) = shared.publish_advert().await {
+                    debug!(error = %e, "could not refresh the advert");
+                }
+            }
+        }
+        if let Some(a) = max_age {
+            let cutoff = unix_ms().saturating_sub(a.as_millis() as u64);
+            let gone = shared.tables.forget_candidates_seen_before(cutoff);
+            if gone > 0 {
+                info!(
+                    candidates = gone,
+                    "forgot peering candidates not re-advertised within advert_max_age"
+                );
+            }
+        }
     }
 }
 
@@ -526,6 +580,18 @@ async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
     let Body::Advert(a) = msg.body else {
         return unexpected(shared, &node, msg.id, msg.body.kind(), "catalog").await;
     };
+    // A stale advert: one a broker kept (or got back from another broker over a bridge) after
+    // its provider stopped refreshing it. Treated as the provider gone.
+    if let Some(max) = shared.cfg.advert_max_age {
+        let now = unix_ms();
+        if msg.sent_at.saturating_add(max.as_millis() as u64) < now {
+            debug!(%node, age_ms = now - msg.sent_at, "advert older than advert_max_age; ignored");
+            if let Err(e) = shared.tables.replace_candidates(&node, &[], now) {
+                error!(error = %e, "peering candidates update failed");
+            }
+            return;
+        }
+    }
     if let Some(f) = a.flavours.iter().find(|f| f.provider != node) {
         warn!(%node, provider = %f.provider, "advert offers another node's flavour; ignored");
         return;

@@ -1242,6 +1242,25 @@ impl Tables {
         Ok(())
     }
 
+    /// Forgets every candidate last advertised or listed before `cutoff` (Unix ms): a
+    /// provider whose adverts stopped coming (`advert_max_age`). Returns how many went.
+    pub fn forget_candidates_seen_before(&self, cutoff: u64) -> usize {
+        let mut map = self.cands();
+        let old: Vec<Vec<u8>> = map
+            .iter()
+            .filter(|(_, v)| {
+                minicbor::decode::<Candidate>(v)
+                    .map(|c| c.seen_at < cutoff)
+                    .unwrap_or(true)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &old {
+            map.remove(k);
+        }
+        old.len()
+    }
+
     /// Adds or refreshes `provider`'s candidates `flavours` (an answer lists only what matched
     /// its selector, so nothing else of the provider is dropped). A provider keeps at most
     /// [`MAX_CANDIDATES_PER_PROVIDER`]: beyond it the ones seen longest ago are forgotten

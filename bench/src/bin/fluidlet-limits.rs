@@ -1,8 +1,8 @@
 //! fluidlet-limits: what one mosquitto domain broker of `broker-config/` (mutual TLS, the
 //! domain ACL, the retained-storage plugin) holds on this machine, and discovery at domain
 //! scale through bridges: simulated providers on two site brokers, the consumer on a third,
-//! the three bridged to a core over mutual TLS. Every broker is a mosquitto process on
-//! loopback that this tool starts and stops.
+//! the three bridged to a core over mutual TLS, each site made by `domain.sh site`. Every
+//! broker is a mosquitto process on loopback that this tool starts and stops.
 //!
 //! `cargo run --release -p fluidlet-bench --bin fluidlet-limits` (`-- --quick` for a run of
 //! seconds). It prints figures and writes JSON (`target/fluidlet-limits.json`); it asserts
@@ -137,6 +137,26 @@ fn domain_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker-config/domain.sh")
 }
 
+/// Runs `domain.sh ARGS` with umask 022: the agent run in this process sets its umask to
+/// 077, and directories made under it would be closed to the `mosquitto` user.
+fn domain_sh(args: &[&str]) -> Res<()> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"umask 022; exec sh "$0" "$@""#)
+        .arg(domain_script())
+        .args(args)
+        .output()
+        .map_err(err)?;
+    if !out.status.success() {
+        return Err(format!(
+            "domain.sh {}: {}",
+            args.first().unwrap_or(&""),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
 /// One FLUIDOS domain made by `broker-config/domain.sh init` (CA, broker certificate, ACL,
 /// plugin, mosquitto.conf), and the certificates of its simulated nodes.
 struct Domain {
@@ -152,17 +172,7 @@ impl Domain {
             .map_err(err)?;
         let name = format!("lim{}", std::process::id());
         let d = dir.path().to_str().ok_or("non-UTF-8 temporary directory")?;
-        let out = Command::new("sh")
-            .arg(domain_script())
-            .args(["init", d, &name, "8883", "127.0.0.1"])
-            .output()
-            .map_err(err)?;
-        if !out.status.success() {
-            return Err(format!(
-                "domain.sh init: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
+        domain_sh(&["init", d, &name, "8883", "127.0.0.1"])?;
         let key = dir.path().join("sim.key");
         let ok = Command::new("openssl")
             .args([
@@ -241,31 +251,6 @@ done"#;
             .map_err(err)?
             .client)
     }
-
-    /// A bridge's certificate and key (CN = `name`), minted by `domain.sh node`, readable by
-    /// the broker process.
-    fn bridge(&self, name: &str) -> Res<TlsFiles> {
-        let d = self.path().to_str().ok_or("non-UTF-8 path")?;
-        let out = Command::new("sh")
-            .arg(domain_script())
-            .args(["node", d, name])
-            .output()
-            .map_err(err)?;
-        if !out.status.success() {
-            return Err(format!(
-                "domain.sh node: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let n = self.path().join("nodes").join(name);
-        give_to_mosquitto(&n, "0750");
-        give_to_mosquitto(&n.join("node.key"), "0640");
-        Ok(TlsFiles {
-            ca: n.join("domain-ca.pem"),
-            cert: n.join("node.pem"),
-            key: n.join("node.key"),
-        })
-    }
 }
 
 /// A mosquitto process of the domain, killed on drop.
@@ -282,22 +267,18 @@ impl Drop for Broker {
 }
 
 impl Broker {
-    /// Starts a broker from the domain's mosquitto.conf (as `domain.sh init` wrote it) on a
-    /// free port with its own data directory; `acl_extra` is appended to a copy of the ACL,
+    /// Starts a broker from the domain's mosquitto.conf (as `domain.sh init` wrote it) on
+    /// `port` with its own data directory; `acl_extra` is appended to a copy of the ACL,
     /// `plugin: false` leaves out the retained-storage plugin, `conf_extra` is appended to
     /// the configuration (a bridge). The open-files limit is raised to the hard limit.
     fn start(
         dom: &Domain,
         name: &str,
+        port: u16,
         acl_extra: &str,
         plugin: bool,
         conf_extra: &str,
     ) -> Res<Broker> {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .ok_or("mosquitto is not installed (apt-get install mosquitto)")?;
-        let port = free_port()?;
         let p = dom.path();
         let data = p.join(format!("{name}-data"));
         std::fs::create_dir_all(&data).map_err(err)?;
@@ -325,12 +306,21 @@ impl Broker {
         conf.push_str(conf_extra);
         let conf_path = p.join(format!("{name}.conf"));
         std::fs::write(&conf_path, conf).map_err(err)?;
-        let log = std::fs::File::create(p.join(format!("{name}.log"))).map_err(err)?;
+        Broker::run(&conf_path, port, &p.join(format!("{name}.log")))
+    }
+
+    /// Runs mosquitto with the configuration `conf` (listening on `port`), its log in `log`.
+    fn run(conf_path: &Path, port: u16, log_path: &Path) -> Res<Broker> {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or("mosquitto is not installed (apt-get install mosquitto)")?;
+        let log = std::fs::File::create(log_path).map_err(err)?;
         let child = Command::new("sh")
             .arg("-c")
             .arg(r#"ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$0" -c "$1""#)
             .arg(bin)
-            .arg(&conf_path)
+            .arg(conf_path)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -342,9 +332,10 @@ impl Broker {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
         Err(format!(
-            "broker {name} did not listen on port {port}: see {}",
-            p.join(format!("{name}.log")).display()
+            "mosquitto -c {} did not listen on port {port}; its log:\n{log}",
+            conf_path.display(),
         ))
     }
 
@@ -593,7 +584,7 @@ async fn run(args: Args) -> Res<()> {
     );
 
     // ---- B. One domain broker: connections, retained adverts, request/reply. ----
-    let one = Broker::start(&dom, "one", "", true, "")?;
+    let one = Broker::start(&dom, "one", free_port()?, "", true, "")?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss0 = one.rss();
     println!(
@@ -693,32 +684,27 @@ async fn run(args: Args) -> Res<()> {
     println!("one broker: peak RSS {peak_one} kB; stopped");
 
     // ---- C. Discovery through bridges: sites A and B with the providers, C with the consumer. ----
+    // The sites as `domain.sh site` makes them (each bridged to the core over mutual TLS,
+    // CN bridge:SITE; the core's ACL gains the bridges' lines), then the core, then the sites.
     let d = &dom.name;
-    let core_acl = format!(
-        "\n# Bridges from the site brokers: all of the domain's topics, both ways.\n\
-         user bridgeA\ntopic readwrite fluidos/v1/{d}/#\n\
-         user bridgeB\ntopic readwrite fluidos/v1/{d}/#\n\
-         user bridgeC\ntopic readwrite fluidos/v1/{d}/#\n"
-    );
-    // The core without the retained-storage plugin: it would refuse the bridges' retained
-    // adverts (a bridge's CN is not the provider's). See docs/benchmarks.md.
-    let core = Broker::start(&dom, "core", &core_acl, false, "")?;
-    let mut sites = Vec::new();
+    let core_port = free_port()?;
+    let mut site_ports = Vec::new();
     for s in ["A", "B", "C"] {
-        let f = dom.bridge(&format!("bridge{s}"))?;
-        let bridge = format!(
-            "\n# Bridge to the core over mutual TLS: the domain's topics both ways.\n\
-             connection core\naddress 127.0.0.1:{}\nremote_clientid bridge{s}\n\
-             bridge_cafile {}\nbridge_certfile {}\nbridge_keyfile {}\n\
-             bridge_tls_version tlsv1.2\nbridge_protocol_version mqttv311\ntry_private true\n\
-             cleansession true\nnotifications false\nkeepalive_interval 30\n\
-             restart_timeout 1 10\ntopic fluidos/v1/{d}/# both 1\n",
-            core.port,
-            f.ca.display(),
-            f.cert.display(),
-            f.key.display()
-        );
-        sites.push(Broker::start(&dom, &format!("site{s}"), "", true, &bridge)?);
+        let port = free_port()?;
+        let dir = dom.path().to_str().ok_or("non-UTF-8 path")?;
+        let core = format!("127.0.0.1:{core_port}");
+        domain_sh(&["site", dir, s, &core, &port.to_string(), "127.0.0.1"])?;
+        site_ports.push((s, port));
+    }
+    let core = Broker::start(&dom, "core", core_port, "", true, "")?;
+    let mut sites = Vec::new();
+    for (s, port) in site_ports {
+        let site = dom.path().join("sites").join(s);
+        sites.push(Broker::run(
+            &site.join("mosquitto.conf"),
+            port,
+            &dom.path().join(format!("site{s}.log")),
+        )?);
     }
     let (a, b, c) = (&sites[0], &sites[1], &sites[2]);
     // Bridges up: a canary advert from A and one from B reach C; then both are wiped again.
@@ -784,7 +770,7 @@ async fn run(args: Args) -> Res<()> {
     }
     drop((ca, cb));
     println!(
-        "\nbridged: core :{} (no plugin), sites A :{}, B :{}, C :{}; bridges carried a canary A->C and B->C {:.0} ms after the brokers started",
+        "\nbridged (domain.sh site): core :{}, sites A :{}, B :{}, C :{}; bridges carried a canary A->C and B->C {:.0} ms after the brokers started",
         core.port, a.port, b.port, c.port, ms(bridges_up)
     );
     let rss_start: Vec<u64> = [&core, a, b, c].iter().map(|x| x.rss()).collect();

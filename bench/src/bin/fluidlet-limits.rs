@@ -814,7 +814,7 @@ async fn run(args: Args) -> Res<()> {
     rows.push((
         format!("bridged: {provs} providers ({half} on site A, {} on site B) publish; all adverts on a subscriber of site C", provs - half),
         format!(
-            "{:.0} ms after the first publish (one broker: {:.0} ms); the subscriber on C got {delivered} messages for {provs} adverts in that time and the 2 s after",
+            "{:.0} ms after the first publish (one broker, N = {conns}: {:.0} ms); the subscriber on C got {delivered} messages for {provs} adverts in that time and the 2 s after",
             ms(crossed),
             ms(stored)
         ),
@@ -822,7 +822,7 @@ async fn run(args: Args) -> Res<()> {
     rows.push((
         format!("bridged: a new subscriber on site C receives the {provs} retained adverts"),
         format!(
-            "bare client {:.0} ms; consumer node to chosen candidate {:.0} ms (ranking {:.1} ms); one broker: {:.0} ms, {:.0} ms",
+            "bare client {:.0} ms; consumer node to chosen candidate {:.0} ms (ranking {:.1} ms); one broker, N = {conns}: {:.0} ms, {:.0} ms",
             ms(bare_c),
             ms(chosen_c),
             ms(rank_c),

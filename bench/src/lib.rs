@@ -102,9 +102,14 @@ pub async fn peer_with(
     events.set_network_options(net);
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, mut ready_rx) = watch::channel(0usize);
+    // The connection lives until the Peer (its receiver) is dropped: then the socket closes.
     tokio::spawn(async move {
         loop {
-            match events.poll().await {
+            let ev = tokio::select! {
+                _ = tx.closed() => return,
+                ev = events.poll() => ev,
+            };
+            match ev {
                 Ok(Event::Incoming(Packet::SubAck(_))) => ready_tx.send_modify(|n| *n += 1),
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if tx
@@ -357,4 +362,57 @@ pub fn agent_binary(given: Option<PathBuf>) -> Res<PathBuf> {
         return Err("building the agent failed".into());
     }
     Ok(PathBuf::from("target/bench-agent/release/fluidlet"))
+}
+
+/// The retained advert of simulated provider `node` (the `i`-th): the demo's 4-CPU offer under
+/// flavour id `pool.{i}`, with prices spread so that ranking has work to do.
+pub fn sim_advert(node: &str, i: usize) -> Vec<u8> {
+    let mut f = fluidlet::demo::demo_offer(&Id::new(node).unwrap_or_default());
+    f.id = Id::new(&format!("pool.{i}")).unwrap_or_default();
+    f.price.amount = 1_000_000 + (i as u64 * 7919) % 1_000_000;
+    Message {
+        id: i as u64,
+        correlation: None,
+        sent_at: 0,
+        sender: Id::new(node).unwrap_or_default(),
+        body: Body::Advert(Flavours {
+            flavours: fluidlet::model::FlavourList::from_slice_truncated(&[f]),
+        }),
+    }
+    .encode()
+    .unwrap_or_default()
+}
+
+/// Waits (60 s at most) until `agent` holds `n` peering candidates, then ranks them for a
+/// 1-CPU intent. Returns (from `t0` to the chosen candidate, of which ranking).
+pub async fn chosen_candidate(
+    agent: &fluidlet::Agent,
+    n: usize,
+    t0: Instant,
+) -> Res<(Duration, Duration)> {
+    let sel = fluidlet_tests::intent_spec("x", 1000, 1).selector;
+    loop {
+        if agent.tables().candidate_count().unwrap_or(0) >= n {
+            let r0 = Instant::now();
+            let ranked = fluidlet::discovery::rank(
+                agent.tables().candidates().unwrap_or_default(),
+                &sel,
+                fluidlet::unix_ms(),
+                60_000,
+                |_| fluidlet::discovery::Standing::default(),
+            );
+            let rank = r0.elapsed();
+            if ranked.is_empty() {
+                return Err("no candidate chosen".into());
+            }
+            return Ok((t0.elapsed(), rank));
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "only {} of {n} candidates after 60 s",
+                agent.tables().candidate_count().unwrap_or(0)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }

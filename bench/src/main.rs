@@ -751,25 +751,13 @@ async fn discovery(port: u16, dir: &Path, n: usize) -> Res<(Duration, Duration, 
     let publisher = peer(port, &format!("sim@{domain}"), &[]).await?;
     for i in 0..n {
         let node = format!("sim{i}");
-        let mut f = fluidlet::demo::demo_offer(&Id::new(&node).unwrap_or_default());
-        f.id = Id::new(&format!("pool.{i}")).unwrap_or_default();
-        f.price.amount = 1_000_000 + (i as u64 * 7919) % 1_000_000;
-        let msg = Message {
-            id: i as u64,
-            correlation: None,
-            sent_at: 0,
-            sender: Id::new(&node).unwrap_or_default(),
-            body: Body::Advert(Flavours {
-                flavours: fluidlet::model::FlavourList::from_slice_truncated(&[f]),
-            }),
-        };
         publisher
             .client
             .publish(
                 format!("fluidos/v1/{domain}/catalog/{node}"),
                 QoS::AtLeastOnce,
                 true,
-                msg.encode().unwrap_or_default(),
+                sim_advert(&node, i),
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -786,31 +774,7 @@ async fn discovery(port: u16, dir: &Path, n: usize) -> Res<(Duration, Duration, 
     let agent = fluidlet::Agent::start(cfg, None)
         .await
         .map_err(|e| e.to_string())?;
-    let sel = fluidlet_tests::intent_spec("x", 1000, 1).selector;
-    let (took, rank) = loop {
-        if agent.tables().candidate_count().unwrap_or(0) >= n {
-            let r0 = Instant::now();
-            let ranked = fluidlet::discovery::rank(
-                agent.tables().candidates().unwrap_or_default(),
-                &sel,
-                fluidlet::unix_ms(),
-                60_000,
-                |_| fluidlet::discovery::Standing::default(),
-            );
-            let rank = r0.elapsed();
-            if ranked.is_empty() {
-                return Err("no candidate chosen".into());
-            }
-            break (t0.elapsed(), rank);
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            return Err(format!(
-                "only {} of {n} candidates after 60 s",
-                agent.tables().candidate_count().unwrap_or(0)
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
+    let (took, rank) = chosen_candidate(&agent, n, t0).await?;
     agent.shutdown().await;
     Ok((took, rank, floor))
 }

@@ -119,6 +119,10 @@ init)
     case "$port" in ''|*[!0-9]*) die "port '$port' is not a number";; esac
     [ -e "$dir/domain-ca.key" ] && die "$dir already holds a domain CA; not overwriting it"
     mkdir -p "$dir/data" "$dir/nodes"
+    # The broker drops to the mosquitto user: it must reach the plugin and the config in
+    # DIR whatever the caller's umask (077 left DIR 0700: "Unable to load auth plugin").
+    # Keys are protected file by file below.
+    chmod 0755 "$dir"
     build_plugin "$dir/fluidos_retain.so"
     umask 077
     openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
@@ -180,6 +184,7 @@ site)
     out="$dir/sites/$site"
     [ -e "$out" ] && die "$out exists: site names are unique in a domain"
     mkdir -p "$out/data"
+    chmod 0755 "$dir/sites" "$out"   # as in init: the broker's user must reach them
     umask 077
     cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; chmod 0644 "$out/domain-ca.pem"
     cp "$dir/fluidos_retain.so" "$out/fluidos_retain.so"; chmod 0755 "$out/fluidos_retain.so"

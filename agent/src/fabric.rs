@@ -509,6 +509,11 @@ impl Fabric {
         }
     }
 
+    /// How often the provider's contract enforcement runs (liqo backend).
+    pub fn enforce_every(&self) -> Duration {
+        self.cfg.enforce_every
+    }
+
     pub fn backend(&self) -> &Backend {
         &self.cfg.backend
     }

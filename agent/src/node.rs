@@ -5,8 +5,8 @@
 //! [`Agent::start`] is the one place that starts the node's tasks: the broker session
 //! ([`crate::broker::Session::run`]), the node task ([`serve`]), the resumption of purchases
 //! left in flight, the expiry sweeper, the control socket (`control::serve`), the provider's
-//! contract enforcement in Liqo (`fabric::enforce::run`), the renewal of terms
-//! (`terms::keep_renewed`), the metrics file writer (`metrics::export`, when `[metrics]
+//! contract enforcement in Liqo (`rear::provider::enforce_sales`), the renewal of terms
+//! (`rear::consumer::keep_renewed`), the metrics file writer (`metrics::export`, when `[metrics]
 //! textfile` is set) and one task per intent a previous run left unfinished
 //! (`orchestrator::resume`).
 //!
@@ -111,8 +111,14 @@ impl Agent {
         let sweeper = tokio::spawn(sweep_lapsed(shared.clone(), stop_rx.clone()));
         let listener = control::bind(&shared.cfg.control_socket)?;
         let control = tokio::spawn(control::serve(shared.clone(), listener, stop_rx.clone()));
-        let enforcer = tokio::spawn(crate::fabric::enforce::run(shared.clone(), stop_rx.clone()));
-        let renewer = tokio::spawn(crate::terms::keep_renewed(shared.clone(), stop_rx.clone()));
+        let enforcer = tokio::spawn(crate::rear::provider::enforce_sales(
+            shared.clone(),
+            stop_rx.clone(),
+        ));
+        let renewer = tokio::spawn(crate::rear::consumer::keep_renewed(
+            shared.clone(),
+            stop_rx.clone(),
+        ));
         let mut tasks = vec![resumer, sweeper, control, enforcer, renewer];
         if shared.cfg.advert_max_age.is_some()
             || (shared.cfg.advert_refresh.is_some() && !shared.cfg.offers.is_empty())

@@ -6,18 +6,15 @@
 //!
 //! Provider side: [`admission`] (the cap and the term of a RESERVE_FLAVOUR), [`on_renew`]
 //! (RENEW, answered RENEWED with the contract), [`expired_sold`] (the peering user of a
-//! contract that ran out). Buyer side: [`keep_renewed`] renews every live contract it bought
+//! contract that ran out). Buyer side: [`crate::rear::consumer::keep_renewed`] renews every live contract it bought
 //! when half of its term is left (sooner for very short terms).
 
 use crate::config::Config;
 use crate::model::{Contract, ContractState, Id, ReserveRequest};
-use crate::shared::RearError;
 use crate::shared::Shared;
 use crate::tables::{Admission, Room, SaleTerms};
 use crate::unix_ms;
 use crate::wire::{Body, ContractRef, ErrorBody, ErrorCode};
-use std::sync::Arc;
-use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 /// The share cap and contract term offer `offer` is sold under, as the tables record them
@@ -157,80 +154,5 @@ pub(crate) async fn expired_sold(shared: &Shared, c: &Contract) {
     let plan = crate::fabric::plan_teardown_provider(&cluster, !others);
     if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
         warn!(contract = %c.id, error = %e, "peering teardown failed");
-    }
-}
-
-/// Buyer side: renews every live contract this node bought once half of its term is left, or
-/// two `expiry_check`s and one `reserve_timeout`, whichever is longer (checked every
-/// `expiry_check`). A seller that answers NO_CONTRACT has ended it: it ends
-/// here too. A seller that does not answer is asked again at the next check; if `ends_at`
-/// passes first, the expiry sweeper ends the contract here.
-pub(crate) async fn keep_renewed(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(shared.cfg.expiry_check);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        // Cancel safety: a tick has no state; a renewal in progress finishes before the next
-        // select!.
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
-        let now = unix_ms();
-        // Half the term, but never less than two checks and an answer's wait: a short term
-        // must not slip between two checks.
-        let margin = (2 * shared.cfg.expiry_check + shared.cfg.reserve_timeout).as_millis() as u64;
-        // One contract decoded at a time, and none of this node's sales (skipped by their
-        // ids): this runs every `expiry_check` on every node, and a provider holds thousands.
-        let mut due: Vec<Contract> = Vec::new();
-        let read = shared.tables.each_bought(shared.me(), |c| {
-            if &c.buyer == shared.me()
-                && matches!(c.state, ContractState::Reserved | ContractState::Active)
-                && matches!((c.term_ms, c.ends_at), (Some(t), Some(e)) if now.saturating_add((t / 2).max(margin)) >= e && now < e)
-            {
-                due.push(c);
-            }
-        });
-        if let Err(e) = read {
-            error!(error = %e, "cannot read contracts for renewal");
-            continue;
-        }
-        for c in due {
-            renew(&shared, &c).await;
-        }
-    }
-}
-
-/// Sends RENEW for one bought contract and records the answer.
-async fn renew(shared: &Shared, c: &Contract) {
-    let body = Body::Renew(ContractRef {
-        contract: c.id.clone(),
-    });
-    match crate::rear::consumer::ask(shared, &c.seller, body, shared.cfg.reserve_timeout).await {
-        Ok(Body::Renewed(r)) if r.id == c.id && r.seller == c.seller && &r.buyer == shared.me() => {
-            if let Some(end) = r.ends_at {
-                if let Err(e) = shared.tables.extend(&c.id, end).await {
-                    error!(contract = %c.id, error = %e, "renewal not stored");
-                }
-            }
-        }
-        Ok(Body::Error(e)) if e.code() == Some(ErrorCode::NoContract) => {
-            warn!(contract = %c.id, seller = %c.seller, text = %e.text, "seller ended the contract");
-            match shared
-                .tables
-                .end_contract(&c.id, ContractState::Expired, unix_ms())
-                .await
-            {
-                Ok(Some(_)) => crate::rear::consumer::teardown_bought(shared, c).await,
-                Ok(None) => {}
-                Err(e) => error!(contract = %c.id, error = %e, "expiry failed"),
-            }
-        }
-        Ok(other) => {
-            warn!(contract = %c.id, answer = ?other.kind(), "unexpected answer to RENEW")
-        }
-        Err(RearError::Timeout(_)) => {
-            warn!(contract = %c.id, seller = %c.seller, "RENEW not answered; retrying")
-        }
-        Err(e) => warn!(contract = %c.id, error = %e, "RENEW failed"),
     }
 }

@@ -392,3 +392,44 @@ pub(crate) async fn answer_error(
         warn!(%to, error = %e, "could not send ERROR");
     }
 }
+
+/// This provider's sales, each with the consumer cluster it was granted to. One contract is
+/// decoded at a time and only sales that were peered are kept (a provider's whole table of
+/// contracts decoded at once was its peak memory).
+fn sales(shared: &crate::shared::Shared) -> Vec<(Contract, Id)> {
+    let me = shared.me();
+    let mut out = Vec::new();
+    let read = shared.tables.each_contract(|c| {
+        if &c.seller == me && &c.buyer != me {
+            if let Ok(Some(cluster)) = shared.tables.peer_cluster(&c.id) {
+                out.push((c, cluster));
+            }
+        }
+    });
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read contracts for enforcement");
+    }
+    out
+}
+
+/// The provider's enforcement task (liqo backend only): one [`enforce`] round every
+/// `enforce_every`, until `stop`.
+pub(crate) async fn enforce_sales(
+    shared: std::sync::Arc<crate::shared::Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if shared.fabric.backend() != &crate::fabric::Backend::Liqo {
+        return;
+    }
+    let mut tick = tokio::time::interval(shared.fabric.enforce_every());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = crate::fabric::enforce::enforce(&shared.fabric, &sales(&shared)).await {
+            tracing::warn!(error = %e, "contract enforcement round failed");
+        }
+    }
+}

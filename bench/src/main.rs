@@ -447,13 +447,7 @@ async fn echo_floor(port: u16, n: usize, tls: Option<&BenchTls>) -> Res<Vec<Dura
 
 /// Floor part 2: one small write plus fdatasync in the same file system as the tables.
 fn fsync_floor(dir: &Path, n: usize) -> Res<Vec<Duration>> {
-    let path = dir.join("fsync-probe");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(|e| e.to_string())?;
+    let mut f = probe_file(dir, "fsync-probe")?;
     let block = [7u8; 256];
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
@@ -466,19 +460,23 @@ fn fsync_floor(dir: &Path, n: usize) -> Res<Vec<Duration>> {
     Ok(v)
 }
 
+/// An empty file for a write-and-sync probe.
+fn probe_file(dir: &Path, name: &str) -> Res<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(dir.join(name))
+        .map_err(|e| e.to_string())
+}
+
 /// sled's durable write as the agent does it, without sled: append 256 bytes, then
 /// `sync_file_range` (wait before, write, wait after: what sled 0.34 does on Linux), then
 /// `fdatasync` (what `Tables::flush` adds). Compared with [`fsync_floor`], it shows what the
 /// two syncs cost against one.
 fn sled_path_floor(dir: &Path, n: usize) -> Res<Vec<Duration>> {
     use std::os::unix::io::AsRawFd;
-    let path = dir.join("sled-path-probe");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(|e| e.to_string())?;
+    let mut f = probe_file(dir, "sled-path-probe")?;
     let block = [7u8; 256];
     let mut at: i64 = 0;
     let mut v = Vec::with_capacity(n);

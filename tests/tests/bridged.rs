@@ -309,7 +309,9 @@ struct Broker<'a> {
 }
 
 impl Broker<'_> {
-    fn sub(&self, filter: &str, extra: &[&str]) -> Vec<u8> {
+    /// `docker exec` of mosquitto_sub on this broker, as the probe node, for `filter` at
+    /// QoS 1, followed by `extra`.
+    fn sub_args<'a>(&'a self, filter: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "exec",
             self.name.as_str(),
@@ -330,7 +332,11 @@ impl Broker<'_> {
             filter,
         ];
         args.extend_from_slice(extra);
-        docker(&args).stdout
+        args
+    }
+
+    fn sub(&self, filter: &str, extra: &[&str]) -> Vec<u8> {
+        docker(&self.sub_args(filter, extra)).stdout
     }
 
     /// The retained catalog: node id -> advert payload (hex). Empty entries are not kept.
@@ -351,29 +357,7 @@ impl Broker<'_> {
         let filter = format!("fluidos/v1/{}/catalog/{node}", self.domain);
         let w = secs.to_string();
         Command::new("docker")
-            .args([
-                "exec",
-                self.name.as_str(),
-                "mosquitto_sub",
-                "-h",
-                "localhost",
-                "-p",
-                "8883",
-                "--cafile",
-                "/etc/fluidos/probe/domain-ca.pem",
-                "--cert",
-                "/etc/fluidos/probe/node.pem",
-                "--key",
-                "/etc/fluidos/probe/node.key",
-                "-q",
-                "1",
-                "-t",
-                &filter,
-                "-W",
-                &w,
-                "-F",
-                "%r %x",
-            ])
+            .args(self.sub_args(&filter, &["-W", &w, "-F", "%r %x"]))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the static gateway binary (no demo, no embedded broker) for one target and prints
-# its path and size:  cross/gateway-build.sh [--cross] aarch64|armv7|x86_64
+# its path and size:  cross/gateway-build.sh [--cross] aarch64|armv7|x86_64 [PACKAGE]
+# PACKAGE is `fluidlet` by default; `fluidlet-size-floor` builds the dependency-stack floor
+# (cross/size-floor) with the same flags, for the benchmark's size ratio.
 # Needs the host tools listed at the top of .cargo/config.toml; with --cross (ARM targets),
 # a container engine and `cross` instead: the build runs in the project's own build image
 # (cross/Cross.toml, images made by cross/images.sh when missing).
@@ -11,6 +13,12 @@ cd "$(dirname "$0")/.."
 # panic messages are kept): 2,562,768 -> 2,298,152 bytes on aarch64. build-std is an unstable
 # cargo flag; RUSTC_BOOTSTRAP lets the stable toolchain use it for this one build.
 # FLUIDLET_PREBUILT_STD=1 builds aarch64 with rustup's prebuilt std instead.
+# Every gateway build also leaves out unwind tables (`-C force-unwind-tables=no`): the
+# release profile aborts on panic, so nothing ever unwinds, and the tables (.eh_frame and
+# its index) were 389 kB of the 2,495,552-byte aarch64 binary. A panic still prints its
+# message and location; only a RUST_BACKTRACE backtrace is lost. Given to cargo as a
+# `--config` value so it joins the target's rustflags from .cargo/config.toml, for these
+# builds only: the test builds (panic = unwind) need the tables.
 # ring's C code needs musl's headers for the target (see .cargo/config.toml).
 need_sysroot() {
     [ -f "/usr/local/lib/fluidlet/$1-musl/$2" ] || {
@@ -48,6 +56,7 @@ if [ "${1:-}" = --cross ]; then
     need_sysroot() { :; }   # the image has it
 fi
 small_std=(-Z build-std=std,panic_abort -Z build-std-features=optimize_for_size)
+package=${2:-fluidlet}
 case "${1:-}" in
     x86_64) target=x86_64-unknown-linux-musl; extra=() ;;
     aarch64)
@@ -65,8 +74,10 @@ case "${1:-}" in
         export RUSTC_BOOTSTRAP=1
         extra=("${small_std[@]}")
         ;;
-    *) echo "usage: $0 x86_64|aarch64|armv7" >&2; exit 2 ;;
+    *) echo "usage: $0 [--cross] x86_64|aarch64|armv7 [PACKAGE]" >&2; exit 2 ;;
 esac
-"${cargo[@]}" build --release -p fluidlet --no-default-features --target "$target" "${extra[@]}" >&2
-bin="target/$target/release/fluidlet"
+no_unwind="target.$target.rustflags=[\"-C\", \"force-unwind-tables=no\"]"
+"${cargo[@]}" build --release -p "$package" --no-default-features --target "$target" \
+    --config "$no_unwind" "${extra[@]}" >&2
+bin="${CARGO_TARGET_DIR:-target}/$target/release/$package"
 printf '%s\t%s bytes\n' "$bin" "$(stat -c %s "$bin")"

@@ -10,6 +10,8 @@
 //! (answering LIST_FLAVOURS) and [`crate::node`] (catalog adverts into the candidates table).
 
 use crate::model::{Candidate, Flavour, FlavourSelector, Id, Resources};
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
 
 /// What a selector would buy of a flavour.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,6 +181,127 @@ pub fn rank(
     let mut slots: Vec<Option<(Candidate, Fit)>> =
         v.into_iter().map(|(_, c, f)| Some((c, f))).collect();
     order.into_iter().filter_map(|i| slots[i].take()).collect()
+}
+
+/// Peering candidates kept per provider: twice the flavours of one advert, since answers to
+/// different selectors list different flavours and ids change as flavours are cut.
+pub const MAX_CANDIDATES_PER_PROVIDER: usize = 2 * crate::model::MAX_FLAVOURS;
+
+/// The Peering Candidates table: other providers' flavours as last advertised or listed,
+/// by `{provider}/{flavour}`.
+///
+/// A cache, kept in memory and CBOR-encoded: the broker's retained catalog sends every
+/// advert again after a restart, and candidates are only trusted for `candidate_ttl`
+/// anyway. In sled, a domain of thousands of providers made every advert stored cost 30x
+/// more once the tree outgrew sled's page cache and about 2 KiB of resident memory per
+/// candidate, against about 250 bytes here (`bench/examples/tables_probe.rs`,
+/// docs/benchmarks.md). Bounded per provider ([`MAX_CANDIDATES_PER_PROVIDER`]).
+#[derive(Default)]
+pub struct Candidates {
+    map: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+fn candidate_key(provider: &Id, flavour: &Id) -> Vec<u8> {
+    format!("{provider}/{flavour}").into_bytes()
+}
+
+fn encode(flavour: &Flavour, now: u64) -> Vec<u8> {
+    let c = Candidate {
+        flavour: flavour.clone(),
+        seen_at: now,
+    };
+    // Encoding into a Vec cannot fail.
+    minicbor::to_vec(&c).unwrap_or_default()
+}
+
+impl Candidates {
+    /// The map, however a panicking holder left it (each update is complete or not made:
+    /// a poisoned lock holds no half-written entry).
+    fn map(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The keys of `provider`'s candidates.
+    fn keys_of(map: &BTreeMap<Vec<u8>, Vec<u8>>, provider: &Id) -> Vec<Vec<u8>> {
+        let prefix = format!("{provider}/").into_bytes();
+        map.range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Replaces everything known of `provider` with `flavours` (an advert).
+    pub fn replace(&self, provider: &Id, flavours: &[Flavour], now: u64) {
+        let mut map = self.map();
+        for k in Self::keys_of(&map, provider) {
+            map.remove(&k);
+        }
+        for f in flavours {
+            map.insert(candidate_key(provider, &f.id), encode(f, now));
+        }
+    }
+
+    /// Adds or refreshes `provider`'s candidates `flavours` (an answer lists only what matched
+    /// its selector, so nothing else of the provider is dropped). A provider keeps at most
+    /// [`MAX_CANDIDATES_PER_PROVIDER`]: beyond it the ones seen longest ago are forgotten
+    /// (their number is returned), so a provider answering every discovery with new flavour
+    /// ids cannot grow the table.
+    pub fn add<'a>(
+        &self,
+        provider: &Id,
+        flavours: impl IntoIterator<Item = &'a Flavour>,
+        now: u64,
+    ) -> usize {
+        let mut map = self.map();
+        for f in flavours {
+            map.insert(candidate_key(provider, &f.id), encode(f, now));
+        }
+        let mut theirs: Vec<(u64, Vec<u8>)> = Self::keys_of(&map, provider)
+            .into_iter()
+            .map(|k| {
+                let seen = map
+                    .get(&k)
+                    .and_then(|v| minicbor::decode::<Candidate>(v).ok())
+                    .map_or(0, |c| c.seen_at);
+                (seen, k)
+            })
+            .collect();
+        let over = theirs.len().saturating_sub(MAX_CANDIDATES_PER_PROVIDER);
+        if over > 0 {
+            theirs.sort();
+            for (_, k) in theirs.into_iter().take(over) {
+                map.remove(&k);
+            }
+        }
+        over
+    }
+
+    /// Forgets every candidate last advertised or listed before `cutoff` (Unix ms): a
+    /// provider whose adverts stopped coming (`advert_max_age`). Returns how many went.
+    pub fn forget_seen_before(&self, cutoff: u64) -> usize {
+        let mut map = self.map();
+        let before = map.len();
+        map.retain(|_, v| minicbor::decode::<Candidate>(v).is_ok_and(|c| c.seen_at >= cutoff));
+        before - map.len()
+    }
+
+    /// Forgets one candidate (it was sold or refused).
+    pub fn remove(&self, provider: &Id, flavour: &Id) {
+        self.map().remove(&candidate_key(provider, flavour));
+    }
+
+    /// How many candidates are kept.
+    pub fn count(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Every candidate, by provider then flavour id.
+    pub fn all(&self) -> Vec<Candidate> {
+        self.map()
+            .values()
+            .filter_map(|v| minicbor::decode(v).ok())
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -448,5 +571,60 @@ mod tests {
             ["h", "l"],
             "a demoted provider comes last, still listed"
         );
+    }
+
+    fn flavour_of(provider: &str, i: usize) -> Flavour {
+        let mut f = crate::model::demo_offer(&Id::new(provider).unwrap());
+        f.id = Id::new(&format!("f{i:03}")).unwrap();
+        f
+    }
+
+    #[test]
+    fn candidates_per_provider_are_bounded_and_the_oldest_are_forgotten() {
+        let t = Candidates::default();
+        let good = Id::new("good").unwrap();
+        for i in 0..3 {
+            assert_eq!(t.add(&good, [&flavour_of("good", i)], 1), 0);
+        }
+        let extra = 10;
+        let eve = Id::new("eve").unwrap();
+        let forgotten: usize = (0..MAX_CANDIDATES_PER_PROVIDER + extra)
+            .map(|i| t.add(&eve, [&flavour_of("eve", i)], 100 + i as u64))
+            .sum();
+        assert_eq!(forgotten, extra);
+        let all = t.all();
+        let eves: Vec<_> = all
+            .iter()
+            .filter(|c| c.flavour.provider.as_str() == "eve")
+            .collect();
+        assert_eq!(eves.len(), MAX_CANDIDATES_PER_PROVIDER);
+        assert!(
+            eves.iter().all(|c| c.seen_at >= 100 + extra as u64),
+            "the newest are kept"
+        );
+        assert_eq!(
+            all.len() - eves.len(),
+            3,
+            "another provider's are untouched"
+        );
+    }
+
+    #[test]
+    fn an_advert_replaces_one_providers_candidates_never_one_whose_id_extends_it() {
+        let t = Candidates::default();
+        let (a, ab) = (Id::new("a").unwrap(), Id::new("ab").unwrap());
+        t.replace(&a, &[flavour_of("a", 1), flavour_of("a", 2)], 1);
+        t.replace(&ab, &[flavour_of("ab", 1)], 1);
+        t.replace(&a, &[flavour_of("a", 3)], 2);
+        let ids: Vec<String> = t
+            .all()
+            .iter()
+            .map(|c| format!("{}/{}", c.flavour.provider, c.flavour.id))
+            .collect();
+        assert_eq!(ids, ["a/f003", "ab/f001"]);
+        t.replace(&a, &[], 3);
+        assert_eq!(t.count(), 1);
+        assert_eq!(t.forget_seen_before(2), 1, "ab's was seen at 1");
+        assert_eq!(t.count(), 0);
     }
 }

@@ -260,6 +260,7 @@ fn proc_status_bytes(field: &str) -> Option<u64> {
 pub(crate) fn snapshot(
     metrics: &Metrics,
     tables: &Tables,
+    candidates: usize,
     connected: bool,
     connects: u64,
 ) -> Snapshot {
@@ -288,7 +289,7 @@ pub(crate) fn snapshot(
             })
             .collect(),
         tables: tables
-            .sizes()
+            .sizes(candidates)
             .into_iter()
             .map(|(name, n)| Named {
                 name: name.to_owned(),

@@ -160,6 +160,11 @@ impl Agent {
         &self.shared.tables
     }
 
+    /// The node's Peering Candidates (kept in memory), for inspection.
+    pub fn candidates(&self) -> &crate::discovery::Candidates {
+        &self.shared.candidates
+    }
+
     /// The node's metrics now, as `fluidlet status --json` shows them.
     pub fn metrics(&self) -> crate::metrics::Snapshot {
         self.shared.metrics_snapshot()
@@ -335,7 +340,7 @@ async fn keep_adverts_fresh(shared: Arc<Shared>, mut stop: watch::Receiver<bool>
         }
         if let Some(a) = max_age {
             let cutoff = unix_ms().saturating_sub(a.as_millis() as u64);
-            let gone = shared.tables.forget_candidates_seen_before(cutoff);
+            let gone = shared.candidates.forget_seen_before(cutoff);
             if gone > 0 {
                 info!(
                     candidates = gone,
@@ -588,9 +593,7 @@ async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
     }
     if payload.is_empty() {
         debug!(%node, "catalog entry cleared: provider gone");
-        if let Err(e) = shared.tables.replace_candidates(&node, &[], unix_ms()) {
-            error!(error = %e, "peering candidates update failed");
-        }
+        shared.candidates.replace(&node, &[], unix_ms());
         return;
     }
     let Some(msg) = decode_or_answer(shared, &node, payload).await else {
@@ -614,12 +617,7 @@ async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
         return;
     }
     let flavours: Vec<_> = a.flavours.iter().cloned().collect();
-    if let Err(e) = shared
-        .tables
-        .replace_candidates(&node, &flavours, unix_ms())
-    {
-        error!(error = %e, "peering candidates update failed");
-    }
+    shared.candidates.replace(&node, &flavours, unix_ms());
     debug!(%node, flavours = flavours.len(), "catalog advert stored as peering candidates");
 }
 

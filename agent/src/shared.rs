@@ -15,12 +15,11 @@ use crate::tables::{TableError, Tables};
 use crate::wire::{Body, ErrorCode, Flavours, Message, Topics, WireError};
 use crate::{unix_ms, AgentError, Observer, Step};
 use rumqttc::{AsyncClient, QoS};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
-use tracing::{debug, error};
+use tracing::debug;
 
 /// Consumer requests waiting for answers at once (discoveries and reservations). A bound of
 /// the protocol: beyond it a new request fails with `Busy` rather than growing a map.
@@ -63,16 +62,14 @@ pub(crate) struct Shared {
     /// where peering identities travel in clear): see [`crate::seal`]. Set by
     /// [`crate::Agent::start`] before the node is shared.
     pub sealing: Option<crate::seal::Keys>,
-    /// Unpeered reservations per buyer (provider side), for `limits.pending_per_buyer`.
-    /// Counted up at every new reservation and never down: a buyer that reaches the limit
-    /// is counted again from the contracts table (peered, released and lapsed ones drop out).
-    unpeered: Mutex<HashMap<Id, u32>>,
+    /// The Peering Candidates table (in memory: see [`crate::discovery::Candidates`]).
+    pub candidates: crate::discovery::Candidates,
     /// Counters for `fluidlet status --json` and the metrics file (atomics only).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
-    /// The state of a node about to start: `unpeered` is counted from the tables.
+    /// The state of a node about to start.
     pub fn new(
         cfg: Config,
         tables: Tables,
@@ -82,7 +79,6 @@ impl Shared {
         status: watch::Receiver<Status>,
         fabric: Fabric,
     ) -> Result<Shared, TableError> {
-        let unpeered = Mutex::new(tables.unpeered_by_buyer(&cfg.node_id)?);
         let (steps, _) = broadcast::channel(STEP_QUEUE);
         Ok(Shared {
             metrics: Arc::default(),
@@ -90,7 +86,7 @@ impl Shared {
             steps,
             peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
             sealing: None,
-            unpeered,
+            candidates: Default::default(),
             tables,
             topics: Topics::new(&cfg.domain, &cfg.node_id),
             client,
@@ -114,6 +110,7 @@ impl Shared {
         crate::metrics::snapshot(
             &self.metrics,
             &self.tables,
+            self.candidates.count(),
             status.connected,
             status.connects,
         )
@@ -179,37 +176,6 @@ impl Shared {
         match tokio::time::timeout(PUBLISH_TIMEOUT, queued).await {
             Ok(r) => r.map_err(|e| RearError::Broker(e.to_string())),
             Err(_) => Err(RearError::PublishTimeout),
-        }
-    }
-
-    /// `Some(limit)` when `buyer` holds `limits.pending_per_buyer` unpeered reservations.
-    pub fn pending_full(&self, buyer: &Id) -> Option<u32> {
-        let limit = self.cfg.limits.pending_per_buyer;
-        let Ok(mut map) = self.unpeered.lock() else {
-            return None;
-        };
-        if map.get(buyer).copied().unwrap_or(0) < limit {
-            return None;
-        }
-        // At the limit by the running count: count again from the table.
-        let n = match self.tables.unpeered_by_buyer(self.me()) {
-            Ok(all) => all.get(buyer).copied().unwrap_or(0),
-            Err(e) => {
-                error!(error = %e, "cannot count unpeered reservations; assuming the limit");
-                limit
-            }
-        };
-        if n == 0 {
-            map.remove(buyer);
-        } else {
-            map.insert(buyer.clone(), n);
-        }
-        (n >= limit).then_some(limit)
-    }
-
-    pub fn count_unpeered(&self, buyer: &Id) {
-        if let Ok(mut map) = self.unpeered.lock() {
-            *map.entry(buyer.clone()).or_insert(0) += 1;
         }
     }
 

@@ -4,15 +4,16 @@
 //! a contract its buyer does not RENEW before `ends_at` ends as Expired on both sides and its
 //! capacity goes back on offer, so an abandoned contract cannot hold capacity forever.
 //!
-//! Provider side: [`admission`] (the cap and the term of a RESERVE_FLAVOUR), [`on_renew`]
+//! Provider side: [`sale_terms`] (the cap and the term an offer is sold under, which the
+//! tables apply to each RESERVE_FLAVOUR: [`crate::tables::Tables::reserve_batch`]), [`on_renew`]
 //! (RENEW, answered RENEWED with the contract), [`expired_sold`] (the peering user of a
 //! contract that ran out). Buyer side: [`crate::rear::consumer::keep_renewed`] renews every live contract it bought
 //! when half of its term is left (sooner for very short terms).
 
 use crate::config::Config;
-use crate::model::{Contract, ContractState, Id, ReserveRequest};
+use crate::model::{Contract, ContractState, Id};
 use crate::shared::Shared;
-use crate::tables::{Admission, Room, SaleTerms};
+use crate::tables::SaleTerms;
 use crate::unix_ms;
 use crate::wire::{Body, ContractRef, ErrorBody, ErrorCode};
 use tracing::{error, info, warn};
@@ -25,68 +26,6 @@ pub(crate) fn sale_terms(cfg: &Config, offer: &crate::model::Id) -> SaleTerms {
         max_per_buyer,
         term_ms: u64::try_from(term.as_millis()).unwrap_or(u64::MAX),
     }
-}
-
-/// The policy part of a RESERVE_FLAVOUR check: `pending_full` (from the caller), the
-/// buyer's room under the offer's share cap, and the offer's contract term.
-pub(crate) fn admission(
-    shared: &Shared,
-    req: &ReserveRequest,
-    pending_full: Option<u32>,
-) -> Admission {
-    let mut admit = Admission {
-        pending_full,
-        ..Admission::default()
-    };
-    // A superseded flavour id is sold from its offer's current flavour, under the offer's
-    // cap and term like the current id.
-    let offer = match shared.tables.offer_of(&req.flavour) {
-        Ok(Some(offer)) => offer,
-        // Unknown flavour: the reservation itself answers FLAVOUR_GONE.
-        Ok(None) => return admit,
-        Err(e) => {
-            error!(error = %e, "cannot read the flavour's offer");
-            return admit;
-        }
-    };
-    let SaleTerms {
-        max_per_buyer: percent,
-        term_ms,
-    } = sale_terms(&shared.cfg, &offer);
-    admit.term_ms = Some(term_ms);
-    if percent >= 100 {
-        return admit;
-    }
-    let total = match shared.cfg.offers.iter().find(|o| o.id == offer) {
-        Some(o) => o.resources,
-        None => return admit,
-    };
-    let share = |v: u64| (v as u128 * percent as u128 / 100) as u64;
-    let cap = crate::model::Resources {
-        cpu: share(total.cpu),
-        memory: share(total.memory),
-        pods: share(total.pods as u64) as u32,
-        storage: share(total.storage),
-    };
-    let held = match shared.tables.held_by(&req.buyer, &offer) {
-        Ok(h) => h,
-        Err(e) => {
-            error!(error = %e, "cannot count the buyer's share; assuming the cap is reached");
-            cap
-        }
-    };
-    let left = crate::model::Resources {
-        cpu: cap.cpu.saturating_sub(held.cpu),
-        memory: cap.memory.saturating_sub(held.memory),
-        pods: cap.pods.saturating_sub(held.pods),
-        storage: cap.storage.saturating_sub(held.storage),
-    };
-    admit.room = Some(Room {
-        offer,
-        percent,
-        left,
-    });
-    admit
 }
 
 async fn answer(shared: &Shared, to: &Id, id: u64, body: Body) {

@@ -39,7 +39,7 @@ fn main() {
             status("VmHWM:")
         );
         match mode {
-            "candidates" => candidates(&t, n),
+            "candidates" => candidates(n),
             _ => reserve(&t, &me, n).await,
         }
         println!(
@@ -108,22 +108,23 @@ async fn reserve(t: &Tables, me: &Id, n: usize) {
     while done < n {
         // One group commit of 16, one per offer, as the benchmark's 16 consumers do.
         let own = t.flavours().unwrap_or_default();
-        for (k, o) in own.iter().enumerate() {
-            let req = ReserveRequest {
+        let reqs: Vec<ReserveRequest> = own
+            .iter()
+            .enumerate()
+            .map(|(k, o)| ReserveRequest {
                 transaction: Id::new(&format!("t{done}x{k}")).unwrap_or_default(),
                 flavour: o.flavour.id.clone(),
                 buyer: Id::new(&format!("tp{k:02}")).unwrap_or_default(),
                 partition: Some(piece),
-            };
-            match t.reserve_unflushed(
-                me,
-                &req,
-                fluidlet::unix_ms(),
-                600_000,
-                &fluidlet::tables::Admission::default(),
-            ) {
-                Ok(Reservation::New(_)) => {}
-                other => panic!("{other:?}"),
+            })
+            .collect();
+        let d = t
+            .reserve_batch(me, &reqs, fluidlet::unix_ms(), 600_000, u32::MAX)
+            .unwrap_or_else(|e| panic!("{e}"));
+        d.written.unwrap_or_else(|e| panic!("{e}"));
+        for a in d.answers {
+            if !matches!(a, Reservation::New(_)) {
+                panic!("{a:?}");
             }
         }
         t.flush().await.unwrap_or_else(|e| panic!("{e}"));
@@ -140,8 +141,8 @@ async fn reserve(t: &Tables, me: &Id, n: usize) {
     }
 }
 
-fn candidates(t: &Tables, n: usize) {
-    let me = Id::new("x").unwrap_or_default();
+fn candidates(n: usize) {
+    let t = fluidlet::discovery::Candidates::default();
     let t0 = Instant::now();
     let mut last = Instant::now();
     // A scattered order, as the broker's retained messages arrive.
@@ -150,8 +151,7 @@ fn candidates(t: &Tables, n: usize) {
         let node = Id::new(&format!("sim{i}")).unwrap_or_default();
         let mut f = fluidlet::demo::demo_offer(&node);
         f.id = Id::new(&format!("pool.{i}")).unwrap_or_default();
-        t.replace_candidates(&node, &[f], fluidlet::unix_ms())
-            .unwrap_or_else(|e| panic!("{e}"));
+        t.replace(&node, &[f], fluidlet::unix_ms());
         if (j + 1) % 1000 == 0 {
             println!(
                 "{}: {:.1} µs each for the last 1,000 ({:.1} overall), VmRSS {} kB",
@@ -163,25 +163,24 @@ fn candidates(t: &Tables, n: usize) {
             last = Instant::now();
         }
     }
-    let _ = me;
     let sel = fluidlet_tests::intent_spec("x", 1000, 1).selector;
     let r0 = Instant::now();
-    let all = t.candidates().unwrap_or_default();
+    let all = t.all();
     let decoded = r0.elapsed();
     let ranked = fluidlet::discovery::rank(all, &sel, fluidlet::unix_ms(), 60_000, |_| {
         fluidlet::discovery::Standing::default()
     });
     println!(
-        "candidates(): {:.2} ms; rank: {:.2} ms for {} ({} B per Candidate in memory)",
+        "all(): {:.2} ms; rank: {:.2} ms for {} ({} B per Candidate in memory)",
         decoded.as_secs_f64() * 1e3,
         (r0.elapsed() - decoded).as_secs_f64() * 1e3,
         ranked.len(),
         std::mem::size_of::<fluidlet::model::Candidate>()
     );
     let c0 = Instant::now();
-    let k = t.candidate_count().unwrap_or(0);
+    let k = t.count();
     println!(
-        "candidate_count() = {k} took {:.2} ms",
+        "count() = {k} took {:.2} ms",
         c0.elapsed().as_secs_f64() * 1e3
     );
 }

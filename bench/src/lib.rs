@@ -392,10 +392,10 @@ pub async fn chosen_candidate(
 ) -> Res<(Duration, Duration)> {
     let sel = fluidlet_tests::intent_spec("x", 1000, 1).selector;
     loop {
-        if agent.tables().candidate_count().unwrap_or(0) >= n {
+        if agent.candidates().count() >= n {
             let r0 = Instant::now();
             let ranked = fluidlet::discovery::rank(
-                agent.tables().candidates().unwrap_or_default(),
+                agent.candidates().all(),
                 &sel,
                 fluidlet::unix_ms(),
                 60_000,
@@ -410,9 +410,128 @@ pub async fn chosen_candidate(
         if t0.elapsed() > Duration::from_secs(60) {
             return Err(format!(
                 "only {} of {n} candidates after 60 s",
-                agent.tables().candidate_count().unwrap_or(0)
+                agent.candidates().count()
             ));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// User plus system CPU time of `pid` in clock ticks (/proc/PID/stat fields 14 and 15).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // rest starts at field 3, so fields 14 and 15 are at 11 and 12.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`).
+pub fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Client TLS for a node of the benchmark's domain (`None`: plain MQTT).
+pub type TlsFor<'a> = dyn Fn(&str) -> Res<Option<Arc<rustls::ClientConfig>>> + 'a;
+
+/// The broker's ceiling for QoS 1 request/reply, the traffic REAR is made of: `pairs`
+/// askers, each keeping `window` requests of 256 bytes in flight on REAR's addressed topics
+/// of `domain` to its own echo node, which answers each. Returns round trips/s and the CPU
+/// use over the span of the broker (`broker_pid`) and of this process, whose clients drive
+/// it (1.0 = one core).
+pub async fn qos1_round_trips(
+    port: u16,
+    broker_pid: u32,
+    domain: &str,
+    tls: &TlsFor<'_>,
+    pairs: usize,
+    window: usize,
+    span: Duration,
+) -> Res<(f64, f64, f64)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let ok = Arc::new(AtomicU64::new(0));
+    let mail = |node: &str| format!("fluidos/v1/{domain}/to/{node}/from/+");
+    let mut askers = Vec::new();
+    for k in 0..pairs {
+        let (echo_n, ask_n) = (format!("echo{k}"), format!("ask{k}"));
+        let mut echo = peer_with(port, &echo_n, &[mail(&echo_n)], tls(&echo_n)?).await?;
+        let asker = peer_with(port, &ask_n, &[mail(&ask_n)], tls(&ask_n)?).await?;
+        let reply = format!("fluidos/v1/{domain}/to/{ask_n}/from/{echo_n}");
+        let echo_client = echo.client.clone();
+        tokio::spawn(async move {
+            while let Some((_, payload, _)) = echo.rx.recv().await {
+                if echo_client
+                    .publish(&reply, QoS::AtLeastOnce, false, payload)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        askers.push((
+            asker,
+            format!("fluidos/v1/{domain}/to/{echo_n}/from/{ask_n}"),
+        ));
+    }
+    let start = Instant::now() + Duration::from_millis(300);
+    let deadline = start + span;
+    let mut tasks = Vec::new();
+    for (mut asker, to) in askers {
+        let ok = ok.clone();
+        tasks.push(tokio::spawn(async move {
+            let payload = vec![7u8; 256];
+            let mut in_flight = 0usize;
+            loop {
+                let open = Instant::now() < deadline;
+                while open && in_flight < window {
+                    asker
+                        .client
+                        .publish(&to, QoS::AtLeastOnce, false, payload.clone())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    in_flight += 1;
+                }
+                if in_flight == 0 {
+                    return Ok::<(), String>(());
+                }
+                if tokio::time::timeout(Duration::from_secs(5), asker.rx.recv())
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none()
+                {
+                    return Err("no reply in 5 s".into());
+                }
+                in_flight -= 1;
+                let now = Instant::now();
+                if now >= start && now < deadline {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep_until(start.into()).await;
+    let me = std::process::id();
+    let (c0, m0) = (cpu_ticks(broker_pid), cpu_ticks(me));
+    tokio::time::sleep_until(deadline.into()).await;
+    let (c1, m1) = (cpu_ticks(broker_pid), cpu_ticks(me));
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let per_s = |a: u64, b: u64| b.saturating_sub(a) as f64 / clock_ticks() / span.as_secs_f64();
+    Ok((
+        ok.load(Ordering::Relaxed) as f64 / span.as_secs_f64(),
+        per_s(c0, c1),
+        per_s(m0, m1),
+    ))
 }

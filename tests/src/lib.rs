@@ -61,6 +61,14 @@ pub struct Broker {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl Broker {
+    /// The broker process's pid (this process's own for the embedded broker, which runs in
+    /// it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(std::process::id(), Child::id)
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         if let Some(c) = &mut self.child {

@@ -213,7 +213,7 @@ async fn an_advert_with_too_many_flavours_is_refused_with_a_clear_error(port: u1
         "{text}"
     );
     eventually("cons to keep prov's advert only", || {
-        let c = consumer.tables().candidates().unwrap();
+        let c = consumer.candidates().all();
         c.len() == 1 && c[0].flavour.provider.as_str() == "prov"
     })
     .await;
@@ -228,95 +228,4 @@ async fn an_advert_with_too_many_flavours_is_refused_with_a_clear_error(port: u1
     .await;
     consumer.shutdown().await;
     provider.shutdown().await;
-}
-
-#[tokio::test]
-async fn candidates_per_provider_are_bounded_and_the_oldest_are_forgotten() {
-    use fluidlet::tables::{Tables, MAX_CANDIDATES_PER_PROVIDER};
-    let dir = tempfile::tempdir().unwrap();
-    let t = Tables::open_for(
-        dir.path(),
-        &Id::new("me").unwrap(),
-        fluidlet::config::DEFAULT_RETENTION,
-    )
-    .await
-    .unwrap();
-    let flavour = |provider: &str, i: usize| {
-        let mut f = fluidlet::demo::demo_offer(&Id::new(provider).unwrap());
-        f.id = Id::new(&format!("f{i:03}")).unwrap();
-        f
-    };
-    for i in 0..3 {
-        assert_eq!(
-            t.add_candidates(&Id::new("good").unwrap(), [&flavour("good", i)], 1)
-                .unwrap(),
-            0
-        );
-    }
-    let extra = 10;
-    let mut forgotten = 0;
-    for i in 0..MAX_CANDIDATES_PER_PROVIDER + extra {
-        forgotten += t
-            .add_candidates(
-                &Id::new("eve").unwrap(),
-                [&flavour("eve", i)],
-                100 + i as u64,
-            )
-            .unwrap();
-    }
-    assert_eq!(forgotten, extra);
-    let all = t.candidates().unwrap();
-    let eves: Vec<_> = all
-        .iter()
-        .filter(|c| c.flavour.provider.as_str() == "eve")
-        .collect();
-    assert_eq!(eves.len(), MAX_CANDIDATES_PER_PROVIDER);
-    assert!(
-        eves.iter().all(|c| c.seen_at >= 100 + extra as u64),
-        "the newest are kept"
-    );
-    assert_eq!(
-        all.len() - eves.len(),
-        3,
-        "another provider's candidates are untouched"
-    );
-}
-
-/// Peering candidates are a cache kept in memory (agent/src/tables.rs): replacing one
-/// provider's never touches another whose id extends it, and none outlive the process.
-#[tokio::test]
-async fn candidates_are_replaced_per_provider_and_kept_in_memory_only() {
-    use fluidlet::tables::Tables;
-    let dir = tempfile::tempdir().unwrap();
-    let me = Id::new("me").unwrap();
-    let flavour = |provider: &str, i: usize| {
-        let mut f = fluidlet::demo::demo_offer(&Id::new(provider).unwrap());
-        f.id = Id::new(&format!("f{i}")).unwrap();
-        f
-    };
-    {
-        let t = Tables::open_for(dir.path(), &me, fluidlet::config::DEFAULT_RETENTION)
-            .await
-            .unwrap();
-        let (a, ab) = (Id::new("a").unwrap(), Id::new("ab").unwrap());
-        t.replace_candidates(&a, &[flavour("a", 1), flavour("a", 2)], 1)
-            .unwrap();
-        t.replace_candidates(&ab, &[flavour("ab", 1)], 1).unwrap();
-        t.replace_candidates(&a, &[flavour("a", 3)], 2).unwrap();
-        let ids: Vec<String> = t
-            .candidates()
-            .unwrap()
-            .iter()
-            .map(|c| format!("{}/{}", c.flavour.provider, c.flavour.id))
-            .collect();
-        assert_eq!(ids, ["a/f3", "ab/f1"]);
-        assert_eq!(t.candidate_count().unwrap(), 2);
-        t.replace_candidates(&a, &[], 3).unwrap();
-        assert_eq!(t.candidate_count().unwrap(), 1);
-        t.flush().await.unwrap();
-    }
-    let t = Tables::open_for(dir.path(), &me, fluidlet::config::DEFAULT_RETENTION)
-        .await
-        .unwrap();
-    assert_eq!(t.candidate_count().unwrap(), 0, "a restart starts empty");
 }

@@ -322,9 +322,8 @@ pods_step = 1
     let c = start(cfg, None).await;
     provider
         .wait("the foreign provider's advert", || {
-            c.tables()
-                .candidates()
-                .unwrap()
+            c.candidates()
+                .all()
                 .iter()
                 .any(|k| k.flavour.provider.as_str() == "arm-prov")
         })
@@ -349,7 +348,7 @@ pods_step = 1
     // A clean stop (SIGTERM) withdraws the advert.
     provider.terminate();
     assert!(
-        within(FOREIGN_WAIT, || c.tables().candidates().unwrap().is_empty()).await,
+        within(FOREIGN_WAIT, || c.candidates().all().is_empty()).await,
         "timed out waiting for the advert to be withdrawn"
     );
 
@@ -357,7 +356,7 @@ pods_step = 1
     let provider = launcher.spawn(dir.path(), 2);
     provider
         .wait("the reduced advert after restart", || {
-            c.tables().candidates().unwrap().iter().any(|k| {
+            c.candidates().all().iter().any(|k| {
                 k.flavour.provider.as_str() == "arm-prov" && k.flavour.resources.cpu == 1000
             })
         })

@@ -30,9 +30,8 @@ fn advert(node: &str, sent_at: u64) -> Vec<u8> {
 
 fn providers(a: &fluidlet::Agent) -> Vec<String> {
     let mut v: Vec<String> = a
-        .tables()
         .candidates()
-        .unwrap()
+        .all()
         .iter()
         .map(|c| c.flavour.provider.to_string())
         .collect();

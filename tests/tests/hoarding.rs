@@ -152,7 +152,7 @@ async fn an_abandoned_active_contract_expires_and_its_capacity_comes_back() {
     .await;
     assert_eq!(flavours(&prov)[0].resources, total, "capacity back");
     eventually("the whole offer re-advertised", || {
-        let seen = watcher.tables().candidates().unwrap();
+        let seen = watcher.candidates().all();
         seen.len() == 1 && seen[0].flavour.resources == total
     })
     .await;

@@ -99,7 +99,7 @@ async fn a_liar_cannot_block_an_intent(lie: Lie) {
     let bob = start(bcfg, None).await;
     let reserves = eve(b.port, &domain, lie).await;
     eventually("bob to see eve's 16 flavours and alice's", || {
-        bob.tables().candidates().unwrap().len() == 17
+        bob.candidates().all().len() == 17
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await; // eve's discovery SUBACK

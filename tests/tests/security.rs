@@ -24,7 +24,7 @@ async fn bob_and_carol(
     let bob = start(tls_provider(d, "bob", dirs[0].path()), None).await;
     let carol = start(d.config("carol", d.enrol("carol"), dirs[1].path()), None).await;
     eventually("carol to see bob's advert", || {
-        carol.tables().candidates().unwrap().len() == 1
+        carol.candidates().all().len() == 1
     })
     .await;
     (dirs, bob, carol)
@@ -131,7 +131,7 @@ async fn a_node_cannot_publish_as_another() {
     );
     assert_eq!(flavours(&bob)[0].id, offered.id, "bob's pool is untouched");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let seen = carol.tables().candidates().unwrap();
+    let seen = carol.candidates().all();
     assert_eq!(
         seen.len(),
         1,
@@ -289,7 +289,7 @@ async fn last_will_clears_the_catalog_entry_under_tls() {
     let (_dirs, bob, carol) = bob_and_carol(&d).await;
     bob.abort(); // a crash: the TLS connection drops without DISCONNECT
     eventually("the will to clear bob's catalog entry", || {
-        carol.tables().candidates().unwrap().is_empty()
+        carol.candidates().all().is_empty()
     })
     .await;
     // And the retained entry is gone for a node arriving later.
@@ -460,7 +460,7 @@ async fn a_catalog_entry_over_the_size_bound_is_refused_and_adverts_and_wills_st
     ));
     bob.abort();
     eventually("bob's will to clear his catalog entry", || {
-        carol.tables().candidates().unwrap().is_empty()
+        carol.candidates().all().is_empty()
     })
     .await;
     carol.shutdown().await;

@@ -55,10 +55,7 @@ async fn after_a_broker_restart_a_purchase_waits_for_the_provider_to_come_back()
     let d = fresh_domain();
     let p = start(provider_config("prov", &d, port, dir.path()), None).await;
     let c = start(config("cons", &d, port, dir.path()), None).await;
-    eventually("the provider's advert", || {
-        !c.tables().candidates().unwrap().is_empty()
-    })
-    .await;
+    eventually("the provider's advert", || !c.candidates().all().is_empty()).await;
     // The broker restarts (without its retained messages); the provider is away longer.
     assert!(b.stop());
     p.shutdown().await;
@@ -119,7 +116,7 @@ async fn discovery_finds_the_providers_flavour(port: u16) {
 
     c.acquire(&want(1000, 1)).await.expect("a contract");
 
-    let cands = c.tables().candidates().unwrap();
+    let cands = c.candidates().all();
     assert!(
         cands.iter().any(|k| k.flavour.provider.as_str() == "prov"),
         "the provider's flavour is a peering candidate: {cands:?}"
@@ -138,9 +135,8 @@ async fn catalog_advert_becomes_a_peering_candidate_without_discovery(port: u16)
     let p = start(provider_config("prov", &d, port, dir.path()), None).await;
     let c = start(config("cons", &d, port, dir.path()), Some(&steps)).await;
     eventually("the retained advert in the candidates table", || {
-        c.tables()
-            .candidates()
-            .unwrap()
+        c.candidates()
+            .all()
             .iter()
             .any(|k| k.flavour.provider.as_str() == "prov")
     })
@@ -154,16 +150,13 @@ async fn catalog_advert_becomes_a_peering_candidate_without_discovery(port: u16)
     // The provider's new advert replaces the candidate with the reduced flavour.
     let reduced = flavours(&p);
     eventually("the reduced flavour advertised", || {
-        let cands = c.tables().candidates().unwrap();
+        let cands = c.candidates().all();
         cands.len() == 1 && cands[0].flavour.id == reduced[0].id
     })
     .await;
     // A clean stop withdraws the advert; the consumer forgets the provider.
     p.shutdown().await;
-    eventually("the withdrawn advert", || {
-        c.tables().candidates().unwrap().is_empty()
-    })
-    .await;
+    eventually("the withdrawn advert", || c.candidates().all().is_empty()).await;
     c.shutdown().await;
 }
 
@@ -686,8 +679,8 @@ async fn a_node_joining_a_big_domain_sees_every_provider(port: u16, n: u64) {
         .expect("all adverts retained");
     let c = start(config("cons", &d, port, dir.path()), None).await;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while (c.tables().candidate_count().unwrap() as u64) < n {
-        let got = c.tables().candidate_count().unwrap();
+    while (c.candidates().count() as u64) < n {
+        let got = c.candidates().count();
         assert!(
             tokio::time::Instant::now() < deadline,
             "only {got} of {n} providers became candidates"

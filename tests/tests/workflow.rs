@@ -205,9 +205,8 @@ async fn unpeered_reservation_expires_and_capacity_returns(port: u16) {
     .await;
     // Re-advertised at once: the consumer's catalog view has the whole offer again.
     eventually("the full flavour re-advertised", || {
-        c.tables()
-            .candidates()
-            .unwrap()
+        c.candidates()
+            .all()
             .iter()
             .any(|k| k.flavour.resources == total)
     })

@@ -82,7 +82,7 @@ fn ranked(shared: &Shared, sel: &FlavourSelector) -> Result<Vec<(Candidate, Fit)
                 failures: r.failures(),
             })
     };
-    Ok(rank(shared.tables.candidates()?, sel, now, ttl, standing))
+    Ok(rank(shared.candidates.all(), sel, now, ttl, standing))
 }
 
 /// How often a flow waiting for the domain to come back after a reconnect looks at the
@@ -222,7 +222,7 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
             Err(
                 e @ (RearError::Refused { .. } | RearError::Timeout(_) | RearError::BadAnswer(_)),
             ) => {
-                let _ = shared.tables.remove_candidate(&provider, &cand.flavour.id);
+                shared.candidates.remove(&provider, &cand.flavour.id);
                 if turns.ended(&provider, &e) {
                     let until =
                         unix_ms().saturating_add(shared.cfg.liar_demotion.as_millis() as u64);
@@ -270,11 +270,9 @@ async fn discover(shared: &Shared, sel: &FlavourSelector) -> Result<(), RearErro
             warn!(%from, provider = %f.provider, "FLAVOURS answer lists another node's flavour; ignored");
             continue;
         }
-        let forgotten = shared
-            .tables
-            .add_candidates(&from, list.iter(), unix_ms())?;
+        let forgotten = shared.candidates.add(&from, list.iter(), unix_ms());
         if forgotten > 0 {
-            warn!(%from, forgotten, limit = crate::tables::MAX_CANDIDATES_PER_PROVIDER, "provider offers more flavours than kept per provider; the oldest were forgotten");
+            warn!(%from, forgotten, limit = crate::discovery::MAX_CANDIDATES_PER_PROVIDER, "provider offers more flavours than kept per provider; the oldest were forgotten");
         }
         answers += 1;
         shared.step(

@@ -17,7 +17,7 @@ use crate::discovery;
 use crate::metrics::Answer;
 use crate::model::{Contract, ContractState, FlavourList, Id, ReserveRequest};
 use crate::shared::Shared;
-use crate::tables::{Reservation, TableError};
+use crate::tables::{Decided, Reservation, TableError};
 use crate::unix_ms;
 use crate::wire::{Body, ContractRef, ErrorBody, ErrorCode, Flavours, PeerAccept, PeerRequest};
 use std::sync::Arc;
@@ -75,16 +75,16 @@ pub(crate) async fn answer_list(
 pub(crate) type PendingReserve = (Id, u64, ReserveRequest);
 
 /// Contract Manager and REAR Manager, provider side (workflow steps 15-18), for a batch of
-/// requests that arrived together (group commit): each is checked and written in its own sled
-/// transaction, then ONE flush makes them all durable, then they are answered. No OK leaves
-/// before the flush that covers it has returned; if the flush fails, every new reservation of
-/// the batch is answered STORAGE instead (it may survive in the tables, unpeered, and lapse at
-/// expiry, so it is never sold twice nor acknowledged without being on disk).
+/// requests that arrived together (group commit): the tables' writer decides each in turn
+/// and writes every sale of the batch in ONE atomic batch, then ONE flush makes them
+/// durable, then they are answered. No OK leaves before the flush that covers it has
+/// returned; if the write or the flush fails, every new reservation of the batch is answered
+/// STORAGE instead (it may survive in the tables, unpeered, and lapse at expiry, so it is
+/// never sold twice nor acknowledged without being on disk).
 pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>) {
     let ttl = shared.cfg.reservation_ttl.as_millis() as u64;
     let started = std::time::Instant::now();
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for (from, id, req) in batch {
+    for (from, _, req) in &batch {
         shared.step(
             15,
             "Contract Manager",
@@ -93,32 +93,41 @@ pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>
                 req.flavour, req.transaction
             ),
         );
-        let admit = crate::terms::admission(shared, &req, shared.pending_full(&req.buyer));
-        let outcome = shared
-            .tables
-            .reserve_unflushed(shared.me(), &req, unix_ms(), ttl, &admit);
-        if let Ok(Reservation::New(_)) = &outcome {
-            shared.count_unpeered(&req.buyer);
-        }
-        outcomes.push((from, id, req, outcome));
     }
-    let any_new = outcomes
-        .iter()
-        .any(|(.., o)| matches!(o, Ok(Reservation::New(_))));
-    let durable = if any_new {
-        shared.tables.flush().await.map_err(|e| e.to_string())
-    } else {
-        Ok(())
+    let reqs: Vec<ReserveRequest> = batch.iter().map(|(.., r)| r.clone()).collect();
+    let limit = shared.cfg.limits.pending_per_buyer;
+    let decided = shared
+        .tables
+        .reserve_batch(shared.me(), &reqs, unix_ms(), ttl, limit);
+    let (answers, durable) = match decided {
+        Ok(Decided { answers, written }) => {
+            let any_new = answers.iter().any(|a| matches!(a, Reservation::New(_)));
+            let durable = match written {
+                Ok(()) if any_new => shared.tables.flush().await,
+                other => other,
+            };
+            (Some(answers), durable.map_err(|e| e.to_string()))
+        }
+        Err(e) => {
+            error!(error = %e, "reservations could not be decided; refused");
+            (None, Err(e.to_string()))
+        }
     };
-    for (from, id, req, outcome) in outcomes {
+    let any_new = answers
+        .iter()
+        .flatten()
+        .any(|a| matches!(a, Reservation::New(_)));
+    let mut answers = answers.map(Vec::into_iter);
+    for (from, id, req) in batch {
+        let outcome = answers.as_mut().and_then(Iterator::next);
         let answer = match (&outcome, &durable) {
-            (Ok(Reservation::New(_)), Ok(())) => Answer::New,
-            (Ok(Reservation::Repeat(_)), _) => Answer::Repeat,
-            (Ok(Reservation::Refused(r)), _) => Answer::Refused(r.code()),
+            (Some(Reservation::New(_)), Ok(())) => Answer::New,
+            (Some(Reservation::Repeat(_)), _) => Answer::Repeat,
+            (Some(Reservation::Refused(r)), _) => Answer::Refused(r.code()),
             _ => Answer::Refused(ErrorCode::Storage),
         };
         let body = match (outcome, &durable) {
-            (Ok(Reservation::New(c)), Ok(())) => {
+            (Some(Reservation::New(c)), Ok(())) => {
                 shared.step(
                     16,
                     "REAR Manager",
@@ -135,28 +144,25 @@ pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>
                 info!(contract = %c.id, buyer = %from, "reservation made");
                 Body::Reserved(Box::new(c))
             }
-            (Ok(Reservation::Repeat(c)), _) => {
+            (Some(Reservation::Repeat(c)), _) => {
                 info!(contract = %c.id, tx = %req.transaction, "repeated transaction: first answer sent again");
                 Body::Reserved(Box::new(c))
             }
-            (Ok(Reservation::Refused(r)), _) => {
+            (Some(Reservation::Refused(r)), _) => {
                 info!(%from, flavour = %req.flavour, reason = %r, "reservation refused");
                 Body::Error(ErrorBody::new(r.code(), &r.to_string()))
             }
-            (Ok(Reservation::New(c)), Err(e)) => {
-                error!(contract = %c.id, error = %e, "flush failed: reservation not acknowledged");
+            (Some(Reservation::New(c)), Err(e)) => {
+                error!(contract = %c.id, error = %e, "write or flush failed: reservation not acknowledged");
                 Body::Error(ErrorBody::new(
                     ErrorCode::Storage,
                     "the provider could not make the reservation durable; retry later",
                 ))
             }
-            (Err(e), _) => {
-                error!(error = %e, "reservation could not be stored; refused");
-                Body::Error(ErrorBody::new(
-                    ErrorCode::Storage,
-                    "the provider could not store the reservation; nothing was reserved",
-                ))
-            }
+            (None, _) => Body::Error(ErrorBody::new(
+                ErrorCode::Storage,
+                "the provider could not store the reservation; nothing was reserved",
+            )),
         };
         let ok = matches!(body, Body::Reserved(_));
         match shared.send(&from, Some(id), body).await {

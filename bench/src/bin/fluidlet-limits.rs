@@ -23,7 +23,6 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,34 +80,12 @@ fn open_files_limit(pid: &str) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// User plus system CPU time of `pid` in clock ticks (/proc/PID/stat fields 14 and 15).
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name (field 2) is in parentheses and may hold spaces: count after it.
-    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // rest starts at field 3, so fields 14 and 15 are at 11 and 12.
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
-}
-
 /// The 1-minute load average: the machines are shared, and every figure here depends on it.
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "?".into())
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 fn free_port() -> Res<u16> {
@@ -440,10 +417,7 @@ async fn consumer(
     r
 }
 
-/// QoS 1 request/reply through the broker: `pairs` askers, each keeping `window` requests of
-/// 256 bytes in flight to its own echo node, which answers each. Returns round trips/s and
-/// the CPU use over the span of the broker and of this process (its clients) (1.0 = one
-/// core).
+/// [`qos1_round_trips`] on this domain's broker, over mutual TLS.
 async fn request_reply(
     dom: &Arc<Domain>,
     b: &Broker,
@@ -451,91 +425,8 @@ async fn request_reply(
     window: usize,
     span: Duration,
 ) -> Res<(f64, f64, f64)> {
-    let ok = Arc::new(AtomicU64::new(0));
-    let d = dom.name.clone();
-    let mut askers = Vec::new();
-    for k in 0..pairs {
-        let (echo_n, ask_n) = (format!("echo{k}"), format!("ask{k}"));
-        let mut echo = peer_with(
-            b.port,
-            &echo_n,
-            &[mail(dom, &echo_n)],
-            Some(dom.client(&echo_n)?),
-        )
-        .await?;
-        let asker = peer_with(
-            b.port,
-            &ask_n,
-            &[mail(dom, &ask_n)],
-            Some(dom.client(&ask_n)?),
-        )
-        .await?;
-        let reply = format!("fluidos/v1/{d}/to/{ask_n}/from/{echo_n}");
-        let echo_client = echo.client.clone();
-        tokio::spawn(async move {
-            while let Some((_, payload, _)) = echo.rx.recv().await {
-                if echo_client
-                    .publish(&reply, QoS::AtLeastOnce, false, payload)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-        askers.push((asker, format!("fluidos/v1/{d}/to/{echo_n}/from/{ask_n}")));
-    }
-    let start = Instant::now() + Duration::from_millis(300);
-    let deadline = start + span;
-    let mut tasks = Vec::new();
-    for (mut asker, to) in askers {
-        let ok = ok.clone();
-        tasks.push(tokio::spawn(async move {
-            let payload = vec![7u8; 256];
-            let mut in_flight = 0usize;
-            loop {
-                let open = Instant::now() < deadline;
-                while open && in_flight < window {
-                    asker
-                        .client
-                        .publish(&to, QoS::AtLeastOnce, false, payload.clone())
-                        .await
-                        .map_err(err)?;
-                    in_flight += 1;
-                }
-                if in_flight == 0 {
-                    return Ok::<(), String>(());
-                }
-                if tokio::time::timeout(Duration::from_secs(5), asker.rx.recv())
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_none()
-                {
-                    return Err("no reply in 5 s".into());
-                }
-                in_flight -= 1;
-                let now = Instant::now();
-                if now >= start && now < deadline {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    tokio::time::sleep_until(start.into()).await;
-    let me = std::process::id();
-    let (c0, m0) = (cpu_ticks(b.pid()), cpu_ticks(me));
-    tokio::time::sleep_until(deadline.into()).await;
-    let (c1, m1) = (cpu_ticks(b.pid()), cpu_ticks(me));
-    for t in tasks {
-        t.await.map_err(err)??;
-    }
-    let per_s = |a: u64, b: u64| b.saturating_sub(a) as f64 / clock_ticks() / span.as_secs_f64();
-    Ok((
-        ok.load(Ordering::Relaxed) as f64 / span.as_secs_f64(),
-        per_s(c0, c1),
-        per_s(m0, m1),
-    ))
+    let tls = |node: &str| dom.client(node).map(Some);
+    qos1_round_trips(b.port, b.pid(), &dom.name, &tls, pairs, window, span).await
 }
 
 fn names(prefix: &str, n: usize) -> Vec<String> {

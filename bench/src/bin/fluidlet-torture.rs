@@ -606,9 +606,8 @@ async fn until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Durati
 }
 
 fn has_provider(a: &fluidlet::Agent, node: &str) -> bool {
-    a.tables()
-        .candidates()
-        .unwrap_or_default()
+    a.candidates()
+        .all()
         .iter()
         .any(|c| c.flavour.provider.as_str() == node)
 }

@@ -101,14 +101,20 @@ async fn run(args: Args) -> Res<()> {
     let mut json = serde_json::Map::new();
 
     if args.pipelined_only {
-        let fsync = fsync_floor(dir.path(), if q { 100 } else { 1000 })?;
+        let secs = if q { 1 } else { 5 };
+        let ceiling = broker_ceiling(&b, "bench3", Duration::from_secs(secs)).await?;
         let (mut prov, _) =
             start_provider(&agent, dir.path(), "pipe", "bench3", port, true, 1).await?;
-        let secs = if q { 1 } else { 5 };
-        let got = pipelined(port, "bench3", "pipe", Duration::from_secs(secs)).await;
+        let got = pipelined(
+            port,
+            "bench3",
+            "pipe",
+            Until::Time(Duration::from_secs(secs)),
+        )
+        .await;
         let peak = hwm_kb(prov.id()).unwrap_or(0);
         stop(&mut prov);
-        let r = pipelined_row(got?, &fsync);
+        let r = pipelined_row(got?, &ceiling);
         println!(
             "\n| figure | measured | floor | ratio | target |\n| --- | --- | --- | --- | --- |"
         );
@@ -263,29 +269,80 @@ async fn run(args: Args) -> Res<()> {
         start_provider(&agent, dir.path(), "plain", "bench2", port, false, 16).await?;
     let without = throughput(port, "bench2", "plain", Duration::from_secs(secs)).await?;
     stop(&mut plain);
-    // Pipelined buyers on one offer (superseded flavour ids, docs/protocol.md), group commit on.
+    // The broker's own ceiling in this run, then pipelined buyers on one offer (superseded
+    // flavour ids, docs/protocol.md), group commit on.
+    let ceiling = broker_ceiling(&b, "bench4", Duration::from_secs(secs)).await?;
     let (mut pipe, _) = start_provider(&agent, dir.path(), "pipe", "bench3", port, true, 1).await?;
-    let piped = pipelined(port, "bench3", "pipe", Duration::from_secs(secs)).await?;
+    let piped = pipelined(
+        port,
+        "bench3",
+        "pipe",
+        Until::Time(Duration::from_secs(secs)),
+    )
+    .await?;
     let pipe_peak = hwm_kb(pipe.id()).unwrap_or(0);
     stop(&mut pipe);
-    rows.push(pipelined_row(piped, &fsync));
+    rows.push(pipelined_row(piped, &ceiling));
     json.insert(
         "pipelined".into(),
-        json!({"per_s": piped, "consumers": PIPE_CONSUMERS, "window": PIPE_WINDOW, "seconds": secs, "peak_rss_kb": pipe_peak}),
+        json!({"per_s": piped, "consumers": PIPE_CONSUMERS, "window": PIPE_WINDOW, "seconds": secs, "peak_rss_kb": pipe_peak,
+               "broker_ceiling_per_s": ceiling.per_s, "broker_cpu": ceiling.broker_cpu,
+               "ratio_to_ceiling": piped / ceiling.per_s.max(1e-9)}),
     );
     rows.push(row(
-        "durable reservations/s, 16 consumers (group commit on; off)",
+        "durable reservations/s, 16 consumers one per offer (group commit on; off)",
         format!("{with:.0}/s; {without:.0}/s"),
         format!(
-            "{:.0}/s = 1 / fsync p50",
-            1.0 / percentile(&fsync, 0.5).as_secs_f64().max(1e-9)
+            "{:.0}/s = 1 / fsync p50; broker ceiling {:.0}/s",
+            1.0 / percentile(&fsync, 0.5).as_secs_f64().max(1e-9),
+            ceiling.per_s
         ),
         format!(
-            "{:.2}x the one-fsync-per-reservation ceiling",
-            with * percentile(&fsync, 0.5).as_secs_f64()
+            "{:.2}x the broker's ceiling",
+            with / ceiling.per_s.max(1e-9)
         ),
-        "≥ 10,000/s",
+        "-",
     ));
+    // Memory per live reservation: one provider, reservations kept live (unpeered, within
+    // their reservation TTL), RSS read after each count.
+    let counts: &[u64] = if q {
+        &[1_000, 10_000]
+    } else {
+        &[1_000, 10_000, 100_000]
+    };
+    let (mut live, _) = start_provider(&agent, dir.path(), "live", "bench5", port, true, 1).await?;
+    let live_idle = rss_kb(live.id()).unwrap_or(0);
+    let mut done = 0u64;
+    let mut per_count = Vec::new();
+    for &n in counts {
+        pipelined(port, "bench5", "live", Until::Count(n - done)).await?;
+        done = n;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        per_count.push((n, rss_kb(live.id()).unwrap_or(0)));
+    }
+    let live_peak = hwm_kb(live.id()).unwrap_or(0);
+    stop(&mut live);
+    rows.push(row(
+        "provider RSS with N live reservations (N: RSS, bytes per reservation above idle)",
+        per_count
+            .iter()
+            .map(|(n, kb)| {
+                format!(
+                    "{n}: {kb} kB, {:.0} B",
+                    kb.saturating_sub(live_idle) as f64 * 1024.0 / *n as f64
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        format!("idle {live_idle} kB"),
+        format!("peak {live_peak} kB"),
+        "flat per reservation",
+    ));
+    json.insert(
+        "live_reservations_rss_kb".into(),
+        json!({"idle": live_idle, "peak": live_peak,
+               "at": per_count.iter().map(|(n, kb)| json!({"n": n, "rss_kb": kb})).collect::<Vec<_>>()}),
+    );
     rows.push(row(
         "peak RSS of the provider under the throughput run",
         format!("{peak} kB"),
@@ -655,16 +712,55 @@ const PIPE_CONSUMERS: usize = 4;
 /// Reservations each pipelined buyer keeps in flight.
 const PIPE_WINDOW: usize = 32;
 
-fn pipelined_row(per_s: f64, fsync: &[Duration]) -> Row {
-    let f = percentile(fsync, 0.5).as_secs_f64().max(1e-9);
+/// The broker's QoS 1 request/reply ceiling in this run ([`qos1_round_trips`]): what a
+/// provider's reservations/s is held against (issue 25's target: at least 0.6x).
+struct Ceiling {
+    per_s: f64,
+    broker_cpu: f64,
+    pairs: usize,
+    window: usize,
+}
+
+/// Pairs and window of the ceiling run: enough load that the broker, not the clients, is
+/// what limits it (the broker near one full core; it is single-threaded).
+const CEILING_PAIRS: usize = 16;
+const CEILING_WINDOW: usize = 32;
+
+async fn broker_ceiling(b: &fluidlet_tests::Broker, domain: &str, span: Duration) -> Res<Ceiling> {
+    let plain = |_: &str| Ok(None);
+    let (per_s, broker_cpu, _) = qos1_round_trips(
+        b.port,
+        b.pid(),
+        domain,
+        &plain,
+        CEILING_PAIRS,
+        CEILING_WINDOW,
+        span,
+    )
+    .await?;
+    Ok(Ceiling {
+        per_s,
+        broker_cpu,
+        pairs: CEILING_PAIRS,
+        window: CEILING_WINDOW,
+    })
+}
+
+fn pipelined_row(per_s: f64, c: &Ceiling) -> Row {
     row(
         &format!(
             "durable reservations/s, {PIPE_CONSUMERS} pipelined consumers x {PIPE_WINDOW} in flight on ONE offer (group commit on)"
         ),
         format!("{per_s:.0}/s"),
-        format!("{:.0}/s = 1 / fsync p50", 1.0 / f),
-        format!("{:.2}x the one-fsync-per-reservation ceiling", per_s * f),
-        "≥ 10,000/s",
+        format!(
+            "{:.0} QoS 1 round trips/s through the broker ({} pairs x {} in flight; broker at {:.0}% of a core)",
+            c.per_s,
+            c.pairs,
+            c.window,
+            c.broker_cpu * 100.0
+        ),
+        format!("{:.2}x the broker's ceiling", per_s / c.per_s.max(1e-9)),
+        "≥ 0.6x the broker's ceiling",
     )
 }
 
@@ -672,23 +768,40 @@ fn pipelined_row(per_s: f64, fsync: &[Duration]) -> Row {
 /// one offer of `prov`, each keeping [`PIPE_WINDOW`] RESERVE_FLAVOURs in flight, all naming the
 /// flavour id of the first advert (a superseded id, served from the current flavour), never
 /// waiting for an advert. Any answer but RESERVED fails the run.
-async fn pipelined(port: u16, domain: &str, prov: &str, span: Duration) -> Res<f64> {
+/// How long a pipelined run goes on.
+#[derive(Clone, Copy)]
+enum Until {
+    /// For this long (the reservations of that span count).
+    Time(Duration),
+    /// Until this many reservations in all are answered RESERVED.
+    Count(u64),
+}
+
+async fn pipelined(port: u16, domain: &str, prov: &str, until: Until) -> Res<f64> {
     let ok = Arc::new(AtomicU64::new(0));
+    let sent_all = Arc::new(AtomicU64::new(0));
     let start = Instant::now() + Duration::from_millis(500);
-    let deadline = start + span;
+    let (deadline, limit) = match until {
+        Until::Time(span) => (start + span, u64::MAX),
+        Until::Count(n) => (start + Duration::from_secs(3600), n),
+    };
+    let span = deadline - start;
     let mut tasks = Vec::new();
     for c in 0..PIPE_CONSUMERS {
-        let ok = ok.clone();
+        let (ok, sent_all) = (ok.clone(), sent_all.clone());
         let (domain, prov) = (domain.to_owned(), prov.to_owned());
         tasks.push(tokio::spawn(async move {
-            let buyer = format!("pp{c:02}");
+            let buyer = format!("pp{c:02}-{}", fluidlet::unix_ms());
             let (mut p, to) = buyer_peer(port, &domain, &buyer, &prov, None).await?;
             let flavour = first_flavour(&mut p, "o00").await?;
             let mut sent = 0u64;
             let mut in_flight = 0usize;
             loop {
                 let open = Instant::now() < deadline;
-                while open && in_flight < PIPE_WINDOW {
+                while open
+                    && in_flight < PIPE_WINDOW
+                    && sent_all.fetch_add(1, Ordering::Relaxed) < limit
+                {
                     sent += 1;
                     p.client
                         .publish(
@@ -733,7 +846,11 @@ async fn pipelined(port: u16, domain: &str, prov: &str, span: Duration) -> Res<f
         t.await.map_err(|e| e.to_string())??;
     }
     let done = ok.load(Ordering::Relaxed) - before;
-    Ok(done as f64 / span.as_secs_f64())
+    let took = match until {
+        Until::Time(_) => span,
+        Until::Count(_) => start.elapsed(),
+    };
+    Ok(done as f64 / took.as_secs_f64().max(1e-9))
 }
 
 /// A bare client `name` that subscribes to the whole catalog and returns once it has received

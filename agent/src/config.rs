@@ -393,6 +393,8 @@ struct RawFabric {
     liqoctl: Option<PathBuf>,
     command_timeout_secs: Option<u64>,
     peering_timeout_secs: Option<u64>,
+    peer_request_timeout_secs: Option<u64>,
+    teardown_grace_secs: Option<u64>,
     cluster_id: Option<String>,
     enforce_interval_secs: Option<u64>,
     gateway_service_type: Option<String>,
@@ -796,6 +798,24 @@ impl RawConfig {
         if let Some(v) = f.peering_timeout_secs {
             cfg.fabric.peering_timeout = secs(positive("fabric.peering_timeout_secs", v)?);
         }
+        if let Some(v) = f.peer_request_timeout_secs {
+            if !(1..=3600).contains(&v) {
+                return Err(invalid(
+                    "fabric.peer_request_timeout_secs",
+                    "must be between 1 and 3600 (seconds)",
+                ));
+            }
+            cfg.fabric.peer_request_timeout = secs(v);
+        }
+        if let Some(v) = f.teardown_grace_secs {
+            if v > 604_800 {
+                return Err(invalid(
+                    "fabric.teardown_grace_secs",
+                    "must be at most 604800 (seconds, one week)",
+                ));
+            }
+            cfg.fabric.teardown_grace = secs(v);
+        }
         if let Some(v) = f.enforce_interval_secs {
             cfg.fabric.enforce_every = secs(positive("fabric.enforce_interval_secs", v)?);
         }
@@ -1054,6 +1074,28 @@ pods_step = 1
             "currency = \"EUR\"\nmax_per_buyer = 50",
         );
         assert!(err_of(&whole).contains("sold only whole"));
+    }
+
+    #[test]
+    fn peering_timeouts_are_checked_and_name_their_field() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.fabric.peering_timeout, Duration::from_secs(300));
+        assert_eq!(c.fabric.peer_request_timeout, Duration::from_secs(120));
+        assert_eq!(c.fabric.teardown_grace, Duration::from_secs(600));
+        let with = |f: &str| format!("{GOOD}\n[fabric]\n{f}\n");
+        let c = Config::from_toml(&with(
+            "peer_request_timeout_secs = 90\nteardown_grace_secs = 0",
+        ))
+        .unwrap();
+        assert_eq!(c.fabric.peer_request_timeout, Duration::from_secs(90));
+        assert_eq!(c.fabric.teardown_grace, Duration::ZERO);
+        let e = err_of(&with("peer_request_timeout_secs = 0"));
+        assert!(
+            e.contains("fabric.peer_request_timeout_secs") && e.contains("seconds"),
+            "{e}"
+        );
+        let e = err_of(&with("teardown_grace_secs = 700000"));
+        assert!(e.contains("fabric.teardown_grace_secs"), "{e}");
     }
 
     #[test]

@@ -129,13 +129,18 @@ pub fn can_move(from: ContractState, to: ContractState) -> bool {
 /// the consumer unpeers only when it does not hold. A contract that was reserved but never
 /// peered does not keep a peering alive: it gets its own when it peers.
 pub fn peering_in_use(c: &Contract, all: &[Contract], granted: impl Fn(&Id) -> bool) -> bool {
-    all.iter().any(|o| {
-        o.id != c.id
-            && o.buyer == c.buyer
-            && o.seller == c.seller
-            && matches!(o.state, ContractState::Reserved | ContractState::Active)
-            && granted(&o.id)
-    })
+    all.iter()
+        .any(|o| could_share_peering(c, o) && granted(&o.id))
+}
+
+/// The part of [`peering_in_use`] read from the contract alone: `o` is another live
+/// contract between the same buyer and seller (whether it was granted a peering is asked
+/// separately).
+pub fn could_share_peering(c: &Contract, o: &Contract) -> bool {
+    o.id != c.id
+        && o.buyer == c.buyer
+        && o.seller == c.seller
+        && matches!(o.state, ContractState::Reserved | ContractState::Active)
 }
 
 /// Why a RESERVED answer was not accepted by the buyer.

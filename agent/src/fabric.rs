@@ -44,6 +44,14 @@ pub struct FabricConfig {
     pub command_timeout: Duration,
     /// `liqoctl peer`/`unpeer --timeout`, and the longest wait for a virtual node.
     pub peering_timeout: Duration,
+    /// Consumer: how long it waits for the provider's PEER_ACCEPT (the provider's grant runs
+    /// `liqoctl generate peering-user`, which itself waits up to 30 s), resending the request
+    /// under the same id meanwhile.
+    pub peer_request_timeout: Duration,
+    /// Provider: how long after a peered contract expires it still keeps the consumer's
+    /// peering user, so the consumer can unpeer first (its `liqoctl unpeer` needs the user).
+    /// The consumer's RELEASE of the expired contract ends the wait sooner.
+    pub teardown_grace: Duration,
     /// This cluster's Liqo cluster id; asked from `liqoctl info` when absent.
     pub cluster_id: Option<Id>,
     /// How often a provider checks the consumers' ResourceSlices against its contracts.
@@ -61,13 +69,25 @@ impl Default for FabricConfig {
             kubectl: PathBuf::from("kubectl"),
             liqoctl: PathBuf::from("liqoctl"),
             command_timeout: Duration::from_secs(30),
-            peering_timeout: Duration::from_secs(120),
+            peering_timeout: DEFAULT_PEERING_TIMEOUT,
+            peer_request_timeout: DEFAULT_PEER_REQUEST_TIMEOUT,
+            teardown_grace: DEFAULT_TEARDOWN_GRACE,
             cluster_id: None,
             enforce_every: Duration::from_secs(10),
             gateway_service_type: liqo::GATEWAY_SERVICE_TYPE_DEFAULT.into(),
         }
     }
 }
+
+/// Default `liqoctl peer --timeout` and wait for the virtual node: the first peering pulls
+/// Liqo's gateway and virtual-kubelet images (Liqo's own default for `peer` is 10 min).
+pub const DEFAULT_PEERING_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default wait for PEER_ACCEPT: two `liqoctl info` and one `generate peering-user` on the
+/// provider, each with its own timeout (see [`plan_grant`]).
+pub const DEFAULT_PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default grace before a provider deletes the peering user of an expired contract: the
+/// consumer's unpeer may take up to its peering timeout, after its own expiry check.
+pub const DEFAULT_TEARDOWN_GRACE: Duration = Duration::from_secs(600);
 
 /// Why a fabric operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -215,9 +235,42 @@ pub fn k8s_name(prefix: &str, id: &str) -> String {
     s.trim_matches('-').to_owned()
 }
 
-/// The virtual node (and ResourceSlice) a contract becomes on the consumer.
+/// [`k8s_name`] at most `max` characters long: a longer one keeps its first characters and
+/// ends in `-` and 12 hex digits of a hash of the whole id, so it is the same on every node
+/// and after every restart, and two ids that share a long prefix still get two names.
+pub fn k8s_name_within(prefix: &str, id: &str, max: usize) -> String {
+    let name = k8s_name(prefix, id);
+    if name.len() <= max {
+        return name;
+    }
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut s: String = name.chars().take(max.saturating_sub(13)).collect();
+    while s.ends_with('-') {
+        s.pop();
+    }
+    let _ = write!(s, "-{:012x}", hash >> 16);
+    s
+}
+
+/// The virtual node (and ResourceSlice) a contract becomes on the consumer: `fluidos-` and
+/// the contract id, at most [`liqo::MAX_SLICE_NAME`] (50) characters, so that every name
+/// Liqo derives from it stays valid (the user `{name}-{12 hex}` is a label value: at most
+/// 63). Both sides derive it: the provider's enforcement finds the slice by this name.
 pub fn virtual_node_name(contract: &Id) -> String {
-    k8s_name("fluidos-", contract.as_str())
+    k8s_name_within("fluidos-", contract.as_str(), liqo::MAX_SLICE_NAME)
+}
+
+/// The namespace a workload namespace becomes on its providers: `{namespace}-{this
+/// cluster}`, as Liqo's `DefaultName` mapping names it (unique per consumer, never one the
+/// provider already has, such as `default`), shortened with a hash when over 63 characters.
+pub fn remote_namespace(namespace: &Id, consumer_cluster: &Id) -> String {
+    k8s_name_within(
+        "",
+        &format!("{namespace}-{consumer_cluster}"),
+        liqo::LABEL_VALUE_MAX,
+    )
 }
 
 /// The tenant namespace Liqo uses on one cluster for the other cluster of a peering.
@@ -235,11 +288,25 @@ fn cpu_quantity(millicores: u64) -> String {
 
 /// Provider side of step 23: a peering user for the consumer's cluster, whose kubeconfig is
 /// the identity the consumer needs. Nothing to do when the consumer already peers with us.
-pub fn plan_grant(consumer_cluster: &Id, reuse: bool) -> Vec<Action> {
+/// With `stale`, a user left from an ended peering of the same buyer is deleted first
+/// (`generate peering-user` fails while one exists). `generate peering-user` waits up to
+/// 30 s for its CSR to be signed: it may run that much longer than `command_timeout` before
+/// it is killed (a killed one leaves its CSR behind, and every later one fails).
+pub fn plan_grant(
+    consumer_cluster: &Id,
+    reuse: bool,
+    stale: bool,
+    command_timeout: Duration,
+) -> Vec<Action> {
     if reuse {
         return Vec::new();
     }
+    let mut plan = Vec::new();
+    if stale {
+        plan.extend(plan_teardown_provider(consumer_cluster, true));
+    }
     let a = Action::Run(Command {
+        timeout: Some(liqo::CSR_SIGNING_WAIT + command_timeout),
         dry_output: format!(
             "# dry-run: the kubeconfig of Liqo's peering user for cluster {consumer_cluster}\n"
         ),
@@ -254,7 +321,8 @@ pub fn plan_grant(consumer_cluster: &Id, reuse: bool) -> Vec<Action> {
             ],
         )
     });
-    vec![a]
+    plan.push(a);
+    plan
 }
 
 /// Consumer side of steps 26-27: peer with the provider (network and authentication) using
@@ -351,11 +419,26 @@ pub fn resource_slice(contract: &Contract, provider_cluster: &Id) -> String {
     text
 }
 
+/// Where an offloaded namespace goes: its name on the providers ([`remote_namespace`]) and
+/// the provider clusters that get it (those of the live contracts whose workloads use it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offload {
+    pub remote_namespace: String,
+    pub providers: Vec<Id>,
+}
+
 /// Step 31: the workload in its namespace, pinned to the virtual node when there is one
 /// (node selector on the node's hostname label, and the toleration of Liqo's virtual-node
 /// taint), through a kustomization so that any Deployment, StatefulSet, DaemonSet, Job or Pod
-/// in the manifest is pinned without parsing it here.
-pub fn plan_deploy(intent: &Intent, virtual_node: Option<&str>, dir: &Path) -> Vec<Action> {
+/// in the manifest is pinned without parsing it here. The namespace is offloaded under its
+/// [`Offload::remote_namespace`] (mapping `SelectedName`), to the providers of
+/// [`Offload::providers`] only (a `--selector` each, in logical OR, on the label every
+/// virtual node carries); without a selector Liqo would offload it to every peered cluster.
+pub fn plan_deploy(
+    intent: &Intent,
+    virtual_node: Option<(&str, &Offload)>,
+    dir: &Path,
+) -> Vec<Action> {
     let ns = intent.namespace.as_str();
     let mut plan = vec![apply(
         "the workload's namespace",
@@ -363,19 +446,27 @@ pub fn plan_deploy(intent: &Intent, virtual_node: Option<&str>, dir: &Path) -> V
     )];
     let mut kustomization =
         format!("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {ns}\nresources:\n- workload.yaml\n");
-    if let Some(node) = virtual_node {
+    if let Some((node, offload)) = virtual_node {
+        let mut args = vec![
+            "offload".to_owned(),
+            "namespace".into(),
+            ns.into(),
+            "--namespace-mapping-strategy".into(),
+            liqo::NAMESPACE_MAPPING.into(),
+            "--remote-namespace-name".into(),
+            offload.remote_namespace.clone(),
+            "--pod-offloading-strategy".into(),
+            liqo::POD_OFFLOADING.into(),
+        ];
+        for p in &offload.providers {
+            args.push("--selector".into());
+            args.push(format!("{}={p}", liqo::LABEL_REMOTE_CLUSTER_ID));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         plan.push(run(
             "offload the namespace to the provider",
             Tool::Liqoctl,
-            &[
-                "offload",
-                "namespace",
-                ns,
-                "--namespace-mapping-strategy",
-                "EnforceSameName",
-                "--pod-offloading-strategy",
-                "Remote",
-            ],
+            &args,
         ));
         kustomization.push_str("patches:\n");
         for (kind, spec) in [
@@ -481,12 +572,8 @@ pub fn check_liqo_version(mine: &str, theirs: Option<&str>) -> Result<(), String
 /// Liqo accepts (it names the tenant namespace and the slice's labels), and a compatible
 /// Liqo version.
 pub fn check_accept(grant: &crate::wire::PeerAccept, mine: &str) -> Result<(), String> {
-    if !liqo::valid_cluster_id(grant.cluster_id.as_str()) {
-        return Err(format!(
-            "provider cluster id {:?} is not one Liqo accepts (lower-case letters, digits and \
-             '-', at most 63)",
-            grant.cluster_id.as_str()
-        ));
+    if let Some(why) = liqo::cluster_id_problem(grant.cluster_id.as_str(), false) {
+        return Err(format!("provider {why}"));
     }
     check_liqo_version(mine, grant.liqo_version.as_ref().map(|v| v.as_str()))
 }
@@ -520,6 +607,21 @@ impl Fabric {
 
     pub fn ready_timeout(&self) -> Duration {
         self.cfg.peering_timeout
+    }
+
+    /// How long a consumer waits for PEER_ACCEPT in all.
+    pub fn peer_request_timeout(&self) -> Duration {
+        self.cfg.peer_request_timeout
+    }
+
+    /// How long a provider keeps an expired contract's peering user for the consumer.
+    pub fn teardown_grace(&self) -> Duration {
+        self.cfg.teardown_grace
+    }
+
+    /// [`plan_grant`] with this fabric's command timeout.
+    pub fn plan_grant(&self, consumer_cluster: &Id, reuse: bool, stale: bool) -> Vec<Action> {
+        plan_grant(consumer_cluster, reuse, stale, self.cfg.command_timeout)
     }
 
     /// [`plan_establish`] with this fabric's timeout and gateway service type.
@@ -808,6 +910,75 @@ mod tests {
         }
     }
 
+    /// The longest node id fluidlet accepts makes contract ids of 51 characters and more:
+    /// their virtual nodes must leave Liqo room for `{name}-{12 hex}` in a label (63).
+    #[test]
+    fn virtual_node_names_leave_room_for_every_name_liqo_derives() {
+        let node = "n".repeat(crate::model::MAX_NODE_ID);
+        assert_eq!(node.len(), 48);
+        let a = Id::new(&format!("{node}.c1")).unwrap();
+        let b = Id::new(&format!("{node}.c2")).unwrap();
+        let (na, nb) = (virtual_node_name(&a), virtual_node_name(&b));
+        for n in [&na, &nb] {
+            assert!(n.len() <= liqo::MAX_SLICE_NAME, "{n}");
+            assert!(n.len() + liqo::SLICE_USER_SUFFIX_LEN <= 63, "{n}");
+            assert!(liqo::valid_cluster_id(n), "a DNS-1123 label: {n}");
+            assert!(n.starts_with("fluidos-nnnn"), "{n}");
+        }
+        assert_ne!(na, nb, "the hash keeps contracts of one seller apart");
+        assert_eq!(na, virtual_node_name(&a), "the same on every call and node");
+        // Short ids keep the names they always had.
+        assert_eq!(
+            virtual_node_name(&Id::new("prov.c7").unwrap()),
+            "fluidos-prov-c7"
+        );
+        let ns = Id::new(&"w".repeat(40)).unwrap();
+        let remote = remote_namespace(&ns, &Id::new(&"c".repeat(48)).unwrap());
+        assert!(
+            remote.len() <= 63 && liqo::valid_cluster_id(&remote),
+            "{remote}"
+        );
+        assert_eq!(
+            remote_namespace(&Id::new("default").unwrap(), &Id::new("gw-b").unwrap()),
+            "default-gw-b",
+            "Liqo's DefaultName, when it fits"
+        );
+    }
+
+    /// `generate peering-user` waits up to 30 s for its CSR: killing it at the command
+    /// timeout (30 s by default) would leave the CSR behind.
+    #[test]
+    fn generate_peering_user_outlives_its_own_signing_wait() {
+        let cfg = FabricConfig::default();
+        let plan = plan_grant(&Id::new("c").unwrap(), false, false, cfg.command_timeout);
+        match &plan[..] {
+            [Action::Run(Command { args, timeout, .. })] => {
+                assert_eq!(args[..2], ["generate", "peering-user"]);
+                let t = timeout.expect("its own timeout");
+                assert!(
+                    t > liqo::CSR_SIGNING_WAIT && t > cfg.command_timeout,
+                    "{t:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A stale user of the same buyer goes first.
+        let plan = plan_grant(&Id::new("c").unwrap(), false, true, cfg.command_timeout);
+        assert!(
+            matches!(&plan[0], Action::Run(Command { args, .. }) if args[..2] == ["delete", "peering-user"])
+        );
+        assert_eq!(plan.len(), 2);
+    }
+
+    /// The runbook's 300 s: `liqoctl peer` waits for the gateways and the first peering pulls
+    /// images (Liqo's own default is 10 min).
+    #[test]
+    fn the_default_peering_timeout_is_the_runbooks() {
+        let cfg = FabricConfig::default();
+        assert_eq!(cfg.peering_timeout, Duration::from_secs(300));
+        assert!(cfg.peer_request_timeout >= Duration::from_secs(60));
+    }
+
     #[test]
     fn k8s_names_are_dns_labels() {
         assert_eq!(k8s_name("fluidos-", "Prov_1.c7"), "fluidos-prov-1-c7");
@@ -921,8 +1092,9 @@ mod tests {
             "NodePort",
         );
         assert_eq!(plan.len(), 2);
-        assert!(plan_grant(&Id::new("c").unwrap(), true).is_empty());
-        assert_eq!(plan_grant(&Id::new("c").unwrap(), false).len(), 1);
+        let t = Duration::from_secs(30);
+        assert!(plan_grant(&Id::new("c").unwrap(), true, true, t).is_empty());
+        assert_eq!(plan_grant(&Id::new("c").unwrap(), false, false, t).len(), 1);
     }
 
     #[test]
@@ -940,7 +1112,15 @@ mod tests {
             created_at: 0,
             updated_at: 0,
         };
-        let plan = plan_deploy(&intent, Some("fluidos-prov-c7"), Path::new("/d/i1"));
+        let offload = Offload {
+            remote_namespace: "cam-ns-cons".into(),
+            providers: vec![Id::new("prov").unwrap()],
+        };
+        let plan = plan_deploy(
+            &intent,
+            Some(("fluidos-prov-c7", &offload)),
+            Path::new("/d/i1"),
+        );
         let kustomization = plan
             .iter()
             .find_map(|a| match a {
@@ -953,9 +1133,19 @@ mod tests {
         assert!(kustomization.contains("namespace: cam-ns"));
         assert!(kustomization.contains("kubernetes.io/hostname: fluidos-prov-c7"));
         assert!(kustomization.contains("key: virtual-node.liqo.io/not-allowed"));
-        assert!(plan
+        let offload = plan
             .iter()
-            .any(|a| matches!(a, Action::Run(Command { args, .. }) if args[0] == "offload")));
+            .find_map(|a| match a {
+                Action::Run(Command { args, .. }) if args[0] == "offload" => Some(args.join(" ")),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(
+            offload,
+            "offload namespace cam-ns --namespace-mapping-strategy SelectedName \
+             --remote-namespace-name cam-ns-cons --pod-offloading-strategy Remote \
+             --selector liqo.io/remote-cluster-id=prov"
+        );
         // Locally (no virtual node): no offloading, no pinning.
         let local = plan_deploy(&intent, None, Path::new("/d/i1"));
         assert!(!local

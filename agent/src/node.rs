@@ -353,7 +353,7 @@ async fn keep_adverts_fresh(shared: Arc<Shared>, mut stop: watch::Receiver<bool>
 
 /// One pass of the sweeper over the `deadlines` entries due at `now`: the contract of each is
 /// read and what is due is done, by its state.
-async fn sweep_due(shared: &Shared, now: u64) {
+async fn sweep_due(shared: &Arc<Shared>, now: u64) {
     let due = match shared.tables.due(now, SWEEP_BATCH) {
         Ok(v) => v,
         Err(e) => {
@@ -405,8 +405,9 @@ async fn sweep_due(shared: &Shared, now: u64) {
 
 /// Ends a live contract whose peering deadline passed unpeered, or whose term ran out
 /// unrenewed, as Expired, on either side: a seller re-advertises the capacity and removes the
-/// buyer's peering user ([`crate::terms::expired_sold`]); a buyer tears its side down.
-async fn expire(shared: &Shared, c: &Contract, why: &str) {
+/// buyer's peering user after a grace ([`crate::terms::expired_sold`]); a buyer tears its
+/// side down and then tells the seller ([`consumer::expired_bought`]).
+async fn expire(shared: &Arc<Shared>, c: &Contract, why: &str) {
     match shared
         .tables
         .end_contract(&c.id, ContractState::Expired, unix_ms())
@@ -420,7 +421,7 @@ async fn expire(shared: &Shared, c: &Contract, why: &str) {
                 }
                 crate::terms::expired_sold(shared, c).await;
             } else {
-                consumer::teardown_bought(shared, c).await;
+                consumer::expired_bought(shared, c).await;
             }
         }
         Ok(None) => {}

@@ -377,7 +377,19 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                 let node = intent.placement.as_ref().map(|p| p.as_str().to_owned());
                 let virtual_node = node.as_deref().filter(|n| *n != "local");
                 let dir = shared.fabric.scope_dir(intent.id.as_str());
-                let plan = crate::fabric::plan_deploy(&intent, virtual_node, &dir);
+                let offload = match virtual_node {
+                    Some(_) => match offload_for(shared, &intent).await {
+                        Ok(o) => Some(o),
+                        Err(why) => {
+                            fail(&mut intent, &format!("deployment failed: {why}"));
+                            save(shared, &mut intent).await;
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                let target = virtual_node.zip(offload.as_ref());
+                let plan = crate::fabric::plan_deploy(&intent, target, &dir);
                 match shared.fabric.execute(intent.id.as_str(), &plan).await {
                     Ok(_) => {
                         let place = virtual_node
@@ -400,6 +412,51 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
         }
         save(shared, &mut intent).await;
     }
+}
+
+/// Where `intent`'s namespace is offloaded: its name on the providers, and the provider
+/// cluster of every live contract a workload in that namespace is placed on, this intent's
+/// included (`liqoctl offload` replaces the namespace's cluster selector: it must name them
+/// all).
+async fn offload_for(shared: &Shared, intent: &Intent) -> Result<crate::fabric::Offload, String> {
+    let me = shared
+        .fabric
+        .cluster_id()
+        .await
+        .map_err(|e| e.to_string())?;
+    let cannot = |e: TableError| format!("cannot read the tables: {e}");
+    let mut providers = Vec::new();
+    for i in shared.tables.intents().map_err(cannot)? {
+        let placed = i.id == intent.id || matches!(i.state, IntentState::Placed);
+        let remote = i.placement.as_ref().is_some_and(|p| p.as_str() != "local");
+        let Some(contract) = i.contract.as_ref().filter(|_| placed && remote) else {
+            continue;
+        };
+        if i.namespace != intent.namespace {
+            continue;
+        }
+        let live = shared
+            .tables
+            .contract(contract)
+            .map_err(cannot)?
+            .is_some_and(|c| c.state == ContractState::Active);
+        if let (true, Some(grant)) = (live, shared.tables.peer_grant(contract).map_err(cannot)?) {
+            if !providers.contains(&grant.cluster_id) {
+                providers.push(grant.cluster_id);
+            }
+        }
+    }
+    if providers.is_empty() {
+        return Err(format!(
+            "no peering on record for the contract of intent {}",
+            intent.id
+        ));
+    }
+    providers.sort();
+    Ok(crate::fabric::Offload {
+        remote_namespace: crate::fabric::remote_namespace(&intent.namespace, &me),
+        providers,
+    })
 }
 
 /// Workflow step 1: stores a new intent, then drives it to its end.

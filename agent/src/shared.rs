@@ -15,6 +15,7 @@ use crate::tables::{TableError, Tables};
 use crate::wire::{Body, ErrorCode, Flavours, Message, Topics, WireError};
 use crate::{unix_ms, AgentError, Observer, Step};
 use rumqttc::{AsyncClient, QoS};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +30,36 @@ pub const MAX_PENDING: usize = 64;
 const STEP_QUEUE: usize = 64;
 /// Provider-side peering set-ups running at once; more are refused with BUSY.
 const MAX_PEERINGS: usize = 4;
+/// Requests one grant in progress answers or queues (repeats of its request, and requests
+/// for other contracts of the same consumer cluster); more are refused with BUSY.
+pub(crate) const MAX_GRANT_WAITERS: usize = 16;
+
+/// A grant in progress for one consumer cluster ([`Shared::flights`]). Liqo keeps one
+/// peering user per consumer cluster and a second `liqoctl generate peering-user` fails
+/// while the first runs (on the CSR the first one made), so grants for one cluster run one
+/// after the other, in one task: a repeated request joins the grant of its contract and
+/// gets its answer; a request for another contract waits its turn.
+pub(crate) struct Flight {
+    /// The contract being granted now, and who asked for it (envelope sender and id).
+    pub contract: Id,
+    pub answer: Vec<(Id, u64)>,
+    /// Requests for other contracts of this cluster, in arrival order.
+    pub queued: Vec<QueuedGrant>,
+}
+
+/// A PEER_REQUEST that passed its checks, waiting for its cluster's grant in progress.
+pub(crate) struct QueuedGrant {
+    pub from: Id,
+    pub id: u64,
+    pub request: crate::wire::PeerRequest,
+    pub recipient: Option<p256::PublicKey>,
+}
+
+impl Flight {
+    pub fn waiters(&self) -> usize {
+        self.answer.len() + self.queued.len()
+    }
+}
 
 /// Longest wait for room in the MQTT client's request queue.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +89,12 @@ pub(crate) struct Shared {
     pub steps: broadcast::Sender<Step>,
     /// Provider-side peerings set up at once (each may run kubectl/liqoctl for seconds).
     pub peerings: Arc<Semaphore>,
+    /// Provider: the grant in progress per consumer cluster (at most one each; an entry
+    /// exists only while its task holds a `peerings` permit, so at most `MAX_PEERINGS`).
+    pub flights: Mutex<HashMap<Id, Flight>>,
+    /// Provider: consumer clusters whose peering user is to be deleted once the grace after
+    /// an expiry is over (one waiting task per cluster, at most one per buyer).
+    pub teardowns: Mutex<std::collections::HashSet<Id>>,
     /// Sealing material from the TLS files (`None` on a plain-MQTT loopback/demo domain,
     /// where peering identities travel in clear): see [`crate::seal`]. Set by
     /// [`crate::Agent::start`] before the node is shared.
@@ -85,6 +122,8 @@ impl Shared {
             fabric,
             steps,
             peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
+            flights: Mutex::new(HashMap::new()),
+            teardowns: Mutex::new(std::collections::HashSet::new()),
             sealing: None,
             candidates: Default::default(),
             tables,
@@ -186,15 +225,26 @@ impl Shared {
         Ok(PendingGuard { shared: self, id })
     }
 
-    /// Publishes the current flavours as this node's retained catalog entry.
-    /// [`crate::contracts::peering_in_use`] on this node's tables: the one rule, both sides.
-    pub(crate) fn peering_in_use(&self, c: &crate::model::Contract) -> bool {
-        let all = self.tables.contracts().unwrap_or_default();
-        crate::contracts::peering_in_use(c, &all, |id| {
-            matches!(self.tables.peer_grant(id), Ok(Some(_)))
-        })
+    /// [`crate::contracts::peering_in_use`] on this node's tables: the one rule, both sides,
+    /// for a grant (reuse the peering or make a user), a release and an expiry (keep it or
+    /// tear it down). A table that cannot be read is an error, never "not in use": that
+    /// would tear down a peering another contract still uses.
+    pub(crate) fn peering_in_use(&self, c: &crate::model::Contract) -> Result<bool, TableError> {
+        let mut candidates = Vec::new();
+        self.tables.each_contract(|o| {
+            if crate::contracts::could_share_peering(c, &o) {
+                candidates.push(o.id);
+            }
+        })?;
+        for id in candidates {
+            if self.tables.peer_grant(&id)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
+    /// Publishes the current flavours as this node's retained catalog entry.
     pub(crate) async fn publish_advert(&self) -> Result<(), AgentError> {
         let own = self.tables.flavours()?;
         let flavours: Vec<_> = own.into_iter().map(|o| o.flavour).collect();

@@ -11,7 +11,7 @@
 //! when half of its term is left (sooner for very short terms).
 
 use crate::config::Config;
-use crate::model::{Contract, ContractState, Id};
+use crate::model::{Contract, Id};
 use crate::shared::Shared;
 use crate::tables::SaleTerms;
 use crate::unix_ms;
@@ -74,23 +74,69 @@ pub(crate) async fn on_renew(shared: &Shared, from: &Id, id: u64, r: ContractRef
     }
 }
 
-/// Provider side of a contract that ran out: removes the buyer's peering user when no other
-/// live contract of that buyer needs it (the capacity itself went back with the expiry).
-pub(crate) async fn expired_sold(shared: &Shared, c: &Contract) {
+/// Provider side of a contract that ran out (its reservation lapsed, or its term ended
+/// unrenewed): the buyer's peering user is deleted, by [`teardown_sold`]'s rule, only after
+/// `fabric.teardown_grace`. Both sides expire a contract on their own clocks, and the
+/// buyer's `liqoctl unpeer` fails at its first call to this cluster once the user is gone,
+/// leaving both sides as they were; so the buyer unpeers first and then RELEASEs the expired
+/// contract, which ends the wait at once ([`crate::rear::provider`]'s `on_release`). The
+/// grace only bounds how long a buyer that never says so keeps its credentials. (A restart
+/// forgets the wait; the buyer's next grant deletes the user it left, see `plan_grant`.)
+pub(crate) async fn expired_sold(shared: &std::sync::Arc<Shared>, c: &Contract) {
     let Ok(Some(cluster)) = shared.tables.peer_cluster(&c.id) else {
         return;
     };
-    let others = shared
-        .tables
-        .contracts()
-        .unwrap_or_default()
-        .iter()
-        .any(|o| {
-            o.id != c.id
-                && o.buyer == c.buyer
-                && matches!(o.state, ContractState::Reserved | ContractState::Active)
-        });
-    let plan = crate::fabric::plan_teardown_provider(&cluster, !others);
+    // One waiting task per consumer cluster: the rule is the same for every contract of it.
+    {
+        let mut waiting = shared.teardowns.lock().unwrap_or_else(|p| p.into_inner());
+        if !waiting.insert(cluster.clone()) {
+            return;
+        }
+    }
+    let shared = shared.clone();
+    let c = c.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(shared.fabric.teardown_grace()).await;
+        shared
+            .teardowns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cluster);
+        teardown_sold(&shared, &c).await;
+    });
+}
+
+/// Provider: deletes the peering user of the consumer cluster `c` was granted to, unless
+/// another live contract of that buyer uses the peering ([`Shared::peering_in_use`], the one
+/// rule) or a grant for that cluster is in progress (the grant decides, and removes a user
+/// left over itself). A table that cannot be read keeps the user: better a user kept too
+/// long than a peering in use torn down.
+pub(crate) async fn teardown_sold(shared: &Shared, c: &Contract) {
+    let cluster = match shared.tables.peer_cluster(&c.id) {
+        Ok(Some(cluster)) => cluster,
+        Ok(None) => return,
+        Err(e) => {
+            error!(contract = %c.id, error = %e, "cannot read the peering; its user is kept");
+            return;
+        }
+    };
+    match shared.peering_in_use(c) {
+        Ok(false) => {}
+        Ok(true) => return,
+        Err(e) => {
+            error!(contract = %c.id, error = %e, "cannot read contracts; the peering user is kept");
+            return;
+        }
+    }
+    let granting = shared
+        .flights
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains_key(&cluster);
+    if granting {
+        return;
+    }
+    let plan = crate::fabric::plan_teardown_provider(&cluster, true);
     if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
         warn!(contract = %c.id, error = %e, "peering teardown failed");
     }

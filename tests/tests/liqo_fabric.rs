@@ -10,114 +10,90 @@ use fluidlet_tests::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Writes `kubectl` and `liqoctl` stand-ins for one node into `dir`; returns the fabric
+/// Writes `kubectl` and `liqoctl` stand-ins for one cluster into `dir`; returns the fabric
 /// config that uses them.
 ///
-/// The stand-ins keep state under `dir/state` and behave like the real tools where the shim
-/// depends on it (see tests/liqo/v1.0.3.toml for the Liqo side):
-/// - a ResourceSlice applied with Liqo's replication label gets a virtual node of the same
-///   name (after `node-delay` seconds if that file exists, as Liqo takes a while); without
-///   the label nothing happens, as Liqo's controllers never select it;
-/// - `kubectl get node/X` and `kubectl wait ... node/X` on a missing node fail at once with
-///   NotFound (kubectl ignores NotFound only for `--for=delete`);
-/// - the short name `resourceslice(s)` means Kubernetes' own resource.k8s.io ResourceSlice
-///   (cluster-scoped): deleting one by that name never touches Liqo's slice;
-/// - `liqoctl generate peering-user` fails when the consumer's user already exists.
-///
-/// Switches: `fail-apply-once` makes the next `kubectl apply -f -` fail; `hang-apply` makes
-/// every one hang; `liqo-version` and `api-server` set what `liqoctl info` reports, and
-/// `no-liqo` makes it fail as on a cluster without Liqo; `daemonsets` is what listing
-/// kube-system's DaemonSets prints;
-/// `provider-slices.json` is what listing Liqo's ResourceSlices returns.
+/// Both are wrappers around `liqo-standin` (tests/src/bin/liqo-standin.rs, where each
+/// behaviour and its switches are described): they record their arguments and standard input
+/// in `dir/calls.log`, keep the cluster's state under `dir/state`, refuse what the real tools
+/// and Liqo refuse (label values over 63 characters, names that are not DNS-1123, a remote
+/// namespace the provider already has, a second peering user, a peering user's calls once it
+/// is deleted), and take the time the real ones take (`generate peering-user` and `peer` 2 s
+/// by default). The clusters of one test find each other through `dir/../clusters/{id}`.
 fn stand_ins(dir: &Path, cluster_id: &str) -> FabricConfig {
     std::fs::create_dir_all(dir).unwrap();
-    let log = dir.join("calls.log");
-    let script = format!(
-        r#"#!/bin/sh
-d='{dir}'
-log='{log}'
-tool=$(basename "$0")
-echo "$tool $*" >> "$log"
-if [ "$1" = "--kubeconfig" ]; then shift 2; fi
-mkdir -p "$d/state/slices" "$d/state/nodes" "$d/state/users" "$d/state/cordoned"
-notfound() {{ echo "Error from server (NotFound): $1 \"$2\" not found" >&2; exit 1; }}
-case "$tool $1" in
-  "kubectl apply")
-    if [ "$2" = "-f" ]; then
-      input=$(cat)
-      printf -- '--- stdin\n%s\n--- end\n' "$input" >> "$log"
-      if [ -f "$d/fail-apply-once" ]; then rm "$d/fail-apply-once"; echo 'error: the server is currently unable to handle the request' >&2; exit 1; fi
-      if [ -f "$d/hang-apply" ]; then sleep 30; fi
-      if echo "$input" | grep -q '"kind": *"ResourceSlice"\|^kind: ResourceSlice'; then
-        name=$(echo "$input" | sed -n 's/^ *"\{{0,1\}}name"\{{0,1\}}: *"\{{0,1\}}\([a-z0-9.-]*\)"\{{0,1\}},\{{0,1\}}$/\1/p' | head -n 1)
-        echo "$input" > "$d/state/slices/$name"
-        if echo "$input" | grep -q 'liqo.io/replication"\{{0,1\}}: *"true"'; then
-          delay=$(cat "$d/node-delay" 2>/dev/null || echo 0)
-          if [ "$delay" = 0 ]; then touch "$d/state/nodes/$name"
-          else (sleep "$delay"; touch "$d/state/nodes/$name") >/dev/null 2>&1 &
-          fi
-        fi
-      fi
-    fi
-    echo "applied" ;;
-  "kubectl get")
-    case "$2" in
-      node/*) n=${{2#node/}}; [ -f "$d/state/nodes/$n" ] || notfound nodes "$n"; echo True ;;
-      resourceslices.authentication.liqo.io) cat "$d/provider-slices.json" 2>/dev/null || echo '{{"apiVersion":"v1","kind":"List","items":[]}}' ;;
-      daemonsets.apps) cat "$d/daemonsets" 2>/dev/null ;;
-      *) ;;
-    esac ;;
-  "kubectl wait")
-    for a in "$@"; do case "$a" in node/*) n=${{a#node/}}; [ -f "$d/state/nodes/$n" ] || notfound nodes "$n"; echo "node/$n condition met" ;; esac; done ;;
-  "kubectl delete")
-    case "$2" in
-      resourceslices.authentication.liqo.io) rm -f "$d/state/slices/$3" "$d/state/nodes/$3" ;;
-      resourceslice|resourceslices) case "$*" in *--ignore-not-found*) ;; *) notfound resourceslices.resource.k8s.io "$3" ;; esac ;;
-    esac ;;
-  "kubectl version") echo "Client Version: v1.31.4+k3s1" ;;
-  "liqoctl info")
-    if [ -f "$d/no-liqo" ]; then echo 'Liqo is not installed in the current cluster!' >&2; exit 1; fi
-    case "$*" in
-      *"--get clusterid"*) echo "{cluster_id}" ;;
-      *"--get local.version"*) cat "$d/liqo-version" 2>/dev/null || echo v1.0.3 ;;
-      *"--get local.apiserveraddr"*) cat "$d/api-server" 2>/dev/null || echo https://192.0.2.10:6443 ;;
-    esac ;;
-  "liqoctl generate")
-    c=$4
-    if [ -f "$d/state/users/$c" ]; then echo "a user to peer from cluster with ID \"$c\" already exists. Please delete it first" >&2; exit 1; fi
-    touch "$d/state/users/$c"
-    printf 'apiVersion: v1\nkind: Config\n# peering user of {cluster_id} for: %s\n' "$*" ;;
-  "liqoctl delete") rm -f "$d/state/users/$4" ;;
-  "liqoctl cordon") touch "$d/state/cordoned/$3" ;;
-  "liqoctl version") echo "Client version: v1.0.3" ;;
-  *) ;;
-esac
-exit 0
-"#,
-        dir = dir.display(),
-        log = log.display(),
-    );
+    std::fs::write(dir.join("cluster-id"), cluster_id).unwrap();
+    let registry = dir.parent().unwrap().join("clusters");
+    std::fs::create_dir_all(&registry).unwrap();
+    std::fs::write(registry.join(cluster_id), dir.display().to_string()).unwrap();
+    let kubeconfig = dir.join("k3s.yaml");
+    std::fs::write(&kubeconfig, "apiVersion: v1\nkind: Config\n").unwrap();
     for tool in ["kubectl", "liqoctl"] {
         let p = dir.join(tool);
-        std::fs::write(&p, &script).unwrap();
+        let script = format!(
+            "#!/bin/sh\nexec '{}' {tool} '{}' \"$@\"\n",
+            env!("CARGO_BIN_EXE_liqo-standin"),
+            dir.display()
+        );
+        std::fs::write(&p, script).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     FabricConfig {
         backend: Backend::Liqo,
-        kubeconfig: PathBuf::from("/etc/rancher/k3s/k3s.yaml"),
+        kubeconfig,
         kubectl: dir.join("kubectl"),
         liqoctl: dir.join("liqoctl"),
         command_timeout: Duration::from_secs(5),
-        peering_timeout: Duration::from_secs(3),
+        peering_timeout: Duration::from_secs(4),
         enforce_every: Duration::from_millis(100),
         ..FabricConfig::default()
     }
 }
 
-/// Whether the stand-in's state holds `kind/name` (slices, nodes, users, cordoned).
+/// `--kubeconfig {path}`, as the stand-ins of `dir` are called.
+fn kc(dir: &Path) -> String {
+    format!("--kubeconfig {}", dir.join("k3s.yaml").display())
+}
+
+/// Sets a stand-in switch (see tests/src/bin/liqo-standin.rs).
+fn switch(dir: &Path, name: &str, value: &str) {
+    std::fs::write(dir.join(name), value).unwrap();
+}
+
+/// Makes a cluster's slow commands quick, for tests about something else.
+fn quick(dir: &Path) {
+    switch(dir, "generate-secs", "0.2");
+    switch(dir, "peer-secs", "0.2");
+    switch(dir, "unpeer-secs", "0.1");
+}
+
+/// Whether the stand-in's state holds `kind/name` (slices, nodes, peers, cordoned, ...).
 fn exists(dir: &Path, kind: &str, name: &str) -> bool {
     dir.join("state").join(kind).join(name).exists()
+}
+
+/// Whether the provider cluster of `dir` holds a peering user for consumer cluster `c`.
+fn user_exists(dir: &Path, c: &str) -> bool {
+    exists(
+        dir,
+        "rolebindings",
+        &format!("liqo-peer-user-{c}-liqo-ns-reader"),
+    )
+}
+
+/// What the stand-in recorded about the pods of the workload applied from `intent`'s
+/// directory (Running ..., or Pending and why).
+fn workload(dir: &Path, intent: &Id) -> String {
+    let name = fluidlet::fabric::k8s_name("", intent.as_str());
+    std::fs::read_to_string(dir.join("state/workloads").join(name)).unwrap_or_default()
+}
+
+/// The stand-in's record of a namespace's offloading (strategy, remote name, mapped
+/// providers, errors).
+fn offloading(dir: &Path, ns: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("state/offloading").join(ns)).unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
 }
 
 fn calls(dir: &Path) -> String {
@@ -133,13 +109,24 @@ struct Pair {
 }
 
 async fn pair(tweak: impl FnOnce(&mut fluidlet::Config)) -> Pair {
+    pair_of("prov", |_| {}, tweak).await
+}
+
+/// A provider `provider` (cluster `prov-cluster`) and a consumer `cons` (`cons-cluster`);
+/// `before` may set the provider's stand-in switches and config, `tweak` the consumer's.
+async fn pair_of(
+    provider: &str,
+    before: impl FnOnce(&mut fluidlet::Config),
+    tweak: impl FnOnce(&mut fluidlet::Config),
+) -> Pair {
     let port = broker(BrokerKind::Embedded).unwrap().port;
     let dir = tempfile::tempdir().unwrap();
     let d = fresh_domain();
     let pbin = dir.path().join("prov-bin");
     let cbin = dir.path().join("cons-bin");
-    let mut pcfg = provider_config("prov", &d, port, dir.path());
+    let mut pcfg = provider_config(provider, &d, port, dir.path());
     pcfg.fabric = stand_ins(&pbin, "prov-cluster");
+    before(&mut pcfg);
     let mut ccfg = config("cons", &d, port, dir.path());
     ccfg.watch_catalog = false;
     ccfg.fabric = stand_ins(&cbin, "cons-cluster");
@@ -167,11 +154,17 @@ async fn liqo_backend_drives_the_tools_with_the_contracts_objects() {
     let node = fluidlet::fabric::virtual_node_name(&contract);
 
     let prov = calls(&t.pbin);
+    let pk = kc(&t.pbin);
     assert!(
-        prov.contains("liqoctl --kubeconfig /etc/rancher/k3s/k3s.yaml info --get clusterid"),
+        prov.contains(&format!("liqoctl {pk} info --get clusterid")),
         "{prov}"
     );
-    assert!(prov.contains("liqoctl --kubeconfig /etc/rancher/k3s/k3s.yaml generate peering-user --consumer-cluster-id cons-cluster"), "{prov}");
+    assert!(
+        prov.contains(&format!(
+            "liqoctl {pk} generate peering-user --consumer-cluster-id cons-cluster"
+        )),
+        "{prov}"
+    );
 
     let cons = calls(&t.cbin);
     // The identity the provider generated reached the consumer and is used to peer.
@@ -213,14 +206,15 @@ async fn liqo_backend_drives_the_tools_with_the_contracts_objects() {
         exists(&t.cbin, "nodes", &node),
         "Liqo made the virtual node"
     );
+    let ck = kc(&t.cbin);
     assert!(
-        cons.contains(&format!(
-            "kubectl --kubeconfig /etc/rancher/k3s/k3s.yaml get node/{node} -o jsonpath="
-        )),
+        cons.contains(&format!("kubectl {ck} get node/{node} -o jsonpath=")),
         "{cons}"
     );
-    assert!(cons.contains("offload namespace cam --namespace-mapping-strategy EnforceSameName --pod-offloading-strategy Remote"));
-    assert!(cons.contains("kubectl --kubeconfig /etc/rancher/k3s/k3s.yaml apply -k "));
+    assert!(cons.contains(&format!("kubectl {ck} apply -k ")), "{cons}");
+    // The workload's pods run on the virtual node, in the namespace offloaded to the provider.
+    let pods = workload(&t.cbin, &intent.id);
+    assert!(pods.starts_with("Running on "), "{pods}\n{cons}");
     assert_eq!(
         t.p.tables().contract(&contract).unwrap().unwrap().state,
         ContractState::Active
@@ -236,7 +230,7 @@ async fn liqo_backend_drives_the_tools_with_the_contracts_objects() {
     assert!(!exists(&t.cbin, "nodes", &node), "and its virtual node");
     assert!(calls(&t.cbin).contains("unpeer --remote-kubeconfig"));
     assert!(
-        !exists(&t.pbin, "users", "cons-cluster"),
+        !user_exists(&t.pbin, "cons-cluster"),
         "peering user deleted"
     );
     t.c.shutdown().await;
@@ -297,10 +291,16 @@ async fn hanging_kubectl_ends_the_intent_with_a_clear_error_and_returns_the_capa
     t.p.shutdown().await;
 }
 
-/// The Liqo facts fluidlet is pinned to (tests/liqo/v1.0.3.toml).
-fn facts() -> toml::Table {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/liqo/v1.0.3.toml");
-    toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+/// The Liqo releases whose facts are pinned (tests/liqo/{tag}.toml): every manifest must
+/// conform to each.
+const PINNED: [&str; 2] = ["v1.0.3", "v1.2.0"];
+
+/// The Liqo facts of one pinned release.
+fn facts(tag: &str) -> toml::Table {
+    let path = format!("{}/liqo/{tag}.toml", env!("CARGO_MANIFEST_DIR"));
+    let f: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(fact_str(&f, "liqo_tag"), tag, "{path}");
+    f
 }
 
 fn fact<'a>(facts: &'a toml::Table, path: &str) -> &'a toml::Value {
@@ -488,7 +488,13 @@ fn stdins(log: &str) -> Vec<String> {
 
 #[test]
 fn the_checker_knows_a_bad_slice_when_it_sees_one() {
-    let f = facts();
+    for tag in PINNED {
+        checker_knows_a_bad_slice(&facts(tag));
+    }
+}
+
+fn checker_knows_a_bad_slice(f: &toml::Table) {
+    let f = f.clone();
     let good = serde_json::json!({
         "apiVersion": "authentication.liqo.io/v1beta1", "kind": "ResourceSlice",
         "metadata": {"name": "fluidos-p-c1", "namespace": "liqo-tenant-p",
@@ -523,66 +529,71 @@ fn the_checker_knows_a_bad_slice_when_it_sees_one() {
     assert!(!slice_problems(&f, &partial).is_empty());
 }
 
-/// Every ResourceSlice the consumer applied, and the commands and kustomization that name
-/// Liqo's objects, against tests/liqo/v1.0.3.toml.
+/// Whether `name` is of `kind` as the facts' `[derived_names]` spell it.
+fn name_of_kind(name: &str, kind: &str) -> bool {
+    match kind {
+        "dns1123_label" => dns_label(name) && name.len() <= 63,
+        "dns1123_subdomain" => name.len() <= 253 && name.split('.').all(dns_label),
+        "label_value" => {
+            let ok = |c: char| c.is_ascii_alphanumeric();
+            name.len() <= 63
+                && (name.is_empty()
+                    || (name.starts_with(ok)
+                        && name.ends_with(ok)
+                        && name.chars().all(|c| ok(c) || "-_.".contains(c))))
+        }
+        other => panic!("unknown kind {other:?} in the facts"),
+    }
+}
+
+/// Every name Liqo derives (the facts' `[derived_names].{group}`) from `vars`, with what is
+/// wrong with each.
+fn derived_name_problems(f: &toml::Table, group: &str, vars: &[(&str, &str)]) -> Vec<String> {
+    let mut bad = Vec::new();
+    for rule in fact(f, &format!("derived_names.{group}"))
+        .as_array()
+        .unwrap()
+    {
+        let mut name = rule["name"]
+            .as_str()
+            .unwrap()
+            .replace("{hex12}", "0123456789ab");
+        for (k, v) in vars {
+            name = name.replace(&format!("{{{k}}}"), v);
+        }
+        let kind = rule["kind"].as_str().unwrap();
+        if !name_of_kind(&name, kind) {
+            bad.push(format!(
+                "{name:?} ({} chars) is not a valid {kind} ({})",
+                name.len(),
+                rule["source"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    bad
+}
+
+/// The longest node id fluidlet accepts (`MAX_NODE_ID`, 48 bytes): the provider's id makes
+/// the contract ids, and those the names of the slices and virtual nodes.
+const LONG_PROVIDER: &str = "provider-with-the-longest-node-id-allowed-48byte";
+
+/// Every ResourceSlice the consumer applied, every name Liqo derives from the names fluidlet
+/// chose, and the commands and kustomization that name Liqo's objects, against the facts of
+/// each pinned release (tests/liqo/v1.0.3.toml and v1.2.0.toml), with a provider whose node
+/// id is as long as fluidlet allows.
 #[tokio::test]
 async fn every_manifest_conforms_to_the_pinned_liqo_facts() {
-    let f = facts();
-    let t = pair(|_| {}).await;
+    assert_eq!(LONG_PROVIDER.len(), 48);
+    let t = pair_of(LONG_PROVIDER, |_| {}, |_| {}).await;
+    quick(&t.pbin);
+    quick(&t.cbin);
     let intent =
         t.c.submit_intent(intent_spec("cam", 1000, 1))
             .await
             .unwrap();
     assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
     let contract = intent.contract.clone().unwrap();
-    t.c.release(&contract).await.unwrap();
-    let log = calls(&t.cbin);
-    let slices: Vec<serde_json::Value> = stdins(&log)
-        .iter()
-        .filter_map(|s| serde_json::from_str::<serde_json::Value>(s).ok())
-        .filter(|v| v["kind"] == "ResourceSlice")
-        .collect();
-    assert!(!slices.is_empty(), "{log}");
-    for s in &slices {
-        assert_eq!(slice_problems(&f, s), Vec::<String>::new(), "{s}");
-    }
-    // Commands name Liqo's slices by their qualified resource, never the bare plural.
-    let qualified = fact_str(&f, "resourceslice.qualified_resource");
-    for line in log.lines().filter(|l| l.starts_with("kubectl ")) {
-        for word in line.split_whitespace() {
-            assert!(
-                !matches!(word, "resourceslice" | "resourceslices" | "rslice"),
-                "ambiguous resource name in: {line}"
-            );
-        }
-    }
-    assert!(log.contains(&format!("delete {qualified} ")), "{log}");
-    // liqoctl flags the facts list for each command.
-    for (cmd, facts_key) in [("peer", "liqoctl.peer"), ("unpeer", "liqoctl.unpeer")] {
-        let line = log
-            .lines()
-            .find(|l| {
-                l.contains(&format!(
-                    "liqoctl --kubeconfig /etc/rancher/k3s/k3s.yaml {cmd} "
-                ))
-            })
-            .unwrap_or_else(|| panic!("no liqoctl {cmd} in {log}"));
-        let known: Vec<&str> = fact(&f, &format!("{facts_key}.flags"))
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|v| v.as_str())
-            .collect();
-        for flag in line.split_whitespace().filter(|w| w.starts_with("--")) {
-            let name = flag.split('=').next().unwrap();
-            assert!(
-                name == "--kubeconfig" || known.contains(&name),
-                "{name} is not a flag of liqoctl {cmd}: {line}"
-            );
-        }
-    }
-    // The workload tolerates the virtual node's taint and is pinned by its hostname label.
-    let k = std::fs::read_to_string(
+    let kustomization = std::fs::read_to_string(
         t.cbin
             .parent()
             .unwrap()
@@ -591,12 +602,76 @@ async fn every_manifest_conforms_to_the_pinned_liqo_facts() {
             .join("kustomization.yaml"),
     )
     .unwrap();
-    assert!(k.contains(&format!("key: {}", fact_str(&f, "taints.virtual_node.key"))));
-    assert!(k.contains(&format!(
-        "effect: {}",
-        fact_str(&f, "taints.virtual_node.effect")
-    )));
-    assert!(k.contains(fact_str(&f, "virtual_node.hostname_label")));
+    t.c.release(&contract).await.unwrap();
+    let log = calls(&t.cbin);
+    let slices: Vec<serde_json::Value> = stdins(&log)
+        .iter()
+        .filter_map(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        .filter(|v| v["kind"] == "ResourceSlice")
+        .collect();
+    assert!(!slices.is_empty(), "{log}");
+    for tag in PINNED {
+        let f = facts(tag);
+        for s in &slices {
+            assert_eq!(slice_problems(&f, s), Vec::<String>::new(), "{tag}: {s}");
+            let name = s["metadata"]["name"].as_str().unwrap();
+            assert_eq!(
+                derived_name_problems(&f, "from_slice", &[("slice", name)]),
+                Vec::<String>::new(),
+                "{tag}: names Liqo derives from the slice {name}"
+            );
+        }
+        for cluster in ["prov-cluster", "cons-cluster"] {
+            assert_eq!(
+                derived_name_problems(&f, "from_cluster", &[("cluster", cluster)]),
+                Vec::<String>::new(),
+                "{tag}"
+            );
+        }
+        // Commands name Liqo's slices by their qualified resource, never the bare plural.
+        let qualified = fact_str(&f, "resourceslice.qualified_resource");
+        for line in log.lines().filter(|l| l.starts_with("kubectl ")) {
+            for word in line.split_whitespace() {
+                assert!(
+                    !matches!(word, "resourceslice" | "resourceslices" | "rslice"),
+                    "ambiguous resource name in: {line}"
+                );
+            }
+        }
+        assert!(log.contains(&format!("delete {qualified} ")), "{log}");
+        // liqoctl flags the facts list for each command.
+        for (cmd, facts_key) in [
+            ("peer", "liqoctl.peer"),
+            ("unpeer", "liqoctl.unpeer"),
+            ("offload namespace", "liqoctl.offload"),
+        ] {
+            let line = log
+                .lines()
+                .find(|l| l.contains(&format!("liqoctl {} {cmd} ", kc(&t.cbin))))
+                .unwrap_or_else(|| panic!("no liqoctl {cmd} in {log}"));
+            let known: Vec<&str> = fact(&f, &format!("{facts_key}.flags"))
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
+            for flag in line.split_whitespace().filter(|w| w.starts_with("--")) {
+                let name = flag.split('=').next().unwrap();
+                assert!(
+                    name == "--kubeconfig" || known.contains(&name),
+                    "{tag}: {name} is not a flag of liqoctl {cmd}: {line}"
+                );
+            }
+        }
+        // The workload tolerates the virtual node's taint and is pinned by its hostname label.
+        let k = &kustomization;
+        assert!(k.contains(&format!("key: {}", fact_str(&f, "taints.virtual_node.key"))));
+        assert!(k.contains(&format!(
+            "effect: {}",
+            fact_str(&f, "taints.virtual_node.effect")
+        )));
+        assert!(k.contains(fact_str(&f, "virtual_node.hostname_label")));
+    }
     t.c.shutdown().await;
     t.p.shutdown().await;
 }
@@ -626,6 +701,8 @@ async fn the_consumer_waits_for_a_virtual_node_that_appears_late() {
 #[tokio::test]
 async fn a_virtual_node_that_never_comes_fails_after_the_peering_timeout() {
     let t = pair(|c| c.fabric.peering_timeout = Duration::from_secs(1)).await;
+    quick(&t.pbin);
+    quick(&t.cbin);
     std::fs::write(t.cbin.join("node-delay"), "600").unwrap();
     let started = std::time::Instant::now();
     let intent =
@@ -646,19 +723,30 @@ async fn a_virtual_node_that_never_comes_fails_after_the_peering_timeout() {
 
 /// A consumer speaking REAR by hand to a provider with stand-in tools.
 async fn provider_and_rogue() -> (fluidlet::Agent, PathBuf, Rogue, tempfile::TempDir) {
+    provider_and_rogue_with(|_| {}).await
+}
+
+async fn provider_and_rogue_with(
+    tweak: impl FnOnce(&mut fluidlet::Config),
+) -> (fluidlet::Agent, PathBuf, Rogue, tempfile::TempDir) {
     let port = broker(BrokerKind::Embedded).unwrap().port;
     let dir = tempfile::tempdir().unwrap();
     let d = fresh_domain();
     let pbin = dir.path().join("prov-bin");
     let mut pcfg = provider_config("prov", &d, port, dir.path());
     pcfg.fabric = stand_ins(&pbin, "prov-cluster");
+    tweak(&mut pcfg);
     let p = start(pcfg, None).await;
     let eve = Rogue::connect(port, &d, "eve").await;
     (p, pbin, eve, dir)
 }
 
-/// Reserves a 0.5-CPU piece of the provider's pool; returns the contract id.
+/// Reserves a 0.5-CPU piece of the provider's pool for `eve`; returns the contract id.
 async fn reserve(p: &fluidlet::Agent, eve: &mut Rogue, tx: &str) -> Id {
+    reserve_as(p, eve, "eve", tx).await
+}
+
+async fn reserve_as(p: &fluidlet::Agent, eve: &mut Rogue, buyer: &str, tx: &str) -> Id {
     let piece = fluidlet::model::Resources {
         cpu: 500,
         memory: 1 << 30,
@@ -670,7 +758,7 @@ async fn reserve(p: &fluidlet::Agent, eve: &mut Rogue, tx: &str) -> Id {
         Body::ReserveFlavour(fluidlet::model::ReserveRequest {
             transaction: Id::new(tx).unwrap(),
             flavour: flavours(p)[0].id.clone(),
-            buyer: Id::new("eve").unwrap(),
+            buyer: Id::new(buyer).unwrap(),
             partition: Some(piece),
         }),
     )
@@ -681,17 +769,21 @@ async fn reserve(p: &fluidlet::Agent, eve: &mut Rogue, tx: &str) -> Id {
     }
 }
 
+fn peer_request_body(contract: &Id) -> Body {
+    peer_request_for(contract, "eve-cluster")
+}
+
+fn peer_request_for(contract: &Id, cluster: &str) -> Body {
+    Body::PeerRequest(fluidlet::wire::PeerRequest {
+        contract: contract.clone(),
+        cluster_id: Id::new(cluster).unwrap(),
+        liqo_version: None,
+        certificate: None,
+    })
+}
+
 async fn peer_request(eve: &mut Rogue, contract: &Id) -> Body {
-    eve.send(
-        "prov",
-        Body::PeerRequest(fluidlet::wire::PeerRequest {
-            contract: contract.clone(),
-            cluster_id: Id::new("eve-cluster").unwrap(),
-            liqo_version: None,
-            certificate: None,
-        }),
-    )
-    .await;
+    eve.send("prov", peer_request_body(contract)).await;
     eve.recv().await.body
 }
 
@@ -702,6 +794,7 @@ async fn peer_request(eve: &mut Rogue, contract: &Id) -> Body {
 #[tokio::test]
 async fn a_peering_user_is_kept_only_for_contracts_that_use_it() {
     let (p, pbin, mut eve, _dir) = provider_and_rogue().await;
+    quick(&pbin);
     let a = reserve(&p, &mut eve, "eve-t1").await;
     match peer_request(&mut eve, &a).await {
         Body::PeerAccept(g) => assert!(g.identity.is_some()),
@@ -715,7 +808,7 @@ async fn a_peering_user_is_kept_only_for_contracts_that_use_it() {
     .await;
     assert!(matches!(eve.recv().await.body, Body::Released(_)));
     assert!(
-        !exists(&pbin, "users", "eve-cluster"),
+        !user_exists(&pbin, "eve-cluster"),
         "no peered contract is left: the peering user goes"
     );
     match peer_request(&mut eve, &b).await {
@@ -869,7 +962,8 @@ async fn doctor_passes_a_good_gateway_and_names_what_is_wrong_with_a_broken_one(
         "{good}"
     );
 
-    // Liqo handing its loopback address to peers (k3s's kubeconfig default).
+    // Liqo handing a loopback address to peers: only an explicit override does that (liqoctl
+    // never picks the kubeconfig's localhost, and refuses it as --api-server-url).
     std::fs::write(bin.join("api-server"), "https://127.0.0.1:6443\n").unwrap();
     let r = run(cfg.clone()).await;
     let c = r.get("api server").unwrap();
@@ -877,26 +971,49 @@ async fn doctor_passes_a_good_gateway_and_names_what_is_wrong_with_a_broken_one(
     assert!(c.fix.as_ref().unwrap().contains("--api-server-url"), "{r}");
     assert!(!r.ok());
     assert!(r.to_string().contains("FAIL api server"), "{r}");
+    // The usual risk (finding 8): the control-plane node's private or NATed address, which
+    // Liqo picks by itself; a peer elsewhere cannot reach it.
+    std::fs::write(bin.join("api-server"), "https://192.168.1.20:6443\n").unwrap();
+    let r = run(cfg.clone()).await;
+    let c = r.get("api server").unwrap();
+    assert_eq!(c.status, Status::Warn, "{r}");
+    assert!(c.found.contains("private or NATed"), "{r}");
+    assert!(c.fix.as_ref().unwrap().contains("--api-server-url"), "{r}");
     std::fs::remove_file(bin.join("api-server")).unwrap();
 
     // Another Liqo minor version than fluidlet was checked against.
     std::fs::write(bin.join("liqo-version"), "v1.1.2\n").unwrap();
     let r = run(cfg.clone()).await;
     assert_eq!(r.get("liqo version").unwrap().status, Status::Warn, "{r}");
-    std::fs::remove_file(bin.join("liqo-version")).unwrap();
-
-    // No ServiceLB for a LoadBalancer gateway; NodePort needs none.
-    std::fs::remove_file(bin.join("daemonsets")).unwrap();
+    // Liqo 1.2 is supported; a liqoctl of another version than the installed Liqo is not
+    // (finding 10: `liqoctl version` warns of it, `version --client` never compares).
+    std::fs::write(bin.join("liqo-version"), "v1.2.0\n").unwrap();
+    std::fs::write(bin.join("liqoctl-version"), "v1.0.3\n").unwrap();
     let r = run(cfg.clone()).await;
-    let c = r.get("gateway service").unwrap();
+    let c = r.get("liqo version").unwrap();
     assert_eq!(c.status, Status::Warn, "{r}");
-    assert!(c.fix.as_ref().unwrap().contains("NodePort"), "{r}");
-    let r = run(FabricConfig {
-        gateway_service_type: "NodePort".into(),
-        ..cfg.clone()
-    })
-    .await;
-    assert_eq!(r.get("gateway service").unwrap().status, Status::Ok, "{r}");
+    assert!(c.found.contains("liqoctl is v1.0.3"), "{r}");
+    std::fs::write(bin.join("liqoctl-version"), "v1.2.0\n").unwrap();
+    let r = run(cfg.clone()).await;
+    assert_eq!(r.get("liqo version").unwrap().status, Status::Ok, "{r}");
+    std::fs::remove_file(bin.join("liqo-version")).unwrap();
+    std::fs::remove_file(bin.join("liqoctl-version")).unwrap();
+
+    // No ServiceLB here (finding 9): the gateway server of a peering runs on the provider
+    // with the type its consumer chose, so this cluster, as a provider, needs ServiceLB for
+    // consumers asking LoadBalancer, whatever this node asks its own providers for.
+    std::fs::remove_file(bin.join("daemonsets")).unwrap();
+    for asks in ["LoadBalancer", "NodePort"] {
+        let r = run(FabricConfig {
+            gateway_service_type: asks.into(),
+            ..cfg.clone()
+        })
+        .await;
+        let c = r.get("gateway service").unwrap();
+        assert_eq!(c.status, Status::Warn, "{r}");
+        assert!(c.found.contains("As a provider"), "{r}");
+        assert!(c.fix.as_ref().unwrap().contains("NodePort"), "{r}");
+    }
 
     // Liqo not installed.
     std::fs::write(bin.join("no-liqo"), "").unwrap();
@@ -921,6 +1038,12 @@ async fn doctor_passes_a_good_gateway_and_names_what_is_wrong_with_a_broken_one(
     assert_eq!(c.status, Status::Fail, "{r}");
     assert!(c.fix.as_ref().unwrap().contains("fabric.kubectl"), "{r}");
     assert_eq!(r.get("kubeconfig").unwrap().status, Status::Fail, "{r}");
+    // liqoctl reads the kubeconfig even for `version --client` (finding 10): its failure is
+    // the kubeconfig's, and doctor says so instead of blaming liqoctl.
+    let c = r.get("liqoctl").unwrap();
+    assert_eq!(c.status, Status::Fail, "{r}");
+    assert!(c.found.contains("not checked"), "{r}");
+    assert!(c.fix.as_ref().unwrap().contains("kubeconfig"), "{r}");
 
     // A kubeconfig only root may read (k3s's default mode), for a non-root agent.
     use std::os::unix::fs::PermissionsExt;
@@ -936,4 +1059,506 @@ async fn doctor_passes_a_good_gateway_and_names_what_is_wrong_with_a_broken_one(
             "{r}"
         );
     }
+}
+
+// ---- Issue 22: the shim against what Liqo v1.0.3 and v1.2.0 really do. ----
+
+/// Finding 1: Liqo names the user of a slice's virtual kubelet `{slice}-{12 hex}` and the
+/// provider's ShadowPod webhook copies that into a label (at most 63 characters), so a slice
+/// name over 50 characters gives a Ready virtual node on which no pod ever starts. The
+/// longest node id fluidlet allows (48 bytes) must still get its workload running.
+#[tokio::test]
+async fn a_provider_with_a_48_byte_node_id_still_gets_the_workload_running() {
+    let t = pair_of(LONG_PROVIDER, |_| {}, |_| {}).await;
+    quick(&t.pbin);
+    quick(&t.cbin);
+    let intent =
+        t.c.submit_intent(intent_spec("cam", 1000, 1))
+            .await
+            .unwrap();
+    assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+    let contract = intent.contract.clone().unwrap();
+    assert!(contract.as_str().len() > 50, "{contract}");
+    let node = fluidlet::fabric::virtual_node_name(&contract);
+    assert!(exists(&t.cbin, "nodes", &node), "{}", calls(&t.cbin));
+    let pods = workload(&t.cbin, &intent.id);
+    assert!(pods.starts_with("Running on "), "{pods}");
+    t.c.shutdown().await;
+    t.p.shutdown().await;
+}
+
+/// Finding 2: `generate peering-user` waits for its CSR to be signed, so a grant takes
+/// seconds, longer than `reserve_timeout`. The consumer must wait for it, and its resends
+/// must not start a second grant (which would fail on the CSR the first one made).
+#[tokio::test]
+async fn a_grant_slower_than_the_answer_timeout_is_made_once_and_reaches_the_consumer() {
+    let t = pair(|_| {}).await;
+    switch(&t.pbin, "generate-secs", "4");
+    quick(&t.cbin);
+    let intent =
+        t.c.submit_intent(intent_spec("cam", 1000, 1))
+            .await
+            .unwrap();
+    assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+    let prov = calls(&t.pbin);
+    assert_eq!(
+        prov.matches(" generate peering-user ").count(),
+        1,
+        "one grant: {prov}"
+    );
+    t.c.shutdown().await;
+    t.p.shutdown().await;
+}
+
+/// Finding 2, the provider's side: a PEER_REQUEST repeated while its grant runs (under the
+/// same envelope id, as a resend, or under a new one, as an older consumer resends) joins
+/// that grant and gets its answer; no second `generate peering-user` starts.
+#[tokio::test]
+async fn a_repeated_peer_request_joins_the_grant_in_progress() {
+    let (p, pbin, mut eve, _dir) = provider_and_rogue().await;
+    switch(&pbin, "generate-secs", "2");
+    let a = reserve(&p, &mut eve, "eve-t1").await;
+    let first = fluidlet::wire::Message {
+        id: 4242,
+        correlation: None,
+        sent_at: fluidlet::unix_ms(),
+        sender: Id::new("eve").unwrap(),
+        body: peer_request_body(&a),
+    };
+    let bytes = first.encode().unwrap();
+    eve.send_raw("prov", bytes.clone()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    eve.send_raw("prov", bytes).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = eve.send("prov", peer_request_body(&a)).await;
+    let mut answered = Vec::new();
+    let mut identities = Vec::new();
+    for _ in 0..3 {
+        let m = eve.recv().await;
+        match m.body {
+            Body::PeerAccept(g) => identities.push(g.identity.map(|i| i.as_str().to_owned())),
+            other => panic!("{other:?}\n{}", calls(&pbin)),
+        }
+        answered.push(m.correlation);
+    }
+    answered.sort();
+    let mut want = vec![Some(4242), Some(4242), Some(other)];
+    want.sort();
+    assert_eq!(answered, want);
+    assert!(identities[0].is_some());
+    assert!(identities.iter().all(|i| *i == identities[0]), "one grant");
+    let prov = calls(&pbin);
+    assert_eq!(prov.matches(" generate peering-user ").count(), 1, "{prov}");
+    p.shutdown().await;
+}
+
+/// Finding 3: a workload namespace the provider already has (here `default`) must not
+/// clash: Liqo refuses a remote namespace that exists and is not its own.
+#[tokio::test]
+async fn a_workload_namespace_the_provider_already_has_does_not_clash() {
+    let t = pair(|_| {}).await;
+    quick(&t.pbin);
+    quick(&t.cbin);
+    let mut spec = intent_spec("cam", 1000, 1);
+    spec.namespace = Id::new("default").unwrap();
+    let intent = t.c.submit_intent(spec).await.unwrap();
+    assert_eq!(
+        intent.state,
+        IntentState::Placed,
+        "{:?}\n{}",
+        intent.error,
+        offloading(&t.cbin, "default")
+    );
+    let pods = workload(&t.cbin, &intent.id);
+    assert!(pods.starts_with("Running on "), "{pods}");
+    let remote = offloading(&t.cbin, "default")["mapped"]["prov-cluster"].clone();
+    assert_ne!(
+        remote, "default",
+        "the provider's own namespace is left alone"
+    );
+    t.c.shutdown().await;
+    t.p.shutdown().await;
+}
+
+/// Finding 3: two consumers using the same namespace name on one provider.
+#[tokio::test]
+async fn two_consumers_may_use_the_same_namespace_name_on_one_provider() {
+    let port = broker(BrokerKind::Embedded).unwrap().port;
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let pbin = dir.path().join("prov-bin");
+    let mut pcfg = provider_config("prov", &d, port, dir.path());
+    pcfg.fabric = stand_ins(&pbin, "prov-cluster");
+    quick(&pbin);
+    let p = start(pcfg, None).await;
+    let mut consumers = Vec::new();
+    for name in ["cons1", "cons2"] {
+        let bin = dir.path().join(format!("{name}-bin"));
+        let mut cfg = config(name, &d, port, dir.path());
+        cfg.watch_catalog = false;
+        cfg.fabric = stand_ins(&bin, &format!("{name}-cluster"));
+        quick(&bin);
+        consumers.push((start(cfg, None).await, bin));
+    }
+    for (c, bin) in &consumers {
+        let intent = c.submit_intent(intent_spec("cam", 500, 1)).await.unwrap();
+        assert_eq!(
+            intent.state,
+            IntentState::Placed,
+            "{:?}\n{}",
+            intent.error,
+            offloading(bin, "cam")
+        );
+        let pods = workload(bin, &intent.id);
+        assert!(pods.starts_with("Running on "), "{pods}");
+    }
+    for (c, _) in consumers {
+        c.shutdown().await;
+    }
+    p.shutdown().await;
+}
+
+/// Finding 3: the namespace goes to the provider the workload was bought from, not to every
+/// peered provider.
+#[tokio::test]
+async fn the_workload_namespace_goes_only_to_the_provider_it_was_bought_from() {
+    let port = broker(BrokerKind::Embedded).unwrap().port;
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let mut providers = Vec::new();
+    for name in ["prov1", "prov2"] {
+        let bin = dir.path().join(format!("{name}-bin"));
+        let mut cfg = provider_config(name, &d, port, dir.path());
+        cfg.fabric = stand_ins(&bin, &format!("{name}-cluster"));
+        quick(&bin);
+        providers.push(start(cfg, None).await);
+    }
+    let cbin = dir.path().join("cons-bin");
+    let mut ccfg = config("cons", &d, port, dir.path());
+    ccfg.watch_catalog = false;
+    ccfg.fabric = stand_ins(&cbin, "cons-cluster");
+    quick(&cbin);
+    let c = start(ccfg, None).await;
+    // The first intent takes a whole provider's pool, so the second buys from the other.
+    let mut placed = Vec::new();
+    for (name, cpu, mem) in [("a", 4000, 8), ("b", 1000, 1)] {
+        let intent = c.submit_intent(intent_spec(name, cpu, mem)).await.unwrap();
+        assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+        let k = c
+            .tables()
+            .contract(intent.contract.as_ref().unwrap())
+            .unwrap()
+            .unwrap();
+        placed.push((name, format!("{}-cluster", k.seller)));
+    }
+    assert_ne!(placed[0].1, placed[1].1, "{placed:?}");
+    for (ns, cluster) in &placed {
+        let mapped = offloading(&cbin, ns)["mapped"].clone();
+        let to: Vec<&String> = mapped.as_object().unwrap().keys().collect();
+        assert_eq!(to, vec![cluster], "namespace {ns}: {mapped}");
+    }
+    c.shutdown().await;
+    for p in providers {
+        p.shutdown().await;
+    }
+}
+
+/// Finding 4: one rule for whether a peering user is still needed. Contract A is peered, B
+/// only reserved; A's term runs out. B never had the peering, so A's user must not be kept
+/// for it: B's own grant needs a new one (`generate peering-user` fails while one exists).
+#[tokio::test]
+async fn an_expired_contract_does_not_keep_its_peering_user_for_an_unpeered_one() {
+    let (p, pbin, mut eve, _dir) = provider_and_rogue_with(|p| {
+        p.contract_term = Duration::from_secs(3);
+        p.expiry_check = Duration::from_millis(100);
+    })
+    .await;
+    quick(&pbin);
+    let a = reserve(&p, &mut eve, "eve-t1").await;
+    match peer_request(&mut eve, &a).await {
+        Body::PeerAccept(g) => assert!(g.identity.is_some()),
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let b = reserve(&p, &mut eve, "eve-t2").await;
+    eventually("A to expire on the provider", || {
+        p.tables().contract(&a).unwrap().unwrap().state == ContractState::Expired
+    })
+    .await;
+    match peer_request(&mut eve, &b).await {
+        Body::PeerAccept(g) => assert!(g.identity.is_some(), "B gets its own identity"),
+        other => panic!("B's peering: {other:?}\n{}", calls(&pbin)),
+    }
+    p.shutdown().await;
+}
+
+/// Finding 5: both sides expire a contract on their own clocks. When the provider's comes
+/// first, it must not delete the peering user before the consumer has unpeered: `liqoctl
+/// unpeer` fails at its first call to the provider without it, and nothing is torn down.
+#[tokio::test]
+async fn when_the_provider_expires_a_contract_first_the_consumer_still_unpeers() {
+    let t = pair_of(
+        "prov",
+        |p| {
+            p.contract_term = Duration::from_secs(6);
+            p.expiry_check = Duration::from_millis(100);
+        },
+        // The consumer looks at its contracts (renewal and expiry) only every 8 s.
+        |c| c.expiry_check = Duration::from_secs(8),
+    )
+    .await;
+    quick(&t.pbin);
+    quick(&t.cbin);
+    let intent =
+        t.c.submit_intent(intent_spec("cam", 1000, 1))
+            .await
+            .unwrap();
+    assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+    let contract = intent.contract.clone().unwrap();
+    assert!(exists(&t.cbin, "peers", "prov-cluster"));
+    let ended = |a: &fluidlet::Agent| {
+        a.tables().contract(&contract).unwrap().unwrap().state == ContractState::Expired
+    };
+    assert!(
+        within(Duration::from_secs(15), || ended(&t.p)).await,
+        "provider"
+    );
+    assert!(!ended(&t.c), "the provider's clock came first");
+    let torn_down = within(Duration::from_secs(20), || {
+        ended(&t.c)
+            && !exists(&t.cbin, "peers", "prov-cluster")
+            && !user_exists(&t.pbin, "cons-cluster")
+    })
+    .await;
+    assert!(
+        torn_down,
+        "both sides torn down\nconsumer: {}\nprovider: {}",
+        calls(&t.cbin),
+        calls(&t.pbin)
+    );
+    t.c.shutdown().await;
+    t.p.shutdown().await;
+}
+
+/// Finding 6: `generate peering-user` waits up to 30 s for its signature; killing it at the
+/// command timeout (30 s by default, 1 s here) leaves its CSR behind and fails the grant.
+#[tokio::test]
+async fn generate_peering_user_may_take_longer_than_the_command_timeout() {
+    let t = pair_of(
+        "prov",
+        |p| p.fabric.command_timeout = Duration::from_secs(1),
+        |_| {},
+    )
+    .await;
+    switch(&t.pbin, "generate-secs", "2");
+    quick(&t.cbin);
+    let intent =
+        t.c.submit_intent(intent_spec("cam", 1000, 1))
+            .await
+            .unwrap();
+    assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+    t.c.shutdown().await;
+    t.p.shutdown().await;
+}
+
+/// Finding 5, the other order: the consumer's clock comes first (here: the provider is down,
+/// so the consumer cannot renew). The consumer unpeers while the provider's user still
+/// exists; the provider, once back, expires the contract and deletes the user after its
+/// grace.
+#[tokio::test]
+async fn when_the_consumer_expires_a_contract_first_the_provider_deletes_the_user_after() {
+    let port = broker(BrokerKind::Embedded).unwrap().port;
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let pbin = dir.path().join("prov-bin");
+    let cbin = dir.path().join("cons-bin");
+    let mut pcfg = provider_config("prov", &d, port, dir.path());
+    pcfg.fabric = stand_ins(&pbin, "prov-cluster");
+    pcfg.fabric.teardown_grace = Duration::from_secs(1);
+    pcfg.contract_term = Duration::from_secs(4);
+    pcfg.expiry_check = Duration::from_millis(100);
+    let mut ccfg = config("cons", &d, port, dir.path());
+    ccfg.watch_catalog = false;
+    ccfg.fabric = stand_ins(&cbin, "cons-cluster");
+    ccfg.expiry_check = Duration::from_millis(100);
+    quick(&pbin);
+    quick(&cbin);
+    let p = start(pcfg.clone(), None).await;
+    let c = start(ccfg, None).await;
+    let intent = c.submit_intent(intent_spec("cam", 1000, 1)).await.unwrap();
+    assert_eq!(intent.state, IntentState::Placed, "{:?}", intent.error);
+    let contract = intent.contract.clone().unwrap();
+    p.shutdown().await;
+    let expired = |a: &fluidlet::Agent| {
+        a.tables().contract(&contract).unwrap().unwrap().state == ContractState::Expired
+    };
+    assert!(
+        within(Duration::from_secs(15), || expired(&c)
+            && !exists(&cbin, "peers", "prov-cluster"))
+        .await,
+        "the consumer expired and unpeered: {}",
+        calls(&cbin)
+    );
+    assert!(
+        user_exists(&pbin, "cons-cluster"),
+        "the provider has not expired it yet"
+    );
+    let p = start(pcfg, None).await;
+    eventually(
+        "the provider to expire the contract and delete the user",
+        || expired(&p) && !user_exists(&pbin, "cons-cluster"),
+    )
+    .await;
+    c.shutdown().await;
+    p.shutdown().await;
+}
+
+/// Finding 5's grace: a consumer that never says it has unpeered keeps its peering user for
+/// `teardown_grace` after the expiry, then loses it; one that RELEASEs the expired contract
+/// (as a consumer agent does after its teardown) loses it at once.
+#[tokio::test]
+async fn an_expired_contracts_peering_user_goes_after_the_grace_or_at_the_consumers_release() {
+    let (p, pbin, mut eve, _dir) = provider_and_rogue_with(|p| {
+        p.contract_term = Duration::from_secs(2);
+        p.expiry_check = Duration::from_millis(100);
+        p.fabric.teardown_grace = Duration::from_secs(3);
+    })
+    .await;
+    quick(&pbin);
+    let a = reserve(&p, &mut eve, "eve-t1").await;
+    assert!(matches!(
+        peer_request(&mut eve, &a).await,
+        Body::PeerAccept(_)
+    ));
+    let ended = |c: &Id| p.tables().contract(c).unwrap().unwrap().state == ContractState::Expired;
+    eventually("A to expire", || ended(&a)).await;
+    assert!(user_exists(&pbin, "eve-cluster"), "kept during the grace");
+    eventually("the grace to end", || !user_exists(&pbin, "eve-cluster")).await;
+
+    // Now with a RELEASE after the expiry, and a grace longer than the test.
+    let (p, pbin, mut eve, _dir) = provider_and_rogue_with(|p| {
+        p.contract_term = Duration::from_secs(2);
+        p.expiry_check = Duration::from_millis(100);
+        p.fabric.teardown_grace = Duration::from_secs(600);
+    })
+    .await;
+    quick(&pbin);
+    let b = reserve(&p, &mut eve, "eve-t1").await;
+    assert!(matches!(
+        peer_request(&mut eve, &b).await,
+        Body::PeerAccept(_)
+    ));
+    eventually("B to expire", || {
+        p.tables().contract(&b).unwrap().unwrap().state == ContractState::Expired
+    })
+    .await;
+    assert!(user_exists(&pbin, "eve-cluster"));
+    eve.send(
+        "prov",
+        Body::Release(fluidlet::wire::ContractRef { contract: b }),
+    )
+    .await;
+    assert!(matches!(eve.recv().await.body, Body::Released(_)));
+    assert!(!user_exists(&pbin, "eve-cluster"), "{}", calls(&pbin));
+    p.shutdown().await;
+}
+
+/// Finding 4, the other half of the one rule: an expired contract's peering user is kept
+/// while another live contract of the buyer that was granted the peering still uses it.
+#[tokio::test]
+async fn an_expired_contract_keeps_the_peering_user_a_peered_contract_still_uses() {
+    let (p, pbin, mut eve, _dir) = provider_and_rogue_with(|p| {
+        p.contract_term = Duration::from_secs(3);
+        p.expiry_check = Duration::from_millis(100);
+        p.fabric.teardown_grace = Duration::from_millis(200);
+    })
+    .await;
+    quick(&pbin);
+    let a = reserve(&p, &mut eve, "eve-t1").await;
+    assert!(matches!(
+        peer_request(&mut eve, &a).await,
+        Body::PeerAccept(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let b = reserve(&p, &mut eve, "eve-t2").await;
+    match peer_request(&mut eve, &b).await {
+        Body::PeerAccept(g) => assert!(g.identity.is_none(), "B shares A's peering"),
+        other => panic!("{other:?}"),
+    }
+    let state = |c: &Id| p.tables().contract(c).unwrap().unwrap().state;
+    eventually("A to expire", || state(&a) == ContractState::Expired).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(state(&b), ContractState::Active);
+    assert!(user_exists(&pbin, "eve-cluster"), "B still uses it");
+    eve.send(
+        "prov",
+        Body::Release(fluidlet::wire::ContractRef { contract: b }),
+    )
+    .await;
+    assert!(matches!(eve.recv().await.body, Body::Released(_)));
+    assert!(!user_exists(&pbin, "eve-cluster"), "the last one gone");
+    p.shutdown().await;
+}
+
+/// A grant removes a peering user left from an ended grant of the same buyer (a restart
+/// forgets the grace), but never another buyer's: a buyer claiming the cluster id of another
+/// buyer's live peering is refused, and that peering is left alone.
+#[tokio::test]
+async fn a_buyer_cannot_take_over_the_peering_user_of_another_buyers_cluster() {
+    let port = broker(BrokerKind::Embedded).unwrap().port;
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let pbin = dir.path().join("prov-bin");
+    let mut pcfg = provider_config("prov", &d, port, dir.path());
+    pcfg.fabric = stand_ins(&pbin, "prov-cluster");
+    quick(&pbin);
+    let p = start(pcfg, None).await;
+    let mut eve = Rogue::connect(port, &d, "eve").await;
+    let mut mallory = Rogue::connect(port, &d, "mallory").await;
+    // mallory once peered claiming eve's cluster id, then released.
+    let m1 = reserve_as(&p, &mut mallory, "mallory", "m-t1").await;
+    mallory
+        .send("prov", peer_request_for(&m1, "eve-cluster"))
+        .await;
+    assert!(matches!(mallory.recv().await.body, Body::PeerAccept(_)));
+    mallory
+        .send(
+            "prov",
+            Body::Release(fluidlet::wire::ContractRef { contract: m1 }),
+        )
+        .await;
+    assert!(matches!(mallory.recv().await.body, Body::Released(_)));
+    // eve peers with her own cluster.
+    let e1 = reserve(&p, &mut eve, "eve-t1").await;
+    assert!(matches!(
+        peer_request(&mut eve, &e1).await,
+        Body::PeerAccept(_)
+    ));
+    let generated = calls(&pbin).matches(" generate peering-user ").count();
+    // mallory tries again with eve's cluster id.
+    let m2 = reserve_as(&p, &mut mallory, "mallory", "m-t2").await;
+    mallory
+        .send("prov", peer_request_for(&m2, "eve-cluster"))
+        .await;
+    match mallory.recv().await.body {
+        Body::Error(e) => assert!(e.text.as_str().contains("another buyer"), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        user_exists(&pbin, "eve-cluster"),
+        "eve's peering user is left alone"
+    );
+    let log = calls(&pbin);
+    assert_eq!(
+        log.matches(" generate peering-user ").count(),
+        generated,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(" delete peering-user ").count(),
+        1,
+        "only m1's: {log}"
+    );
+    drop(dir);
+    p.shutdown().await;
 }

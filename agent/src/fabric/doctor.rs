@@ -82,19 +82,47 @@ fn first_line(s: &str) -> String {
         .to_owned()
 }
 
-/// Whether an API server URL points at this machine's loopback (unusable by a peer).
-pub fn loopback_url(url: &str) -> bool {
+/// The host of a URL (`https://host:port/...`), without brackets for IPv6.
+fn url_host(url: &str) -> &str {
     let rest = url.trim();
     let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
     let authority = rest.split(['/', '?']).next().unwrap_or("");
-    let host = match authority.strip_prefix('[') {
+    match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
+    }
+}
+
+/// Whether an API server URL points at this machine's loopback (unusable by a peer).
+pub fn loopback_url(url: &str) -> bool {
+    let host = url_host(url);
     host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+}
+
+/// Whether an API server URL names a private, shared (carrier-grade NAT) or link-local
+/// address: reachable from this site only, not by a peer elsewhere. Names are not resolved.
+pub fn private_url(url: &str) -> bool {
+    match url_host(url).parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            let [a, b, ..] = ip.octets();
+            ip.is_private() || ip.is_link_local() || (a == 100 && (64..128).contains(&b))
+        }
+        Ok(std::net::IpAddr::V6(ip)) => ip.is_unique_local() || ip.is_unicast_link_local(),
+        Err(_) => false,
+    }
+}
+
+/// `Client version: X` and `Server version: Y` from `liqoctl version`.
+fn versions(out: &str) -> (Option<String>, Option<String>) {
+    let get = |key: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+    };
+    (get("Client version:"), get("Server version:"))
 }
 
 async fn ask(
@@ -137,28 +165,24 @@ pub async fn doctor(cfg: &FabricConfig, data_dir: &Path, node: &Id) -> Report {
         data_dir,
         node,
     );
-    for (name, tool, key) in [
-        ("kubectl", Tool::Kubectl, "kubectl"),
-        ("liqoctl", Tool::Liqoctl, "liqoctl"),
-    ] {
-        let path = fabric.program(tool).display().to_string();
-        match ask(&fabric, name, tool, &["version", "--client"]).await {
-            Ok(out) => r.push(
-                name,
-                Status::Ok,
-                format!("{path}: {}", first_line(&out)),
-                None,
-            ),
-            Err(e) => r.push(
-                name,
-                Status::Fail,
-                e.to_string(),
-                Some(tool_fix(name, key, &e)),
-            ),
-        }
+    let path = fabric.program(Tool::Kubectl).display().to_string();
+    match ask(&fabric, "kubectl", Tool::Kubectl, &["version", "--client"]).await {
+        Ok(out) => r.push(
+            "kubectl",
+            Status::Ok,
+            format!("{path}: {}", first_line(&out)),
+            None,
+        ),
+        Err(e) => r.push(
+            "kubectl",
+            Status::Fail,
+            e.to_string(),
+            Some(tool_fix("kubectl", "kubectl", &e)),
+        ),
     }
     let kubeconfig = cfg.kubeconfig.display().to_string();
-    match std::fs::File::open(&cfg.kubeconfig) {
+    let readable = std::fs::File::open(&cfg.kubeconfig);
+    match &readable {
         Ok(_) => r.push(
             "kubeconfig",
             Status::Ok,
@@ -185,6 +209,39 @@ pub async fn doctor(cfg: &FabricConfig, data_dir: &Path, node: &Id) -> Report {
             ),
         ),
     }
+    // liqoctl loads the kubeconfig before any subcommand, `version --client` included: with
+    // an unreadable one it fails whatever the binary, so say so rather than blame liqoctl.
+    let path = fabric.program(Tool::Liqoctl).display().to_string();
+    let mut cli_version = None;
+    if readable.is_err() {
+        r.push(
+            "liqoctl",
+            Status::Fail,
+            format!(
+                "{path}: not checked: liqoctl reads the kubeconfig ({kubeconfig}) before \
+                 anything else, even for `version --client`"
+            ),
+            Some("fix the kubeconfig first (above)".into()),
+        );
+    } else {
+        match ask(&fabric, "liqoctl", Tool::Liqoctl, &["version", "--client"]).await {
+            Ok(out) => {
+                cli_version = versions(&out).0;
+                r.push(
+                    "liqoctl",
+                    Status::Ok,
+                    format!("{path}: {}", first_line(&out)),
+                    None,
+                )
+            }
+            Err(e) => r.push(
+                "liqoctl",
+                Status::Fail,
+                e.to_string(),
+                Some(tool_fix("liqoctl", "liqoctl", &e)),
+            ),
+        }
+    }
     let info = |q: &'static str| {
         let fabric = &fabric;
         async move { ask(fabric, "liqoctl info", Tool::Liqoctl, &["info", "--get", q]).await }
@@ -199,6 +256,15 @@ pub async fn doctor(cfg: &FabricConfig, data_dir: &Path, node: &Id) -> Report {
                     Status::Fail,
                     format!("liqoctl printed {id:?} as the cluster id"),
                     Some("check `liqoctl info` by hand".into()),
+                );
+            } else if let Some(why) = liqo::cluster_id_problem(&id, true) {
+                r.push(
+                    "liqo",
+                    Status::Fail,
+                    why,
+                    Some(
+                        "reinstall Liqo with a shorter --cluster-id (at most 48 characters)".into(),
+                    ),
                 );
             } else if configured.as_ref().is_some_and(|c| *c != id) {
                 r.push(
@@ -232,47 +298,73 @@ pub async fn doctor(cfg: &FabricConfig, data_dir: &Path, node: &Id) -> Report {
     }
     match info(liqo::INFO_VERSION).await {
         Ok(out) => {
-            let v = out.trim();
-            match liqo::same_minor(liqo::PINNED, v) {
-                Ok(()) => r.push("liqo version", Status::Ok, v.to_owned(), None),
-                Err(_) => r.push(
+            let v = out.trim().to_owned();
+            // `liqoctl version` without --client compares the CLI with the installed Liqo
+            // (and only warns); `version --client` never does.
+            let server = ask(&fabric, "liqoctl version", Tool::Liqoctl, &["version"])
+                .await
+                .ok()
+                .and_then(|o| versions(&o).1);
+            let cli = cli_version.clone();
+            let checked = liqo::CHECKED.join(" and ");
+            if !liqo::checked_minor(&v) {
+                r.push(
                     "liqo version",
                     Status::Warn,
                     format!(
-                        "{v}; fluidlet was checked against Liqo {} and peers refuse another \
-                         major.minor",
-                        liqo::PINNED
+                        "{v}; fluidlet was checked against Liqo {checked} (minor versions 1.0 \
+                         and 1.2), and peers refuse another major.minor"
                     ),
-                    Some(format!(
-                        "run Liqo {}.x on every gateway of the domain",
-                        liqo::PINNED
-                            .rsplit_once('.')
-                            .map_or(liqo::PINNED, |(m, _)| m)
-                    )),
-                ),
+                    Some("run the same Liqo 1.0.x or 1.2.x on every gateway of the domain".into()),
+                );
+            } else if let Some(cli) = cli.filter(|c| server.as_deref().unwrap_or(&v) != c) {
+                r.push(
+                    "liqo version",
+                    Status::Warn,
+                    format!(
+                        "Liqo {v} is installed but liqoctl is {cli}: liqoctl warns that a \
+                         mismatch may cause unexpected behaviour"
+                    ),
+                    Some(format!("install liqoctl {v} (fabric.liqoctl)")),
+                );
+            } else {
+                r.push("liqo version", Status::Ok, v, None);
             }
         }
         Err(e) => r.push("liqo version", Status::Fail, e.to_string(), None),
     }
+    // Liqo hands peers the address given at install (--api-server-url), else its first
+    // control-plane node's, external before internal, on 6443; never the kubeconfig's
+    // localhost. An empty answer cannot happen: `--get` fails on an empty field.
     match info(liqo::INFO_API_SERVER).await {
         Ok(out) if loopback_url(&out) => r.push(
             "api server",
             Status::Fail,
             format!(
-                "Liqo hands {} to its peers: a loopback address, which no peer can reach",
+                "Liqo hands {} to its peers: a loopback address, which no peer can reach (it \
+                 comes from an explicit override: liqoctl refuses localhost itself)",
                 out.trim()
             ),
             Some(
                 "reinstall with `liqoctl install k3s --api-server-url https://<address peers \
-                 reach>:6443` (k3s's kubeconfig says https://127.0.0.1:6443)"
+                 reach>:6443`"
                     .into(),
             ),
         ),
-        Ok(out) if out.trim().is_empty() => r.push(
+        Ok(out) if private_url(&out) => r.push(
             "api server",
             Status::Warn,
-            "liqoctl reported no API server address".into(),
-            Some("check `liqoctl info` by hand".into()),
+            format!(
+                "Liqo hands {} to its peers: a private or NATed address, reachable only from \
+                 this network",
+                out.trim()
+            ),
+            Some(
+                "fine if every peer is on this network; otherwise reinstall with `liqoctl \
+                 install k3s --api-server-url https://<public address or name>:6443` (the \
+                 API server certificate must be valid for it: k3s --tls-san)"
+                    .into(),
+            ),
         ),
         Ok(out) => r.push(
             "api server",
@@ -282,45 +374,47 @@ pub async fn doctor(cfg: &FabricConfig, data_dir: &Path, node: &Id) -> Report {
         ),
         Err(e) => r.push("api server", Status::Fail, e.to_string(), None),
     }
-    let service = cfg.gateway_service_type.as_str();
-    if service == "LoadBalancer" {
-        let out = ask(
-            &fabric,
-            "list kube-system DaemonSets",
-            Tool::Kubectl,
-            &["get", "daemonsets.apps", "-n", "kube-system", "-o", "name"],
-        )
-        .await;
-        match out {
-            Ok(out) if out.lines().any(|l| l.contains("svclb-")) => r.push(
-                "gateway service",
-                Status::Ok,
-                "LoadBalancer, and k3s ServiceLB runs (svclb-* DaemonSets in kube-system)".into(),
-                None,
-            ),
-            Ok(_) => r.push(
-                "gateway service",
-                Status::Warn,
-                "LoadBalancer, but no k3s ServiceLB DaemonSet (svclb-*) in kube-system: k3s \
-                 was started with --disable servicelb, or no LoadBalancer Service exists yet"
-                    .into(),
-                Some(
-                    "without a load balancer the provider's gateway gets no address: keep \
-                     ServiceLB, or set fabric.gateway_service_type = \"NodePort\""
-                        .into(),
-                ),
-            ),
-            Err(e) => r.push("gateway service", Status::Fail, e.to_string(), None),
-        }
-    } else {
-        r.push(
+    // The gateway server of a peering runs on the provider, with the Service type the
+    // consumer chose (`liqoctl peer --gw-server-service-type`): what matters here is whether
+    // this cluster can give a LoadBalancer Service an address, for consumers that ask one.
+    let asks = cfg.gateway_service_type.as_str();
+    let out = ask(
+        &fabric,
+        "list kube-system DaemonSets",
+        Tool::Kubectl,
+        &["get", "daemonsets.apps", "-n", "kube-system", "-o", "name"],
+    )
+    .await;
+    let own = format!(
+        "(as a consumer this node asks its providers for {asks}: that depends on each \
+         provider's cluster, not this one)"
+    );
+    match out {
+        Ok(out) if out.lines().any(|l| l.contains("svclb-")) => r.push(
             "gateway service",
             Status::Ok,
             format!(
-                "{service}: peers reach the gateway on a node port (UDP, 30000-32767 by default)"
+                "k3s ServiceLB runs here (svclb-* DaemonSets): consumers asking this provider \
+                 for a LoadBalancer gateway get an address {own}"
             ),
             None,
-        );
+        ),
+        Ok(_) => r.push(
+            "gateway service",
+            Status::Warn,
+            format!(
+                "no k3s ServiceLB DaemonSet (svclb-*) in kube-system: k3s was started with \
+                 --disable servicelb, or no LoadBalancer Service exists yet. As a provider, \
+                 the gateway server of a consumer asking LoadBalancer (Liqo's and fluidlet's \
+                 default) would get no address {own}"
+            ),
+            Some(
+                "keep ServiceLB on providers, or have their consumers set \
+                 fabric.gateway_service_type = \"NodePort\" (and open UDP 30000-32767 here)"
+                    .into(),
+            ),
+        ),
+        Err(e) => r.push("gateway service", Status::Fail, e.to_string(), None),
     }
     r
 }
@@ -347,5 +441,33 @@ mod tests {
         ] {
             assert!(!loopback_url(url), "{url}");
         }
+    }
+
+    #[test]
+    fn private_and_nated_api_servers_are_recognised() {
+        for url in [
+            "https://10.0.0.5:6443",
+            "https://172.16.3.4:6443",
+            "https://192.168.1.20:6443",
+            "https://100.64.0.9:6443",
+            "https://169.254.1.1:6443",
+            "https://[fd00::5]:6443",
+            "https://[fe80::1]:6443",
+        ] {
+            assert!(private_url(url), "{url}");
+        }
+        for url in [
+            "https://192.0.2.10:6443",
+            "https://203.0.113.7:6443",
+            "https://gw.example.org:6443",
+            "https://[2001:db8::1]:6443",
+            "https://100.128.0.1:6443",
+        ] {
+            assert!(!private_url(url), "{url}");
+        }
+        assert_eq!(
+            versions("Client version: v1.0.3\nServer version: v1.2.0\n"),
+            (Some("v1.0.3".into()), Some("v1.2.0".into()))
+        );
     }
 }

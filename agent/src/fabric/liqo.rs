@@ -1,16 +1,28 @@
 //! Liqo's names, in one place: every API group, kind, label, annotation, taint, namespace
 //! rule and `liqoctl` default the shim relies on.
 //!
-//! Each was read in Liqo's source at tag [`PINNED`] (the files are named in
-//! `tests/liqo/v1.0.3.toml`, which records the same facts as data); a unit test below and the
-//! conformance test in `tests/tests/liqo_fabric.rs` check these constants and every manifest
-//! the shim writes against that file. Nothing else in the crate spells a Liqo name.
+//! Each was read in Liqo's source at the tags of [`CHECKED`] (the files are named in
+//! `tests/liqo/v1.0.3.toml` and `tests/liqo/v1.2.0.toml`, which record the same facts as
+//! data); a unit test below and the conformance test in `tests/tests/liqo_fabric.rs` check
+//! these constants and every manifest the shim writes against both files. Nothing else in
+//! the crate spells a Liqo name.
 
 use crate::model::Id;
 use std::time::Duration;
 
-/// The Liqo release these names were checked against.
+/// The Liqo release the dry run reports, and the first one these names were checked against.
 pub const PINNED: &str = "v1.0.3";
+
+/// Every Liqo release these names were checked against, one facts file each: the shim
+/// supports their minor versions (1.0 and 1.2); the minor between them, 1.1, was not checked
+/// as a whole.
+pub const CHECKED: [&str; 2] = ["v1.0.3", "v1.2.0"];
+
+/// Whether `version`'s major.minor is one of [`CHECKED`]'s.
+pub fn checked_minor(version: &str) -> bool {
+    let m = minor_of(version);
+    m.is_some() && CHECKED.iter().any(|c| minor_of(c) == m)
+}
 
 /// `apiVersion` of Liqo's ResourceSlice (group `authentication.liqo.io`, version `v1beta1`).
 pub const RESOURCE_SLICE_API_VERSION: &str = "authentication.liqo.io/v1beta1";
@@ -45,6 +57,57 @@ pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
 /// Tenant namespaces are named `liqo-tenant-{cluster id}`.
 pub const TENANT_NAMESPACE_PREFIX: &str = "liqo-tenant-";
+
+/// The longest label value (and DNS-1123 label) Kubernetes accepts.
+pub const LABEL_VALUE_MAX: usize = 63;
+/// Liqo names the user of a slice's virtual kubelet `{slice}-{12 hex}` and the provider's
+/// ShadowPod webhook puts it, unshortened, in the label `liqo.io/creator-user` of every pod
+/// offloaded on the slice: the 13 characters a slice name must leave for it.
+pub const SLICE_USER_SUFFIX_LEN: usize = 13;
+/// The longest ResourceSlice (and virtual node) name whose derived names all stay valid.
+pub const MAX_SLICE_NAME: usize = LABEL_VALUE_MAX - SLICE_USER_SUFFIX_LEN;
+/// `liqoctl generate peering-user` names its CSR `liqo-peer-user-{consumer cluster id}` and
+/// labels the CSR and RoleBindings with that name.
+pub const PEER_USER_PREFIX: &str = "liqo-peer-user-";
+/// How long `liqoctl generate peering-user` itself waits for its CSR to be signed.
+pub const CSR_SIGNING_WAIT: Duration = Duration::from_secs(30);
+
+/// The namespace mapping fluidlet asks `liqoctl offload namespace` for, with the remote name
+/// it chooses (see [`crate::fabric::remote_namespace`]): Liqo's `DefaultName` rule made
+/// explicit, so that a name too long for it is shortened rather than refused.
+pub const NAMESPACE_MAPPING: &str = "SelectedName";
+/// Pods of an offloaded namespace run only on virtual nodes.
+pub const POD_OFFLOADING: &str = "Remote";
+
+/// `liqoctl force unpeer` exists from this version on (1.1).
+pub const FORCE_UNPEER_SINCE: (u32, u32) = (1, 1);
+
+/// What is wrong with `id` as a Liqo cluster id in the role given, for the names Liqo derives
+/// from it: the tenant namespace `liqo-tenant-{id}` on the other cluster, and, for a
+/// consumer, the peering user `liqo-peer-user-{id}` on its provider (a label value). `None`
+/// when it is fine.
+pub fn cluster_id_problem(id: &str, consumer: bool) -> Option<String> {
+    if !valid_cluster_id(id) {
+        return Some(format!(
+            "{id:?} is not a cluster id Liqo accepts (lower-case letters, digits and '-', at              most 63)"
+        ));
+    }
+    let (prefix, what) = if consumer {
+        (PEER_USER_PREFIX, "its peering user's label on the provider")
+    } else {
+        (
+            TENANT_NAMESPACE_PREFIX,
+            "its tenant namespace on the consumer",
+        )
+    };
+    let longest = LABEL_VALUE_MAX - prefix.len();
+    (id.len() > longest).then(|| {
+        format!(
+            "cluster id {id:?} is {} characters: Liqo names {what} {prefix}{id}, at most              {LABEL_VALUE_MAX} characters, so it may have at most {longest}",
+            id.len()
+        )
+    })
+}
 
 /// `liqoctl peer --timeout` default (10 min) and `unpeer --timeout` default (120 s).
 pub const PEER_DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -143,10 +206,31 @@ mod tests {
         }
     }
 
-    /// The constants above against the facts file: a change on either side fails here.
+    #[test]
+    fn cluster_ids_leave_room_for_the_names_liqo_derives() {
+        assert_eq!(MAX_SLICE_NAME, 50);
+        let c48 = "c".repeat(48);
+        assert_eq!(cluster_id_problem(&c48, true), None);
+        let e = cluster_id_problem(&"c".repeat(49), true).unwrap();
+        assert!(e.contains("liqo-peer-user-") && e.contains("48"), "{e}");
+        assert_eq!(cluster_id_problem(&"p".repeat(51), false), None);
+        assert!(cluster_id_problem(&"p".repeat(52), false).is_some());
+        assert!(cluster_id_problem("Gw", false).is_some());
+        assert!(checked_minor("v1.0.1") && checked_minor("v1.2.3"));
+        assert!(!checked_minor("v1.1.2") && !checked_minor("0123abcd"));
+    }
+
+    /// The constants above against both facts files: a change on either side fails here.
     #[test]
     fn names_are_the_pinned_facts() {
-        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/liqo/v1.0.3.toml");
+        for tag in CHECKED {
+            names_are_the_facts_of(tag);
+        }
+    }
+
+    fn names_are_the_facts_of(tag: &str) {
+        let file = format!("{}/../tests/liqo/{tag}.toml", env!("CARGO_MANIFEST_DIR"));
+        let file = file.as_str();
         let text = std::fs::read_to_string(file).unwrap();
         let facts: toml::Table = toml::from_str(&text).unwrap();
         let get = |path: &str| -> String {
@@ -156,7 +240,24 @@ mod tests {
             }
             render(v)
         };
-        assert_eq!(get("liqo_tag"), PINNED);
+        assert_eq!(get("liqo_tag"), tag);
+        assert_eq!(
+            get("liqoctl.generate_peering_user.csr_signing_wait_secs"),
+            CSR_SIGNING_WAIT.as_secs().to_string()
+        );
+        assert_eq!(
+            get("liqoctl.generate_peering_user.csr_name"),
+            format!("{PEER_USER_PREFIX}{{consumer cluster id}}")
+        );
+        assert_eq!(
+            get("liqoctl.offload.selector_label"),
+            LABEL_REMOTE_CLUSTER_ID
+        );
+        assert!(get("liqoctl.offload.mapping_strategies").contains(NAMESPACE_MAPPING));
+        let force = facts["liqoctl"]["force_unpeer"]["present"]
+            .as_bool()
+            .unwrap();
+        assert_eq!(force, minor_of(tag) >= Some(FORCE_UNPEER_SINCE), "{tag}");
         assert_eq!(
             format!(
                 "{}/{}",

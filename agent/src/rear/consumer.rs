@@ -452,19 +452,23 @@ fn new_request<'a>(
     Ok((guard, rx, msg))
 }
 
-/// Sends `body` to `to` and waits for the answer, resending up to the configured attempts.
-/// The request must be idempotent on the receiving side (all of REAR's are).
+/// Sends `body` to `to` and waits for the answer, resending it every `timeout` up to the
+/// configured attempts, always under the same message id: an answer to any of the sends is
+/// taken, and a receiver still working on the first (a provider's peering grant) recognises
+/// the resend. The request must be idempotent on the receiving side (all of REAR's are).
 pub(crate) async fn ask(
     shared: &Shared,
     to: &Id,
     body: Body,
     timeout: Duration,
 ) -> Result<Body, RearError> {
-    for _ in 0..shared.cfg.reserve_attempts {
-        let (_guard, rx, msg) = new_request(shared, to, body.clone())?;
+    let (_guard, mut rx, msg) = new_request(shared, to, body)?;
+    for _ in 0..shared.cfg.reserve_attempts.max(1) {
         shared.publish(shared.topics.to(to), false, &msg).await?;
-        if let Ok(Ok(answer)) = tokio::time::timeout(timeout, rx).await {
-            return Ok(answer);
+        match tokio::time::timeout(timeout, &mut rx).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(_)) => break,
+            Err(_) => {}
         }
     }
     Err(RearError::Timeout(to.to_string()))
@@ -529,7 +533,26 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
             contract.id
         ),
     );
-    let grant = match ask(shared, seller, request, shared.cfg.reserve_timeout).await? {
+    // The seller's grant runs `liqoctl generate peering-user`, which waits for its CSR to be
+    // signed: the request gets the fabric's peering request timeout in all, not the
+    // reservation's, resent under the same id in between (the seller joins a resend to the
+    // grant in progress).
+    let total = shared.fabric.peer_request_timeout();
+    let every = total / shared.cfg.reserve_attempts.max(1);
+    let answer = match ask(shared, seller, request, every).await {
+        Err(RearError::Timeout(_)) => {
+            return Err(RearError::Refused {
+                provider: seller.to_string(),
+                code: None,
+                text: format!(
+                    "no answer to PEER_REQUEST within {} s (fabric.peer_request_timeout_secs)",
+                    total.as_secs()
+                ),
+            })
+        }
+        other => other?,
+    };
+    let grant = match answer {
         Body::PeerAccept(g) if g.contract == contract.id => g,
         Body::Error(e) => return Err(refused(seller, &e)),
         other => {
@@ -669,22 +692,53 @@ pub(crate) async fn release(shared: &Shared, contract: &Id) -> Result<Contract, 
     }
 }
 
-/// Removes the fabric objects of a bought contract (best effort: a failure is logged).
-pub(crate) async fn teardown_bought(shared: &Shared, c: &Contract) {
+/// Removes the fabric objects of a bought contract (best effort: a failure is logged). The
+/// whole peering goes only when no other live contract uses it ([`Shared::peering_in_use`]);
+/// when that cannot be read, only the contract's own ResourceSlice goes. True when the
+/// contract was peered and its teardown succeeded.
+pub(crate) async fn teardown_bought(shared: &Shared, c: &Contract) -> bool {
     let Ok(Some(grant)) = shared.tables.peer_grant(&c.id) else {
-        return;
+        return false;
     };
-    let others = shared.peering_in_use(c);
+    let last = match shared.peering_in_use(c) {
+        Ok(in_use) => !in_use,
+        Err(e) => {
+            error!(contract = %c.id, error = %e, "cannot read contracts; the peering is kept");
+            false
+        }
+    };
     let identity = shared.fabric.identity_path(&grant.cluster_id);
     let plan = crate::fabric::plan_teardown_consumer(
         c,
         &grant.cluster_id,
         Some(&identity),
-        !others,
+        last,
         shared.fabric.ready_timeout(),
     );
-    if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
-        warn!(contract = %c.id, error = %e, "peering teardown failed");
+    match shared.fabric.execute(c.id.as_str(), &plan).await {
+        Ok(_) => true,
+        Err(e) => {
+            warn!(contract = %c.id, error = %e, "peering teardown failed");
+            false
+        }
+    }
+}
+
+/// A bought contract that ended by expiry (here, or as the seller said): its side is torn
+/// down, then, if it was peered and the teardown succeeded, the seller is sent RELEASE for it
+/// (not waited for), which tells it this side has unpeered and it may delete the peering user
+/// now rather than after its grace. (A seller whose clock is behind still holds the contract
+/// live: it releases it. It answers RELEASED, or NO_CONTRACT once it has forgotten the
+/// contract.)
+pub(crate) async fn expired_bought(shared: &Shared, c: &Contract) {
+    if !teardown_bought(shared, c).await {
+        return;
+    }
+    let body = Body::Release(ContractRef {
+        contract: c.id.clone(),
+    });
+    if let Err(e) = shared.send(&c.seller, None, body).await {
+        warn!(contract = %c.id, seller = %c.seller, error = %e, "could not tell the seller the peering is gone");
     }
 }
 
@@ -748,7 +802,7 @@ async fn renew(shared: &Shared, c: &Contract) {
                 .end_contract(&c.id, ContractState::Expired, unix_ms())
                 .await
             {
-                Ok(Some(_)) => teardown_bought(shared, c).await,
+                Ok(Some(_)) => expired_bought(shared, c).await,
                 Ok(None) => {}
                 Err(e) => error!(contract = %c.id, error = %e, "expiry failed"),
             }

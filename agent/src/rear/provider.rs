@@ -16,7 +16,7 @@ use super::NETWORK_NOTE;
 use crate::discovery;
 use crate::metrics::Answer;
 use crate::model::{Contract, ContractState, FlavourList, Id, ReserveRequest};
-use crate::shared::Shared;
+use crate::shared::{Flight, QueuedGrant, Shared, MAX_GRANT_WAITERS};
 use crate::tables::{Decided, Reservation, TableError};
 use crate::unix_ms;
 use crate::wire::{Body, ContractRef, ErrorBody, ErrorCode, Flavours, PeerAccept, PeerRequest};
@@ -199,7 +199,8 @@ fn sold_to(shared: &Shared, id: &Id, buyer: &Id) -> Result<crate::model::Contrac
 
 /// Virtual Fabric Manager, provider side (workflow steps 23-26): a peering is granted only for
 /// a signed, live contract of the node asking; anything else is refused. A repeated request
-/// gets the first grant again (the peering user cannot be generated twice).
+/// gets the first grant again (the peering user cannot be generated twice): once recorded,
+/// from the tables; while the grant still runs, by joining it (see [`crate::shared::Flight`]).
 pub(crate) async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req: PeerRequest) {
     let c = match sold_to(shared, &req.contract, &from) {
         Ok(c) if matches!(c.state, ContractState::Reserved | ContractState::Active) => c,
@@ -226,54 +227,207 @@ pub(crate) async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req
         }
         return;
     }
-    let Ok(permit) = shared.peerings.clone().try_acquire_owned() else {
-        return answer_error(
-            shared,
-            &from,
-            Some(id),
-            ErrorCode::Busy,
-            "too many peerings in progress",
-        )
-        .await;
+    let cluster = req.cluster_id.clone();
+    let (who, asked) = (from.clone(), id);
+    let first = QueuedGrant {
+        from,
+        id,
+        request: req,
+        recipient,
+    };
+    // One grant at a time per consumer cluster: join the one in progress, or start one. The
+    // lock is never held across an await; a poisoned one (a panic elsewhere) is still a map.
+    let start = {
+        let mut flights = shared.flights.lock().unwrap_or_else(|p| p.into_inner());
+        match flights.get_mut(&cluster) {
+            Some(f) if f.waiters() >= MAX_GRANT_WAITERS => {
+                Err("too many requests for this cluster's peering")
+            }
+            Some(f) => {
+                if f.contract == c.id {
+                    f.answer.push((first.from, first.id));
+                } else {
+                    f.queued.push(first);
+                }
+                return;
+            }
+            None => match shared.peerings.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    flights.insert(
+                        cluster.clone(),
+                        Flight {
+                            contract: c.id.clone(),
+                            answer: vec![(first.from.clone(), first.id)],
+                            queued: Vec::new(),
+                        },
+                    );
+                    Ok((first, permit))
+                }
+                Err(_) => Err("too many peerings in progress"),
+            },
+        }
+    };
+    let (first, permit) = match start {
+        Ok(started) => started,
+        Err(text) => return answer_error(shared, &who, Some(asked), ErrorCode::Busy, text).await,
     };
     let shared = shared.clone();
     // The fabric may take seconds: the node task goes on serving meanwhile.
     tokio::spawn(async move {
         let _permit = permit;
-        shared.step(
-            23,
-            "Virtual Fabric Manager",
-            format_args!(
-                "contract {} signed with {from} found: granting the peering to cluster {}",
-                c.id, req.cluster_id
-            ),
-        );
-        let grant = match grant_peering(&shared, &c, &req, recipient.as_ref()).await {
-            Ok(g) => g,
-            Err((code, text)) => {
-                error!(contract = %c.id, "peering grant failed: {text}");
-                return answer_error(&shared, &from, Some(id), code, &text).await;
-            }
-        };
-        shared.step(
-            24,
-            "Virtual Fabric Manager",
-            format_args!("peering for {} granted; REAR Manager informed", c.id),
-        );
-        shared.step(
-            25,
-            "REAR Manager",
-            format_args!("Node allocation {} active", c.id),
-        );
-        match shared.send(&from, Some(id), Body::PeerAccept(grant)).await {
-            Ok(_) => shared.step(
-                26,
-                "Virtual Fabric Manager",
-                format_args!("peering artefacts (Liqo ResourceOffer) sent to {from}"),
-            ),
-            Err(e) => warn!(%from, error = %e, "could not send PEER_ACCEPT"),
+        let mut next = Some(first);
+        while let Some(g) = next.take() {
+            let outcome = grant_one(&shared, &g).await;
+            // Who asked for this contract meanwhile, and what comes next for the cluster.
+            let (answer, queued) = {
+                let mut flights = shared.flights.lock().unwrap_or_else(|p| p.into_inner());
+                next_in_flight(&mut flights, &cluster)
+            };
+            answer_all(&shared, &answer, &outcome).await;
+            next = queued;
         }
     });
+}
+
+/// After a grant for `cluster`: the requests to answer with its outcome, and the next
+/// queued request (whose contract becomes the flight's), or the flight's end.
+fn next_in_flight(
+    flights: &mut std::collections::HashMap<Id, Flight>,
+    cluster: &Id,
+) -> (Vec<(Id, u64)>, Option<QueuedGrant>) {
+    let Some(f) = flights.get_mut(cluster) else {
+        return (Vec::new(), None);
+    };
+    let answer = std::mem::take(&mut f.answer);
+    if f.queued.is_empty() {
+        flights.remove(cluster);
+        return (answer, None);
+    }
+    let next = f.queued.remove(0);
+    let contract = next.request.contract.clone();
+    let mut same = Vec::new();
+    f.queued.retain(|q| {
+        let join = q.request.contract == contract;
+        if join {
+            same.push((q.from.clone(), q.id));
+        }
+        !join
+    });
+    f.contract = contract;
+    f.answer = std::iter::once((next.from.clone(), next.id))
+        .chain(same)
+        .collect();
+    (answer, Some(next))
+}
+
+/// One grant of a flight: the request's contract checked again (it may have ended while
+/// it waited), its recorded grant if any, else a new one.
+async fn grant_one(shared: &Shared, g: &QueuedGrant) -> Result<PeerAccept, (ErrorCode, String)> {
+    let c = match sold_to(shared, &g.request.contract, &g.from) {
+        Ok(c) if matches!(c.state, ContractState::Reserved | ContractState::Active) => c,
+        Ok(c) => {
+            return Err((
+                ErrorCode::NoContract,
+                format!("contract {} is {:?}", c.id, c.state),
+            ))
+        }
+        Err(text) => return Err((ErrorCode::NoContract, text)),
+    };
+    if let Ok(Some(grant)) = shared.tables.peer_grant(&c.id) {
+        return Ok(grant);
+    }
+    shared.step(
+        23,
+        "Virtual Fabric Manager",
+        format_args!(
+            "contract {} signed with {} found: granting the peering to cluster {}",
+            c.id, g.from, g.request.cluster_id
+        ),
+    );
+    let grant = grant_peering(shared, &c, &g.request, g.recipient.as_ref()).await;
+    match &grant {
+        Ok(_) => {
+            shared.step(
+                24,
+                "Virtual Fabric Manager",
+                format_args!("peering for {} granted; REAR Manager informed", c.id),
+            );
+            shared.step(
+                25,
+                "REAR Manager",
+                format_args!("Node allocation {} active", c.id),
+            );
+        }
+        Err((_, text)) => error!(contract = %c.id, "peering grant failed: {text}"),
+    }
+    grant
+}
+
+/// Sends one grant's outcome to everyone who asked for it.
+async fn answer_all(
+    shared: &Shared,
+    to: &[(Id, u64)],
+    outcome: &Result<PeerAccept, (ErrorCode, String)>,
+) {
+    for (from, id) in to {
+        match outcome {
+            Ok(grant) => {
+                match shared
+                    .send(from, Some(*id), Body::PeerAccept(grant.clone()))
+                    .await
+                {
+                    Ok(_) => shared.step(
+                        26,
+                        "Virtual Fabric Manager",
+                        format_args!("peering artefacts (Liqo ResourceOffer) sent to {from}"),
+                    ),
+                    Err(e) => warn!(%from, error = %e, "could not send PEER_ACCEPT"),
+                }
+            }
+            Err((code, text)) => answer_error(shared, from, Some(*id), *code, text).await,
+        }
+    }
+}
+
+/// Whether consumer cluster `cluster` may be given a new peering user for `c`, and whether
+/// one left from an ended grant to the same buyer must be deleted first (`Ok(true)`). A
+/// cluster granted to another buyer's live contract is refused: its user is that buyer's.
+fn fresh_user_needed(
+    shared: &Shared,
+    c: &Contract,
+    cluster: &Id,
+) -> Result<bool, (ErrorCode, String)> {
+    let storage = |e: TableError| {
+        (
+            ErrorCode::Storage,
+            format!("could not read the peerings: {e}"),
+        )
+    };
+    let me = shared.me();
+    let mut candidates = Vec::new();
+    shared
+        .tables
+        .each_contract(|o| {
+            let live = matches!(o.state, ContractState::Reserved | ContractState::Active);
+            if o.id != c.id && &o.seller == me && (live || o.buyer == c.buyer) {
+                candidates.push((o.id, o.buyer, live));
+            }
+        })
+        .map_err(storage)?;
+    let mut stale = false;
+    for (id, buyer, live) in candidates {
+        if shared.tables.peer_cluster(&id).map_err(storage)?.as_ref() != Some(cluster) {
+            continue;
+        }
+        if live && buyer != c.buyer {
+            return Err((
+                ErrorCode::PeeringFailed,
+                format!("cluster {cluster} is peered for another buyer's contract"),
+            ));
+        }
+        stale |= !live;
+    }
+    Ok(stale)
 }
 
 /// Step 23's work: the peering user (unless the buyer already peers with us), this cluster's
@@ -285,17 +439,36 @@ async fn grant_peering(
     recipient: Option<&p256::PublicKey>,
 ) -> Result<PeerAccept, (ErrorCode, String)> {
     let failed = |e: &dyn std::fmt::Display| (ErrorCode::PeeringFailed, e.to_string());
+    let storage = |e: TableError| {
+        (
+            ErrorCode::Storage,
+            format!("could not record the peering: {e}"),
+        )
+    };
+    if let Some(why) = crate::fabric::liqo::cluster_id_problem(req.cluster_id.as_str(), true) {
+        return Err((ErrorCode::PeeringFailed, why));
+    }
     let version = shared.fabric.liqo_version().await.map_err(|e| failed(&e))?;
     let theirs = req.liqo_version.as_ref().map(|v| v.as_str());
     crate::fabric::check_liqo_version(&version, theirs)
         .map_err(|text| (ErrorCode::PeeringFailed, text))?;
-    let reuse = shared.peering_in_use(c);
-    let plan = crate::fabric::plan_grant(&req.cluster_id, reuse);
-    let out = shared
-        .fabric
-        .execute(c.id.as_str(), &plan)
-        .await
-        .map_err(|e| failed(&e))?;
+    let reuse = shared.peering_in_use(c).map_err(storage)?;
+    let stale = !reuse && fresh_user_needed(shared, c, &req.cluster_id)?;
+    let plan = shared.fabric.plan_grant(&req.cluster_id, reuse, stale);
+    let out = match shared.fabric.execute(c.id.as_str(), &plan).await {
+        Ok(out) => out,
+        Err(e) => {
+            if let crate::fabric::FabricError::Timeout { .. } = e {
+                // A generate killed while it waited left its CSR: remove the half-made user,
+                // or every later grant for this cluster would fail on it.
+                let undo = crate::fabric::plan_teardown_provider(&req.cluster_id, true);
+                if let Err(u) = shared.fabric.execute(c.id.as_str(), &undo).await {
+                    warn!(contract = %c.id, error = %u, "could not remove a half-made peering user");
+                }
+            }
+            return Err(failed(&e));
+        }
+    };
     let identity = match plan.is_empty() {
         true => None,
         false => Some(
@@ -316,12 +489,6 @@ async fn grant_peering(
         identity,
         liqo_version: crate::model::Text::new(&version).ok(),
         sealed,
-    };
-    let storage = |e: TableError| {
-        (
-            ErrorCode::Storage,
-            format!("could not record the peering: {e}"),
-        )
     };
     shared.tables.put_peer_grant(&grant).map_err(storage)?;
     shared
@@ -356,14 +523,12 @@ pub(crate) async fn on_release(shared: &Shared, from: &Id, id: u64, r: ContractR
             if let Err(e) = shared.publish_advert().await {
                 warn!(error = %e, "could not re-publish the advert");
             }
-            let others = shared.peering_in_use(&c);
-            let consumer_cluster = shared.tables.peer_cluster(&c.id).ok().flatten();
-            if let Some(cluster) = consumer_cluster {
-                let plan = crate::fabric::plan_teardown_provider(&cluster, !others);
-                if let Err(e) = shared.fabric.execute(c.id.as_str(), &plan).await {
-                    warn!(contract = %c.id, error = %e, "peering teardown failed");
-                }
-            }
+            crate::terms::teardown_sold(shared, &c).await;
+        }
+        // An expired contract released by its buyer: the buyer has unpeered (it releases
+        // after its own teardown), so the peering user need not wait out the grace.
+        Ok(None) if c.state == ContractState::Expired => {
+            crate::terms::teardown_sold(shared, &c).await;
         }
         Ok(None) => {}
         Err(e) => {

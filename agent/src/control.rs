@@ -106,7 +106,10 @@ pub enum ControlError {
     Decode(String),
 }
 
-async fn write_frame<T: Encode<()>>(s: &mut UnixStream, v: &T) -> Result<(), ControlError> {
+async fn write_frame<T: Encode<()>>(
+    s: &mut (impl tokio::io::AsyncWrite + Unpin),
+    v: &T,
+) -> Result<(), ControlError> {
     let bytes = minicbor::to_vec(v).unwrap_or_default();
     let len = u32::try_from(bytes.len()).map_err(|_| ControlError::TooLarge {
         len: bytes.len(),
@@ -195,7 +198,7 @@ pub(crate) async fn serve(
     let _ = std::fs::remove_file(&shared.cfg.control_socket);
 }
 
-async fn client(shared: &Shared, mut s: UnixStream) -> Result<(), ControlError> {
+async fn client(shared: &Arc<Shared>, mut s: UnixStream) -> Result<(), ControlError> {
     while let Some(req) = read_frame::<Request>(&mut s, MAX_REQUEST).await? {
         match req {
             Request::Submit(spec) => submit(shared, &mut s, *spec).await?,
@@ -229,41 +232,73 @@ async fn client(shared: &Shared, mut s: UnixStream) -> Result<(), ControlError> 
     Ok(())
 }
 
-async fn submit(shared: &Shared, s: &mut UnixStream, spec: IntentSpec) -> Result<(), ControlError> {
+/// Submits an intent and follows it: one frame per workflow step, then the intent as it
+/// ended. The intent belongs to the node ([`crate::orchestrator::submit`]): a client that
+/// goes away only stops the following.
+async fn submit(
+    shared: &Arc<Shared>,
+    s: &mut UnixStream,
+    spec: IntentSpec,
+) -> Result<(), ControlError> {
     let mut steps = shared.steps.subscribe();
-    let run = crate::orchestrator::submit(shared, spec);
-    tokio::pin!(run);
+    let (intent, mut done) = match crate::orchestrator::submit(shared, spec).await {
+        Ok(r) => r,
+        Err(e) => return write_frame(s, &Response::Error(e.to_string())).await,
+    };
+    let followed = follow(s, &mut steps, &mut done).await;
+    if let Err(e) = &followed {
+        info!(
+            intent = %intent.id,
+            "the control client stopped following ({e}); the node finishes the intent (fluidlet intent show {})",
+            intent.id
+        );
+    }
+    followed
+}
+
+async fn follow(
+    s: &mut UnixStream,
+    steps: &mut tokio::sync::broadcast::Receiver<crate::Step>,
+    done: &mut tokio::sync::oneshot::Receiver<crate::model::Intent>,
+) -> Result<(), ControlError> {
+    let step_frame = |st: crate::Step| Response::Step {
+        number: st.number,
+        element: Text::new(st.element).unwrap_or_default(),
+        text: st.text,
+    };
+    let (mut rd, mut s) = s.split();
+    let mut probe = [0u8; 1];
     let result = loop {
-        // Cancel safety: `run` is pinned and polled to completion across iterations; a step
-        // received is written before the next one is taken.
+        // Cancel safety: `done` is a oneshot receiver, polled again until it answers; a step
+        // received is written before the next one is taken; the probe read only learns
+        // that the client hung up (it sends nothing while it follows).
         tokio::select! {
-            r = &mut run => break r,
+            r = &mut *done => break r,
             step = steps.recv() => {
                 if let Ok(st) = step {
-                    let frame = Response::Step {
-                        number: st.number,
-                        element: Text::new(st.element).unwrap_or_default(),
-                        text: st.text,
-                    };
-                    write_frame(s, &frame).await?;
+                    write_frame(&mut s, &step_frame(st)).await?;
                 }
+            }
+            n = rd.read(&mut probe) => {
+                let why = match n? {
+                    0 => "the client hung up",
+                    _ => "the client sent a request while following an intent",
+                };
+                return Err(ControlError::Io(std::io::Error::other(why)));
             }
         }
     };
     // Steps reported just before the end.
     while let Ok(st) = steps.try_recv() {
-        let frame = Response::Step {
-            number: st.number,
-            element: Text::new(st.element).unwrap_or_default(),
-            text: st.text,
-        };
-        write_frame(s, &frame).await?;
+        write_frame(&mut s, &step_frame(st)).await?;
     }
     let r = match result {
         Ok(i) => Response::Intent(Box::new(i)),
-        Err(e) => Response::Error(e.to_string()),
+        Err(_) => Response::Error(
+            "the node is stopping; the intent resumes where it is at the next start".into(),
+        ),
     };
-    write_frame(s, &r).await
+    write_frame(&mut s, &r).await
 }
 
 pub(crate) fn status(shared: &Shared) -> StatusReport {

@@ -587,6 +587,24 @@ impl IntentState {
     pub fn is_final(self) -> bool {
         matches!(self, IntentState::Placed | IntentState::Failed)
     }
+
+    /// The state's name as `intent list` and the log show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            IntentState::Submitted => "Submitted",
+            IntentState::Reserving => "Reserving",
+            IntentState::Peering => "Peering",
+            IntentState::Deploying => "Deploying",
+            IntentState::Placed => "Placed",
+            IntentState::Failed => "Failed",
+        }
+    }
+}
+
+impl std::fmt::Display for IntentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A service request (workflow step 1): a workload, what it needs, and where it got to.

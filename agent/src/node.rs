@@ -8,7 +8,7 @@
 //! contract enforcement in Liqo (`rear::provider::enforce_sales`), the renewal of terms
 //! (`rear::consumer::keep_renewed`), the metrics file writer (`metrics::export`, when `[metrics]
 //! textfile` is set) and one task per intent a previous run left unfinished
-//! (`orchestrator::resume`).
+//! (`orchestrator::own`), as each newly submitted intent has.
 //!
 //! The node task handles inbound messages one at a time. Handling them one at a time is deliberate:
 //! a reservation's check and its durable write then never interleave with another one on
@@ -84,6 +84,7 @@ impl Agent {
             observer,
             status_rx,
             fabric,
+            stop_rx.clone(),
         )?;
         shared.sealing = sealing;
         let shared = Arc::new(shared);
@@ -136,8 +137,7 @@ impl Agent {
             tasks.push(tokio::spawn(export));
         }
         for intent in orchestrator::unfinished(&shared)? {
-            let run = orchestrator::resume(shared.clone(), intent, stop_rx.clone());
-            tasks.push(tokio::spawn(run));
+            orchestrator::own(&shared, intent, None);
         }
         info!(node = %shared.me(), domain = %shared.cfg.domain, "fluidlet node started");
         Ok(Agent {
@@ -189,7 +189,13 @@ impl Agent {
         &self,
         spec: orchestrator::IntentSpec,
     ) -> Result<crate::model::Intent, AgentError> {
-        orchestrator::submit(&self.shared, spec).await
+        let (intent, done) = orchestrator::submit(&self.shared, spec).await?;
+        done.await.map_err(|_| {
+            AgentError::Other(format!(
+                "the node stopped before intent {} ended; it resumes at the next start",
+                intent.id
+            ))
+        })
     }
 
     /// Releases a contract this node bought (RELEASE to the seller, peering torn down).
@@ -210,6 +216,8 @@ impl Agent {
         for t in self.tasks {
             let _ = t.await;
         }
+        let mut owned = self.shared.take_owned();
+        while owned.join_next().await.is_some() {}
         if let Err(e) = self.shared.tables.flush().await {
             error!(error = %e, "final flush failed");
         }
@@ -224,6 +232,7 @@ impl Agent {
         for t in self.tasks {
             t.abort();
         }
+        self.shared.take_owned().abort_all();
     }
 }
 

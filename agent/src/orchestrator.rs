@@ -2,7 +2,7 @@
 //! handing over to the REAR Manager only when nothing local fits.
 //!
 //! An intent moves through [`IntentState`]s and is written to the `intents` table at every
-//! move, so an agent restarted mid-intent picks it up where it was ([`unfinished`], [`resume`]): a reservation
+//! move, so an agent restarted mid-intent picks it up where it was ([`unfinished`], [`own`]): a reservation
 //! in progress is retried, a contract waiting for peering is peered, a deployment is applied
 //! again (`kubectl apply` is idempotent).
 //!
@@ -27,7 +27,7 @@ use minicbor::{Decode, Encode};
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 /// What a user asks for: the intent file, parsed (see `docs/intents.md`).
@@ -313,6 +313,8 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     let mut status = shared.status.clone();
                     if status.wait_for(|s| s.connected).await.is_err() {
                         fail(&mut intent, &format!("the broker connection ended: {why}"));
+                    } else {
+                        info!(intent = %intent.id, "domain broker reachable again: the reservation goes on");
                     }
                     continue;
                 }
@@ -459,11 +461,18 @@ async fn offload_for(shared: &Shared, intent: &Intent) -> Result<crate::fabric::
     })
 }
 
-/// Workflow step 1: stores a new intent, then drives it to its end.
-pub(crate) async fn submit(shared: &Shared, spec: IntentSpec) -> Result<Intent, AgentError> {
+/// Workflow step 1: stores a new intent and hands it to the node, which drives it to its
+/// end on its own ([`own`]): whatever the caller does next (a control client that goes
+/// away, a CLI cut off by Ctrl-C or `| head`), the intent goes on. The receiver gets the
+/// intent as it ended; it is dropped unanswered if the node stops first (the intent then
+/// resumes at the next start).
+pub(crate) async fn submit(
+    shared: &Arc<Shared>,
+    spec: IntentSpec,
+) -> Result<(Intent, oneshot::Receiver<Intent>), AgentError> {
     let n = shared.tables.generate_id()?;
     let now = unix_ms();
-    let mut intent = Intent {
+    let intent = Intent {
         id: Id::new(&format!("i{n}")).map_err(|e| AgentError::Other(e.to_string()))?,
         name: spec.name,
         namespace: spec.namespace,
@@ -487,36 +496,54 @@ pub(crate) async fn submit(shared: &Shared, spec: IntentSpec) -> Result<Intent, 
             intent.manifest.as_str().len()
         ),
     );
-    intent = drive(shared, intent).await;
-    Ok(intent)
+    info!(intent = %intent.id, name = %intent.name, "intent accepted: the node drives it to its end");
+    let (tx, rx) = oneshot::channel();
+    own(shared, intent.clone(), Some(tx));
+    Ok((intent, rx))
 }
 
-/// The intents a previous run left unfinished; the node resumes each with [`resume`].
+/// The intents a previous run left unfinished; the node resumes each with [`own`].
 pub(crate) fn unfinished(shared: &Shared) -> Result<Vec<Intent>, AgentError> {
     let mut v = Vec::new();
     for intent in shared.tables.intents()? {
         if intent.state.is_final() {
             continue;
         }
-        info!(intent = %intent.id, state = ?intent.state, "resuming an unfinished intent");
+        info!(intent = %intent.id, state = %intent.state, "resuming an unfinished intent");
         v.push(intent);
     }
     Ok(v)
 }
 
-/// Drives an unfinished intent on from where it stopped, once the broker is reachable.
-pub(crate) async fn resume(shared: Arc<Shared>, intent: Intent, mut stop: watch::Receiver<bool>) {
-    let mut status = shared.status.clone();
-    // Cancel safety: every state change is stored before the next await, so a stop
-    // here loses at most the step in progress, which the next start repeats.
-    tokio::select! {
-        _ = stop.changed() => {}
-        _ = async {
-            if status.wait_for(|s| s.connected).await.is_ok() {
-                drive(&shared, intent).await;
+/// Drives `intent` to its end as one of the node's own tasks ([`Shared::own`]), until the
+/// node stops; `done`, if given, gets the intent as it ended.
+pub(crate) fn own(shared: &Arc<Shared>, intent: Intent, done: Option<oneshot::Sender<Intent>>) {
+    let sh = shared.clone();
+    let mut stop = shared.stop.clone();
+    shared.own(async move {
+        let id = intent.id.clone();
+        // Cancel safety: every state change is stored before the next await, so a stop
+        // here loses at most the step in progress, which the next start repeats.
+        let resumed = intent.state != IntentState::Submitted;
+        let run = async {
+            // A resumed intent is past its local lookup: its next step needs the broker.
+            let mut status = sh.status.clone();
+            if resumed && status.wait_for(|s| s.connected).await.is_err() {
+                return None;
             }
-        } => {}
-    }
+            Some(drive(&sh, intent).await)
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {
+                info!(intent = %id, "node stopping: the intent resumes where it is at the next start");
+            }
+            Some(end) = run => {
+                if let Some(tx) = done {
+                    let _ = tx.send(end);
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]

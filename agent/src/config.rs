@@ -40,6 +40,36 @@ pub(crate) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> C
     }
 }
 
+/// Checks a log filter as `fluidlet run` reads it (tracing's targets syntax): a list of
+/// `LEVEL` or `TARGET=LEVEL`, comma-separated. A bare word that is not a level would parse
+/// as a target enabled at every level with everything else off, so the agent would log
+/// nothing at all: it is refused.
+pub fn log_filter(spec: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let level = |l: &str| LEVELS.contains(&l.to_ascii_lowercase().as_str());
+    let target = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-')
+    };
+    if spec.trim().is_empty() {
+        return Err("is empty: use a level (trace, debug, info, warn, error, off)".into());
+    }
+    for d in spec.split(',').map(str::trim) {
+        let ok = match d.split_once('=') {
+            Some((t, l)) => target(t) && level(l),
+            None => level(d),
+        };
+        if !ok {
+            return Err(format!(
+                "\"{d}\" is not a level (trace, debug, info, warn, error, off) or TARGET=LEVEL \
+                 (e.g. \"fluidlet=debug,info\")"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Why [`read_bounded`] failed.
 #[derive(Debug)]
 pub enum ReadError {
@@ -504,6 +534,20 @@ fn positive(field: &str, v: u64) -> Result<u64, ConfigError> {
     Ok(v)
 }
 
+/// An ISO 4217 currency code: three capital letters (`EUR`, `USD`, `CHF`), as the protocol's
+/// Price says (docs/protocol.md); buyers compare prices only in one currency.
+fn currency(field: &str, v: &str) -> Result<Text<8>, ConfigError> {
+    if v.len() != 3 || !v.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(invalid(
+            field,
+            format!(
+                "\"{v}\" is not an ISO 4217 currency code: three capital letters, e.g. \"EUR\""
+            ),
+        ));
+    }
+    text(field, v)
+}
+
 /// Parses a decimal price (`"1.50"`) into millionths of the currency unit.
 pub(crate) fn price_micros(field: &str, s: &str) -> Result<u64, ConfigError> {
     let bad = || {
@@ -628,7 +672,7 @@ impl RawOffer {
             partitionability,
             price: Price {
                 amount: price_micros(&f("price"), &self.price)?,
-                currency: text(&f("currency"), &self.currency)?,
+                currency: currency(&f("currency"), &self.currency)?,
                 period: text(&f("period"), self.period.as_deref().unwrap_or("hour"))?,
             },
             available: true,
@@ -724,6 +768,7 @@ impl RawConfig {
             }
         }
         if let Some(v) = self.log {
+            log_filter(&v).map_err(|why| invalid("log", why))?;
             cfg.log = v;
         }
         let c = &self.consumer;

@@ -323,7 +323,7 @@ pub(crate) fn status(shared: &Shared) -> StatusReport {
         contracts: t.contracts().unwrap_or_default(),
         allocations: t.allocations().unwrap_or_default(),
         intents,
-        fabric: format!("{:?}", shared.fabric.backend()),
+        fabric: shared.fabric.backend().name().to_owned(),
         metrics: Some(shared.metrics_snapshot()),
     }
 }

@@ -324,6 +324,43 @@ pub struct Resources {
     pub storage: u64,
 }
 
+/// A price in millionths as a decimal ("0.9", "2", "0.000001").
+pub fn price_words(micros: u64) -> String {
+    let (whole, frac) = (micros / 1_000_000, micros % 1_000_000);
+    if frac == 0 {
+        return whole.to_string();
+    }
+    let frac = format!("{frac:06}");
+    format!("{whole}.{}", frac.trim_end_matches('0'))
+}
+
+/// Bytes as a person reads them: the largest binary unit that divides them exactly
+/// ("3 GiB", "1536 MiB", "512 B"), as Kubernetes quantities are usually written.
+pub fn bytes_words(b: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if b >= 1 << shift && b.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", b >> shift);
+        }
+    }
+    format!("{b} B")
+}
+
+impl std::fmt::Display for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}m cpu, {} memory, {} pods",
+            self.cpu,
+            bytes_words(self.memory),
+            self.pods
+        )?;
+        if self.storage > 0 {
+            write!(f, ", {} storage", bytes_words(self.storage))?;
+        }
+        Ok(())
+    }
+}
+
 impl Resources {
     /// `self - other` per resource, or `None` if any resource would go below zero.
     pub fn checked_sub(&self, other: &Resources) -> Option<Resources> {

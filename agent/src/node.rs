@@ -55,7 +55,7 @@ impl Agent {
     /// Opens the tables, brings the offers in line with the config, connects to the broker
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
-        let (tls, sealing) = prepare_transport(&cfg)?;
+        let (tls, sealing, identity) = prepare_transport(&cfg)?;
         crate::files::prepare_data_dir(&cfg.data_dir)
             .map_err(|e| AgentError::Other(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
         for w in crate::files::mode_warnings(&cfg.data_dir) {
@@ -102,6 +102,7 @@ impl Agent {
                 shared.cfg.limits.sender_burst,
             ),
             metrics: shared.metrics.clone(),
+            identity,
         };
         let session = tokio::spawn(session.run(stop_rx.clone()));
         if !shared.cfg.offers.is_empty() {
@@ -238,23 +239,31 @@ impl Agent {
 
 /// Loads and checks the TLS material (an error names the file and the problem), logs its
 /// warnings, and warns about plain MQTT that leaves the machine.
-type Transport = (Option<Arc<rustls::ClientConfig>>, Option<crate::seal::Keys>);
+type Transport = (
+    Option<Arc<rustls::ClientConfig>>,
+    Option<crate::seal::Keys>,
+    Option<String>,
+);
 
 fn prepare_transport(cfg: &Config) -> Result<Transport, AgentError> {
     let Some(files) = &cfg.tls else {
         if !crate::config::is_loopback(&cfg.broker.host) {
             warn!(broker = %cfg.broker.host, "plain MQTT to another machine (insecure_plaintext = true): anyone on the path can read and forge this node's messages");
         }
-        return Ok((None, None));
+        return Ok((None, None, None));
     };
     let loaded = crate::tls::load(files, &cfg.node_id)?;
     for w in &loaded.warnings {
         warn!("{w}");
     }
-    info!(cn = %loaded.identity.common_name, "mutual TLS to the domain broker");
+    info!(
+        cn = %loaded.identity.common_name,
+        "mutual TLS configured (certificate, key and CA loaded; the broker has not seen them yet)"
+    );
     let keys = crate::seal::Keys::new(&loaded.certificate, &loaded.key, loaded.roots.clone())
         .map_err(|e| AgentError::Other(format!("{}: {e}", files.key.display())))?;
-    Ok((Some(loaded.client), Some(keys)))
+    let cn = loaded.identity.common_name.to_string();
+    Ok((Some(loaded.client), Some(keys), Some(cn)))
 }
 
 /// Finishes purchases left in flight by a previous run, once the broker is reachable.

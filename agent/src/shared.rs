@@ -313,7 +313,7 @@ impl Drop for PendingGuard<'_> {
 pub enum RearError {
     #[error("no provider offers {0}")]
     NoProvider(String),
-    #[error("provider {provider} refused: {text} ({code:?})")]
+    #[error("provider {provider} refused: {text}{}", code.map(|c| format!(" ({c})")).unwrap_or_default())]
     Refused {
         provider: String,
         code: Option<ErrorCode>,

@@ -195,7 +195,7 @@ pub async fn intent_submit(
 ) -> Result<(), CliError> {
     let text = crate::config::read_text(file, crate::config::MAX_CONFIG_FILE)?;
     let base = file.parent().unwrap_or(Path::new("."));
-    let spec = crate::orchestrator::parse_intent(&text, base)?;
+    let spec = crate::orchestrator::parse_intent(&text, base).map_err(|e| e.in_file(file))?;
     let mut c = Client::connect(&socket_path(config, socket)?)
         .await
         .map_err(other)?;

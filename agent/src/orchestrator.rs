@@ -82,7 +82,7 @@ struct RawConstraints {
 pub fn parse_intent(toml_text: &str, base: &Path) -> Result<IntentSpec, ConfigError> {
     let raw: RawIntent =
         toml::from_str(toml_text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-    let manifest = crate::config::read_text(&base.join(&raw.manifest), MAX_MANIFEST as u64)?;
+    let manifest = manifest(&raw.manifest, base)?;
     let name = node_id("name", &raw.name)?;
     let namespace = match &raw.namespace {
         Some(ns) => node_id("namespace", ns)?,
@@ -103,7 +103,7 @@ pub fn parse_intent(toml_text: &str, base: &Path) -> Result<IntentSpec, ConfigEr
             architecture: r
                 .architecture
                 .as_deref()
-                .map(|a| text("resources.architecture", a))
+                .map(|a| crate::config::architecture("resources.architecture", a))
                 .transpose()?,
             min: Some(Resources {
                 cpu: r.cpu_millicores,
@@ -130,6 +130,34 @@ pub fn parse_intent(toml_text: &str, base: &Path) -> Result<IntentSpec, ConfigEr
                 .transpose()?,
         },
     })
+}
+
+/// The workload manifest: a file beside the intent file (or below its directory), never an
+/// absolute path or one that climbs out with `..` (the CLI may run as root, and whatever it
+/// reads goes to the agent and into the cluster), holding Kubernetes YAML (`apiVersion:` and
+/// `kind:` at the start of a line).
+fn manifest(path: &Path, base: &Path) -> Result<String, ConfigError> {
+    use std::path::Component;
+    let shown = path.display();
+    if path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(invalid(
+            "manifest",
+            format!("\"{shown}\" must be a path relative to the intent file's directory, without `..` (copy the manifest beside the intent file)"),
+        ));
+    }
+    let text = crate::config::read_text(&base.join(path), MAX_MANIFEST as u64)?;
+    let has = |key: &str| text.lines().any(|l| l.starts_with(key));
+    if !has("apiVersion:") || !has("kind:") {
+        return Err(invalid(
+            "manifest",
+            format!("{} is not a Kubernetes manifest: no `apiVersion:` and `kind:` at the start of a line", base.join(path).display()),
+        ));
+    }
+    Ok(text)
 }
 
 /// Where step 3 found room.
@@ -626,7 +654,12 @@ mod tests {
     fn intent_file_parses_with_units_and_a_relative_manifest() {
         let dir = std::env::temp_dir().join(format!("fluidlet-intent-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("app.yaml"), "kind: Deployment\n").unwrap();
+        std::fs::write(
+            dir.join("app.yaml"),
+            "apiVersion: apps/v1\nkind: Deployment\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "hello\n").unwrap();
         let spec = parse_intent(
             "name = \"cam\"\nmanifest = \"app.yaml\"\n[resources]\ncpu_millicores = 500\nmemory = \"256Mi\"\narchitecture = \"arm64\"\n[constraints]\nmax_price = \"0.5\"\ncountry = \"IT\"\n",
             &dir,
@@ -639,6 +672,16 @@ mod tests {
         assert_eq!(spec.selector.country.as_ref().unwrap().as_str(), "IT");
         let missing = parse_intent("name = \"cam\"\nmanifest = \"nope.yaml\"\n[resources]\ncpu_millicores = 1\nmemory = 1\n", &dir);
         assert!(missing.unwrap_err().to_string().contains("nope.yaml"));
+        let intent = |manifest: &str, arch: &str| {
+            parse_intent(&format!("name = \"cam\"\nmanifest = \"{manifest}\"\n[resources]\ncpu_millicores = 1\nmemory = 1\narchitecture = \"{arch}\"\n"), &dir)
+        };
+        // What people type for the architecture is taken for the Kubernetes name.
+        let spec = intent("app.yaml", "aarch64").unwrap();
+        assert_eq!(spec.selector.architecture.unwrap().as_str(), "arm64");
+        for bad in ["/etc/shadow", "../app.yaml", "notes.txt"] {
+            let e = intent(bad, "arm64").unwrap_err().to_string();
+            assert!(e.contains("manifest"), "{bad}: {e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

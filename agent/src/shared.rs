@@ -339,4 +339,6 @@ pub enum RearError {
     Fabric(#[from] crate::fabric::FabricError),
     #[error("no contract {0} on this node")]
     NoContract(String),
+    #[error("contract {0} was sold by this node: only its buyer releases it")]
+    SoldHere(String),
 }

@@ -664,9 +664,7 @@ pub(crate) async fn release(shared: &Shared, contract: &Id) -> Result<Contract, 
         return Err(RearError::NoContract(contract.to_string()));
     };
     if &c.buyer != shared.me() {
-        return Err(RearError::NoContract(format!(
-            "{contract} (this node sold it; the buyer releases it)"
-        )));
+        return Err(RearError::SoldHere(contract.to_string()));
     }
     teardown_bought(shared, &c).await;
     let answer = ask(

@@ -99,8 +99,16 @@ impl TableError {
     /// sled's open error, with the directory and in words.
     fn opening(dir: &Path, e: sled::Error) -> TableError {
         let shown = dir.display().to_string();
+        // sled reports the lock another process holds as an I/O error whose text says so.
+        let locked = match &e {
+            sled::Error::Io(io) => {
+                io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock")
+            }
+            _ => false,
+        };
         match e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+            _ if locked => {
                 let pid = std::fs::read_to_string(dir.join(PID_FILE))
                     .ok()
                     .and_then(|p| p.trim().parse::<u32>().ok())

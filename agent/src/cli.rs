@@ -170,10 +170,18 @@ async fn ask(path: &Path, req: Request) -> Result<Response, CliError> {
         .ok_or_else(|| other("the agent closed the connection"))
 }
 
+/// Sorts ids that end in a number by that number (`i4` before `i2000000`, not after).
+fn id_order(id: &Id) -> (String, u64, String) {
+    let s = id.as_str();
+    let digits = s.len() - s.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let (head, tail) = s.split_at(s.len() - digits);
+    (head.to_owned(), tail.parse().unwrap_or(0), s.to_owned())
+}
+
 fn print_intent(out: &mut dyn Write, i: &Intent) -> std::io::Result<()> {
     writeln!(
         out,
-        "{}  {:<20} {:<10?} contract {:<24} placement {}{}",
+        "{:<10} {:<20} {:<10} contract {:<24} placement {}{}",
         i.id,
         i.name.as_str(),
         i.state,
@@ -234,7 +242,8 @@ pub async fn intent_list(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     match ask(&socket_path(config, socket)?, Request::ListIntents).await? {
-        Response::Intents(v) => {
+        Response::Intents(mut v) => {
+            v.sort_by_key(|i| id_order(&i.id));
             for i in &v {
                 print_intent(out, i)?;
             }
@@ -243,6 +252,148 @@ pub async fn intent_list(
         Response::Error(e) => Err(other(e)),
         _ => Err(other("unexpected answer")),
     }
+}
+
+/// `fluidlet intent cancel` / `retry`: ends an unfinished intent, or starts a failed one
+/// again.
+pub async fn intent_control(
+    id: &str,
+    retry: bool,
+    config: &Path,
+    socket: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let id = Id::new(id).map_err(|e| other(format!("intent id: {e}")))?;
+    let req = match retry {
+        true => Request::RetryIntent(id),
+        false => Request::CancelIntent(id),
+    };
+    match ask(&socket_path(config, socket)?, req).await? {
+        Response::Intent(i) => {
+            print_intent(out, &i)?;
+            Ok(())
+        }
+        Response::Error(e) => Err(other(e)),
+        _ => Err(other("unexpected answer")),
+    }
+}
+
+/// `fluidlet catalog`: the providers and flavours this node has heard of, their prices and
+/// the age of each advert, and the providers it ranks last and why.
+pub async fn catalog(
+    config: &Path,
+    socket: Option<&Path>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let view = match ask(&socket_path(config, socket)?, Request::Catalog).await? {
+        Response::Catalog(v) => v,
+        Response::Error(e) => return Err(other(e)),
+        _ => return Err(other("unexpected answer")),
+    };
+    let age = |at: u64| view.now.saturating_sub(at) / 1000;
+    if json {
+        let flavours: Vec<_> = view
+            .flavours
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "provider": c.flavour.provider.as_str(),
+                    "flavour": c.flavour,
+                    "seen_at_unix_ms": c.seen_at,
+                    "age_secs": age(c.seen_at),
+                })
+            })
+            .collect();
+        let providers: Vec<_> = view
+            .providers
+            .iter()
+            .map(|p| {
+                let r = p.rating.clone().unwrap_or_default();
+                serde_json::json!({
+                    "id": p.id.as_str(),
+                    "flavours": p.flavours,
+                    "age_secs": age(p.seen_at),
+                    "reservations_ok": r.reservations_ok,
+                    "reservations_failed": r.reservations_failed,
+                    "peerings_ok": r.peerings_ok,
+                    "peerings_failed": r.peerings_failed,
+                    "lies": r.lies,
+                    "demoted_until_unix_ms": (r.demoted_until > view.now).then_some(r.demoted_until),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({"providers": providers, "flavours": flavours, "truncated": view.truncated});
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "providers heard: {} (as of {})",
+        view.providers.len(),
+        crate::model::date_words(view.now)
+    )?;
+    for p in &view.providers {
+        let r = p.rating.clone().unwrap_or_default();
+        let standing = if r.demoted_until > view.now {
+            format!(
+                "  DEMOTED until {}: refused or ignored {} reservation(s) of flavours it offered",
+                crate::model::date_words(r.demoted_until),
+                r.lies
+            )
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "  {:<24} {} flavour(s), heard {} s ago; reservations {} ok / {} failed, peerings {} ok / {} failed{standing}",
+            p.id,
+            p.flavours,
+            age(p.seen_at),
+            r.reservations_ok,
+            r.reservations_failed,
+            r.peerings_ok,
+            r.peerings_failed
+        )?;
+    }
+    writeln!(out, "flavours:")?;
+    for c in &view.flavours {
+        let f = &c.flavour;
+        let cut = match &f.partitionability {
+            Some(p) => format!(
+                "pieces from {}m / {}",
+                p.cpu_min,
+                crate::model::bytes_words(p.memory_min)
+            ),
+            None => "whole only".into(),
+        };
+        let place = f
+            .location
+            .as_ref()
+            .and_then(|l| l.country.as_ref())
+            .map_or(String::new(), |c| format!(", {c}"));
+        writeln!(
+            out,
+            "  {:<24} {:<20} {:<6} {}  {} {} per {} (whole), {cut}{place}; heard {} s ago",
+            f.provider,
+            f.id,
+            f.architecture,
+            f.resources,
+            crate::model::price_words(f.price.amount),
+            f.price.currency,
+            f.price.period,
+            age(c.seen_at)
+        )?;
+    }
+    if view.truncated {
+        writeln!(
+            out,
+            "(more than {} flavours heard: the first {} shown)",
+            crate::control::MAX_CATALOG_VIEW,
+            crate::control::MAX_CATALOG_VIEW
+        )?;
+    }
+    Ok(())
 }
 
 /// `fluidlet intent show`: one intent.
@@ -499,9 +650,12 @@ fn check_data_dir(cfg: &Config) -> Result<String, CliError> {
     if existing != dir.as_path() {
         return Ok("will be created".into());
     }
-    if !dir.join("db").exists() {
-        return Ok("empty: new tables will be made".into());
+    // A sled database is `conf` and `db` (and snapshots): anything less is not opened, so
+    // check never makes files in a directory that holds no tables yet.
+    if !dir.join("db").exists() || !dir.join("conf").exists() {
+        return Ok("no tables yet: new ones will be made".into());
     }
+    crate::files::private_umask();
     let offers: Vec<_> = cfg.offers.clone();
     match crate::tables::Tables::preflight(dir, &cfg.node_id, &offers) {
         Ok(n) => Ok(format!(

@@ -38,7 +38,49 @@ pub enum Request {
     Status,
     #[n(4)]
     Release(#[n(0)] Id),
+    #[n(5)]
+    Catalog,
+    #[n(6)]
+    CancelIntent(#[n(0)] Id),
+    #[n(7)]
+    RetryIntent(#[n(0)] Id),
 }
+
+/// What `fluidlet catalog` shows: the flavours this node has heard of (its Peering
+/// Candidates) and what it knows of each provider.
+#[derive(Clone, Debug, Encode, Decode)]
+#[cbor(map)]
+pub struct CatalogView {
+    /// Unix ms when the view was taken (ages are against it).
+    #[n(0)]
+    pub now: u64,
+    /// At most [`MAX_CATALOG_VIEW`], by provider then flavour id.
+    #[n(1)]
+    pub flavours: Vec<crate::model::Candidate>,
+    #[n(2)]
+    pub providers: Vec<ProviderView>,
+    /// More candidates than [`MAX_CATALOG_VIEW`] are held.
+    #[n(3)]
+    pub truncated: bool,
+}
+
+/// One provider in [`CatalogView`].
+#[derive(Clone, Debug, Encode, Decode)]
+#[cbor(map)]
+pub struct ProviderView {
+    #[n(0)]
+    pub id: Id,
+    #[n(1)]
+    pub flavours: u32,
+    /// Unix ms its freshest flavour was heard.
+    #[n(2)]
+    pub seen_at: u64,
+    #[n(3)]
+    pub rating: Option<crate::tables::Rating>,
+}
+
+/// Most flavours one catalog view carries (well inside [`MAX_RESPONSE`]).
+pub const MAX_CATALOG_VIEW: usize = 2000;
 
 /// What `fluidlet status` shows.
 #[derive(Clone, Debug, Encode, Decode, serde::Serialize)]
@@ -91,6 +133,8 @@ pub enum Response {
     Released(#[n(0)] Box<Contract>),
     #[n(5)]
     Error(#[n(0)] String),
+    #[n(6)]
+    Catalog(#[n(0)] Box<CatalogView>),
 }
 
 /// Why a control exchange failed.
@@ -220,6 +264,23 @@ async fn client(shared: &Arc<Shared>, mut s: UnixStream) -> Result<(), ControlEr
             Request::Status => {
                 write_frame(&mut s, &Response::Status(Box::new(status(shared)))).await?
             }
+            Request::Catalog => {
+                write_frame(&mut s, &Response::Catalog(Box::new(catalog(shared)))).await?
+            }
+            Request::CancelIntent(id) => {
+                let r = match crate::orchestrator::cancel(shared, &id).await {
+                    Ok(i) => Response::Intent(Box::new(i)),
+                    Err(e) => Response::Error(e),
+                };
+                write_frame(&mut s, &r).await?
+            }
+            Request::RetryIntent(id) => {
+                let r = match crate::orchestrator::retry(shared, &id).await {
+                    Ok(i) => Response::Intent(Box::new(i)),
+                    Err(e) => Response::Error(e),
+                };
+                write_frame(&mut s, &r).await?
+            }
             Request::Release(id) => {
                 let r = match crate::rear::consumer::release(shared, &id).await {
                     Ok(c) => Response::Released(Box::new(c)),
@@ -299,6 +360,33 @@ async fn follow(
         ),
     };
     write_frame(&mut s, &r).await
+}
+
+fn catalog(shared: &Shared) -> CatalogView {
+    let mut flavours = shared.candidates.all();
+    let truncated = flavours.len() > MAX_CATALOG_VIEW;
+    let mut providers: Vec<ProviderView> = Vec::new();
+    for c in &flavours {
+        match providers.last_mut() {
+            Some(p) if p.id == c.flavour.provider => {
+                p.flavours += 1;
+                p.seen_at = p.seen_at.max(c.seen_at);
+            }
+            _ => providers.push(ProviderView {
+                id: c.flavour.provider.clone(),
+                flavours: 1,
+                seen_at: c.seen_at,
+                rating: shared.tables.rating(&c.flavour.provider).ok().flatten(),
+            }),
+        }
+    }
+    flavours.truncate(MAX_CATALOG_VIEW);
+    CatalogView {
+        now: crate::model::unix_ms(),
+        flavours,
+        providers,
+        truncated,
+    }
 }
 
 pub(crate) fn status(shared: &Shared) -> StatusReport {

@@ -548,7 +548,8 @@ pub(crate) fn unfinished(shared: &Shared) -> Result<Vec<Intent>, AgentError> {
 pub(crate) fn own(shared: &Arc<Shared>, intent: Intent, done: Option<oneshot::Sender<Intent>>) {
     let sh = shared.clone();
     let mut stop = shared.stop.clone();
-    shared.own(async move {
+    let key = intent.id.clone();
+    let handle = shared.own(async move {
         let id = intent.id.clone();
         // Cancel safety: every state change is stored before the next await, so a stop
         // here loses at most the step in progress, which the next start repeats.
@@ -566,12 +567,92 @@ pub(crate) fn own(shared: &Arc<Shared>, intent: Intent, done: Option<oneshot::Se
                 info!(intent = %id, "node stopping: the intent resumes where it is at the next start");
             }
             Some(end) = run => {
+                if let Ok(mut t) = sh.intent_tasks.lock() {
+                    t.remove(&end.id);
+                }
                 if let Some(tx) = done {
                     let _ = tx.send(end);
                 }
             }
         }
     });
+    if let Ok(mut t) = shared.intent_tasks.lock() {
+        t.retain(|_, h| !h.is_finished());
+        t.insert(key, handle);
+    }
+}
+
+/// `fluidlet intent cancel`: stops driving an unfinished intent and ends it `Failed`
+/// ("cancelled"), giving back the capacity it bought if no other intent is placed on it.
+/// A reservation in flight at that moment is not answered to the intent: the provider lets
+/// it lapse after its `reservation_ttl_secs`.
+pub(crate) async fn cancel(shared: &Arc<Shared>, id: &Id) -> Result<Intent, String> {
+    let mut intent = match shared.tables.intent(id) {
+        Ok(Some(i)) => i,
+        Ok(None) => return Err(format!("no intent {id}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    if intent.state.is_final() {
+        return Err(format!(
+            "intent {id} has already ended ({}): nothing to cancel",
+            intent.state
+        ));
+    }
+    let task = shared
+        .intent_tasks
+        .lock()
+        .ok()
+        .and_then(|mut t| t.remove(id));
+    if let Some(h) = task {
+        h.abort();
+    }
+    let contract = intent.contract.clone();
+    fail(
+        &mut intent,
+        "cancelled by the operator (fluidlet intent cancel)",
+    );
+    save(shared, &mut intent).await;
+    info!(intent = %id, "intent cancelled");
+    if let Some(c) = contract {
+        let shared_by_others = shared.tables.intents().unwrap_or_default().iter().any(|i| {
+            i.id != *id && i.state == IntentState::Placed && i.contract.as_ref() == Some(&c)
+        });
+        let bought = shared
+            .tables
+            .contract(&c)
+            .ok()
+            .flatten()
+            .is_some_and(|k| &k.buyer == shared.me() && &k.seller != shared.me());
+        if bought && !shared_by_others {
+            if let Err(e) = consumer::release(shared, &c).await {
+                warn!(intent = %id, contract = %c, "release after a cancel: {e}");
+            }
+        }
+    }
+    Ok(intent)
+}
+
+/// `fluidlet intent retry`: starts a `Failed` intent again from its first step.
+pub(crate) async fn retry(shared: &Arc<Shared>, id: &Id) -> Result<Intent, String> {
+    let mut intent = match shared.tables.intent(id) {
+        Ok(Some(i)) => i,
+        Ok(None) => return Err(format!("no intent {id}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    if intent.state != IntentState::Failed {
+        return Err(format!(
+            "intent {id} is {}: only a Failed intent is retried",
+            intent.state
+        ));
+    }
+    intent.state = IntentState::Submitted;
+    intent.error = None;
+    intent.contract = None;
+    intent.placement = None;
+    save(shared, &mut intent).await;
+    info!(intent = %id, "intent retried: the node drives it again from the start");
+    own(shared, intent.clone(), None);
+    Ok(intent)
 }
 
 #[cfg(test)]

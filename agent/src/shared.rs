@@ -110,6 +110,8 @@ pub(crate) struct Shared {
     /// submitted it). [`crate::Agent::shutdown`] joins them; finished ones are reaped on
     /// every new spawn, so the set holds only tasks still running.
     pub owned: Mutex<tokio::task::JoinSet<()>>,
+    /// The task driving each intent in [`Shared::owned`], for `intent cancel`.
+    pub intent_tasks: Mutex<HashMap<Id, tokio::task::AbortHandle>>,
 }
 
 impl Shared {
@@ -147,14 +149,18 @@ impl Shared {
             cfg,
             stop,
             owned: Mutex::new(tokio::task::JoinSet::new()),
+            intent_tasks: Mutex::new(HashMap::new()),
         })
     }
 
     /// Runs `task` as one of the node's own tasks ([`Shared::owned`]).
-    pub fn own(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    pub fn own(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::AbortHandle {
         let mut set = self.owned.lock().unwrap_or_else(|p| p.into_inner());
         while set.try_join_next().is_some() {}
-        set.spawn(task);
+        set.spawn(task)
     }
 
     /// Takes the node's own tasks, for the shutdown to join.

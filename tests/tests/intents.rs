@@ -157,3 +157,73 @@ async fn an_intent_submitted_during_an_outage_is_placed_after_its_client_left() 
     c.shutdown().await;
     p.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_operator_cancels_a_waiting_intent_and_retries_it() {
+    let Some(mut b) = broker(BrokerKind::Mosquitto) else {
+        return;
+    };
+    let d = fresh_domain();
+    let pdir = tempfile::tempdir().unwrap();
+    let p = start(provider_config("prov", &d, b.port, pdir.path()), None).await;
+    let cdir = tempfile::tempdir().unwrap();
+    let cfg = config("cons", &d, b.port, cdir.path());
+    let socket = cfg.control_socket.clone();
+    let c = start(cfg, None).await;
+
+    assert!(b.stop(), "mosquitto stops");
+    assert!(within(WAIT, || !c.broker_status().connected).await);
+    submit_and_hang_up(&socket, "waiting", 1).await;
+    let id = intent_named(&c, "waiting").expect("stored").id;
+
+    let mut cl = Client::connect(&socket).await.unwrap();
+    cl.send(&Request::CancelIntent(id.clone())).await.unwrap();
+    let Some(Response::Intent(i)) = cl.recv().await.unwrap() else {
+        panic!("cancel answers with the intent");
+    };
+    assert_eq!(i.state, IntentState::Failed);
+    assert!(i.error.unwrap().as_str().contains("cancelled"));
+
+    // The broker back: the cancelled intent stays cancelled (its task is gone).
+    b.restart();
+    assert!(within(WAIT, || c.broker_status().connected).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let i = intent_named(&c, "waiting").unwrap();
+    assert_eq!(i.state, IntentState::Failed, "{i:?}");
+    assert!(
+        i.contract.is_none(),
+        "nothing bought for a cancelled intent"
+    );
+
+    // A cancel of an ended intent is refused; a retry starts it again and it is placed.
+    cl.send(&Request::CancelIntent(id.clone())).await.unwrap();
+    assert!(
+        matches!(cl.recv().await.unwrap(), Some(Response::Error(e)) if e.contains("already ended"))
+    );
+    cl.send(&Request::RetryIntent(id.clone())).await.unwrap();
+    assert!(matches!(
+        cl.recv().await.unwrap(),
+        Some(Response::Intent(_))
+    ));
+    drop(cl);
+    let i = placed(&c, "waiting", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(i.state, IntentState::Placed, "{i:?}");
+
+    // The catalog shows the provider, its flavour with price and currency, and the advert's age.
+    let mut out = Vec::new();
+    fluidlet::cli::catalog(Path::new("unused"), Some(&socket), false, &mut out)
+        .await
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("providers heard: 1"), "{text}");
+    assert!(
+        text.contains("prov") && text.contains("EUR per hour"),
+        "{text}"
+    );
+    assert!(text.contains("reservations 1 ok"), "{text}");
+    assert!(text.contains("s ago"), "{text}");
+    c.shutdown().await;
+    p.shutdown().await;
+}

@@ -498,6 +498,17 @@ pub(crate) async fn submit(
     shared: &Arc<Shared>,
     spec: IntentSpec,
 ) -> Result<(Intent, oneshot::Receiver<Intent>), AgentError> {
+    // Two intents applying one workload name into one namespace would overwrite each
+    // other's Deployment (kubectl apply): the second is refused while the first lives.
+    if let Some(other) = shared.tables.intents()?.into_iter().find(|i| {
+        i.name == spec.name && i.namespace == spec.namespace && i.state != IntentState::Failed
+    }) {
+        return Err(AgentError::Other(format!(
+            "intent {} already places {} in namespace {} ({}): cancel it (fluidlet intent \
+             cancel {}) or give this one another name",
+            other.id, other.name, other.namespace, other.state, other.id
+        )));
+    }
     let n = shared.tables.generate_id()?;
     let now = unix_ms();
     let intent = Intent {

@@ -224,6 +224,18 @@ async fn an_operator_cancels_a_waiting_intent_and_retries_it() {
     );
     assert!(text.contains("reservations 1 ok"), "{text}");
     assert!(text.contains("s ago"), "{text}");
+
+    // A second intent of the same name into the same namespace is refused while the first lives.
+    let e = c
+        .submit_intent(intent_spec("waiting", 500, 1))
+        .await
+        .expect_err("the same workload twice");
+    assert!(e.to_string().contains("already places waiting"), "{e}");
+    // After a release, the intent no longer says Placed.
+    c.release(&i.contract.clone().unwrap()).await.unwrap();
+    let i = intent_named(&c, "waiting").unwrap();
+    assert_eq!(i.state, IntentState::Failed, "{i:?}");
+    assert!(i.error.unwrap().as_str().contains("was released"));
     c.shutdown().await;
     p.shutdown().await;
 }

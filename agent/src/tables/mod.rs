@@ -668,7 +668,35 @@ impl Tables {
             self.rewrite(&mut state, batch, &old, new)?.contract
         };
         self.flush().await?;
+        self.unplace(&ended, now).await?;
         Ok(Some(ended))
+    }
+
+    /// The intents placed on `ended` no longer say Placed: they end Failed with the reason
+    /// (`fluidlet intent retry` places them again).
+    async fn unplace(&self, ended: &Contract, now: u64) -> Result<(), TableError> {
+        for mut i in self.intents()? {
+            if i.contract.as_ref() != Some(&ended.id)
+                || i.state != crate::model::IntentState::Placed
+            {
+                continue;
+            }
+            let how = match ended.state {
+                ContractState::Expired => "expired",
+                _ => "was released",
+            };
+            let why = format!(
+                "contract {} {how} on {}: the workload has no capacity any more (fluidlet intent retry {} places it again)",
+                ended.id,
+                crate::model::date_words(now),
+                i.id
+            );
+            i.state = crate::model::IntentState::Failed;
+            i.error = crate::model::Text::new(&why).ok();
+            i.updated_at = now;
+            self.put_intent(&i).await?;
+        }
+        Ok(())
     }
 
     /// How many reservations each buyer holds from this node that are not peered yet.

@@ -8,7 +8,7 @@
 
 use crate::config::Config;
 use crate::control::{Client, Request, Response};
-use crate::model::{Id, Intent};
+use crate::model::{ContractState, Id, Intent};
 use crate::AgentError;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -433,7 +433,21 @@ pub async fn status(
         return Err(other("unexpected answer"));
     };
     if json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&st).map_err(other)?)?;
+        let mut v = serde_json::to_value(&st).map_err(other)?;
+        if let Some(m) = v.as_object_mut() {
+            m.insert(
+                "units".into(),
+                serde_json::json!({
+                    "cpu": "millicores",
+                    "memory": "bytes",
+                    "storage": "bytes",
+                    "price": "millionths of the currency unit, per period (flavours: for the whole flavour; contracts: for the piece)",
+                    "*_at, ends_at, expires_at, since_ms": "Unix time in milliseconds",
+                    "term_ms": "milliseconds",
+                }),
+            );
+        }
+        writeln!(out, "{}", serde_json::to_string_pretty(&v).map_err(other)?)?;
         return Ok(());
     }
     writeln!(
@@ -452,31 +466,56 @@ pub async fn status(
             .map_or(String::new(), |e| format!(", last error: {e}")),
         st.fabric
     )?;
-    writeln!(out, "\nflavours:")?;
-    for f in &st.flavours {
-        let r = &f.resources;
+    writeln!(out, "\nflavours on offer:")?;
+    for f in st
+        .flavours
+        .iter()
+        .filter(|f| f.available && !f.resources.is_zero())
+    {
         writeln!(
             out,
-            "  {:<24} {}m cpu  {} MiB  {} pods  price {}",
+            "  {:<24} {}  {} {} per {} (whole)",
             f.id,
-            r.cpu,
-            r.memory >> 20,
-            r.pods,
-            f.price.amount
+            f.resources,
+            crate::model::price_words(f.price.amount),
+            f.price.currency,
+            f.price.period
         )?;
     }
     writeln!(out, "\ncontracts:")?;
-    for k in &st.contracts {
-        let r = &k.resources;
+    let mut contracts = st.contracts.clone();
+    contracts.sort_by_key(|k| id_order(&k.id));
+    for k in &contracts {
+        let live = matches!(k.state, ContractState::Active | ContractState::Reserved);
+        let end = match (k.ends_at, live) {
+            (Some(e), true) => {
+                let renewal = match (k.term_ms, k.buyer == st.node, k.state) {
+                    (Some(t), true, ContractState::Active) => format!(
+                        ", renewed from {}",
+                        crate::model::date_words(e.saturating_sub(t / 2))
+                    ),
+                    _ => String::new(),
+                };
+                format!(
+                    ", ends {} (term {} s{renewal})",
+                    crate::model::date_words(e),
+                    k.term_ms.unwrap_or(0) / 1000
+                )
+            }
+            (None, true) => ", no end".into(),
+            (_, false) => String::new(),
+        };
         writeln!(
             out,
-            "  {:<24} {:<9?} buyer {:<16} seller {:<16} {}m cpu  {} MiB",
+            "  {:<24} {:<9?} buyer {:<16} seller {:<16} {}  {} {} per {}{end}",
             k.id,
             k.state,
             k.buyer,
             k.seller,
-            r.cpu,
-            r.memory >> 20
+            k.resources,
+            crate::model::price_words(k.price),
+            k.flavour.price.currency,
+            k.flavour.price.period
         )?;
     }
     writeln!(out, "\nallocations:")?;

@@ -139,7 +139,13 @@ impl Agent {
             let run = orchestrator::resume(shared.clone(), intent, stop_rx.clone());
             tasks.push(tokio::spawn(run));
         }
-        info!(node = %shared.me(), domain = %shared.cfg.domain, "fluidlet node started");
+        info!(
+            node = %shared.me(),
+            domain = %shared.cfg.domain,
+            version = %crate::version(),
+            revision = crate::wire::REVISION,
+            "fluidlet node started"
+        );
         Ok(Agent {
             shared,
             stop: stop_tx,

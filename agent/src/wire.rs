@@ -29,6 +29,12 @@ use minicbor::{Decode, Encode};
 
 /// The only protocol version this agent speaks.
 pub const VERSION: u8 = 1;
+/// The revision of version 1 this agent implements (docs/protocol.md section 9): which of
+/// the compatible changes listed in the changelog it has. Adverts and FLAVOURS answers carry
+/// it (key 2); a peer that sends none is revision 0, a build from before v0.1.0.
+pub const REVISION: u16 = 1;
+/// Longest `agent` text in an advert (`fluidlet 0.1.0 (2040fc1)`).
+pub const MAX_AGENT: usize = 64;
 /// Largest payload accepted or sent, checked before decoding. A full advert of 16 flavours
 /// with every optional field is under 4 KiB; the largest message is a PEER_ACCEPT carrying a
 /// peering kubeconfig (at most [`MAX_IDENTITY`]).
@@ -158,6 +164,24 @@ pub struct ListFlavours {
 pub struct Flavours {
     #[n(0)]
     pub flavours: FlavourList,
+    /// The sender's implementation and release (`fluidlet 0.1.0 (2040fc1)`), for operators;
+    /// nothing depends on it. Absent from builds before v0.1.0.
+    #[n(1)]
+    pub agent: Option<Text<MAX_AGENT>>,
+    /// The protocol revision the sender implements ([`REVISION`]); absent: 0.
+    #[n(2)]
+    pub revision: Option<u16>,
+}
+
+impl Flavours {
+    /// This node's flavours, labelled with its release and [`REVISION`].
+    pub fn own(flavours: FlavourList) -> Flavours {
+        Flavours {
+            flavours,
+            agent: Text::new(&crate::model::version()).ok(),
+            revision: Some(REVISION),
+        }
+    }
 }
 
 /// ERROR body.
@@ -458,8 +482,10 @@ impl Message {
                 max: MAX_PAYLOAD,
             });
         }
+        // Key 0 missing or unreadable: still name the message if key 2 can be read
+        // (docs/protocol.md section 5, step 2).
         let header: Header = minicbor::decode(bytes).map_err(|e| WireError::Malformed {
-            id: None,
+            id: peek_key(bytes, 2),
             reason: format!("envelope: {e}"),
         })?;
         if header.version != VERSION {
@@ -511,11 +537,16 @@ impl Message {
 /// its version, its other keys or its body. ERRORs are never answered, not even a broken
 /// one: two nodes that cannot understand each other must not answer each other forever.
 pub fn is_error(payload: &[u8]) -> bool {
-    peek_kind(payload) == Some(Kind::Error as u64)
+    peek_key(payload, 1) == Some(Kind::Error as u64)
 }
 
-/// Key 1 of the top-level map, read leniently (unknown keys skipped, any key order).
-fn peek_kind(payload: &[u8]) -> Option<u64> {
+/// The unsigned integer under `key` in the top-level map, read leniently: the map's entries
+/// are walked in order, each key must be an unsigned integer and each value before the one
+/// wanted is skipped as far as it is well-formed; the first entry with that key decides.
+/// It "could be read" (docs/protocol.md section 5) when it is reached before anything that
+/// stops the walk (a key that is not an unsigned integer, an item that is not well-formed,
+/// the end of the bytes); what follows it does not matter.
+fn peek_key(payload: &[u8], key: u64) -> Option<u64> {
     let mut d = minicbor::Decoder::new(payload);
     let n = d.map().ok()?;
     let mut i = 0u64;
@@ -524,7 +555,7 @@ fn peek_kind(payload: &[u8]) -> Option<u64> {
             return None;
         }
         match d.u64() {
-            Ok(1) => return d.u64().ok(),
+            Ok(k) if k == key => return d.u64().ok(),
             Ok(_) => d.skip().ok()?,
             Err(_) => return None,
         }
@@ -844,6 +875,7 @@ pub fn examples() -> Vec<(&'static str, Message)> {
     };
     let list = Flavours {
         flavours: FlavourList::from_slice_truncated(std::slice::from_ref(&flavour)),
+        ..Default::default()
     };
     let msg = |n: u64, corr: Option<u64>, from: &str, body: Body| Message {
         id: n,

@@ -50,7 +50,14 @@ async fn eve(port: u16, domain: &str, lie: Lie) -> Arc<AtomicUsize> {
     let mut eve = Rogue::connect(port, domain, "eve").await;
     eve.subscribe(&format!("fluidos/v1/{domain}/discovery/from/+"))
         .await;
-    let advert = message(1, None, Body::Advert(Flavours { flavours: cheap(0) }));
+    let advert = message(
+        1,
+        None,
+        Body::Advert(Flavours {
+            flavours: cheap(0),
+            ..Default::default()
+        }),
+    );
     eve.publish(&format!("fluidos/v1/{domain}/catalog/eve"), true, advert)
         .await;
     let reserves = Arc::new(AtomicUsize::new(0));
@@ -69,6 +76,7 @@ async fn eve(port: u16, domain: &str, lie: Lie) -> Arc<AtomicUsize> {
                     next += 16;
                     Body::Flavours(Flavours {
                         flavours: cheap(next),
+                        ..Default::default()
                     })
                 }
                 Body::ReserveFlavour(_) => {

@@ -89,6 +89,53 @@ async fn a_superseded_id_after_the_terms_changed_is_flavour_gone() {
     p.shutdown().await;
 }
 
+/// A restart that changes only a node-wide sale term the offer inherits (`[provider]
+/// contract_term_secs`, then `[limits] max_per_buyer`) supersedes the advertised flavour id
+/// too: the id current before the restart is FLAVOUR_GONE after it, the provider advertises
+/// a new one, and that one sells under the new terms.
+#[tokio::test]
+async fn a_restart_that_changes_only_an_inherited_sale_term_supersedes_the_current_id() {
+    let port = broker(BrokerKind::Embedded).unwrap().port;
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let mut cfg = provider_config("prov", &d, port, dir.path());
+    let mut r = Rogue::connect(port, &d, "rogue").await;
+    let p = start(cfg.clone(), None).await;
+    let mut before = flavours(&p)[0].id.clone();
+    p.shutdown().await;
+    let changes: [(&str, fn(&mut fluidlet::Config)); 2] = [
+        ("contract_term_secs", |c| {
+            c.contract_term += std::time::Duration::from_secs(60)
+        }),
+        ("max_per_buyer", |c| {
+            c.limits.max_per_buyer = if c.limits.max_per_buyer == 50 { 60 } else { 50 }
+        }),
+    ];
+    for (i, (what, change)) in changes.into_iter().enumerate() {
+        change(&mut cfg);
+        let p = start(cfg.clone(), None).await;
+        let now = flavours(&p)[0].id.clone();
+        assert_ne!(
+            now, before,
+            "{what} changed: the current id must be superseded"
+        );
+        r.send("prov", reserve(&format!("rogue.g{i}"), &before))
+            .await;
+        match r.recv().await.body {
+            Body::Error(e) => assert_eq!(e.code, ErrorCode::FlavourGone as u16, "{}", e.text),
+            other => panic!("{what}: the id from before was sold: {other:?}"),
+        }
+        r.send("prov", reserve(&format!("rogue.n{i}"), &now)).await;
+        let Body::Reserved(c) = r.recv().await.body else {
+            panic!("{what}: the new id does not sell");
+        };
+        let term = u64::try_from(cfg.contract_term.as_millis()).unwrap();
+        assert_eq!(c.term_ms, Some(term), "sold under the new term");
+        before = flavours(&p)[0].id.clone();
+        p.shutdown().await;
+    }
+}
+
 /// A released contract is deleted with its transaction record once its retention is over, by
 /// the running node's sweeper.
 #[tokio::test]

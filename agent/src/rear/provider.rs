@@ -58,9 +58,7 @@ pub(crate) async fn answer_list(
     if found.is_empty() && !always {
         return;
     }
-    let body = Body::Flavours(Flavours {
-        flavours: FlavourList::from_slice_truncated(&found),
-    });
+    let body = Body::Flavours(Flavours::own(FlavourList::from_slice_truncated(&found)));
     match shared.send(from, Some(id), body).await {
         Ok(_) => shared.step(
             9,

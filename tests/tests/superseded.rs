@@ -103,7 +103,8 @@ async fn a_restart_that_changes_only_an_inherited_sale_term_supersedes_the_curre
     let p = start(cfg.clone(), None).await;
     let mut before = flavours(&p)[0].id.clone();
     p.shutdown().await;
-    let changes: [(&str, fn(&mut fluidlet::Config)); 2] = [
+    type Change = (&'static str, fn(&mut fluidlet::Config));
+    let changes: [Change; 2] = [
         ("contract_term_secs", |c| {
             c.contract_term += std::time::Duration::from_secs(60)
         }),

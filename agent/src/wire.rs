@@ -482,8 +482,15 @@ impl Message {
                 max: MAX_PAYLOAD,
             });
         }
-        // Key 0 missing or unreadable: still name the message if key 2 can be read
-        // (docs/protocol.md section 5, step 2).
+        // Key 0 missing, unreadable or there twice: still name the message if key 2 can be
+        // read (docs/protocol.md section 5, step 2). Twice is caught here, before the version
+        // is looked at, so that `{0: 1, 0: 9}` and `{0: 9, 0: 1}` get the same answer.
+        if count_key(bytes, 0) > 1 {
+            return Err(WireError::Malformed {
+                id: peek_key(bytes, 2),
+                reason: "envelope: key 0 (the version) twice".into(),
+            });
+        }
         let header: Header = minicbor::decode(bytes).map_err(|e| WireError::Malformed {
             id: peek_key(bytes, 2),
             reason: format!("envelope: {e}"),
@@ -547,21 +554,46 @@ pub fn is_error(payload: &[u8]) -> bool {
 /// stops the walk (a key that is not an unsigned integer, an item that is not well-formed,
 /// the end of the bytes); what follows it does not matter.
 fn peek_key(payload: &[u8], key: u64) -> Option<u64> {
+    let mut found = None;
+    walk(payload, |k, d| {
+        if k != key {
+            return d.skip().is_ok();
+        }
+        found = d.u64().ok();
+        false
+    });
+    found
+}
+
+/// How often `key` occurs in the top-level map, as far as the walk of [`peek_key`] gets.
+fn count_key(payload: &[u8], key: u64) -> usize {
+    let mut n = 0;
+    walk(payload, |k, d| {
+        n += usize::from(k == key);
+        d.skip().is_ok()
+    });
+    n
+}
+
+/// Walks the entries of the top-level map leniently, calling `f` with each key and the
+/// decoder at its value; `f` consumes the value and says whether to go on. Stops at the first
+/// key that is not an unsigned integer, and at the end of the map or of the bytes.
+fn walk(payload: &[u8], mut f: impl FnMut(u64, &mut minicbor::Decoder<'_>) -> bool) {
     let mut d = minicbor::Decoder::new(payload);
-    let n = d.map().ok()?;
+    let Ok(n) = d.map() else { return };
     let mut i = 0u64;
     while n.is_none_or(|n| i < n) {
-        if d.datatype().ok()? == minicbor::data::Type::Break {
-            return None;
+        if d.datatype()
+            .map_or(true, |t| t == minicbor::data::Type::Break)
+        {
+            return;
         }
-        match d.u64() {
-            Ok(k) if k == key => return d.u64().ok(),
-            Ok(_) => d.skip().ok()?,
-            Err(_) => return None,
+        let Ok(k) = d.u64() else { return };
+        if !f(k, &mut d) {
+            return;
         }
         i += 1;
     }
-    None
 }
 
 /// Deepest nesting of arrays, maps and tags accepted in a payload (the deepest message,
@@ -1372,6 +1404,55 @@ mod tests {
         assert!(!is_error(&list));
         assert!(!is_error(b"hello world"));
         assert!(!is_error(&[0xa1, 0x01, 0x61, b'5']));
+    }
+
+    /// The readings docs/protocol.md sections 4 and 5 settle, one assertion each.
+    #[test]
+    fn the_settled_readings_of_the_encoding_rules_hold() {
+        let malformed = |b: &[u8]| match Message::decode(b) {
+            Err(WireError::Malformed { id, .. }) => id,
+            other => panic!("expected MALFORMED for {b:02x?}, got {other:?}"),
+        };
+        // Key 0 twice is MALFORMED whichever value comes first, correlated to key 2.
+        assert_eq!(
+            malformed(&[0xa4, 0x00, 0x01, 0x00, 0x09, 0x01, 0x01, 0x02, 0x07]),
+            Some(7)
+        );
+        assert_eq!(
+            malformed(&[0xa4, 0x00, 0x09, 0x00, 0x01, 0x01, 0x01, 0x02, 0x07]),
+            Some(7)
+        );
+        // A text key at the top level is not an unknown key: MALFORMED, and the walk for key 2
+        // stops at it.
+        let mut text_key = envelope_bytes();
+        text_key[0] += 1;
+        text_key.extend_from_slice(&[0x61, b'x', 0x00]);
+        assert_eq!(malformed(&text_key), Some(7));
+        assert_eq!(
+            malformed(&[0xa3, 0x01, 0x01, 0x61, b'x', 0x00, 0x02, 0x07]),
+            None
+        );
+        // Key 2 read before something that is not well-formed still correlates.
+        assert_eq!(malformed(&[0xa3, 0x01, 0x01, 0x02, 0x07, 0x1c]), Some(7));
+        // Invalid UTF-8 is MALFORMED inside an unknown key too (every text string is UTF-8).
+        let body = [0xa3, 0x00, 0x06, 0x01, 0x61, b'x', 0x09, 0x62, 0xff, 0xfe];
+        assert_eq!(malformed(&with_body(Kind::Error, &body)), Some(7));
+        // Nesting: an item inside 16 arrays, maps or tags is accepted, inside 17 it is not;
+        // the outermost map counts as one of them.
+        let body = |arrays: usize| {
+            let mut b = vec![0xa2, 0x00, 0x06, 0x01, 0x61, b'x'];
+            b[0] = 0xa3;
+            b.push(0x09);
+            b.extend(std::iter::repeat_n(0x81, arrays));
+            b.push(0x00);
+            b
+        };
+        assert!(Message::decode(&with_body(Kind::Error, &body(15))).is_ok());
+        assert!(Message::decode(&with_body(Kind::Error, &body(16))).is_err());
+        // Key 1 read as 5 in a longer form, or before the bytes end, is an ERROR.
+        assert!(is_error(&[0xa2, 0x01, 0x18, 0x05, 0x02, 0x07]));
+        assert!(is_error(&[0xa3, 0x00, 0x01, 0x01, 0x05, 0x02]));
+        assert!(!is_error(&[0xa2, 0x61, b'x', 0x00, 0x01, 0x05]));
     }
 
     #[test]

@@ -21,8 +21,8 @@ fn reserve(tx: &str, flavour: &Id) -> Body {
 
 /// Many requests naming the flavour id first advertised, sent without waiting for any answer
 /// or advert: each is served while capacity lasts (8 pieces of 500m / 1 GiB fit the demo
-/// offer), the rest get NO_FIT (what is left, pods only, does not fit), and nothing is sold
-/// twice.
+/// offer), the rest get FLAVOUR_GONE (what is left, pods only, does not fit; NO_FIT is only
+/// for the id on offer, which a buyer takes as a lie), and nothing is sold twice.
 #[tokio::test]
 async fn reservations_naming_one_superseded_id_are_served_while_capacity_lasts() {
     let port = broker(BrokerKind::Embedded).unwrap().port;
@@ -37,18 +37,21 @@ async fn reservations_naming_one_superseded_id_are_served_while_capacity_lasts()
         r.send("prov", reserve(&format!("rogue.t{i}"), &first))
             .await;
     }
-    let (mut ok, mut no_fit) = (0, 0);
+    let (mut ok, mut gone) = (0, 0);
     for _ in 0..10 {
         match r.recv().await.body {
             Body::Reserved(c) => {
                 assert_eq!(c.flavour.id, first, "the contract names the id asked for");
                 ok += 1;
             }
-            Body::Error(e) if e.code == ErrorCode::NoFit as u16 => no_fit += 1,
+            Body::Error(e) if e.code == ErrorCode::FlavourGone as u16 => {
+                assert!(e.text.as_str().contains("was cut since"), "{}", e.text);
+                gone += 1
+            }
             other => panic!("unexpected answer {other:?}"),
         }
     }
-    assert_eq!((ok, no_fit), (8, 2));
+    assert_eq!((ok, gone), (8, 2));
     let sold: u64 = p
         .tables()
         .contracts()

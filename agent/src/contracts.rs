@@ -26,7 +26,11 @@ pub enum Refusal {
         "flavour {named} was cut since; what is left of its offer ({current}) does not fit \
          the partition"
     )]
-    CutSince { named: Id, current: Id },
+    CutSince {
+        // Boxed: two ids would make every `Result<_, Refusal>` twice as large.
+        named: Box<Id>,
+        current: Box<Id>,
+    },
     #[error("bad partition: {0}")]
     BadPartition(String),
     #[error(
@@ -119,8 +123,8 @@ pub fn plan(flavour: &Flavour, req: &ReserveRequest) -> Result<Plan, Refusal> {
 pub fn as_answered(r: Refusal, req: &ReserveRequest) -> Refusal {
     match r {
         Refusal::NoFit(current) if current != req.flavour => Refusal::CutSince {
-            named: req.flavour.clone(),
-            current,
+            named: Box::new(req.flavour.clone()),
+            current: Box::new(current),
         },
         r => r,
     }

@@ -625,6 +625,9 @@ async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
     }
     let flavours: Vec<_> = a.flavours.iter().cloned().collect();
     shared.candidates.replace(&node, &flavours, unix_ms());
+    if !flavours.is_empty() {
+        shared.candidates.note_revision(&node, a.revision);
+    }
     debug!(%node, flavours = flavours.len(), "catalog advert stored as peering candidates");
 }
 
@@ -667,6 +670,7 @@ fn deliver(shared: &Shared, from: Id, msg: Message) {
     };
     match (pending.get(&corr), msg.body) {
         (Some(Waiter::Collect(tx)), Body::Flavours(f)) => {
+            shared.candidates.note_revision(&from, f.revision);
             if tx.try_send((from, f.flavours)).is_err() {
                 debug!("discovery answer after its window or over its queue; dropped");
             }

@@ -670,7 +670,9 @@ fn deliver(shared: &Shared, from: Id, msg: Message) {
     };
     match (pending.get(&corr), msg.body) {
         (Some(Waiter::Collect(tx)), Body::Flavours(f)) => {
-            shared.candidates.note_revision(&from, f.revision);
+            if !f.flavours.is_empty() {
+                shared.candidates.note_revision(&from, f.revision);
+            }
             if tx.try_send((from, f.flavours)).is_err() {
                 debug!("discovery answer after its window or over its queue; dropped");
             }

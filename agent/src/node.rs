@@ -55,6 +55,8 @@ impl Agent {
     /// Opens the tables, brings the offers in line with the config, connects to the broker
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
+        // The first line a node logs names its release, so a journal says what ran.
+        info!(node = %cfg.node_id, version = %crate::version(), "fluidlet node starting");
         let (tls, sealing) = prepare_transport(&cfg)?;
         crate::files::prepare_data_dir(&cfg.data_dir)
             .map_err(|e| AgentError::Other(format!("data_dir {}: {e}", cfg.data_dir.display())))?;

@@ -172,9 +172,15 @@ fn run_stops_cleanly_on_sigterm_and_logs_json_lines() {
         );
     }
     assert!(rest.contains("fluidlet node stopped"), "{rest}");
+    let version = format!("\"version\":\"{}\"", fluidlet::version());
+    let opening = first.lines().next().unwrap_or_default();
+    assert!(
+        opening.contains("fluidlet node starting") && opening.contains(&version),
+        "the first log line does not name the release: {opening}"
+    );
     let started = first.lines().last().unwrap_or_default();
     assert!(
-        started.contains(&format!("\"version\":\"{}\"", fluidlet::version())),
+        started.contains(&version),
         "the release is not in the start line: {started}"
     );
     assert!(

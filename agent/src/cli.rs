@@ -45,7 +45,7 @@ impl From<crate::tls::TlsError> for CliError {
 
 /// Parses the command line into `T` as `argh::from_env` does, except that the output of
 /// `--help` (and of a usage error) is written without panicking when the reader is gone:
-/// `fluidlet --help | head -1` ends quietly. `Err` is the exit status to end with.
+/// `fluidlet --help | head -1` ends quietly. `--version` (or `-V`) prints [`crate::version`]. `Err` is the exit status to end with.
 pub fn parse_args<T: argh::TopLevelCommand>() -> Result<T, ExitCode> {
     let mut args = Vec::new();
     for a in std::env::args_os() {
@@ -66,6 +66,11 @@ pub fn parse_args<T: argh::TopLevelCommand>() -> Result<T, ExitCode> {
         .and_then(|n| n.to_str())
         .unwrap_or(first);
     let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    // argh has no `--version`: it is answered here, before any subcommand is required.
+    if matches!(rest.as_slice(), ["--version"] | ["-V"]) {
+        let _ = writeln!(std::io::stdout(), "{}", crate::version());
+        return Err(ExitCode::SUCCESS);
+    }
     T::from_args(&[name], &rest).map_err(|early| match early.status {
         Ok(()) => {
             let _ = writeln!(std::io::stdout(), "{}", early.output);
@@ -449,6 +454,13 @@ pub async fn status(
         }
         writeln!(out, "{}", serde_json::to_string_pretty(&v).map_err(other)?)?;
         return Ok(());
+    }
+    if let Some(v) = &st.version {
+        writeln!(
+            out,
+            "{v}, protocol 1 revision {}",
+            st.protocol_revision.unwrap_or(0)
+        )?;
     }
     writeln!(
         out,

@@ -19,6 +19,18 @@ pub enum Refusal {
     FlavourGone(Id),
     #[error("the partition does not fit in what is left of flavour {0}")]
     NoFit(Id),
+    /// A superseded id whose piece does not fit what is left of its offer now: answered
+    /// FLAVOUR_GONE, since NO_FIT is kept for the id on offer (docs/protocol.md, "Superseded
+    /// flavour ids"), which a buyer may take as a lie.
+    #[error(
+        "flavour {named} was cut since; what is left of its offer ({current}) does not fit \
+         the partition"
+    )]
+    CutSince {
+        // Boxed: two ids would make every `Result<_, Refusal>` twice as large.
+        named: Box<Id>,
+        current: Box<Id>,
+    },
     #[error("bad partition: {0}")]
     BadPartition(String),
     #[error(
@@ -36,7 +48,7 @@ pub enum Refusal {
 impl Refusal {
     pub fn code(&self) -> ErrorCode {
         match self {
-            Refusal::FlavourGone(_) => ErrorCode::FlavourGone,
+            Refusal::FlavourGone(_) | Refusal::CutSince { .. } => ErrorCode::FlavourGone,
             Refusal::NoFit(_) => ErrorCode::NoFit,
             Refusal::BadPartition(_) => ErrorCode::BadPartition,
             Refusal::TooManyPending(_) => ErrorCode::TooManyPending,
@@ -104,6 +116,18 @@ pub fn plan(flavour: &Flavour, req: &ReserveRequest) -> Result<Plan, Refusal> {
         price: price_of(flavour, &wanted),
         remainder: (left.cpu > 0 || left.memory > 0 || left.pods > 0).then_some(left),
     })
+}
+
+/// The refusal a buyer is told for `req`: NO_FIT against a flavour other than the one named
+/// (the request named a superseded id) becomes [`Refusal::CutSince`].
+pub fn as_answered(r: Refusal, req: &ReserveRequest) -> Refusal {
+    match r {
+        Refusal::NoFit(current) if current != req.flavour => Refusal::CutSince {
+            named: Box::new(req.flavour.clone()),
+            current: Box::new(current),
+        },
+        r => r,
+    }
 }
 
 /// Whether a contract may go from `from` to `to`. Released and Expired are final.

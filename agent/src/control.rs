@@ -110,6 +110,12 @@ pub struct StatusReport {
     /// Counters and gauges (docs/operations.md, "Metrics"); absent from older agents.
     #[n(10)]
     pub metrics: Option<crate::metrics::Snapshot>,
+    /// The agent's release, as `fluidlet --version` prints it; absent from older agents.
+    #[n(11)]
+    pub version: Option<String>,
+    /// The protocol revision it implements (docs/protocol.md section 9); absent: older.
+    #[n(12)]
+    pub protocol_revision: Option<u16>,
 }
 
 #[derive(Clone, Debug, Encode, Decode)]
@@ -413,6 +419,8 @@ pub(crate) fn status(shared: &Shared) -> StatusReport {
         intents,
         fabric: shared.fabric.backend().name().to_owned(),
         metrics: Some(shared.metrics_snapshot()),
+        version: Some(crate::version()),
+        protocol_revision: Some(crate::wire::REVISION),
     }
 }
 

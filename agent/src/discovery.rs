@@ -199,6 +199,10 @@ pub const MAX_CANDIDATES_PER_PROVIDER: usize = 2 * crate::model::MAX_FLAVOURS;
 #[derive(Default)]
 pub struct Candidates {
     map: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// The protocol revision each provider with candidates last said it implements
+    /// (docs/protocol.md section 9); a provider not in it is revision 0. One entry per
+    /// provider that has candidates: dropped with its last candidate.
+    revisions: Mutex<BTreeMap<Id, u16>>,
 }
 
 fn candidate_key(provider: &Id, flavour: &Id) -> Vec<u8> {
@@ -221,6 +225,32 @@ impl Candidates {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn revisions(&self) -> MutexGuard<'_, BTreeMap<Id, u16>> {
+        self.revisions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the revision `provider`'s advert or FLAVOURS answer carried (absent: 0).
+    pub fn note_revision(&self, provider: &Id, revision: Option<u16>) {
+        self.revisions()
+            .insert(provider.clone(), revision.unwrap_or(0));
+    }
+
+    /// The protocol revision `provider` last said it implements; 0 when it said none or is
+    /// not known.
+    pub fn revision(&self, provider: &Id) -> u16 {
+        self.revisions().get(provider).copied().unwrap_or(0)
+    }
+
+    /// Drops the revisions of providers that have no candidate left.
+    fn prune_revisions(&self, map: &BTreeMap<Vec<u8>, Vec<u8>>) {
+        self.revisions().retain(|p, _| {
+            let prefix = format!("{p}/").into_bytes();
+            map.range(prefix.clone()..)
+                .next()
+                .is_some_and(|(k, _)| k.starts_with(&prefix))
+        });
+    }
+
     /// The keys of `provider`'s candidates.
     fn keys_of(map: &BTreeMap<Vec<u8>, Vec<u8>>, provider: &Id) -> Vec<Vec<u8>> {
         let prefix = format!("{provider}/").into_bytes();
@@ -238,6 +268,9 @@ impl Candidates {
         }
         for f in flavours {
             map.insert(candidate_key(provider, &f.id), encode(f, now));
+        }
+        if flavours.is_empty() {
+            self.revisions().remove(provider);
         }
     }
 
@@ -282,12 +315,17 @@ impl Candidates {
         let mut map = self.map();
         let before = map.len();
         map.retain(|_, v| minicbor::decode::<Candidate>(v).is_ok_and(|c| c.seen_at >= cutoff));
+        self.prune_revisions(&map);
         before - map.len()
     }
 
     /// Forgets one candidate (it was sold or refused).
     pub fn remove(&self, provider: &Id, flavour: &Id) {
-        self.map().remove(&candidate_key(provider, flavour));
+        let mut map = self.map();
+        map.remove(&candidate_key(provider, flavour));
+        if Self::keys_of(&map, provider).is_empty() {
+            self.revisions().remove(provider);
+        }
     }
 
     /// How many candidates are kept.

@@ -38,7 +38,7 @@
 //! - [`cli`]: the work of each `fluidlet` command (the binary only parses the command line).
 //!
 //! The crate root's own items ([`AgentError`], [`Step`], [`Observer`]) sit between [`tls`]
-//! and [`shared`]; [`unix_ms`] is [`model`]'s. So there are no import circles;
+//! and [`shared`]; [`unix_ms`] and [`version`] are [`model`]'s. So there are no import circles;
 //! docs/architecture.md draws the graph.
 //!
 //! Data flows one way: broker -> wire -> manager -> tables, and back out through wire.
@@ -66,7 +66,7 @@ pub mod tls;
 pub mod wire;
 
 pub use config::Config;
-pub use model::unix_ms;
+pub use model::{unix_ms, version, GIT_REV, RELEASE};
 pub use node::Agent;
 
 use std::sync::Arc;

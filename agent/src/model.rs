@@ -746,6 +746,23 @@ pub fn demo_offer(provider: &Id) -> Flavour {
     }
 }
 
+/// This build's release, `0.1.0` (the workspace version; releases are tagged `v0.1.0`,
+/// docs/operations.md "Versions").
+pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
+/// The short git revision this build was made from, or empty when it was built outside a git
+/// checkout (`build.rs`).
+pub const GIT_REV: &str = env!("FLUIDLET_GIT_REV");
+
+/// `fluidlet 0.1.0 (2040fc1)`, or `fluidlet 0.1.0` without a revision: what `--version`
+/// prints, the first log line, `status` and the advert carry.
+pub fn version() -> String {
+    if GIT_REV.is_empty() {
+        format!("fluidlet {RELEASE}")
+    } else {
+        format!("fluidlet {RELEASE} ({GIT_REV})")
+    }
+}
+
 /// Unix time in milliseconds (0 if the clock is before 1970).
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()

@@ -55,6 +55,8 @@ impl Agent {
     /// Opens the tables, brings the offers in line with the config, connects to the broker
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
+        // The first line a node logs names its release, so a journal says what ran.
+        info!(node = %cfg.node_id, version = %crate::version(), "fluidlet node starting");
         let (tls, sealing, identity) = prepare_transport(&cfg)?;
         crate::files::prepare_data_dir(&cfg.data_dir)
             .map_err(|e| AgentError::Other(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
@@ -140,7 +142,13 @@ impl Agent {
         for intent in orchestrator::unfinished(&shared)? {
             orchestrator::own(&shared, intent, None);
         }
-        info!(node = %shared.me(), domain = %shared.cfg.domain, "fluidlet node started");
+        info!(
+            node = %shared.me(),
+            domain = %shared.cfg.domain,
+            version = %crate::version(),
+            revision = crate::wire::REVISION,
+            "fluidlet node started"
+        );
         Ok(Agent {
             shared,
             stop: stop_tx,
@@ -637,6 +645,9 @@ async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
     }
     let flavours: Vec<_> = a.flavours.iter().cloned().collect();
     shared.candidates.replace(&node, &flavours, unix_ms());
+    if !flavours.is_empty() {
+        shared.candidates.note_revision(&node, a.revision);
+    }
     debug!(%node, flavours = flavours.len(), "catalog advert stored as peering candidates");
 }
 
@@ -679,6 +690,9 @@ fn deliver(shared: &Shared, from: Id, msg: Message) {
     };
     match (pending.get(&corr), msg.body) {
         (Some(Waiter::Collect(tx)), Body::Flavours(f)) => {
+            if !f.flavours.is_empty() {
+                shared.candidates.note_revision(&from, f.revision);
+            }
             if tx.try_send((from, f.flavours)).is_err() {
                 debug!("discovery answer after its window or over its queue; dropped");
             }

@@ -63,7 +63,7 @@ pub enum SealError {
     #[error("no randomness: {0}")]
     Random(String),
     #[error(
-        "a PEER_REQUEST on a TLS domain must carry the buyer's certificate (key 2), so that the \
+        "a PEER_REQUEST on a TLS domain must carry the buyer's certificate (key 3), so that the \
          identity can be sealed to it"
     )]
     NoCertificate,

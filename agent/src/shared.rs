@@ -283,9 +283,7 @@ impl Shared {
             correlation: None,
             sent_at: unix_ms(),
             sender: self.me().clone(),
-            body: Body::Advert(Flavours {
-                flavours: FlavourList::from_slice_truncated(&flavours),
-            }),
+            body: Body::Advert(Flavours::own(FlavourList::from_slice_truncated(&flavours))),
         };
         let bytes = msg.encode()?;
         if let Ok(mut slot) = self.advert.lock() {

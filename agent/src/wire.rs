@@ -29,6 +29,12 @@ use minicbor::{Decode, Encode};
 
 /// The only protocol version this agent speaks.
 pub const VERSION: u8 = 1;
+/// The revision of version 1 this agent implements (docs/protocol.md section 9): which of
+/// the compatible changes listed in the changelog it has. Adverts and FLAVOURS answers carry
+/// it (key 2); a peer that sends none is revision 0, a build from before v0.1.0.
+pub const REVISION: u16 = 1;
+/// Longest `agent` text in an advert (`fluidlet 0.1.0 (2040fc1)`).
+pub const MAX_AGENT: usize = 64;
 /// Largest payload accepted or sent, checked before decoding. A full advert of 16 flavours
 /// with every optional field is under 4 KiB; the largest message is a PEER_ACCEPT carrying a
 /// peering kubeconfig (at most [`MAX_IDENTITY`]).
@@ -186,6 +192,24 @@ pub struct ListFlavours {
 pub struct Flavours {
     #[n(0)]
     pub flavours: FlavourList,
+    /// The sender's implementation and release (`fluidlet 0.1.0 (2040fc1)`), for operators;
+    /// nothing depends on it. Absent from builds before v0.1.0.
+    #[n(1)]
+    pub agent: Option<Text<MAX_AGENT>>,
+    /// The protocol revision the sender implements ([`REVISION`]); absent: 0.
+    #[n(2)]
+    pub revision: Option<u16>,
+}
+
+impl Flavours {
+    /// This node's flavours, labelled with its release and [`REVISION`].
+    pub fn own(flavours: FlavourList) -> Flavours {
+        Flavours {
+            flavours,
+            agent: Text::new(&crate::model::version()).ok(),
+            revision: Some(REVISION),
+        }
+    }
 }
 
 /// ERROR body.
@@ -486,8 +510,17 @@ impl Message {
                 max: MAX_PAYLOAD,
             });
         }
+        // Key 0 missing, unreadable or there twice: still name the message if key 2 can be
+        // read (docs/protocol.md section 5, step 2). Twice is caught here, before the version
+        // is looked at, so that `{0: 1, 0: 9}` and `{0: 9, 0: 1}` get the same answer.
+        if count_key(bytes, 0) > 1 {
+            return Err(WireError::Malformed {
+                id: peek_key(bytes, 2),
+                reason: "envelope: key 0 (the version) twice".into(),
+            });
+        }
         let header: Header = minicbor::decode(bytes).map_err(|e| WireError::Malformed {
-            id: None,
+            id: peek_key(bytes, 2),
             reason: format!("envelope: {e}"),
         })?;
         if header.version != VERSION {
@@ -539,26 +572,56 @@ impl Message {
 /// its version, its other keys or its body. ERRORs are never answered, not even a broken
 /// one: two nodes that cannot understand each other must not answer each other forever.
 pub fn is_error(payload: &[u8]) -> bool {
-    peek_kind(payload) == Some(Kind::Error as u64)
+    peek_key(payload, 1) == Some(Kind::Error as u64)
 }
 
-/// Key 1 of the top-level map, read leniently (unknown keys skipped, any key order).
-fn peek_kind(payload: &[u8]) -> Option<u64> {
+/// The unsigned integer under `key` in the top-level map, read leniently: the map's entries
+/// are walked in order, each key must be an unsigned integer and each value before the one
+/// wanted is skipped as far as it is well-formed; the first entry with that key decides.
+/// It "could be read" (docs/protocol.md section 5) when it is reached before anything that
+/// stops the walk (a key that is not an unsigned integer, an item that is not well-formed,
+/// the end of the bytes); what follows it does not matter.
+fn peek_key(payload: &[u8], key: u64) -> Option<u64> {
+    let mut found = None;
+    walk(payload, |k, d| {
+        if k != key {
+            return d.skip().is_ok();
+        }
+        found = d.u64().ok();
+        false
+    });
+    found
+}
+
+/// How often `key` occurs in the top-level map, as far as the walk of [`peek_key`] gets.
+fn count_key(payload: &[u8], key: u64) -> usize {
+    let mut n = 0;
+    walk(payload, |k, d| {
+        n += usize::from(k == key);
+        d.skip().is_ok()
+    });
+    n
+}
+
+/// Walks the entries of the top-level map leniently, calling `f` with each key and the
+/// decoder at its value; `f` consumes the value and says whether to go on. Stops at the first
+/// key that is not an unsigned integer, and at the end of the map or of the bytes.
+fn walk(payload: &[u8], mut f: impl FnMut(u64, &mut minicbor::Decoder<'_>) -> bool) {
     let mut d = minicbor::Decoder::new(payload);
-    let n = d.map().ok()?;
+    let Ok(n) = d.map() else { return };
     let mut i = 0u64;
     while n.is_none_or(|n| i < n) {
-        if d.datatype().ok()? == minicbor::data::Type::Break {
-            return None;
+        if d.datatype()
+            .map_or(true, |t| t == minicbor::data::Type::Break)
+        {
+            return;
         }
-        match d.u64() {
-            Ok(1) => return d.u64().ok(),
-            Ok(_) => d.skip().ok()?,
-            Err(_) => return None,
+        let Ok(k) = d.u64() else { return };
+        if !f(k, &mut d) {
+            return;
         }
         i += 1;
     }
-    None
 }
 
 /// Deepest nesting of arrays, maps and tags accepted in a payload (the deepest message,
@@ -877,6 +940,7 @@ pub fn examples() -> Vec<(&'static str, Message)> {
     };
     let list = Flavours {
         flavours: FlavourList::from_slice_truncated(std::slice::from_ref(&flavour)),
+        ..Default::default()
     };
     let msg = |n: u64, corr: Option<u64>, from: &str, body: Body| Message {
         id: n,
@@ -1373,6 +1437,55 @@ mod tests {
         assert!(!is_error(&list));
         assert!(!is_error(b"hello world"));
         assert!(!is_error(&[0xa1, 0x01, 0x61, b'5']));
+    }
+
+    /// The readings docs/protocol.md sections 4 and 5 settle, one assertion each.
+    #[test]
+    fn the_settled_readings_of_the_encoding_rules_hold() {
+        let malformed = |b: &[u8]| match Message::decode(b) {
+            Err(WireError::Malformed { id, .. }) => id,
+            other => panic!("expected MALFORMED for {b:02x?}, got {other:?}"),
+        };
+        // Key 0 twice is MALFORMED whichever value comes first, correlated to key 2.
+        assert_eq!(
+            malformed(&[0xa4, 0x00, 0x01, 0x00, 0x09, 0x01, 0x01, 0x02, 0x07]),
+            Some(7)
+        );
+        assert_eq!(
+            malformed(&[0xa4, 0x00, 0x09, 0x00, 0x01, 0x01, 0x01, 0x02, 0x07]),
+            Some(7)
+        );
+        // A text key at the top level is not an unknown key: MALFORMED, and the walk for key 2
+        // stops at it.
+        let mut text_key = envelope_bytes();
+        text_key[0] += 1;
+        text_key.extend_from_slice(&[0x61, b'x', 0x00]);
+        assert_eq!(malformed(&text_key), Some(7));
+        assert_eq!(
+            malformed(&[0xa3, 0x01, 0x01, 0x61, b'x', 0x00, 0x02, 0x07]),
+            None
+        );
+        // Key 2 read before something that is not well-formed still correlates.
+        assert_eq!(malformed(&[0xa3, 0x01, 0x01, 0x02, 0x07, 0x1c]), Some(7));
+        // Invalid UTF-8 is MALFORMED inside an unknown key too (every text string is UTF-8).
+        let body = [0xa3, 0x00, 0x06, 0x01, 0x61, b'x', 0x09, 0x62, 0xff, 0xfe];
+        assert_eq!(malformed(&with_body(Kind::Error, &body)), Some(7));
+        // Nesting: an item inside 16 arrays, maps or tags is accepted, inside 17 it is not;
+        // the outermost map counts as one of them.
+        let body = |arrays: usize| {
+            let mut b = vec![0xa2, 0x00, 0x06, 0x01, 0x61, b'x'];
+            b[0] = 0xa3;
+            b.push(0x09);
+            b.extend(std::iter::repeat_n(0x81, arrays));
+            b.push(0x00);
+            b
+        };
+        assert!(Message::decode(&with_body(Kind::Error, &body(15))).is_ok());
+        assert!(Message::decode(&with_body(Kind::Error, &body(16))).is_err());
+        // Key 1 read as 5 in a longer form, or before the bytes end, is an ERROR.
+        assert!(is_error(&[0xa2, 0x01, 0x18, 0x05, 0x02, 0x07]));
+        assert!(is_error(&[0xa3, 0x00, 0x01, 0x01, 0x05, 0x02]));
+        assert!(!is_error(&[0xa2, 0x61, b'x', 0x00, 0x01, 0x05]));
     }
 
     #[test]

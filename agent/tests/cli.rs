@@ -101,6 +101,23 @@ fn missing_config_file_is_a_clear_error() {
     assert!(err.contains("cannot read /nonexistent/agent.toml"), "{err}");
 }
 
+/// `--version` prints the release and, when built in a git checkout, the short revision.
+#[test]
+fn version_prints_the_release_and_the_revision() {
+    let out = fluidlet(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim_end(), fluidlet::version());
+    assert!(
+        text.starts_with(&format!("fluidlet {} ", env!("CARGO_PKG_VERSION")))
+            || text.trim_end() == format!("fluidlet {}", env!("CARGO_PKG_VERSION")),
+        "{text}"
+    );
+    if !fluidlet::GIT_REV.is_empty() {
+        assert!(text.contains(&format!("({})", fluidlet::GIT_REV)), "{text}");
+    }
+}
+
 #[test]
 fn help_lists_the_commands() {
     let out = fluidlet(&["--help"]);
@@ -155,6 +172,17 @@ fn run_stops_cleanly_on_sigterm_and_logs_json_lines() {
         );
     }
     assert!(rest.contains("fluidlet node stopped"), "{rest}");
+    let version = format!("\"version\":\"{}\"", fluidlet::version());
+    let opening = first.lines().next().unwrap_or_default();
+    assert!(
+        opening.contains("fluidlet node starting") && opening.contains(&version),
+        "the first log line does not name the release: {opening}"
+    );
+    let started = first.lines().last().unwrap_or_default();
+    assert!(
+        started.contains(&version),
+        "the release is not in the start line: {started}"
+    );
     assert!(
         dir.path().join("data").join("conf").exists(),
         "the tables were created"
@@ -248,6 +276,8 @@ async fn intent_status_and_release_through_the_control_socket() {
     assert!(ok, "{err}");
     let st: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(st["node"], "cli-cons");
+    assert_eq!(st["version"], fluidlet::version());
+    assert_eq!(st["protocol_revision"], fluidlet::wire::REVISION);
     assert_eq!(st["connected"], true);
     assert_eq!(st["contracts"][0]["state"], "Active");
     assert_eq!(st["allocations"][0]["kind"], "VirtualNode");
@@ -255,7 +285,9 @@ async fn intent_status_and_release_through_the_control_socket() {
     let contract = st["contracts"][0]["id"].as_str().unwrap().to_owned();
     let (ok, table, _) = run(&["status", "-c", c]);
     assert!(
-        ok && table.contains(&contract) && table.contains("connected"),
+        ok && table.contains(&contract)
+            && table.contains("connected")
+            && table.starts_with(&fluidlet::version()),
         "{table}"
     );
 

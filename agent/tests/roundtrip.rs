@@ -116,6 +116,7 @@ fn selector() -> impl Strategy<Value = FlavourSelector> {
 fn flavours() -> impl Strategy<Value = Flavours> {
     vec(flavour(), 0..=MAX_FLAVOURS).prop_map(|v| Flavours {
         flavours: FlavourList::from_slice_truncated(&v),
+        ..Default::default()
     })
 }
 

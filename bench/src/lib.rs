@@ -318,7 +318,7 @@ pub async fn first_flavour(p: &mut Peer, offer: &str) -> Res<Id> {
 
 pub fn advert_flavour(payload: &[u8], offer: &str) -> Option<Id> {
     let m = Message::decode(payload).ok()?;
-    let Body::Advert(Flavours { flavours }) = m.body else {
+    let Body::Advert(Flavours { flavours, .. }) = m.body else {
         return None;
     };
     flavours
@@ -377,6 +377,7 @@ pub fn sim_advert(node: &str, i: usize) -> Vec<u8> {
         sender: Id::new(node).unwrap_or_default(),
         body: Body::Advert(Flavours {
             flavours: fluidlet::model::FlavourList::from_slice_truncated(&[f]),
+            ..Default::default()
         }),
     }
     .encode()

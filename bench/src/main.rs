@@ -1003,6 +1003,7 @@ fn wire_sizes() -> (usize, usize, usize) {
         sender: Id::new("provider-1").unwrap_or_default(),
         body: Body::Advert(Flavours {
             flavours: fluidlet::model::FlavourList::from_slice_truncated(&[f]),
+            ..Default::default()
         }),
     }
     .encode()

@@ -22,6 +22,7 @@ fn advert(node: &str, sent_at: u64) -> Vec<u8> {
         sender: Id::new(node).unwrap(),
         body: Body::Advert(Flavours {
             flavours: FlavourList::from_slice_truncated(&[f]),
+            ..Default::default()
         }),
     }
     .encode()

@@ -45,12 +45,22 @@ fn message(id: u64, correlation: Option<u64>, body: Body) -> Vec<u8> {
     .unwrap()
 }
 
-/// Starts eve; returns the number of RESERVE_FLAVOURs she has received so far.
-async fn eve(port: u16, domain: &str, lie: Lie) -> Arc<AtomicUsize> {
+/// Starts eve, claiming protocol revision `revision` in her adverts and answers (`None`: a
+/// build from before revisions); returns the number of RESERVE_FLAVOURs she has received so
+/// far.
+async fn eve(port: u16, domain: &str, lie: Lie, revision: Option<u16>) -> Arc<AtomicUsize> {
     let mut eve = Rogue::connect(port, domain, "eve").await;
     eve.subscribe(&format!("fluidos/v1/{domain}/discovery/from/+"))
         .await;
-    let advert = message(1, None, Body::Advert(Flavours { flavours: cheap(0) }));
+    let advert = message(
+        1,
+        None,
+        Body::Advert(Flavours {
+            flavours: cheap(0),
+            revision,
+            ..Default::default()
+        }),
+    );
     eve.publish(&format!("fluidos/v1/{domain}/catalog/eve"), true, advert)
         .await;
     let reserves = Arc::new(AtomicUsize::new(0));
@@ -69,6 +79,8 @@ async fn eve(port: u16, domain: &str, lie: Lie) -> Arc<AtomicUsize> {
                     next += 16;
                     Body::Flavours(Flavours {
                         flavours: cheap(next),
+                        revision,
+                        ..Default::default()
                     })
                 }
                 Body::ReserveFlavour(_) => {
@@ -97,7 +109,7 @@ async fn a_liar_cannot_block_an_intent(lie: Lie) {
     let bcfg = config("bob", &domain, b.port, bd.path());
     let timeout = bcfg.reserve_timeout;
     let bob = start(bcfg, None).await;
-    let reserves = eve(b.port, &domain, lie).await;
+    let reserves = eve(b.port, &domain, lie, Some(fluidlet::wire::REVISION)).await;
     eventually("bob to see eve's 16 flavours and alice's", || {
         bob.candidates().all().len() == 17
     })
@@ -170,4 +182,45 @@ async fn a_provider_refusing_every_reservation_with_no_fit_cannot_block_an_inten
 #[tokio::test]
 async fn a_provider_ignoring_every_reservation_costs_one_timeout_and_cannot_block_an_intent() {
     a_liar_cannot_block_an_intent(Lie::Silent).await;
+}
+
+/// A provider of revision 0 (a build from before `v0.1.0`) answers NO_FIT for a superseded id
+/// whose piece no longer fits, where a current one answers FLAVOUR_GONE (docs/protocol.md
+/// section 10): its first NO_FIT in a purchase only sets it aside, as a first FLAVOUR_GONE
+/// does. The purchase goes to alice and eve is not demoted.
+#[tokio::test]
+async fn a_first_no_fit_from_a_provider_of_revision_0_sets_it_aside_without_a_demotion() {
+    let Some(b) = broker(BrokerKind::Embedded) else {
+        return;
+    };
+    let domain = fresh_domain();
+    let (ad, bd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let alice = start(provider_config("alice", &domain, b.port, ad.path()), None).await;
+    let bob = start(config("bob", &domain, b.port, bd.path()), None).await;
+    let reserves = eve(b.port, &domain, Lie::NoFit, None).await;
+    eventually("bob to see eve's 16 flavours and alice's", || {
+        bob.candidates().all().len() == 17
+    })
+    .await;
+    let c = bob.acquire(&want(500, 1)).await.expect("a purchase");
+    assert_eq!(c.seller.as_str(), "alice");
+    assert_eq!(reserves.load(Ordering::SeqCst), 1, "eve was asked first");
+    let eve_id = Id::new("eve").unwrap();
+    let rating = bob.tables().rating(&eve_id).unwrap();
+    assert!(
+        rating
+            .as_ref()
+            .is_none_or(|r| r.lies == 0 && !r.demoted(fluidlet::unix_ms())),
+        "eve demoted for an old provider's NO_FIT: {rating:?}"
+    );
+    let eve_client = Rogue::connect_as(b.port, &domain, "eve", "eve-cleanup").await;
+    eve_client
+        .publish(
+            &format!("fluidos/v1/{domain}/catalog/eve"),
+            true,
+            Vec::new(),
+        )
+        .await;
+    bob.shutdown().await;
+    alice.shutdown().await;
 }

@@ -100,6 +100,7 @@ async fn a_node_cannot_publish_as_another() {
         sender: Id::new("eve").unwrap(),
         body: Body::Advert(fluidlet::wire::Flavours {
             flavours: fluidlet::model::Bounded::from_slice_truncated(&[fake]),
+            ..Default::default()
         }),
     };
     eve.publish(

@@ -12,12 +12,14 @@ use fluidlet_tests::*;
 on_both_brokers!(
     discovery_finds_the_providers_flavour,
     catalog_advert_becomes_a_peering_candidate_without_discovery,
+    the_advert_and_a_flavours_answer_name_the_release_and_the_protocol_revision,
     reservation_replaces_the_flavour_with_a_reduced_one_and_both_sides_hold_the_contract,
     reservation_that_no_longer_fits_is_refused,
     retried_transaction_returns_the_same_contract_without_reserving_twice,
     two_consumers_racing_for_the_last_capacity_exactly_one_wins,
     provider_restarted_after_ok_still_holds_the_contract_and_the_reduced_flavour,
     bad_messages_get_error_and_the_provider_keeps_serving,
+    an_envelope_without_its_version_is_malformed_and_correlated_to_the_id_it_could_read,
     errors_are_never_answered_not_even_broken_ones,
     request_for_what_nobody_offers_ends_with_a_clear_error,
     consumer_restarted_mid_purchase_recovers_the_contract_the_provider_made,
@@ -125,6 +127,34 @@ async fn discovery_finds_the_providers_flavour(port: u16) {
     assert_eq!(steps.of("cons"), [5, 6, 7, 10, 11, 12, 13, 14, 19, 19, 20]);
     assert_eq!(steps.of("prov"), [8, 9, 15, 16, 17, 18, 18]);
     c.shutdown().await;
+    p.shutdown().await;
+}
+
+/// docs/protocol.md section 9: a provider's advert and its FLAVOURS answers carry its release
+/// (key 1) and protocol revision (key 2), as optional keys a decoder of an older build skips.
+async fn the_advert_and_a_flavours_answer_name_the_release_and_the_protocol_revision(port: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let mut r = Rogue::connect(port, &d, "rogue").await;
+    r.subscribe(&format!("fluidos/v1/{d}/catalog/prov")).await;
+    let (topic, payload) = r.recv_within(WAIT).await.expect("the retained advert");
+    assert!(topic.ends_with("/catalog/prov"), "{topic}");
+    let Body::Advert(a) = Message::decode(&payload).unwrap().body else {
+        panic!("not an advert");
+    };
+    assert_eq!(
+        a.agent.as_ref().map(|t| t.as_str().to_owned()),
+        Some(fluidlet::version())
+    );
+    assert_eq!(a.revision, Some(fluidlet::wire::REVISION));
+    r.send("prov", Body::ListFlavours(ListFlavours::default()))
+        .await;
+    let Body::Flavours(f) = r.recv().await.body else {
+        panic!("not a FLAVOURS answer");
+    };
+    assert_eq!(f.revision, Some(fluidlet::wire::REVISION));
+    assert!(f.agent.is_some());
     p.shutdown().await;
 }
 
@@ -423,6 +453,45 @@ async fn provider_restarted_after_ok_still_holds_the_contract_and_the_reduced_fl
     p.shutdown().await;
 }
 
+/// docs/protocol.md section 5, step 2: key 0 missing (or not an unsigned integer) is
+/// MALFORMED, correlated to key 2 when a walk of the top-level map reaches it; whatever the
+/// other keys hold (here a body that is an empty map).
+async fn an_envelope_without_its_version_is_malformed_and_correlated_to_the_id_it_could_read(
+    port: u16,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = fresh_domain();
+    let p = start(provider_config("prov", &d, port, dir.path()), None).await;
+    let mut r = Rogue::connect(port, &d, "rogue").await;
+    // {1: 1, 2: 42, 4: 0, 5: "rogue", 6: h'a0'}
+    let mut no_version = vec![0xa5, 0x01, 0x01, 0x02, 0x18, 0x2a, 0x04, 0x00, 0x05, 0x65];
+    no_version.extend_from_slice(b"rogue");
+    no_version.extend_from_slice(&[0x06, 0x41, 0xa0]);
+    r.send_raw("prov", no_version).await;
+    let m = r.recv().await;
+    assert_eq!(error_code(&m), Some(ErrorCode::Malformed));
+    assert_eq!(m.correlation, Some(42));
+    // {0: "1", 1: 1, 2: 43}: a version that is not an unsigned integer.
+    r.send_raw(
+        "prov",
+        vec![0xa3, 0x00, 0x61, b'1', 0x01, 0x01, 0x02, 0x18, 0x2b],
+    )
+    .await;
+    let m = r.recv().await;
+    assert_eq!(error_code(&m), Some(ErrorCode::Malformed));
+    assert_eq!(m.correlation, Some(43));
+    // {1: 1, "x": 0, 2: 44}: the walk stops at the text key, before key 2: no correlation.
+    r.send_raw(
+        "prov",
+        vec![0xa3, 0x01, 0x01, 0x61, b'x', 0x00, 0x02, 0x18, 0x2c],
+    )
+    .await;
+    let m = r.recv().await;
+    assert_eq!(error_code(&m), Some(ErrorCode::Malformed));
+    assert_eq!(m.correlation, None);
+    p.shutdown().await;
+}
+
 async fn bad_messages_get_error_and_the_provider_keeps_serving(port: u16) {
     let dir = tempfile::tempdir().unwrap();
     let d = fresh_domain();
@@ -661,6 +730,7 @@ async fn a_node_joining_a_big_domain_sees_every_provider(port: u16, n: u64) {
             sender: Id::new(&node).unwrap(),
             body: Body::Advert(fluidlet::wire::Flavours {
                 flavours: fluidlet::model::FlavourList::from_slice_truncated(&[f]),
+                ..Default::default()
             }),
         };
         let topic = format!("fluidos/v1/{d}/catalog/{node}");

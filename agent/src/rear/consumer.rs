@@ -19,7 +19,9 @@
 //! answers when the flavour was sold since this node saw it, so the first one only excludes
 //! that provider's candidates known so far: it gets a second attempt on a flavour heard of
 //! after the refusal (a fresh advert or discovery answer); a second FLAVOUR_GONE in the same
-//! flow makes it a liar too. A RESERVED lost on the way back is no longer recovered by a
+//! flow makes it a liar too; so is NO_FIT from a provider of protocol revision 0, whose builds
+//! answer it for a superseded id that no longer fits (docs/protocol.md section 10), so its
+//! first one counts as a first FLAVOUR_GONE. A RESERVED lost on the way back is no longer recovered by a
 //! resend within the flow: the provider's reservation lapses at its expiry. Purchases
 //! resumed after a restart ([`resume`]) still resend under the same transaction id
 //! (`reserve_attempts`), so a contract made while this node was down is recovered.
@@ -103,13 +105,18 @@ impl Turns {
         !self.done.contains(p) && self.gone_at.get(p).is_none_or(|t| c.seen_at > *t)
     }
 
-    /// Records how `provider`'s attempt ended; true when it lied (to be demoted).
-    fn ended(&mut self, provider: &Id, e: &RearError) -> bool {
+    /// Records how `provider`'s attempt ended; true when it lied (to be demoted). `revision`
+    /// is the protocol revision the provider advertised: one before 1 answers NO_FIT for a
+    /// superseded id whose piece no longer fits (docs/protocol.md section 10), so from it a
+    /// first NO_FIT counts as a first FLAVOUR_GONE.
+    fn ended(&mut self, provider: &Id, e: &RearError, revision: u16) -> bool {
         let lied = match e {
             RearError::Refused {
-                code: Some(ErrorCode::FlavourGone),
-                ..
-            } if !self.gone_at.contains_key(provider) => {
+                code: Some(code), ..
+            } if (*code == ErrorCode::FlavourGone
+                || (*code == ErrorCode::NoFit && revision < 1))
+                && !self.gone_at.contains_key(provider) =>
+            {
                 self.gone_at.insert(provider.clone(), unix_ms());
                 return false;
             }
@@ -225,8 +232,9 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
             Err(
                 e @ (RearError::Refused { .. } | RearError::Timeout(_) | RearError::BadAnswer(_)),
             ) => {
+                let revision = shared.candidates.revision(&provider);
                 shared.candidates.remove(&provider, &cand.flavour.id);
-                if turns.ended(&provider, &e) {
+                if turns.ended(&provider, &e, revision) {
                     let until =
                         unix_ms().saturating_add(shared.cfg.liar_demotion.as_millis() as u64);
                     warn!(%provider, error = %e, "provider refused or ignored what it had just offered: demoted, trying the next provider");

@@ -58,9 +58,7 @@ pub(crate) async fn answer_list(
     if found.is_empty() && !always {
         return;
     }
-    let body = Body::Flavours(Flavours {
-        flavours: FlavourList::from_slice_truncated(&found),
-    });
+    let body = Body::Flavours(Flavours::own(FlavourList::from_slice_truncated(&found)));
     match shared.send(from, Some(id), body).await {
         Ok(_) => shared.step(
             9,
@@ -119,7 +117,10 @@ pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>
         .any(|a| matches!(a, Reservation::New(_)));
     let mut answers = answers.map(Vec::into_iter);
     for (from, id, req) in batch {
-        let outcome = answers.as_mut().and_then(Iterator::next);
+        let outcome = answers.as_mut().and_then(Iterator::next).map(|o| match o {
+            Reservation::Refused(r) => Reservation::Refused(crate::contracts::as_answered(r, &req)),
+            o => o,
+        });
         let answer = match (&outcome, &durable) {
             (Some(Reservation::New(_)), Ok(())) => Answer::New,
             (Some(Reservation::Repeat(_)), _) => Answer::Repeat,

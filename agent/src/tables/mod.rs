@@ -415,13 +415,19 @@ impl Tables {
                 // as superseded ids.
                 let same = stored.is_some_and(|s| &s.total == *o);
                 let epoch = stored.and_then(|s| s.epoch);
-                if !same || epoch.is_none_or(|e| e.sale != *sale) {
+                let new_terms = !same || epoch.is_none_or(|e| e.sale != *sale);
+                if new_terms {
                     let first = next()?;
                     batch.insert(keys::epoch(&o.id), enc(&Epoch { first, sale: *sale }));
                 }
                 batch.insert(keys::offer(&o.id), enc(*o));
+                // The current flavour keeps its id only under the same terms: an id issued
+                // before they changed is gone for good, the current one included, even when
+                // only a sale term (share cap, contract term) changed and the flavour itself
+                // reads the same.
                 let current = stored.and_then(|s| s.current.as_ref());
-                let kept = current.is_some_and(|f| *f == ledger::cut(o, &f.id, *left));
+                let kept =
+                    !new_terms && current.is_some_and(|f| *f == ledger::cut(o, &f.id, *left));
                 if !kept {
                     batch.remove(keys::available(&o.id));
                     if !left.is_zero() {

@@ -1,0 +1,84 @@
+//! fluidlet-supernode: a REAR-over-HTTP face for a fluidlet domain (docs/supernode.md).
+//!
+//! It runs beside the domain broker, never on a gateway. FLUIDOS reference nodes
+//! (fluidos-project/node) list the domain's flavours, reserve and purchase through it as
+//! they would at another reference node's gateway; it speaks fluidlet's REAR over MQTT to
+//! the providers on their behalf, each reference node as a buyer of its own (`ref-{hash}`).
+//! Only the inbound direction (a reference node buys from a fluidlet provider) is built.
+
+pub mod config;
+pub mod domain;
+pub mod face;
+pub mod http;
+pub mod quantity;
+pub mod rear;
+pub mod store;
+
+pub use config::Config;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// A running face.
+pub struct Supernode {
+    pub addr: SocketAddr,
+    face: Arc<face::Face>,
+    domain: domain::Domain,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Supernode {
+    /// Opens the tables, connects to the domain broker and starts serving HTTP.
+    pub async fn start(cfg: Config) -> Result<Supernode, String> {
+        let store = store::Store::open(&cfg.data_dir).map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| format!("http.listen {}: {e}", cfg.listen))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let domain = domain::Domain::start(&cfg)?;
+        let face = Arc::new(face::Face::new(cfg.clone(), domain.clone(), store));
+        let (stop, rx) = watch::channel(false);
+        let server = tokio::spawn(http::serve(
+            face.clone(),
+            listener,
+            cfg.max_connections,
+            cfg.max_body_bytes,
+            cfg.header_timeout,
+            cfg.requests_per_second,
+            rx,
+        ));
+        Ok(Supernode {
+            addr,
+            face,
+            domain,
+            stop,
+            server,
+        })
+    }
+
+    /// Whether the domain connection is up (the face answers 503 until it is).
+    pub fn ready(&self) -> bool {
+        self.face.ready()
+    }
+
+    /// The transactions in the face's tables.
+    pub fn transactions(&self) -> Vec<store::TxRecord> {
+        self.face.transactions()
+    }
+
+    /// Stops serving, disconnects and flushes the tables.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        self.domain.disconnect().await;
+        // Let connection tasks holding the face finish, so the tables close (sled's lock).
+        for _ in 0..100 {
+            if Arc::strong_count(&self.face) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The REAR-over-HTTP face (fluidlet-supernode), inbound: an imitation of the FLUIDOS
+//! reference node's client (tests/src/refnode.rs, written from fluidos-project/node 9018b69)
+//! lists, reserves and purchases a fluidlet provider's flavour through the face, over the
+//! domain broker as shipped (mosquitto, mutual TLS, the ACL and plugin) and the dry-run
+//! fabric, and gets the peering kubeconfig; the provider's tables hold the contract, sold to
+//! the reference node's own buyer id. No real reference node is run.
+
+use fluidlet::model::ContractState;
+use fluidlet_supernode::{Config, Supernode};
+use fluidlet_tests::refnode::{self, base64_decode, fact, get, k8slice_configuration, s, Client};
+use fluidlet_tests::{domain_sh, eventually, flavours, free_port, provider_config, start, Rogue};
+use fluidlet_tests::{TlsDomain, WAIT};
+use std::path::Path;
+
+const DRY_IDENTITY: &str = "kubeconfig of Liqo's peering user";
+const LIQO_ID: &str = "fluidos-consumer-1";
+
+fn face_config(d: &TlsDomain, data: &Path, http_port: u16) -> Config {
+    let sn = d.dir.path().join("supernodes/sn1");
+    let toml = format!(
+        r#"
+name = "sn1"
+domain = "{domain}"
+data_dir = "{data}"
+[broker]
+host = "127.0.0.1"
+port = {port}
+ca = "{sn}/domain-ca.pem"
+cert = "{sn}/supernode.pem"
+key = "{sn}/supernode.key"
+[refs]
+dir = "{sn}/refs"
+[http]
+listen = "127.0.0.1:{http_port}"
+advertise = "127.0.0.1:{http_port}"
+insecure_plaintext = true
+[timeouts]
+reserve_secs = 5
+peer_request_secs = 30
+"#,
+        domain = d.domain,
+        data = data.display(),
+        port = d.port,
+        sn = sn.display(),
+    );
+    Config::from_toml(&toml).expect("face config")
+}
+
+/// A domain with supernode `sn1` and the reference node LIQO_ID admitted, in the ACL
+/// before the broker starts.
+fn domain() -> Option<TlsDomain> {
+    TlsDomain::start_with(|dir, _| {
+        let d = dir.to_str().expect("utf-8");
+        domain_sh(&["supernode", d, "sn1"]);
+        domain_sh(&["refnode", d, "sn1", LIQO_ID]);
+    })
+}
+
+async fn face(cfg: Config) -> Supernode {
+    let s = Supernode::start(cfg).await.expect("face starts");
+    eventually("the face to reach the broker", || s.ready()).await;
+    s
+}
+
+fn ref_client(addr: &str) -> Client {
+    Client {
+        node_id: "fluidos-node-a".into(),
+        ip: addr.into(),
+        domain: "fluidos.eu".into(),
+        liqo_id: LIQO_ID.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_reference_node_lists_reserves_and_purchases_a_fluidlet_flavour_through_the_face() {
+    let Some(d) = domain() else { return };
+    let pd = tempfile::tempdir().unwrap();
+    let mut pcfg = provider_config("alice", &d.domain, d.port, pd.path());
+    pcfg.tls = Some(d.enrol("alice"));
+    let alice = start(pcfg, None).await;
+    let fd = tempfile::tempdir().unwrap();
+    let http_port = free_port();
+    let addr = format!("127.0.0.1:{http_port}");
+    let mut sn = face(face_config(&d, fd.path(), http_port)).await;
+    let me = ref_client("10.0.0.9:3004");
+
+    // Discovery: the provider's flavour, as the Go consumer forges it.
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = me.discover(&addr, None).await.expect("discovery");
+        if !listed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let f = listed[0].clone();
+    assert_eq!(f.provider, "alice");
+    assert_eq!(f.owner_ip, addr, "owner.IP is where the face is reached");
+    // The demo offer: 4 CPUs, 8 GiB, 110 pods, pieces of 500m, in canonical quantities.
+    assert_eq!(
+        (f.cpu.as_str(), f.memory.as_str(), f.pods.as_str()),
+        ("4", "8Gi", "110")
+    );
+    assert_eq!((f.cpu_min.as_str(), f.cpu_step.as_str()), ("500m", "500m"));
+    let offered = flavours(&alice)[0].clone();
+    assert_eq!(f.architecture, offered.architecture.as_str());
+    // The typo keys are the ones written (the Go decoder matches keys case-insensitively,
+    // so only a different spelling could be missed: it is absent).
+    let data = get(get(&f.raw, "type"), "data");
+    assert!(data.get("charateristics").is_some() && data.get("characteristics").is_none());
+    assert_eq!(
+        s(get(&f.raw, "type"), "name"),
+        fact("json.flavor.type_name")
+    );
+    assert!(get(&f.raw, "price")
+        .get("amount")
+        .is_some_and(|a| a.is_string()));
+
+    // Selector: a match, no match (200 []), a bad key (400).
+    let hit = me
+        .discover(
+            &addr,
+            Some("filter[cpu][range][min]=1&filter[memory][range][max]=16Gi"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(hit.len(), 1);
+    let none = refnode::request(
+        &addr,
+        "GET",
+        "/api/v2/flavors/k8slice?filter[cpu][range][min]=64",
+        None,
+    )
+    .await;
+    assert_eq!((none.status, none.text().as_str()), (200, "[]"));
+    let bad = refnode::request(&addr, "GET", "/api/v2/flavors/k8slice?cpu=1", None).await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+
+    // Reserve: without a liqoID 400, an unknown flavour 404, then a piece.
+    let nobody = Client {
+        liqo_id: String::new(),
+        ..ref_client("10.0.0.8:3004")
+    };
+    assert_eq!(nobody.reserve(&f, None).await.unwrap_err().0, 400);
+    let mut ghost = f.clone();
+    ghost.id = "fl-000000000000000000000000".into();
+    assert_eq!(me.reserve(&ghost, None).await.unwrap_err().0, 404);
+    let piece = k8slice_configuration("1", "2Gi", "1");
+    let t = me.reserve(&f, Some(piece.clone())).await.expect("reserved");
+    let tid = s(&t, "transactionID");
+    assert_eq!(s(&t, "flavorID"), f.id);
+    assert_eq!(s(&t, "clusterID"), LIQO_ID);
+    assert_eq!(
+        s(get(&t, fact("json.transaction.buyer_key").as_str()), "ID"),
+        "fluidos-node-a"
+    );
+    assert!(s(&t, "expirationTime").ends_with('Z'), "{t}");
+    // The same buyer and flavour again: the same transaction.
+    let again = me.reserve(&f, Some(piece)).await.expect("repeat");
+    assert_eq!(s(&again, "transactionID"), tid);
+
+    // The provider sold it to the reference node's own buyer id, not to the face.
+    let buyer = fluidlet_supernode::domain::buyer_id(LIQO_ID);
+    let contracts = alice.tables().contracts().unwrap();
+    assert_eq!(contracts.len(), 1, "{contracts:?}");
+    assert_eq!(contracts[0].buyer.as_str(), buyer);
+    assert_eq!(contracts[0].state, ContractState::Reserved);
+    assert_eq!(contracts[0].resources.cpu, 1000);
+
+    // The face restarts between reserve and purchase: nothing is lost.
+    sn.shutdown().await;
+    sn = face(face_config(&d, fd.path(), http_port)).await;
+
+    let c = me.purchase(&addr, &tid).await.expect("purchased");
+    assert_eq!(s(&c, "transactionID"), tid);
+    assert_eq!(s(&c, "contractID"), contracts[0].id.as_str());
+    assert_eq!(
+        s(get(&c, fact("json.contract.buyer_key").as_str()), "ID"),
+        "fluidos-node-a"
+    );
+    assert_eq!(s(&c, "buyerClusterID"), LIQO_ID);
+    assert_eq!(s(get(&c, "seller"), "ID"), "alice");
+    let creds = get(&c, "peeringTargetCredentials");
+    assert!(!s(creds, "clusterID").is_empty(), "{c}");
+    let kubeconfig = base64_decode(&s(creds, "kubeconfig")).expect("base64 kubeconfig");
+    let kubeconfig = String::from_utf8(kubeconfig).unwrap();
+    assert!(kubeconfig.contains(DRY_IDENTITY), "{kubeconfig}");
+    assert!(
+        kubeconfig.contains(LIQO_ID),
+        "granted for the reference node's cluster: {kubeconfig}"
+    );
+    let active = alice.tables().contract(&contracts[0].id).unwrap().unwrap();
+    assert_eq!(active.state, ContractState::Active);
+
+    // A repeated purchase gets the contract again (the reference node would answer 500:
+    // docs/supernode.md); an unknown transaction is 500 as there.
+    let c2 = me.purchase(&addr, &tid).await.expect("repeat purchase");
+    assert_eq!(s(&c2, "contractID"), s(&c, "contractID"));
+    assert_eq!(me.purchase(&addr, "nope-1").await.unwrap_err().0, 500);
+    let recs = sn.transactions();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].buyer, buyer);
+
+    sn.shutdown().await;
+    alice.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_supernode_certificate_speaks_and_hears_only_as_reference_buyers() {
+    let Some(d) = domain() else { return };
+    let sn = d.dir.path().join("supernodes/sn1");
+    let files = fluidlet::config::TlsFiles {
+        ca: sn.join("domain-ca.pem"),
+        cert: sn.join("supernode.pem"),
+        key: sn.join("supernode.key"),
+    };
+    let mut face = Rogue::connect_tls(d.port, &d.domain, "ref-0123", &files).await;
+    face.subscribe(&format!("fluidos/v1/{}/to/+/from/+", d.domain))
+        .await;
+    let mut bob = Rogue::connect_tls(d.port, &d.domain, "bob", &d.enrol("bob")).await;
+    let mut carol = Rogue::connect_tls(d.port, &d.domain, "carol", &d.enrol("carol")).await;
+    let dom = &d.domain;
+
+    // Writing: as a ref- buyer it reaches bob; as carol (a fluidlet node) it does not.
+    face.publish(
+        &format!("fluidos/v1/{dom}/to/bob/from/carol"),
+        false,
+        b"forged".to_vec(),
+    )
+    .await;
+    face.publish(
+        &format!("fluidos/v1/{dom}/to/bob/from/ref-0123"),
+        false,
+        b"as-ref".to_vec(),
+    )
+    .await;
+    let (topic, payload) = bob
+        .recv_within(WAIT)
+        .await
+        .expect("bob hears the ref- buyer");
+    assert_eq!(payload, b"as-ref", "{topic}");
+    assert!(topic.ends_with("/from/ref-0123"));
+
+    // Reading: mail for carol never reaches it; mail for a ref- buyer does.
+    bob.publish(
+        &format!("fluidos/v1/{dom}/to/carol/from/bob"),
+        false,
+        b"private".to_vec(),
+    )
+    .await;
+    let (t, p) = carol.recv_within(WAIT).await.expect("carol gets her mail");
+    assert_eq!(p, b"private", "{t}");
+    bob.publish(
+        &format!("fluidos/v1/{dom}/to/ref-0123/from/bob"),
+        false,
+        b"for-ref".to_vec(),
+    )
+    .await;
+    // Everything the face receives, in order: only the ref- mail (the forged publish to bob
+    // was never delivered, so bob got nothing else either).
+    let (t, p) = face
+        .recv_within(WAIT)
+        .await
+        .expect("the face hears ref- mail");
+    assert_eq!(p, b"for-ref", "the face heard {t}");
+
+    // And no node can be enrolled under a ref- id.
+    let out = std::process::Command::new("sh")
+        .arg(fluidlet_tests::domain_script())
+        .args(["node", d.dir.path().to_str().unwrap(), "ref-0123"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

@@ -97,7 +97,7 @@ pub fn parse(s: &str) -> Result<Milli, String> {
 
 /// Millicores in canonical form: "500m", "4", "1500m".
 pub fn cpu(millicores: u64) -> String {
-    if millicores % 1000 == 0 {
+    if millicores.is_multiple_of(1000) {
         (millicores / 1000).to_string()
     } else {
         format!("{millicores}m")
@@ -113,7 +113,7 @@ pub fn bytes(b: u64) -> String {
     }
     let mut v = b;
     let mut i = 0;
-    while i < SUFFIX.len() && v % 1024 == 0 {
+    while i < SUFFIX.len() && v.is_multiple_of(1024) {
         v /= 1024;
         i += 1;
     }

@@ -315,7 +315,7 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
         } as u32)
     };
     let b = s.trim_end_matches('=').as_bytes();
-    if s.len() % 4 != 0 {
+    if !s.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::new();

@@ -62,6 +62,34 @@ async fn face(cfg: Config) -> Supernode {
     s
 }
 
+/// Every key of the object `v` is one the reference node's struct has (the facts' list at
+/// `path`), and every key the facts call `required` is there.
+fn keys_within(v: &serde_json::Value, path: &str, required: &[&str]) {
+    let allowed = refnode::facts();
+    let mut a = &allowed;
+    for k in path.split('.') {
+        a = &a[k];
+    }
+    let allowed: Vec<&str> = a
+        .as_array()
+        .expect(path)
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect();
+    let obj = v
+        .as_object()
+        .unwrap_or_else(|| panic!("{path}: not an object: {v}"));
+    for k in obj.keys() {
+        assert!(
+            allowed.contains(&k.as_str()),
+            "{path}: key {k:?} is not the reference node's ({allowed:?})"
+        );
+    }
+    for r in required {
+        assert!(obj.contains_key(*r), "{path}: {r:?} missing from {v}");
+    }
+}
+
 fn ref_client(addr: &str) -> Client {
     Client {
         node_id: "fluidos-node-a".into(),
@@ -156,6 +184,17 @@ async fn a_reference_node_lists_reserves_and_purchases_a_fluidlet_flavour_throug
         "fluidos-node-a"
     );
     assert!(s(&t, "expirationTime").ends_with('Z'), "{t}");
+    keys_within(
+        &t,
+        "json.transaction.keys",
+        &[
+            "transactionID",
+            "flavorID",
+            "buyer",
+            "clusterID",
+            "expirationTime",
+        ],
+    );
     // The same buyer and flavour again: the same transaction.
     let again = me.reserve(&f, Some(piece)).await.expect("repeat");
     assert_eq!(s(&again, "transactionID"), tid);
@@ -181,7 +220,24 @@ async fn a_reference_node_lists_reserves_and_purchases_a_fluidlet_flavour_throug
     );
     assert_eq!(s(&c, "buyerClusterID"), LIQO_ID);
     assert_eq!(s(get(&c, "seller"), "ID"), "alice");
+    keys_within(
+        &c,
+        "json.contract.keys",
+        &[
+            "contractID",
+            "transactionID",
+            "flavor",
+            "buyerID",
+            "seller",
+            "peeringTargetCredentials",
+        ],
+    );
     let creds = get(&c, "peeringTargetCredentials");
+    keys_within(
+        creds,
+        "json.contract.credentials_keys",
+        &["clusterID", "kubeconfig"],
+    );
     assert!(!s(creds, "clusterID").is_empty(), "{c}");
     let kubeconfig = base64_decode(&s(creds, "kubeconfig")).expect("base64 kubeconfig");
     let kubeconfig = String::from_utf8(kubeconfig).unwrap();

@@ -329,3 +329,48 @@ async fn the_supernode_certificate_speaks_and_hears_only_as_reference_buyers() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[tokio::test]
+async fn a_purchase_after_the_providers_reservation_lapsed_is_a_timeout() {
+    let Some(d) = domain() else { return };
+    let pd = tempfile::tempdir().unwrap();
+    let mut pcfg = provider_config("alice", &d.domain, d.port, pd.path());
+    pcfg.tls = Some(d.enrol("alice"));
+    pcfg.reservation_ttl = std::time::Duration::from_secs(1);
+    let alice = start(pcfg, None).await;
+    let fd = tempfile::tempdir().unwrap();
+    let http_port = free_port();
+    let addr = format!("127.0.0.1:{http_port}");
+    let sn = face(face_config(&d, fd.path(), http_port)).await;
+    let me = ref_client("10.0.0.9:3004");
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = me.discover(&addr, None).await.expect("discovery");
+        if !listed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let f = listed.first().expect("a flavour").clone();
+    let t = me
+        .reserve(&f, Some(k8slice_configuration("500m", "1Gi", "1")))
+        .await
+        .expect("reserved");
+    let tid = s(&t, "transactionID");
+    eventually("the provider to expire the reservation", || {
+        alice
+            .tables()
+            .contracts()
+            .unwrap()
+            .iter()
+            .all(|c| c.state == ContractState::Expired)
+    })
+    .await;
+    // 408 as the reference node answers past a transaction's expiry; the transaction is
+    // then gone (500), as there.
+    let (status, text) = me.purchase(&addr, &tid).await.unwrap_err();
+    assert_eq!(status, 408, "{text}");
+    assert_eq!(me.purchase(&addr, &tid).await.unwrap_err().0, 500);
+    sn.shutdown().await;
+    alice.shutdown().await;
+}

@@ -310,6 +310,13 @@ insecure_plaintext = true
     }
 
     #[test]
+    fn the_packaged_example_is_a_good_config() {
+        let c = Config::from_toml(include_str!("../../packaging/supernode.toml")).unwrap();
+        assert_eq!(c.listen.port(), 3004);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/fluidlet-supernode"));
+    }
+
+    #[test]
     fn bad_configs_name_the_key() {
         let cases = [
             ("name = \"sn1\"", "name = \"sn:1\"", "name"),

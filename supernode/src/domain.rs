@@ -301,12 +301,17 @@ impl Domain {
         let topic = format!("fluidos/v1/{}/to/{to}/from/{buyer}", self.domain);
         let deadline = tokio::time::Instant::now() + timeout;
         let result = loop {
-            if let Err(e) = self
-                .client
-                .publish(topic.clone(), QoS::AtLeastOnce, false, bytes.clone())
-                .await
-            {
-                break Err(format!("publish: {e}"));
+            // The client's queue may be full while the broker is away: bounded by the deadline.
+            let sent = tokio::time::timeout_at(
+                deadline,
+                self.client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, bytes.clone()),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => break Err(format!("publish: {e}")),
+                Err(_) => break Err("the domain broker is not reachable".into()),
             }
             let wait_until = match resend {
                 Some(r) => (tokio::time::Instant::now() + r).min(deadline),

@@ -20,6 +20,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
 
+/// A transaction never answered, or reserved and expired, is deleted this long after (1 h,
+/// as long as a reference node keeps a transaction).
+pub const STALE_MS: u64 = 3_600_000;
+/// A purchased transaction is kept this long after its contract's end (7 days, the
+/// providers' default retention), for repeated purchases.
+pub const KEEP_MS: u64 = 7 * 86_400_000;
+
 /// A running face.
 pub struct Supernode {
     pub addr: SocketAddr,
@@ -38,8 +45,23 @@ impl Supernode {
             .map_err(|e| format!("http.listen {}: {e}", cfg.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let domain = domain::Domain::start(&cfg)?;
-        let face = Arc::new(face::Face::new(cfg.clone(), domain.clone(), store));
+        let face = Arc::new(face::Face::new(cfg.clone(), domain.clone(), store.clone()));
         let (stop, rx) = watch::channel(false);
+        // The sweeper: what can no longer be used leaves the tables (store::Store::prune).
+        let mut sweep_stop = rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+                    _ = sweep_stop.changed() => return,
+                }
+                match store.prune(fluidlet::unix_ms(), STALE_MS, KEEP_MS).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("pruned {n} transactions"),
+                    Err(e) => tracing::warn!("pruning: {e}"),
+                }
+            }
+        });
         let server = tokio::spawn(http::serve(
             face.clone(),
             listener,

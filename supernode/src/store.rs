@@ -57,6 +57,60 @@ pub struct TxRecord {
     pub created_at: u64,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, state: TxState, created_at: u64, expires_at: u64) -> TxRecord {
+        TxRecord {
+            id: id.into(),
+            state,
+            buyer: "ref-1".into(),
+            node_id: format!("n-{id}"),
+            node_ip: String::new(),
+            node_domain: String::new(),
+            liqo_id: "l".into(),
+            flavor_id: "fl-1".into(),
+            provider: "p".into(),
+            flavour: "f.1".into(),
+            fluidlet_tx: "ref-1.t1".into(),
+            configuration: None,
+            partition: None,
+            contract: None,
+            expires_at,
+            created_at,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_reopen_and_stale_ones_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.put(&record("a", TxState::Reserved, 0, 1_000))
+                .await
+                .unwrap();
+            s.put(&record("b", TxState::Reserved, 0, 10_000))
+                .await
+                .unwrap();
+            s.put(&record("c", TxState::Pending, 0, 0)).await.unwrap();
+            s.put(&record("d", TxState::Purchased, 0, 1_000))
+                .await
+                .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.all().len(), 4);
+        assert!(s.find("ref-1", "n-b", "fl-1").unwrap().is_some());
+        // At 5 s with 2 s of grace: a (expired at 1 s) and c (pending since 0) go; b is
+        // live; d was purchased, its contract has no end: kept.
+        assert_eq!(s.prune(5_000, 2_000, 2_000).await.unwrap(), 2);
+        let mut left: Vec<String> = s.all().into_iter().map(|r| r.id).collect();
+        left.sort();
+        assert_eq!(left, ["b", "d"]);
+        assert!(s.find("ref-1", "n-a", "fl-1").unwrap().is_none());
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
@@ -142,6 +196,34 @@ impl Store {
         }
         self.db.flush_async().await.map_err(err)?;
         Ok(())
+    }
+
+    /// Deletes what can no longer be used, so the tables stay bounded by live business:
+    /// a Pending record older than `stale_ms` (its reserve was never answered), a Reserved one
+    /// `stale_ms` past its expiry (the reference node drops an expired transaction too), a
+    /// Purchased one `keep_ms` after its contract's end (`ends_at`; a contract without a term is
+    /// kept). Returns how many were deleted.
+    pub async fn prune(&self, now: u64, stale_ms: u64, keep_ms: u64) -> Result<usize, StoreError> {
+        let mut gone = Vec::new();
+        for r in self.all() {
+            let dead = match r.state {
+                TxState::Pending => now > r.created_at.saturating_add(stale_ms),
+                TxState::Reserved => now > r.expires_at.saturating_add(stale_ms),
+                TxState::Purchased => r
+                    .contract
+                    .as_deref()
+                    .and_then(|c| minicbor::decode::<fluidlet::model::Contract>(c).ok())
+                    .and_then(|c| c.ends_at)
+                    .is_some_and(|end| now > end.saturating_add(keep_ms)),
+            };
+            if dead {
+                gone.push(r);
+            }
+        }
+        for r in &gone {
+            self.remove(r).await?;
+        }
+        Ok(gone.len())
     }
 
     /// Every record (the `status` listing; bounded by what was sold).

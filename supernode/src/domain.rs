@@ -24,12 +24,20 @@ pub struct Advert {
     pub sent_at: u64,
 }
 
+/// Earlier flavour ids of one provider the face still maps (below).
+const PAST_IDS: usize = 64;
+
 /// The catalog: every provider's advert, and the face's flavour ids.
 #[derive(Default)]
 pub struct Catalog {
     pub providers: HashMap<Id, Advert>,
-    /// Face flavour id -> (provider, fluidlet flavour id).
+    /// Face flavour id -> (provider, fluidlet flavour id): the current flavours, and up to
+    /// PAST_IDS earlier ones per provider. A fluidlet provider serves a reservation of a piece
+    /// that names an earlier id of the same offer from its current flavour (docs/protocol.md,
+    /// "Superseded flavour ids"), so a reference node that listed before another buyer's
+    /// reservation can still reserve; the provider answers FLAVOUR_GONE when it cannot.
     pub index: HashMap<String, (Id, Id)>,
+    past: HashMap<Id, std::collections::VecDeque<String>>,
 }
 
 /// The face's name for a provider's flavour: a Kubernetes name (the reference buyer makes a
@@ -56,41 +64,108 @@ pub fn hex(b: &[u8]) -> String {
 
 impl Catalog {
     fn set(&mut self, provider: Id, advert: Option<Advert>) {
-        if let Some(old) = self.providers.remove(&provider) {
-            for f in &old.flavours {
-                self.index.remove(&face_flavor_id(&provider, &f.id));
+        let Some(a) = advert else {
+            // The provider is gone (empty retained payload: its will, or a clean stop).
+            self.providers.remove(&provider);
+            for id in self.past.remove(&provider).unwrap_or_default() {
+                self.index.remove(&id);
+            }
+            return;
+        };
+        if !self.providers.contains_key(&provider) && self.providers.len() >= MAX_PROVIDERS {
+            return;
+        }
+        let past = self.past.entry(provider.clone()).or_default();
+        let mut current = std::collections::HashSet::new();
+        for f in &a.flavours {
+            let id = face_flavor_id(&provider, &f.id);
+            current.insert(id.clone());
+            if self
+                .index
+                .insert(id.clone(), (provider.clone(), f.id.clone()))
+                .is_none()
+            {
+                past.push_back(id);
             }
         }
-        if let Some(a) = advert {
-            if self.providers.len() >= MAX_PROVIDERS {
-                return;
+        // Keep every current id and the PAST_IDS newest earlier ones.
+        let earlier = past.iter().filter(|id| !current.contains(*id)).count();
+        let mut drop = earlier.saturating_sub(PAST_IDS);
+        let index = &mut self.index;
+        past.retain(|id| {
+            if drop > 0 && !current.contains(id) {
+                drop -= 1;
+                index.remove(id);
+                false
+            } else {
+                true
             }
-            for f in &a.flavours {
-                self.index.insert(
-                    face_flavor_id(&provider, &f.id),
-                    (provider.clone(), f.id.clone()),
-                );
-            }
-            self.providers.insert(provider, a);
-        }
+        });
+        self.providers.insert(provider, a);
     }
 
-    /// The flavour a face flavour id names now, with its advert's time.
-    pub fn lookup(&self, face_id: &str) -> Option<(Flavour, u64)> {
-        let (p, f) = self.index.get(face_id)?;
-        let a = self.providers.get(p)?;
-        a.flavours
-            .iter()
-            .find(|x| &x.id == f)
-            .map(|x| (x.clone(), a.sent_at))
+    /// The provider and fluidlet flavour id a face flavour id names.
+    pub fn lookup(&self, face_id: &str) -> Option<(Id, Id)> {
+        self.index.get(face_id).cloned()
     }
 }
 
-/// (buyer, request id) -> (the node that must answer, where its answer goes). An answer from
-/// any other node is ignored: it cannot steal or cancel the wait.
 type Waiters = HashMap<(String, u64), (String, oneshot::Sender<Message>)>;
 
 /// The domain connection: catalog and request/answer.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fluidlet::model::{Price, Resources, Text};
+
+    fn flavour(p: &str, id: &str) -> Flavour {
+        Flavour {
+            id: Id::new(id).unwrap(),
+            provider: Id::new(p).unwrap(),
+            architecture: Text::new("amd64").unwrap(),
+            resources: Resources::default(),
+            gpu: None,
+            partitionability: None,
+            price: Price::default(),
+            available: true,
+            location: None,
+        }
+    }
+
+    #[test]
+    fn earlier_ids_stay_mapped_within_a_bound_and_current_ones_always() {
+        let mut c = Catalog::default();
+        let p = Id::new("p").unwrap();
+        let advert = |ids: &[String]| Advert {
+            flavours: ids.iter().map(|i| flavour("p", i)).collect(),
+            sent_at: 0,
+        };
+        let stable = "stable.1".to_string();
+        for n in 0..(PAST_IDS + 10) {
+            c.set(
+                p.clone(),
+                Some(advert(&[stable.clone(), format!("churn.{n}")])),
+            );
+        }
+        let face = |id: &str| face_flavor_id(&p, &Id::new(id).unwrap());
+        assert!(
+            c.lookup(&face(&stable)).is_some(),
+            "a current id was evicted"
+        );
+        assert!(c
+            .lookup(&face(&format!("churn.{}", PAST_IDS + 9)))
+            .is_some());
+        assert!(
+            c.lookup(&face("churn.10")).is_some(),
+            "the newest earlier ids stay"
+        );
+        assert!(c.lookup(&face("churn.8")).is_none(), "older ones go");
+        assert!(c.index.len() <= PAST_IDS + 2);
+        c.set(p.clone(), None);
+        assert!(c.index.is_empty() && c.providers.is_empty());
+    }
+}
+
 #[derive(Clone)]
 pub struct Domain {
     pub catalog: Arc<Mutex<Catalog>>,

@@ -436,7 +436,7 @@ impl Face {
             .lock()
             .ok()
             .and_then(|c| c.lookup(&req.flavor_id));
-        let Some((flavour, _)) = found else {
+        let Some((provider, flavour)) = found else {
             return Reply::error(404, "Flavor not found");
         };
         let part = match &req.configuration {
@@ -469,8 +469,8 @@ impl Face {
             node_domain: req.buyer.domain.clone(),
             liqo_id,
             flavor_id: req.flavor_id.clone(),
-            provider: flavour.provider.to_string(),
-            flavour: flavour.id.to_string(),
+            provider: provider.to_string(),
+            flavour: flavour.to_string(),
             fluidlet_tx: format!("{buyer}.t{n}"),
             configuration: req
                 .configuration

@@ -5,7 +5,7 @@
 //! fabric, and gets the peering kubeconfig; the provider's tables hold the contract, sold to
 //! the reference node's own buyer id. No real reference node is run.
 
-use fluidlet::model::ContractState;
+use fluidlet::model::{ContractState, Id};
 use fluidlet_supernode::{Config, Supernode};
 use fluidlet_tests::refnode::{self, base64_decode, fact, get, k8slice_configuration, s, Client};
 use fluidlet_tests::{domain_sh, eventually, flavours, free_port, provider_config, start, Rogue};
@@ -14,6 +14,9 @@ use std::path::Path;
 
 const DRY_IDENTITY: &str = "kubeconfig of Liqo's peering user";
 const LIQO_ID: &str = "fluidos-consumer-1";
+/// A second admitted reference node, and one never admitted.
+const LIQO_B: &str = "fluidos-consumer-2";
+const LIQO_STRANGER: &str = "fluidos-stranger";
 
 fn face_config(d: &TlsDomain, data: &Path, http_port: u16) -> Config {
     let sn = d.dir.path().join("supernodes/sn1");
@@ -53,6 +56,7 @@ fn domain() -> Option<TlsDomain> {
         let d = dir.to_str().expect("utf-8");
         domain_sh(&["supernode", d, "sn1"]);
         domain_sh(&["refnode", d, "sn1", LIQO_ID]);
+        domain_sh(&["refnode", d, "sn1", LIQO_B]);
     })
 }
 
@@ -371,6 +375,130 @@ async fn a_purchase_after_the_providers_reservation_lapsed_is_a_timeout() {
     let (status, text) = me.purchase(&addr, &tid).await.unwrap_err();
     assert_eq!(status, 408, "{text}");
     assert_eq!(me.purchase(&addr, &tid).await.unwrap_err().0, 500);
+    sn.shutdown().await;
+    alice.shutdown().await;
+}
+
+/// Lists the face until it shows a flavour (the catalog arrives after the face connects).
+async fn first_flavour(me: &Client, addr: &str) -> refnode::Flavor {
+    for _ in 0..100 {
+        if let Some(f) = me.discover(addr, None).await.expect("discovery").first() {
+            return f.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the face listed nothing");
+}
+
+#[tokio::test]
+async fn each_reference_node_is_a_buyer_of_its_own_at_the_provider() {
+    let Some(d) = domain() else { return };
+    let pd = tempfile::tempdir().unwrap();
+    let mut pcfg = provider_config("alice", &d.domain, d.port, pd.path());
+    pcfg.tls = Some(d.enrol("alice"));
+    pcfg.limits.pending_per_buyer = 1;
+    let alice = start(pcfg, None).await;
+    let fd = tempfile::tempdir().unwrap();
+    let http_port = free_port();
+    let addr = format!("127.0.0.1:{http_port}");
+    let sn = face(face_config(&d, fd.path(), http_port)).await;
+    let a = ref_client("10.0.0.9:3004");
+    let f = first_flavour(&a, &addr).await;
+    let piece = || Some(k8slice_configuration("500m", "1Gi", "1"));
+
+    a.reserve(&f, piece()).await.expect("A's first reservation");
+    // A second transaction of A (another node id, same Liqo cluster: the same buyer) is over
+    // the provider's pending limit for that buyer...
+    let a2 = Client {
+        node_id: "fluidos-node-a2".into(),
+        ..ref_client("10.0.0.9:3004")
+    };
+    let (status, text) = a2.reserve(&f, piece()).await.unwrap_err();
+    assert_eq!(status, 429, "{text}");
+    // ...while B, another reference node, is a buyer of its own.
+    let b = Client {
+        node_id: "fluidos-node-b".into(),
+        liqo_id: LIQO_B.into(),
+        ..ref_client("10.0.0.7:3004")
+    };
+    b.reserve(&f, piece()).await.expect("B's reservation");
+    let mut buyers: Vec<String> = alice
+        .tables()
+        .contracts()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.buyer.to_string())
+        .collect();
+    buyers.sort();
+    let mut want = vec![
+        fluidlet_supernode::domain::buyer_id(LIQO_ID),
+        fluidlet_supernode::domain::buyer_id(LIQO_B),
+    ];
+    want.sort();
+    assert_eq!(buyers, want);
+    // A reference node nobody admitted (domain.sh refnode) cannot buy: 403, nothing sent.
+    let stranger = Client {
+        liqo_id: LIQO_STRANGER.into(),
+        ..ref_client("10.0.0.6:3004")
+    };
+    let (status, text) = stranger.reserve(&f, piece()).await.unwrap_err();
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("domain.sh refnode"), "{text}");
+    assert_eq!(alice.tables().contracts().unwrap().len(), 2);
+    sn.shutdown().await;
+    alice.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_purchase_cut_by_a_restart_of_the_face_is_completed_by_the_retry() {
+    let Some(d) = domain() else { return };
+    let pd = tempfile::tempdir().unwrap();
+    let alice_files = d.enrol("alice");
+    let alice_cfg = || {
+        let mut c = provider_config("alice", &d.domain, d.port, pd.path());
+        c.tls = Some(alice_files.clone());
+        c
+    };
+    let alice = start(alice_cfg(), None).await;
+    let fd = tempfile::tempdir().unwrap();
+    let http_port = free_port();
+    let addr = format!("127.0.0.1:{http_port}");
+    let sn = face(face_config(&d, fd.path(), http_port)).await;
+    let me = ref_client("10.0.0.9:3004");
+    let f = first_flavour(&me, &addr).await;
+    let t = me
+        .reserve(&f, Some(k8slice_configuration("1", "1Gi", "1")))
+        .await
+        .expect("reserved");
+    let tid = s(&t, "transactionID");
+
+    // The provider is away, so the purchase waits for PEER_ACCEPT; the face stops meanwhile.
+    alice.shutdown().await;
+    let cut = {
+        let addr = addr.clone();
+        let tid = tid.clone();
+        tokio::spawn(async move { ref_client("10.0.0.9:3004").purchase(&addr, &tid).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sn.shutdown().await;
+    // The cut request got no contract (its connection closed without an answer).
+    assert!(
+        !matches!(cut.await, Ok(Ok(_))),
+        "the cut purchase was answered"
+    );
+    // Both come back; the reference node retries its purchase and gets the contract.
+    let alice = start(alice_cfg(), None).await;
+    let sn = face(face_config(&d, fd.path(), http_port)).await;
+    let c = me
+        .purchase(&addr, &tid)
+        .await
+        .expect("the retried purchase");
+    let creds = get(&c, "peeringTargetCredentials");
+    let kubeconfig = String::from_utf8(base64_decode(&s(creds, "kubeconfig")).unwrap()).unwrap();
+    assert!(kubeconfig.contains(DRY_IDENTITY), "{kubeconfig}");
+    let contract = Id::new(&s(&c, "contractID")).unwrap();
+    let held = alice.tables().contract(&contract).unwrap().unwrap();
+    assert_eq!(held.state, ContractState::Active);
     sn.shutdown().await;
     alice.shutdown().await;
 }

@@ -19,6 +19,11 @@ const LIQO_B: &str = "fluidos-consumer-2";
 const LIQO_STRANGER: &str = "fluidos-stranger";
 
 fn face_config(d: &TlsDomain, data: &Path, http_port: u16) -> Config {
+    face_config_with(d, data, http_port, "")
+}
+
+/// With more `[http]` keys.
+fn face_config_with(d: &TlsDomain, data: &Path, http_port: u16, http: &str) -> Config {
     let sn = d.dir.path().join("supernodes/sn1");
     let toml = format!(
         r#"
@@ -37,6 +42,7 @@ dir = "{sn}/refs"
 listen = "127.0.0.1:{http_port}"
 advertise = "127.0.0.1:{http_port}"
 insecure_plaintext = true
+{http}
 [timeouts]
 reserve_secs = 5
 peer_request_secs = 30
@@ -501,4 +507,75 @@ async fn a_purchase_cut_by_a_restart_of_the_face_is_completed_by_the_retry() {
     assert_eq!(held.state, ContractState::Active);
     sn.shutdown().await;
     alice.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_heads_and_the_request_rate_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(d) = domain() else { return };
+    let fd = tempfile::tempdir().unwrap();
+    let http_port = free_port();
+    let addr = format!("127.0.0.1:{http_port}");
+    let extra = "max_connections = 2\nheader_timeout_secs = 1\nrequests_per_second = 5";
+    let sn = face(face_config_with(&d, fd.path(), http_port, extra)).await;
+
+    // Two connections that never finish their request head hold both places...
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /api/v2/flavors HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        idle.push(c);
+    }
+    // ...so a third request is served only once the face has closed them (head timeout).
+    let a = refnode::request(&addr, "GET", "/api/v2/flavors", None).await;
+    assert!(matches!(a.status, 200 | 204), "{a:?}");
+    // The idle two were already closed when the third was served: reading them does not
+    // block (with a larger max_connections they would still be open, and this fails).
+    for c in idle {
+        let mut buf = [0u8; 1024];
+        let r = c.try_read(&mut buf);
+        assert!(
+            !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "an idle connection was still open when the third request was served"
+        );
+        let n = r.unwrap_or(0);
+        assert!(
+            n == 0 || buf.starts_with(b"HTTP/1.1 408"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+
+    // A head over 16 KiB is refused, not buffered.
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let long = format!(
+        "GET /api/v2/flavors HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let _ = c.write_all(long.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut buf))
+        .await
+        .expect("answered or closed");
+    assert!(
+        !buf.starts_with(b"HTTP/1.1 2"),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+
+    // The rate: 5 a second for the whole face; 40 at once get some 429s.
+    let mut limited = 0;
+    for _ in 0..40 {
+        if refnode::request(&addr, "GET", "/api/v2/flavors", None)
+            .await
+            .status
+            == 429
+        {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "no request was limited");
+    sn.shutdown().await;
 }

@@ -91,6 +91,7 @@ fn mosquitto_path() -> Option<String> {
     .map(String::from)
 }
 
+/// A free loopback port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

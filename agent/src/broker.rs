@@ -34,6 +34,15 @@ const SHORT_SESSION: Duration = Duration::from_secs(10);
 const TAKEOVERS: u32 = 3;
 /// How long a clean stop waits for the advert withdrawal and DISCONNECT to go out.
 const STOP_GRACE: Duration = Duration::from_secs(1);
+/// A failed connection attempt is logged (WARN) when its cause changes, and otherwise at
+/// most once in this long.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+/// How long after its subscriptions a node waits for its own probe to come back before it
+/// says that the broker delivers nothing it publishes (checked on the next event: at the
+/// latest one keepalive later).
+const PROBE_WAIT: Duration = Duration::from_secs(10);
+/// What every probe payload starts with ([`Session`]; docs/protocol.md section 1).
+pub const PROBE_PREFIX: &[u8] = b"fluidlet-probe ";
 
 /// A publish received from the broker.
 #[derive(Debug)]
@@ -191,8 +200,13 @@ pub struct Status {
     /// Unix ms of the current (or last) connection's CONNACK; 0 before the first. Whatever
     /// was heard before it belongs to an earlier session.
     pub since_ms: u64,
-    /// Last connection error, if any.
+    /// Last connection error, if any, in words.
     pub last_error: Option<String>,
+    /// This session's probe (a message to itself through the broker) came back: `None`
+    /// until it did or [`PROBE_WAIT`] passed, then whether it did. `Some(false)` means the
+    /// broker accepts this node but delivers nothing it publishes (an ACL for another
+    /// domain, a certificate of another node).
+    pub heard: Option<bool>,
 }
 
 /// The latest advert payload, re-published after every connect. Empty: nothing to advertise.
@@ -252,6 +266,8 @@ pub struct Session {
     pub limits: SenderLimits,
     /// Counts the messages dropped by a bound.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The certificate CN on a mutual-TLS session, `None` on plain MQTT (for the log).
+    pub identity: Option<String>,
 }
 
 impl Session {
@@ -264,6 +280,10 @@ impl Session {
         // end right after their CONNACK, several in a row, are reported and slowed down.
         let mut connected_at: Option<std::time::Instant> = None;
         let mut short = 0u32;
+        let mut failures = FailureLog::default();
+        let (host, port) = self.events.mqtt_options.broker_address();
+        let broker = format!("{host}:{port}");
+        let mut probe = Probe::default();
         loop {
             // Cancel safety: `poll` may be dropped only when `stop` fires, once; rumqttc
             // keeps unsent requests in its state, and the stop path polls again to flush them.
@@ -271,6 +291,10 @@ impl Session {
                 _ = stop.changed() => break,
                 ev = self.events.poll() => ev,
             };
+            if event.is_ok() && probe.overdue() {
+                self.on_probe_silent(&broker);
+                probe.deadline = None;
+            }
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = BACKOFF_MIN;
@@ -280,12 +304,37 @@ impl Session {
                         s.subscribed = false;
                         s.connects += 1;
                         s.since_ms = crate::model::unix_ms();
+                        s.last_error = None;
+                        s.heard = None;
                     });
-                    info!(broker = ?self.events.mqtt_options.broker_address(), "connected to the domain broker");
+                    match &self.identity {
+                        Some(cn) => {
+                            info!(%broker, "connected to the domain broker over mutual TLS as {cn}")
+                        }
+                        None => info!(%broker, "connected to the domain broker"),
+                    }
+                    if failures.attempts > 0 {
+                        info!(%broker, "connected after {} failed attempts", failures.attempts);
+                    }
+                    failures = FailureLog::default();
+                    probe = Probe::default();
                     self.on_connect();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     tracing::trace!(topic = %p.topic, bytes = p.payload.len(), "publish received");
+                    if p.payload.starts_with(PROBE_PREFIX)
+                        && p.topic == self.topics.to(self.topics.me())
+                    {
+                        if probe.answered(&p.payload) {
+                            self.status.send_modify(|s| s.heard = Some(true));
+                            if probe.warned {
+                                info!(%broker, "the broker now delivers this node's messages");
+                            } else {
+                                debug!("probe came back: the broker delivers this node's messages");
+                            }
+                        }
+                        continue;
+                    }
                     if self.topics.is_catalog(&p.topic) {
                         let topic = p.topic.clone();
                         if !self.catalog.put(p.topic, p.payload.to_vec()) {
@@ -315,11 +364,20 @@ impl Session {
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     self.status.send_modify(|s| s.subscribed = true);
+                    if let Some(payload) = probe.start() {
+                        let topic = self.topics.to(self.topics.me());
+                        if let Err(e) =
+                            self.client
+                                .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                        {
+                            debug!(error = %e, "could not queue the probe");
+                        }
+                    }
                 }
                 Ok(ev) => tracing::trace!(?ev, "mqtt event"),
                 Err(e) => {
                     let was = self.status.borrow().connected;
-                    let mut error = e.to_string();
+                    let mut error = in_words(&e, &broker, self.identity.is_some());
                     match connected_at.take() {
                         Some(t) if t.elapsed() < SHORT_SESSION => short += 1,
                         Some(_) => short = 0,
@@ -340,10 +398,16 @@ impl Session {
                         s.subscribed = false;
                         s.last_error = Some(error);
                     });
+                    let (retry_in, words) = (
+                        backoff.as_millis(),
+                        self.status.borrow().last_error.clone().unwrap_or_default(),
+                    );
                     if was {
-                        warn!(error = %e, "lost the domain broker; reconnecting");
+                        warn!(%broker, "lost the domain broker ({words}); reconnecting");
+                    } else if failures.should_log(&words) {
+                        warn!(%broker, "cannot connect to the domain broker: {words} (attempt {}, next in {retry_in} ms)", failures.attempts);
                     } else {
-                        debug!(error = %e, retry_in = ?backoff, "broker unreachable");
+                        debug!(%broker, retry_in_ms = retry_in, "cannot connect to the domain broker: {words}");
                     }
                     // Jitter spreads the reconnects of a whole domain after a broker restart.
                     let jitter =
@@ -392,19 +456,211 @@ impl Session {
         let _ = self
             .client
             .try_publish(topic, QoS::AtLeastOnce, true, Vec::new());
-        let _ = self.client.try_disconnect();
-        let events = &mut self.events;
+        let (events, client) = (&mut self.events, &self.client);
+        // DISCONNECT only once the broker has acknowledged every QoS 1 publish (the advert
+        // withdrawal last): mosquitto before 2.0.22 logs a client that leaves with a PUBACK
+        // still owed as "disconnected due to out of memory" (eclipse-mosquitto/mosquitto#3253),
+        // which made every clean stop look like a broker fault.
         let flush = async {
+            let (mut published, mut disconnecting) = (false, false);
             loop {
                 match events.poll().await {
                     Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(Event::Outgoing(Outgoing::Publish(_))) => published = true,
                     Ok(_) => {}
+                }
+                if published && !disconnecting && events.state.inflight() == 0 {
+                    disconnecting = true;
+                    let _ = client.try_disconnect();
                 }
             }
         };
         if tokio::time::timeout(STOP_GRACE, flush).await.is_err() {
             warn!("broker did not take the DISCONNECT in time");
         }
+    }
+}
+
+impl Session {
+    /// The probe did not come back: the broker took this node's connection, subscriptions
+    /// and publishes and delivers nothing.
+    fn on_probe_silent(&self, broker: &str) {
+        let why = format!(
+            "connected to {broker}, but nothing this node publishes comes back to it: the broker \
+             drops its messages (an ACL or a plugin). Check that `domain` ({}) is the domain the \
+             broker's ACL and this node's certificate were made for, and that the certificate's \
+             CN is `node_id` ({})",
+            self.topics.domain(),
+            self.topics.me()
+        );
+        tracing::error!("{why}");
+        self.status.send_modify(|s| {
+            s.heard = Some(false);
+            s.last_error = Some(why);
+        });
+    }
+}
+
+/// Rate limit of the log of failed connection attempts.
+#[derive(Default)]
+struct FailureLog {
+    attempts: u32,
+    last: Option<(String, std::time::Instant)>,
+}
+
+impl FailureLog {
+    /// Counts one failed attempt; true when it is to be logged.
+    fn should_log(&mut self, words: &str) -> bool {
+        self.attempts += 1;
+        let now = std::time::Instant::now();
+        let due = match &self.last {
+            Some((w, at)) => w != words || now.duration_since(*at) >= FAILURE_LOG_EVERY,
+            None => true,
+        };
+        if due {
+            self.last = Some((words.to_owned(), now));
+        }
+        due
+    }
+}
+
+/// One session's probe: a message the node sends to itself through the broker once its
+/// subscriptions are acknowledged.
+#[derive(Default)]
+struct Probe {
+    nonce: Option<u64>,
+    deadline: Option<std::time::Instant>,
+    warned: bool,
+}
+
+impl Probe {
+    /// The payload to send, the first time only.
+    fn start(&mut self) -> Option<Vec<u8>> {
+        if self.nonce.is_some() {
+            return None;
+        }
+        let nonce = crate::model::unix_ms() ^ unix_nanos();
+        self.nonce = Some(nonce);
+        self.deadline = Some(std::time::Instant::now() + PROBE_WAIT);
+        let mut v = PROBE_PREFIX.to_vec();
+        v.extend_from_slice(nonce.to_string().as_bytes());
+        Some(v)
+    }
+
+    /// Whether `payload` is this session's probe.
+    fn answered(&mut self, payload: &[u8]) -> bool {
+        let Some(n) = self.nonce else { return false };
+        let mine = payload.strip_prefix(PROBE_PREFIX) == Some(n.to_string().as_bytes());
+        if mine {
+            self.deadline = None;
+        }
+        mine
+    }
+
+    fn overdue(&mut self) -> bool {
+        let due = self
+            .deadline
+            .is_some_and(|d| std::time::Instant::now() >= d);
+        if due {
+            self.warned = true;
+        }
+        due
+    }
+}
+
+/// A failed connection in words an operator acts on, not rumqttc's or rustls' Debug text.
+pub(crate) fn in_words(e: &rumqttc::ConnectionError, broker: &str, tls: bool) -> String {
+    use rumqttc::ConnectionError as C;
+    match e {
+        C::Io(io) => io_words(io, broker, tls),
+        C::Tls(rumqttc::TlsError::Io(io)) => io_words(io, broker, tls),
+        C::Tls(rumqttc::TlsError::TLS(r)) => tls_words(r, broker),
+        C::Tls(t) => format!("TLS set-up failed: {t}"),
+        C::ConnectionRefused(code) => {
+            use rumqttc::ConnectReturnCode as R;
+            let why = match code {
+                R::NotAuthorized => "not authorized (the broker or its plugin refused this node)",
+                R::BadUserNamePassword => "bad user name or password",
+                R::BadClientId => "client id refused",
+                R::ServiceUnavailable => "service unavailable",
+                R::RefusedProtocolVersion => "MQTT 3.1.1 not accepted",
+                R::Success => "refused without a reason",
+            };
+            format!("the broker at {broker} refused the connection: {why}")
+        }
+        C::NetworkTimeout => format!("no answer from {broker} in time (network timeout)"),
+        C::FlushTimeout => format!("could not send to {broker} in time"),
+        C::MqttState(s) => format!("MQTT session with {broker} broke: {s}"),
+        C::NotConnAck(_) => format!("{broker} answered CONNECT with something else than CONNACK"),
+        C::RequestsDone => "the node is stopping".to_owned(),
+    }
+}
+
+fn io_words(io: &std::io::Error, broker: &str, tls: bool) -> String {
+    use std::io::ErrorKind as K;
+    if let Some(r) = io
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return tls_words(r, broker);
+    }
+    match io.kind() {
+        K::ConnectionRefused => format!(
+            "nothing listens at {broker} (connection refused): is the broker running, and is \
+             the port right?"
+        ),
+        K::TimedOut => format!("no answer from {broker} (timed out)"),
+        K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted if tls => format!(
+            "{broker} closed the connection during the TLS handshake: it may not speak TLS on \
+             this port, or it refused this node's certificate"
+        ),
+        K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted => format!(
+            "{broker} closed the connection: it may want TLS on this port ([tls] in the config)"
+        ),
+        K::NotFound => format!("cannot resolve the broker's host name ({broker})"),
+        _ => format!("network error with {broker}: {io}"),
+    }
+}
+
+fn tls_words(r: &rustls::Error, broker: &str) -> String {
+    use rustls::{AlertDescription as A, CertificateError as CE, Error as E};
+    match r {
+        E::InvalidCertificate(CE::UnknownIssuer) => format!(
+            "the certificate of {broker} is not signed by the CA this node trusts ([tls] ca): a \
+             broker of another domain, or the wrong ca file"
+        ),
+        E::InvalidCertificate(CE::NotValidForName | CE::NotValidForNameContext { .. }) => format!(
+            "the certificate of {broker} does not name that host: set [broker] host to a name in \
+             the broker's certificate"
+        ),
+        E::InvalidCertificate(CE::Expired | CE::ExpiredContext { .. }) => {
+            format!("the certificate of {broker} has expired")
+        }
+        E::InvalidCertificate(CE::NotValidYet | CE::NotValidYetContext { .. }) => {
+            format!("the certificate of {broker} is not valid yet (is this machine's clock right?)")
+        }
+        E::InvalidCertificate(_) => format!("the certificate of {broker} is not acceptable: {r}"),
+        E::AlertReceived(a) => {
+            let why = match a {
+                A::UnknownCA => "this node's certificate is not signed by a CA the broker trusts",
+                A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown => {
+                    "the broker does not accept this node's certificate"
+                }
+                A::CertificateExpired => "this node's certificate has expired",
+                A::CertificateRevoked => "this node's certificate is revoked",
+                A::CertificateRequired => "the broker wants a client certificate ([tls] cert, key)",
+                A::AccessDenied => "access denied",
+                A::HandshakeFailure | A::ProtocolVersion | A::InsufficientSecurity => {
+                    "no TLS version or cipher in common"
+                }
+                _ => "TLS alert",
+            };
+            format!("the broker at {broker} refused the TLS session: {why}")
+        }
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } => {
+            format!("{broker} does not speak TLS on this port (plain MQTT?), or spoke it wrongly")
+        }
+        other => format!("TLS with {broker} failed: {other}"),
     }
 }
 

@@ -105,8 +105,12 @@ pub fn demo(rt: &tokio::runtime::Runtime) -> Result<(), AgentError> {
 /// `default`.
 pub fn init_logs(default: &str, json: bool) {
     let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
-    let filter: tracing_subscriber::filter::Targets = spec.parse().unwrap_or_else(|e| {
-        eprintln!("fluidlet: log filter {spec:?} not understood ({e}); using \"info\"");
+    let parsed = crate::config::log_filter(&spec).and_then(|_| {
+        spec.parse::<tracing_subscriber::filter::Targets>()
+            .map_err(|e| e.to_string())
+    });
+    let filter = parsed.unwrap_or_else(|e| {
+        eprintln!("fluidlet: log filter (RUST_LOG) {e}; using \"info\"");
         tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
     });
     // The embedded broker logs normal disconnects at ERROR: keep it quiet unless asked.
@@ -166,10 +170,18 @@ async fn ask(path: &Path, req: Request) -> Result<Response, CliError> {
         .ok_or_else(|| other("the agent closed the connection"))
 }
 
+/// Sorts ids that end in a number by that number (`i4` before `i2000000`, not after).
+fn id_order(id: &Id) -> (String, u64, String) {
+    let s = id.as_str();
+    let digits = s.len() - s.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let (head, tail) = s.split_at(s.len() - digits);
+    (head.to_owned(), tail.parse().unwrap_or(0), s.to_owned())
+}
+
 fn print_intent(out: &mut dyn Write, i: &Intent) -> std::io::Result<()> {
     writeln!(
         out,
-        "{}  {:<20} {:<10?} contract {:<24} placement {}{}",
+        "{:<10} {:<20} {:<10} contract {:<24} placement {}{}",
         i.id,
         i.name.as_str(),
         i.state,
@@ -191,7 +203,7 @@ pub async fn intent_submit(
 ) -> Result<(), CliError> {
     let text = crate::config::read_text(file, crate::config::MAX_CONFIG_FILE)?;
     let base = file.parent().unwrap_or(Path::new("."));
-    let spec = crate::orchestrator::parse_intent(&text, base)?;
+    let spec = crate::orchestrator::parse_intent(&text, base).map_err(|e| e.in_file(file))?;
     let mut c = Client::connect(&socket_path(config, socket)?)
         .await
         .map_err(other)?;
@@ -230,7 +242,8 @@ pub async fn intent_list(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     match ask(&socket_path(config, socket)?, Request::ListIntents).await? {
-        Response::Intents(v) => {
+        Response::Intents(mut v) => {
+            v.sort_by_key(|i| id_order(&i.id));
             for i in &v {
                 print_intent(out, i)?;
             }
@@ -239,6 +252,148 @@ pub async fn intent_list(
         Response::Error(e) => Err(other(e)),
         _ => Err(other("unexpected answer")),
     }
+}
+
+/// `fluidlet intent cancel` / `retry`: ends an unfinished intent, or starts a failed one
+/// again.
+pub async fn intent_control(
+    id: &str,
+    retry: bool,
+    config: &Path,
+    socket: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let id = Id::new(id).map_err(|e| other(format!("intent id: {e}")))?;
+    let req = match retry {
+        true => Request::RetryIntent(id),
+        false => Request::CancelIntent(id),
+    };
+    match ask(&socket_path(config, socket)?, req).await? {
+        Response::Intent(i) => {
+            print_intent(out, &i)?;
+            Ok(())
+        }
+        Response::Error(e) => Err(other(e)),
+        _ => Err(other("unexpected answer")),
+    }
+}
+
+/// `fluidlet catalog`: the providers and flavours this node has heard of, their prices and
+/// the age of each advert, and the providers it ranks last and why.
+pub async fn catalog(
+    config: &Path,
+    socket: Option<&Path>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let view = match ask(&socket_path(config, socket)?, Request::Catalog).await? {
+        Response::Catalog(v) => v,
+        Response::Error(e) => return Err(other(e)),
+        _ => return Err(other("unexpected answer")),
+    };
+    let age = |at: u64| view.now.saturating_sub(at) / 1000;
+    if json {
+        let flavours: Vec<_> = view
+            .flavours
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "provider": c.flavour.provider.as_str(),
+                    "flavour": c.flavour,
+                    "seen_at_unix_ms": c.seen_at,
+                    "age_secs": age(c.seen_at),
+                })
+            })
+            .collect();
+        let providers: Vec<_> = view
+            .providers
+            .iter()
+            .map(|p| {
+                let r = p.rating.clone().unwrap_or_default();
+                serde_json::json!({
+                    "id": p.id.as_str(),
+                    "flavours": p.flavours,
+                    "age_secs": age(p.seen_at),
+                    "reservations_ok": r.reservations_ok,
+                    "reservations_failed": r.reservations_failed,
+                    "peerings_ok": r.peerings_ok,
+                    "peerings_failed": r.peerings_failed,
+                    "lies": r.lies,
+                    "demoted_until_unix_ms": (r.demoted_until > view.now).then_some(r.demoted_until),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({"providers": providers, "flavours": flavours, "truncated": view.truncated});
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "providers heard: {} (as of {})",
+        view.providers.len(),
+        crate::model::date_words(view.now)
+    )?;
+    for p in &view.providers {
+        let r = p.rating.clone().unwrap_or_default();
+        let standing = if r.demoted_until > view.now {
+            format!(
+                "  DEMOTED until {}: refused or ignored {} reservation(s) of flavours it offered",
+                crate::model::date_words(r.demoted_until),
+                r.lies
+            )
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "  {:<24} {} flavour(s), heard {} s ago; reservations {} ok / {} failed, peerings {} ok / {} failed{standing}",
+            p.id,
+            p.flavours,
+            age(p.seen_at),
+            r.reservations_ok,
+            r.reservations_failed,
+            r.peerings_ok,
+            r.peerings_failed
+        )?;
+    }
+    writeln!(out, "flavours:")?;
+    for c in &view.flavours {
+        let f = &c.flavour;
+        let cut = match &f.partitionability {
+            Some(p) => format!(
+                "pieces from {}m / {}",
+                p.cpu_min,
+                crate::model::bytes_words(p.memory_min)
+            ),
+            None => "whole only".into(),
+        };
+        let place = f
+            .location
+            .as_ref()
+            .and_then(|l| l.country.as_ref())
+            .map_or(String::new(), |c| format!(", {c}"));
+        writeln!(
+            out,
+            "  {:<24} {:<20} {:<6} {}  {} {} per {} (whole), {cut}{place}; heard {} s ago",
+            f.provider,
+            f.id,
+            f.architecture,
+            f.resources,
+            crate::model::price_words(f.price.amount),
+            f.price.currency,
+            f.price.period,
+            age(c.seen_at)
+        )?;
+    }
+    if view.truncated {
+        writeln!(
+            out,
+            "(more than {} flavours heard: the first {} shown)",
+            crate::control::MAX_CATALOG_VIEW,
+            crate::control::MAX_CATALOG_VIEW
+        )?;
+    }
+    Ok(())
 }
 
 /// `fluidlet intent show`: one intent.
@@ -252,7 +407,13 @@ pub async fn intent_show(
     match ask(&socket_path(config, socket)?, Request::ShowIntent(id)).await? {
         Response::Intent(i) => {
             print_intent(out, &i)?;
-            writeln!(out, "namespace {}, needs {:?}", i.namespace, i.selector)?;
+            writeln!(
+                out,
+                "namespace {}, needs {}",
+                i.namespace,
+                crate::rear::consumer::describe(&i.selector)
+            )?;
+
             Ok(())
         }
         Response::Error(e) => Err(other(e)),
@@ -359,6 +520,16 @@ pub fn doctor(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let cfg = Config::load(path)?;
+    if cfg.fabric.backend == crate::fabric::Backend::DryRun {
+        writeln!(
+            out,
+            "{}: [fabric] backend is \"dry-run\": no cluster is driven, so there is nothing for \
+             doctor to check. doctor checks what the liqo backend needs (kubectl, liqoctl, the \
+             kubeconfig, Liqo in the cluster); run it after setting backend = \"liqo\".",
+            path.display()
+        )?;
+        return Ok(());
+    }
     let report = rt.block_on(crate::fabric::doctor::doctor(
         &cfg.fabric,
         &cfg.data_dir,
@@ -380,7 +551,16 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<(), CliError> {
             for w in &loaded.warnings {
                 eprintln!("warning: {w}");
             }
-            format!("mutual TLS as CN {}", loaded.identity.common_name)
+            let days = loaded
+                .identity
+                .not_after
+                .saturating_sub(crate::model::unix_ms() / 1000)
+                / 86_400;
+            format!(
+                "mutual TLS as CN {} (certificate signed by {}, {days} days left)",
+                loaded.identity.common_name,
+                files.ca.display()
+            )
         }
         None if cfg.insecure_plaintext => "PLAIN MQTT (insecure_plaintext = true)".into(),
         None => "plain MQTT on loopback".into(),
@@ -388,16 +568,139 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<(), CliError> {
     for w in crate::files::mode_warnings(&cfg.data_dir) {
         eprintln!("warning: {w}");
     }
+    let tables = check_data_dir(&cfg)?;
+    writeln!(out, "{}: the agent would start with:", path.display())?;
+    writeln!(out, "  node      {} in domain {}", cfg.node_id, cfg.domain)?;
     writeln!(
         out,
-        "{}: node {} in domain {}, broker {}:{} ({transport}), data in {}, {} offer(s)",
-        path.display(),
-        cfg.node_id,
-        cfg.domain,
-        cfg.broker.host,
-        cfg.broker.port,
-        cfg.data_dir.display(),
-        cfg.offers.len()
+        "  broker    {}:{} ({transport})",
+        cfg.broker.host, cfg.broker.port
     )?;
+    writeln!(out, "  data_dir  {} ({tables})", cfg.data_dir.display())?;
+    writeln!(out, "  control   {}", cfg.control_socket.display())?;
+    for o in &cfg.offers {
+        let (share, term) = cfg.terms_of(&o.id);
+        let cut = match &o.partitionability {
+            Some(p) => format!(
+                "sold in pieces from {}m cpu / {} (steps {}m / {})",
+                p.cpu_min,
+                crate::model::bytes_words(p.memory_min),
+                p.cpu_step,
+                crate::model::bytes_words(p.memory_step)
+            ),
+            None => "sold only whole".into(),
+        };
+        writeln!(
+            out,
+            "  offer     {}: {} ({}), {} {} per {}, {cut}; one buyer at most {share}%, contract term {}",
+            o.id,
+            o.resources,
+            o.architecture,
+            crate::model::price_words(o.price.amount),
+            o.price.currency,
+            o.price.period,
+            if term.is_zero() { "none".to_owned() } else { format!("{} s", term.as_secs()) }
+        )?;
+    }
+    if cfg.offers.is_empty() {
+        writeln!(out, "  offers    none (a consumer only)")?;
+    }
+    let l = &cfg.limits;
+    writeln!(
+        out,
+        "  limits    {} messages/s per sender (burst {}), {} unpeered reservations per buyer, {}% per buyer by default",
+        l.sender_rate, l.sender_burst, l.pending_per_buyer, l.max_per_buyer
+    )?;
+    writeln!(out, "  fabric    {}", cfg.fabric.backend.name())?;
+    match &cfg.metrics.textfile {
+        Some(f) => {
+            check_metrics_dir(f)?;
+            writeln!(
+                out,
+                "  metrics   {} every {} s",
+                f.display(),
+                cfg.metrics.interval.as_secs()
+            )?;
+        }
+        None => writeln!(out, "  metrics   off")?,
+    }
     Ok(())
+}
+
+/// What `run` will find in `data_dir`, found now: a directory it can write, tables that
+/// are this node's, offers that still cover their live reservations.
+fn check_data_dir(cfg: &Config) -> Result<String, CliError> {
+    let dir = &cfg.data_dir;
+    let bad = |problem: String| other(format!("data_dir {}: {problem}", dir.display()));
+    let Some(existing) =
+        std::iter::successors(Some(dir.as_path()), |d| d.parent()).find(|d| d.exists())
+    else {
+        return Err(bad("no part of the path exists".into()));
+    };
+    if !existing.is_dir() {
+        return Err(bad(format!("{} is not a directory", existing.display())));
+    }
+    if !writable(existing) {
+        return Err(bad(format!(
+            "{} is not writable by this user (uid {}); the agent's user must own it",
+            existing.display(),
+            unsafe_uid()
+        )));
+    }
+    if existing != dir.as_path() {
+        return Ok("will be created".into());
+    }
+    // A sled database is `conf` and `db` (and snapshots): anything less is not opened, so
+    // check never makes files in a directory that holds no tables yet.
+    if !dir.join("db").exists() || !dir.join("conf").exists() {
+        return Ok("no tables yet: new ones will be made".into());
+    }
+    crate::files::private_umask();
+    let offers: Vec<_> = cfg.offers.clone();
+    match crate::tables::Tables::preflight(dir, &cfg.node_id, &offers) {
+        Ok(n) => Ok(format!(
+            "tables of {}, {n} contracts on record",
+            cfg.node_id
+        )),
+        Err(crate::tables::TableError::InUse { pid, .. }) => Ok(format!(
+            "in use by a running agent{pid}: its tables were not checked"
+        )),
+        Err(e) => Err(other(e.to_string())),
+    }
+}
+
+fn check_metrics_dir(file: &Path) -> Result<(), CliError> {
+    let parent = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(other(format!(
+            "metrics.textfile {}: the directory {} does not exist (node_exporter's textfile directory, e.g. /var/lib/prometheus/node-exporter)",
+            file.display(),
+            parent.display()
+        )));
+    }
+    if !writable(parent) {
+        return Err(other(format!(
+            "metrics.textfile {}: the directory {} is not writable by this user",
+            file.display(),
+            parent.display()
+        )));
+    }
+    Ok(())
+}
+
+fn writable(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path; access(2) only reads it.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+fn unsafe_uid() -> u32 {
+    // SAFETY: getuid(2) cannot fail and touches no memory.
+    unsafe { libc::getuid() }
 }

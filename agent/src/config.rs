@@ -27,10 +27,31 @@ pub enum ConfigError {
     Io { path: PathBuf, err: std::io::Error },
     #[error("{path} is over {max} bytes, the most accepted for it")]
     TooLarge { path: PathBuf, max: u64 },
-    #[error("config: {0}")]
+    #[error("{0}")]
     Parse(String),
-    #[error("config field `{field}`: {problem}")]
+    #[error("field `{field}`: {problem}")]
     Invalid { field: String, problem: String },
+    /// An error in the file `path` (config or intent file).
+    #[error("{}: {inner}", path.display())]
+    InFile {
+        path: PathBuf,
+        inner: Box<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    /// This error, as one in the file `path` (a read error names its file already).
+    pub fn in_file(self, path: &Path) -> ConfigError {
+        match self {
+            e @ (ConfigError::Io { .. }
+            | ConfigError::TooLarge { .. }
+            | ConfigError::InFile { .. }) => e,
+            e => ConfigError::InFile {
+                path: path.to_owned(),
+                inner: Box::new(e),
+            },
+        }
+    }
 }
 
 pub(crate) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -38,6 +59,36 @@ pub(crate) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> C
         field: field.into(),
         problem: problem.into(),
     }
+}
+
+/// Checks a log filter as `fluidlet run` reads it (tracing's targets syntax): a list of
+/// `LEVEL` or `TARGET=LEVEL`, comma-separated. A bare word that is not a level would parse
+/// as a target enabled at every level with everything else off, so the agent would log
+/// nothing at all: it is refused.
+pub fn log_filter(spec: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let level = |l: &str| LEVELS.contains(&l.to_ascii_lowercase().as_str());
+    let target = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-')
+    };
+    if spec.trim().is_empty() {
+        return Err("is empty: use a level (trace, debug, info, warn, error, off)".into());
+    }
+    for d in spec.split(',').map(str::trim) {
+        let ok = match d.split_once('=') {
+            Some((t, l)) => target(t) && level(l),
+            None => level(d),
+        };
+        if !ok {
+            return Err(format!(
+                "\"{d}\" is not a level (trace, debug, info, warn, error, off) or TARGET=LEVEL \
+                 (e.g. \"fluidlet=debug,info\")"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Why [`read_bounded`] failed.
@@ -280,7 +331,7 @@ impl Config {
 
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        Config::from_toml(&read_text(path, MAX_CONFIG_FILE)?)
+        Config::from_toml(&read_text(path, MAX_CONFIG_FILE)?).map_err(|e| e.in_file(path))
     }
 
     /// Parses and validates config text.
@@ -504,6 +555,47 @@ fn positive(field: &str, v: u64) -> Result<u64, ConfigError> {
     Ok(v)
 }
 
+/// Architectures as Kubernetes names them (the node label `kubernetes.io/arch`, GOARCH).
+pub const ARCHITECTURES: [&str; 7] = [
+    "amd64", "arm64", "arm", "386", "ppc64le", "s390x", "riscv64",
+];
+
+/// An architecture as Kubernetes names it; the names people also type (`uname -m`, Debian)
+/// are taken for the Kubernetes one: x86_64 is amd64, aarch64 is arm64, armv7l / armhf is arm.
+pub fn architecture<const N: usize>(field: &str, v: &str) -> Result<Text<N>, ConfigError> {
+    let k8s = match v {
+        "x86_64" | "x86-64" => "amd64",
+        "aarch64" | "arm64v8" => "arm64",
+        "armv7" | "armv7l" | "armhf" | "armv6l" => "arm",
+        "i386" | "i686" | "x86" => "386",
+        other => other,
+    };
+    if !ARCHITECTURES.contains(&k8s) {
+        return Err(invalid(
+            field,
+            format!(
+                "\"{v}\" is not an architecture Kubernetes knows: one of {} (aarch64, x86_64 and armv7l are taken for arm64, amd64 and arm)",
+                ARCHITECTURES.join(", ")
+            ),
+        ));
+    }
+    text(field, k8s)
+}
+
+/// An ISO 4217 currency code: three capital letters (`EUR`, `USD`, `CHF`), as the protocol's
+/// Price says (docs/protocol.md); buyers compare prices only in one currency.
+fn currency(field: &str, v: &str) -> Result<Text<8>, ConfigError> {
+    if v.len() != 3 || !v.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(invalid(
+            field,
+            format!(
+                "\"{v}\" is not an ISO 4217 currency code: three capital letters, e.g. \"EUR\""
+            ),
+        ));
+    }
+    text(field, v)
+}
+
 /// Parses a decimal price (`"1.50"`) into millionths of the currency unit.
 pub(crate) fn price_micros(field: &str, s: &str) -> Result<u64, ConfigError> {
     let bad = || {
@@ -615,7 +707,7 @@ impl RawOffer {
         Ok(Flavour {
             id: node_id(&f("id"), &self.id)?,
             provider: node.clone(),
-            architecture: text(&f("architecture"), &self.architecture)?,
+            architecture: architecture(&f("architecture"), &self.architecture)?,
             resources,
             gpu: match &self.gpu {
                 None => None,
@@ -628,7 +720,7 @@ impl RawOffer {
             partitionability,
             price: Price {
                 amount: price_micros(&f("price"), &self.price)?,
-                currency: text(&f("currency"), &self.currency)?,
+                currency: currency(&f("currency"), &self.currency)?,
                 period: text(&f("period"), self.period.as_deref().unwrap_or("hour"))?,
             },
             available: true,
@@ -724,6 +816,7 @@ impl RawConfig {
             }
         }
         if let Some(v) = self.log {
+            log_filter(&v).map_err(|why| invalid("log", why))?;
             cfg.log = v;
         }
         let c = &self.consumer;
@@ -905,6 +998,36 @@ impl RawConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn log_filters_that_would_silence_the_agent_are_refused() {
+        for ok in ["info", "fluidlet=debug,info", "WARN", "rumqttc=off,debug"] {
+            assert_eq!(log_filter(ok), Ok(()), "{ok}");
+        }
+        for bad in ["verbose+++", "", "fluidlet", "info,chatty", "fluidlet=loud"] {
+            let e = log_filter(bad).unwrap_err();
+            assert!(e.contains("level") || e.contains("empty"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn currencies_are_iso_4217_codes_and_architectures_kubernetes_names() {
+        assert!(currency("c", "EUR").is_ok());
+        for bad in ["euro!", "eur", "EURO", "€"] {
+            let e = currency("c", bad).unwrap_err().to_string();
+            assert!(e.contains("ISO 4217"), "{bad}: {e}");
+        }
+        for (typed, k8s) in [
+            ("aarch64", "arm64"),
+            ("x86_64", "amd64"),
+            ("armv7l", "arm"),
+            ("arm64", "arm64"),
+        ] {
+            assert_eq!(architecture::<16>("a", typed).unwrap().as_str(), k8s);
+        }
+        let e = architecture::<16>("a", "sparc").unwrap_err().to_string();
+        assert!(e.contains("amd64, arm64, arm"), "{e}");
+    }
     use super::*;
 
     const GOOD: &str = r#"

@@ -38,7 +38,49 @@ pub enum Request {
     Status,
     #[n(4)]
     Release(#[n(0)] Id),
+    #[n(5)]
+    Catalog,
+    #[n(6)]
+    CancelIntent(#[n(0)] Id),
+    #[n(7)]
+    RetryIntent(#[n(0)] Id),
 }
+
+/// What `fluidlet catalog` shows: the flavours this node has heard of (its Peering
+/// Candidates) and what it knows of each provider.
+#[derive(Clone, Debug, Encode, Decode)]
+#[cbor(map)]
+pub struct CatalogView {
+    /// Unix ms when the view was taken (ages are against it).
+    #[n(0)]
+    pub now: u64,
+    /// At most [`MAX_CATALOG_VIEW`], by provider then flavour id.
+    #[n(1)]
+    pub flavours: Vec<crate::model::Candidate>,
+    #[n(2)]
+    pub providers: Vec<ProviderView>,
+    /// More candidates than [`MAX_CATALOG_VIEW`] are held.
+    #[n(3)]
+    pub truncated: bool,
+}
+
+/// One provider in [`CatalogView`].
+#[derive(Clone, Debug, Encode, Decode)]
+#[cbor(map)]
+pub struct ProviderView {
+    #[n(0)]
+    pub id: Id,
+    #[n(1)]
+    pub flavours: u32,
+    /// Unix ms its freshest flavour was heard.
+    #[n(2)]
+    pub seen_at: u64,
+    #[n(3)]
+    pub rating: Option<crate::tables::Rating>,
+}
+
+/// Most flavours one catalog view carries (well inside [`MAX_RESPONSE`]).
+pub const MAX_CATALOG_VIEW: usize = 2000;
 
 /// What `fluidlet status` shows.
 #[derive(Clone, Debug, Encode, Decode, serde::Serialize)]
@@ -91,6 +133,8 @@ pub enum Response {
     Released(#[n(0)] Box<Contract>),
     #[n(5)]
     Error(#[n(0)] String),
+    #[n(6)]
+    Catalog(#[n(0)] Box<CatalogView>),
 }
 
 /// Why a control exchange failed.
@@ -106,7 +150,10 @@ pub enum ControlError {
     Decode(String),
 }
 
-async fn write_frame<T: Encode<()>>(s: &mut UnixStream, v: &T) -> Result<(), ControlError> {
+async fn write_frame<T: Encode<()>>(
+    s: &mut (impl tokio::io::AsyncWrite + Unpin),
+    v: &T,
+) -> Result<(), ControlError> {
     let bytes = minicbor::to_vec(v).unwrap_or_default();
     let len = u32::try_from(bytes.len()).map_err(|_| ControlError::TooLarge {
         len: bytes.len(),
@@ -195,7 +242,7 @@ pub(crate) async fn serve(
     let _ = std::fs::remove_file(&shared.cfg.control_socket);
 }
 
-async fn client(shared: &Shared, mut s: UnixStream) -> Result<(), ControlError> {
+async fn client(shared: &Arc<Shared>, mut s: UnixStream) -> Result<(), ControlError> {
     while let Some(req) = read_frame::<Request>(&mut s, MAX_REQUEST).await? {
         match req {
             Request::Submit(spec) => submit(shared, &mut s, *spec).await?,
@@ -217,6 +264,23 @@ async fn client(shared: &Shared, mut s: UnixStream) -> Result<(), ControlError> 
             Request::Status => {
                 write_frame(&mut s, &Response::Status(Box::new(status(shared)))).await?
             }
+            Request::Catalog => {
+                write_frame(&mut s, &Response::Catalog(Box::new(catalog(shared)))).await?
+            }
+            Request::CancelIntent(id) => {
+                let r = match crate::orchestrator::cancel(shared, &id).await {
+                    Ok(i) => Response::Intent(Box::new(i)),
+                    Err(e) => Response::Error(e),
+                };
+                write_frame(&mut s, &r).await?
+            }
+            Request::RetryIntent(id) => {
+                let r = match crate::orchestrator::retry(shared, &id).await {
+                    Ok(i) => Response::Intent(Box::new(i)),
+                    Err(e) => Response::Error(e),
+                };
+                write_frame(&mut s, &r).await?
+            }
             Request::Release(id) => {
                 let r = match crate::rear::consumer::release(shared, &id).await {
                     Ok(c) => Response::Released(Box::new(c)),
@@ -229,41 +293,100 @@ async fn client(shared: &Shared, mut s: UnixStream) -> Result<(), ControlError> 
     Ok(())
 }
 
-async fn submit(shared: &Shared, s: &mut UnixStream, spec: IntentSpec) -> Result<(), ControlError> {
+/// Submits an intent and follows it: one frame per workflow step, then the intent as it
+/// ended. The intent belongs to the node ([`crate::orchestrator::submit`]): a client that
+/// goes away only stops the following.
+async fn submit(
+    shared: &Arc<Shared>,
+    s: &mut UnixStream,
+    spec: IntentSpec,
+) -> Result<(), ControlError> {
     let mut steps = shared.steps.subscribe();
-    let run = crate::orchestrator::submit(shared, spec);
-    tokio::pin!(run);
+    let (intent, mut done) = match crate::orchestrator::submit(shared, spec).await {
+        Ok(r) => r,
+        Err(e) => return write_frame(s, &Response::Error(e.to_string())).await,
+    };
+    let followed = follow(s, &mut steps, &mut done).await;
+    if let Err(e) = &followed {
+        info!(
+            intent = %intent.id,
+            "the control client stopped following ({e}); the node finishes the intent (fluidlet intent show {})",
+            intent.id
+        );
+    }
+    followed
+}
+
+async fn follow(
+    s: &mut UnixStream,
+    steps: &mut tokio::sync::broadcast::Receiver<crate::Step>,
+    done: &mut tokio::sync::oneshot::Receiver<crate::model::Intent>,
+) -> Result<(), ControlError> {
+    let step_frame = |st: crate::Step| Response::Step {
+        number: st.number,
+        element: Text::new(st.element).unwrap_or_default(),
+        text: st.text,
+    };
+    let (mut rd, mut s) = s.split();
+    let mut probe = [0u8; 1];
     let result = loop {
-        // Cancel safety: `run` is pinned and polled to completion across iterations; a step
-        // received is written before the next one is taken.
+        // Cancel safety: `done` is a oneshot receiver, polled again until it answers; a step
+        // received is written before the next one is taken; the probe read only learns
+        // that the client hung up (it sends nothing while it follows).
         tokio::select! {
-            r = &mut run => break r,
+            r = &mut *done => break r,
             step = steps.recv() => {
                 if let Ok(st) = step {
-                    let frame = Response::Step {
-                        number: st.number,
-                        element: Text::new(st.element).unwrap_or_default(),
-                        text: st.text,
-                    };
-                    write_frame(s, &frame).await?;
+                    write_frame(&mut s, &step_frame(st)).await?;
                 }
+            }
+            n = rd.read(&mut probe) => {
+                let why = match n? {
+                    0 => "the client hung up",
+                    _ => "the client sent a request while following an intent",
+                };
+                return Err(ControlError::Io(std::io::Error::other(why)));
             }
         }
     };
     // Steps reported just before the end.
     while let Ok(st) = steps.try_recv() {
-        let frame = Response::Step {
-            number: st.number,
-            element: Text::new(st.element).unwrap_or_default(),
-            text: st.text,
-        };
-        write_frame(s, &frame).await?;
+        write_frame(&mut s, &step_frame(st)).await?;
     }
     let r = match result {
         Ok(i) => Response::Intent(Box::new(i)),
-        Err(e) => Response::Error(e.to_string()),
+        Err(_) => Response::Error(
+            "the node is stopping; the intent resumes where it is at the next start".into(),
+        ),
     };
-    write_frame(s, &r).await
+    write_frame(&mut s, &r).await
+}
+
+fn catalog(shared: &Shared) -> CatalogView {
+    let mut flavours = shared.candidates.all();
+    let truncated = flavours.len() > MAX_CATALOG_VIEW;
+    let mut providers: Vec<ProviderView> = Vec::new();
+    for c in &flavours {
+        match providers.last_mut() {
+            Some(p) if p.id == c.flavour.provider => {
+                p.flavours += 1;
+                p.seen_at = p.seen_at.max(c.seen_at);
+            }
+            _ => providers.push(ProviderView {
+                id: c.flavour.provider.clone(),
+                flavours: 1,
+                seen_at: c.seen_at,
+                rating: shared.tables.rating(&c.flavour.provider).ok().flatten(),
+            }),
+        }
+    }
+    flavours.truncate(MAX_CATALOG_VIEW);
+    CatalogView {
+        now: crate::model::unix_ms(),
+        flavours,
+        providers,
+        truncated,
+    }
 }
 
 pub(crate) fn status(shared: &Shared) -> StatusReport {
@@ -288,7 +411,7 @@ pub(crate) fn status(shared: &Shared) -> StatusReport {
         contracts: t.contracts().unwrap_or_default(),
         allocations: t.allocations().unwrap_or_default(),
         intents,
-        fabric: format!("{:?}", shared.fabric.backend()),
+        fabric: shared.fabric.backend().name().to_owned(),
         metrics: Some(shared.metrics_snapshot()),
     }
 }

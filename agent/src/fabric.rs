@@ -33,6 +33,16 @@ pub enum Backend {
     Liqo,
 }
 
+impl Backend {
+    /// The name the config uses (`[fabric] backend`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::DryRun => "dry-run",
+            Backend::Liqo => "liqo",
+        }
+    }
+}
+
 /// Fabric settings (config section `[fabric]`).
 #[derive(Clone, Debug)]
 pub struct FabricConfig {

@@ -21,6 +21,19 @@ const MAX_SCANNED: usize = 10_000;
 /// this agent and by the libraries it uses, sled included) is owner-only, whatever umask the
 /// agent was started with. It is process-wide: a program embedding [`crate::Agent`] gets it
 /// too.
+/// An I/O error in words, without Rust's Debug text (`Os { code: 13, kind: ... }`).
+pub fn io_words(e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::PermissionDenied => "permission denied (the agent's user may not write there)".into(),
+        K::NotFound => "it does not exist".into(),
+        K::ReadOnlyFilesystem => "the file system is read-only".into(),
+        K::StorageFull => "the disk is full".into(),
+        K::WouldBlock => "it is locked by another process".into(),
+        _ => e.to_string(),
+    }
+}
+
 pub fn private_umask() {
     // SAFETY: umask(2) only swaps the process's file mode creation mask; it cannot fail and
     // touches no memory.

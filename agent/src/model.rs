@@ -324,6 +324,65 @@ pub struct Resources {
     pub storage: u64,
 }
 
+/// A Unix time in milliseconds as a UTC date and time, `2026-12-04 01:23:45 UTC`.
+pub fn date_words(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (Howard Hinnant's days_from_civil, inverted), for 1970 on.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A price in millionths as a decimal ("0.9", "2", "0.000001").
+pub fn price_words(micros: u64) -> String {
+    let (whole, frac) = (micros / 1_000_000, micros % 1_000_000);
+    if frac == 0 {
+        return whole.to_string();
+    }
+    let frac = format!("{frac:06}");
+    format!("{whole}.{}", frac.trim_end_matches('0'))
+}
+
+/// Bytes as a person reads them: the largest binary unit that divides them exactly
+/// ("3 GiB", "1536 MiB", "512 B"), as Kubernetes quantities are usually written.
+pub fn bytes_words(b: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if b >= 1 << shift && b.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", b >> shift);
+        }
+    }
+    format!("{b} B")
+}
+
+impl std::fmt::Display for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}m cpu, {} memory, {} pods",
+            self.cpu,
+            bytes_words(self.memory),
+            self.pods
+        )?;
+        if self.storage > 0 {
+            write!(f, ", {} storage", bytes_words(self.storage))?;
+        }
+        Ok(())
+    }
+}
+
 impl Resources {
     /// `self - other` per resource, or `None` if any resource would go below zero.
     pub fn checked_sub(&self, other: &Resources) -> Option<Resources> {
@@ -587,6 +646,24 @@ impl IntentState {
     pub fn is_final(self) -> bool {
         matches!(self, IntentState::Placed | IntentState::Failed)
     }
+
+    /// The state's name as `intent list` and the log show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            IntentState::Submitted => "Submitted",
+            IntentState::Reserving => "Reserving",
+            IntentState::Peering => "Peering",
+            IntentState::Deploying => "Deploying",
+            IntentState::Placed => "Placed",
+            IntentState::Failed => "Failed",
+        }
+    }
+}
+
+impl std::fmt::Display for IntentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A service request (workflow step 1): a workload, what it needs, and where it got to.
@@ -775,5 +852,32 @@ mod tests {
                 storage: 0
             })
         );
+    }
+}
+
+#[cfg(test)]
+mod words_tests {
+    use super::*;
+
+    #[test]
+    fn dates_sizes_and_prices_read_as_people_write_them() {
+        assert_eq!(date_words(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(date_words(1_796_347_138_000), "2026-12-04 01:18:58 UTC");
+        // 2000-02-29, a leap day in a century year.
+        assert_eq!(date_words(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(bytes_words(3 << 30), "3 GiB");
+        assert_eq!(bytes_words(1536 << 20), "1536 MiB");
+        assert_eq!(bytes_words(512), "512 B");
+        assert_eq!(bytes_words(0), "0 B");
+        assert_eq!(price_words(900_000), "0.9");
+        assert_eq!(price_words(2_000_000), "2");
+        assert_eq!(price_words(1), "0.000001");
+        let r = Resources {
+            cpu: 1500,
+            memory: 3 << 30,
+            pods: 2,
+            storage: 0,
+        };
+        assert_eq!(r.to_string(), "1500m cpu, 3 GiB memory, 2 pods");
     }
 }

@@ -8,7 +8,7 @@
 //! contract enforcement in Liqo (`rear::provider::enforce_sales`), the renewal of terms
 //! (`rear::consumer::keep_renewed`), the metrics file writer (`metrics::export`, when `[metrics]
 //! textfile` is set) and one task per intent a previous run left unfinished
-//! (`orchestrator::resume`).
+//! (`orchestrator::own`), as each newly submitted intent has.
 //!
 //! The node task handles inbound messages one at a time. Handling them one at a time is deliberate:
 //! a reservation's check and its durable write then never interleave with another one on
@@ -55,7 +55,7 @@ impl Agent {
     /// Opens the tables, brings the offers in line with the config, connects to the broker
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
-        let (tls, sealing) = prepare_transport(&cfg)?;
+        let (tls, sealing, identity) = prepare_transport(&cfg)?;
         crate::files::prepare_data_dir(&cfg.data_dir)
             .map_err(|e| AgentError::Other(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
         for w in crate::files::mode_warnings(&cfg.data_dir) {
@@ -84,6 +84,7 @@ impl Agent {
             observer,
             status_rx,
             fabric,
+            stop_rx.clone(),
         )?;
         shared.sealing = sealing;
         let shared = Arc::new(shared);
@@ -101,6 +102,7 @@ impl Agent {
                 shared.cfg.limits.sender_burst,
             ),
             metrics: shared.metrics.clone(),
+            identity,
         };
         let session = tokio::spawn(session.run(stop_rx.clone()));
         if !shared.cfg.offers.is_empty() {
@@ -136,8 +138,7 @@ impl Agent {
             tasks.push(tokio::spawn(export));
         }
         for intent in orchestrator::unfinished(&shared)? {
-            let run = orchestrator::resume(shared.clone(), intent, stop_rx.clone());
-            tasks.push(tokio::spawn(run));
+            orchestrator::own(&shared, intent, None);
         }
         info!(node = %shared.me(), domain = %shared.cfg.domain, "fluidlet node started");
         Ok(Agent {
@@ -189,7 +190,13 @@ impl Agent {
         &self,
         spec: orchestrator::IntentSpec,
     ) -> Result<crate::model::Intent, AgentError> {
-        orchestrator::submit(&self.shared, spec).await
+        let (intent, done) = orchestrator::submit(&self.shared, spec).await?;
+        done.await.map_err(|_| {
+            AgentError::Other(format!(
+                "the node stopped before intent {} ended; it resumes at the next start",
+                intent.id
+            ))
+        })
     }
 
     /// Releases a contract this node bought (RELEASE to the seller, peering torn down).
@@ -210,6 +217,8 @@ impl Agent {
         for t in self.tasks {
             let _ = t.await;
         }
+        let mut owned = self.shared.take_owned();
+        while owned.join_next().await.is_some() {}
         if let Err(e) = self.shared.tables.flush().await {
             error!(error = %e, "final flush failed");
         }
@@ -224,28 +233,37 @@ impl Agent {
         for t in self.tasks {
             t.abort();
         }
+        self.shared.take_owned().abort_all();
     }
 }
 
 /// Loads and checks the TLS material (an error names the file and the problem), logs its
 /// warnings, and warns about plain MQTT that leaves the machine.
-type Transport = (Option<Arc<rustls::ClientConfig>>, Option<crate::seal::Keys>);
+type Transport = (
+    Option<Arc<rustls::ClientConfig>>,
+    Option<crate::seal::Keys>,
+    Option<String>,
+);
 
 fn prepare_transport(cfg: &Config) -> Result<Transport, AgentError> {
     let Some(files) = &cfg.tls else {
         if !crate::config::is_loopback(&cfg.broker.host) {
             warn!(broker = %cfg.broker.host, "plain MQTT to another machine (insecure_plaintext = true): anyone on the path can read and forge this node's messages");
         }
-        return Ok((None, None));
+        return Ok((None, None, None));
     };
     let loaded = crate::tls::load(files, &cfg.node_id)?;
     for w in &loaded.warnings {
         warn!("{w}");
     }
-    info!(cn = %loaded.identity.common_name, "mutual TLS to the domain broker");
+    info!(
+        cn = %loaded.identity.common_name,
+        "mutual TLS configured (certificate, key and CA loaded; the broker has not seen them yet)"
+    );
     let keys = crate::seal::Keys::new(&loaded.certificate, &loaded.key, loaded.roots.clone())
         .map_err(|e| AgentError::Other(format!("{}: {e}", files.key.display())))?;
-    Ok((Some(loaded.client), Some(keys)))
+    let cn = loaded.identity.common_name.to_string();
+    Ok((Some(loaded.client), Some(keys), Some(cn)))
 }
 
 /// Finishes purchases left in flight by a previous run, once the broker is reachable.

@@ -2,7 +2,7 @@
 //! handing over to the REAR Manager only when nothing local fits.
 //!
 //! An intent moves through [`IntentState`]s and is written to the `intents` table at every
-//! move, so an agent restarted mid-intent picks it up where it was ([`unfinished`], [`resume`]): a reservation
+//! move, so an agent restarted mid-intent picks it up where it was ([`unfinished`], [`own`]): a reservation
 //! in progress is retried, a contract waiting for peering is peered, a deployment is applied
 //! again (`kubectl apply` is idempotent).
 //!
@@ -27,7 +27,7 @@ use minicbor::{Decode, Encode};
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 /// What a user asks for: the intent file, parsed (see `docs/intents.md`).
@@ -82,7 +82,7 @@ struct RawConstraints {
 pub fn parse_intent(toml_text: &str, base: &Path) -> Result<IntentSpec, ConfigError> {
     let raw: RawIntent =
         toml::from_str(toml_text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-    let manifest = crate::config::read_text(&base.join(&raw.manifest), MAX_MANIFEST as u64)?;
+    let manifest = manifest(&raw.manifest, base)?;
     let name = node_id("name", &raw.name)?;
     let namespace = match &raw.namespace {
         Some(ns) => node_id("namespace", ns)?,
@@ -103,7 +103,7 @@ pub fn parse_intent(toml_text: &str, base: &Path) -> Result<IntentSpec, ConfigEr
             architecture: r
                 .architecture
                 .as_deref()
-                .map(|a| text("resources.architecture", a))
+                .map(|a| crate::config::architecture("resources.architecture", a))
                 .transpose()?,
             min: Some(Resources {
                 cpu: r.cpu_millicores,
@@ -130,6 +130,34 @@ pub fn parse_intent(toml_text: &str, base: &Path) -> Result<IntentSpec, ConfigEr
                 .transpose()?,
         },
     })
+}
+
+/// The workload manifest: a file beside the intent file (or below its directory), never an
+/// absolute path or one that climbs out with `..` (the CLI may run as root, and whatever it
+/// reads goes to the agent and into the cluster), holding Kubernetes YAML (`apiVersion:` and
+/// `kind:` at the start of a line).
+fn manifest(path: &Path, base: &Path) -> Result<String, ConfigError> {
+    use std::path::Component;
+    let shown = path.display();
+    if path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(invalid(
+            "manifest",
+            format!("\"{shown}\" must be a path relative to the intent file's directory, without `..` (copy the manifest beside the intent file)"),
+        ));
+    }
+    let text = crate::config::read_text(&base.join(path), MAX_MANIFEST as u64)?;
+    let has = |key: &str| text.lines().any(|l| l.starts_with(key));
+    if !has("apiVersion:") || !has("kind:") {
+        return Err(invalid(
+            "manifest",
+            format!("{} is not a Kubernetes manifest: no `apiVersion:` and `kind:` at the start of a line", base.join(path).display()),
+        ));
+    }
+    Ok(text)
 }
 
 /// Where step 3 found room.
@@ -313,6 +341,8 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                     let mut status = shared.status.clone();
                     if status.wait_for(|s| s.connected).await.is_err() {
                         fail(&mut intent, &format!("the broker connection ended: {why}"));
+                    } else {
+                        info!(intent = %intent.id, "domain broker reachable again: the reservation goes on");
                     }
                     continue;
                 }
@@ -459,11 +489,18 @@ async fn offload_for(shared: &Shared, intent: &Intent) -> Result<crate::fabric::
     })
 }
 
-/// Workflow step 1: stores a new intent, then drives it to its end.
-pub(crate) async fn submit(shared: &Shared, spec: IntentSpec) -> Result<Intent, AgentError> {
+/// Workflow step 1: stores a new intent and hands it to the node, which drives it to its
+/// end on its own ([`own`]): whatever the caller does next (a control client that goes
+/// away, a CLI cut off by Ctrl-C or `| head`), the intent goes on. The receiver gets the
+/// intent as it ended; it is dropped unanswered if the node stops first (the intent then
+/// resumes at the next start).
+pub(crate) async fn submit(
+    shared: &Arc<Shared>,
+    spec: IntentSpec,
+) -> Result<(Intent, oneshot::Receiver<Intent>), AgentError> {
     let n = shared.tables.generate_id()?;
     let now = unix_ms();
-    let mut intent = Intent {
+    let intent = Intent {
         id: Id::new(&format!("i{n}")).map_err(|e| AgentError::Other(e.to_string()))?,
         name: spec.name,
         namespace: spec.namespace,
@@ -487,36 +524,135 @@ pub(crate) async fn submit(shared: &Shared, spec: IntentSpec) -> Result<Intent, 
             intent.manifest.as_str().len()
         ),
     );
-    intent = drive(shared, intent).await;
-    Ok(intent)
+    info!(intent = %intent.id, name = %intent.name, "intent accepted: the node drives it to its end");
+    let (tx, rx) = oneshot::channel();
+    own(shared, intent.clone(), Some(tx));
+    Ok((intent, rx))
 }
 
-/// The intents a previous run left unfinished; the node resumes each with [`resume`].
+/// The intents a previous run left unfinished; the node resumes each with [`own`].
 pub(crate) fn unfinished(shared: &Shared) -> Result<Vec<Intent>, AgentError> {
     let mut v = Vec::new();
     for intent in shared.tables.intents()? {
         if intent.state.is_final() {
             continue;
         }
-        info!(intent = %intent.id, state = ?intent.state, "resuming an unfinished intent");
+        info!(intent = %intent.id, state = %intent.state, "resuming an unfinished intent");
         v.push(intent);
     }
     Ok(v)
 }
 
-/// Drives an unfinished intent on from where it stopped, once the broker is reachable.
-pub(crate) async fn resume(shared: Arc<Shared>, intent: Intent, mut stop: watch::Receiver<bool>) {
-    let mut status = shared.status.clone();
-    // Cancel safety: every state change is stored before the next await, so a stop
-    // here loses at most the step in progress, which the next start repeats.
-    tokio::select! {
-        _ = stop.changed() => {}
-        _ = async {
-            if status.wait_for(|s| s.connected).await.is_ok() {
-                drive(&shared, intent).await;
+/// Drives `intent` to its end as one of the node's own tasks ([`Shared::own`]), until the
+/// node stops; `done`, if given, gets the intent as it ended.
+pub(crate) fn own(shared: &Arc<Shared>, intent: Intent, done: Option<oneshot::Sender<Intent>>) {
+    let sh = shared.clone();
+    let mut stop = shared.stop.clone();
+    let key = intent.id.clone();
+    let handle = shared.own(async move {
+        let id = intent.id.clone();
+        // Cancel safety: every state change is stored before the next await, so a stop
+        // here loses at most the step in progress, which the next start repeats.
+        let resumed = intent.state != IntentState::Submitted;
+        let run = async {
+            // A resumed intent is past its local lookup: its next step needs the broker.
+            let mut status = sh.status.clone();
+            if resumed && status.wait_for(|s| s.connected).await.is_err() {
+                return None;
             }
-        } => {}
+            Some(drive(&sh, intent).await)
+        };
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {
+                info!(intent = %id, "node stopping: the intent resumes where it is at the next start");
+            }
+            Some(end) = run => {
+                if let Ok(mut t) = sh.intent_tasks.lock() {
+                    t.remove(&end.id);
+                }
+                if let Some(tx) = done {
+                    let _ = tx.send(end);
+                }
+            }
+        }
+    });
+    if let Ok(mut t) = shared.intent_tasks.lock() {
+        t.retain(|_, h| !h.is_finished());
+        t.insert(key, handle);
     }
+}
+
+/// `fluidlet intent cancel`: stops driving an unfinished intent and ends it `Failed`
+/// ("cancelled"), giving back the capacity it bought if no other intent is placed on it.
+/// A reservation in flight at that moment is not answered to the intent: the provider lets
+/// it lapse after its `reservation_ttl_secs`.
+pub(crate) async fn cancel(shared: &Arc<Shared>, id: &Id) -> Result<Intent, String> {
+    let mut intent = match shared.tables.intent(id) {
+        Ok(Some(i)) => i,
+        Ok(None) => return Err(format!("no intent {id}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    if intent.state.is_final() {
+        return Err(format!(
+            "intent {id} has already ended ({}): nothing to cancel",
+            intent.state
+        ));
+    }
+    let task = shared
+        .intent_tasks
+        .lock()
+        .ok()
+        .and_then(|mut t| t.remove(id));
+    if let Some(h) = task {
+        h.abort();
+    }
+    let contract = intent.contract.clone();
+    fail(
+        &mut intent,
+        "cancelled by the operator (fluidlet intent cancel)",
+    );
+    save(shared, &mut intent).await;
+    info!(intent = %id, "intent cancelled");
+    if let Some(c) = contract {
+        let shared_by_others = shared.tables.intents().unwrap_or_default().iter().any(|i| {
+            i.id != *id && i.state == IntentState::Placed && i.contract.as_ref() == Some(&c)
+        });
+        let bought = shared
+            .tables
+            .contract(&c)
+            .ok()
+            .flatten()
+            .is_some_and(|k| &k.buyer == shared.me() && &k.seller != shared.me());
+        if bought && !shared_by_others {
+            if let Err(e) = consumer::release(shared, &c).await {
+                warn!(intent = %id, contract = %c, "release after a cancel: {e}");
+            }
+        }
+    }
+    Ok(intent)
+}
+
+/// `fluidlet intent retry`: starts a `Failed` intent again from its first step.
+pub(crate) async fn retry(shared: &Arc<Shared>, id: &Id) -> Result<Intent, String> {
+    let mut intent = match shared.tables.intent(id) {
+        Ok(Some(i)) => i,
+        Ok(None) => return Err(format!("no intent {id}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    if intent.state != IntentState::Failed {
+        return Err(format!(
+            "intent {id} is {}: only a Failed intent is retried",
+            intent.state
+        ));
+    }
+    intent.state = IntentState::Submitted;
+    intent.error = None;
+    intent.contract = None;
+    intent.placement = None;
+    save(shared, &mut intent).await;
+    info!(intent = %id, "intent retried: the node drives it again from the start");
+    own(shared, intent.clone(), None);
+    Ok(intent)
 }
 
 #[cfg(test)]
@@ -599,7 +735,12 @@ mod tests {
     fn intent_file_parses_with_units_and_a_relative_manifest() {
         let dir = std::env::temp_dir().join(format!("fluidlet-intent-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("app.yaml"), "kind: Deployment\n").unwrap();
+        std::fs::write(
+            dir.join("app.yaml"),
+            "apiVersion: apps/v1\nkind: Deployment\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "hello\n").unwrap();
         let spec = parse_intent(
             "name = \"cam\"\nmanifest = \"app.yaml\"\n[resources]\ncpu_millicores = 500\nmemory = \"256Mi\"\narchitecture = \"arm64\"\n[constraints]\nmax_price = \"0.5\"\ncountry = \"IT\"\n",
             &dir,
@@ -612,6 +753,16 @@ mod tests {
         assert_eq!(spec.selector.country.as_ref().unwrap().as_str(), "IT");
         let missing = parse_intent("name = \"cam\"\nmanifest = \"nope.yaml\"\n[resources]\ncpu_millicores = 1\nmemory = 1\n", &dir);
         assert!(missing.unwrap_err().to_string().contains("nope.yaml"));
+        let intent = |manifest: &str, arch: &str| {
+            parse_intent(&format!("name = \"cam\"\nmanifest = \"{manifest}\"\n[resources]\ncpu_millicores = 1\nmemory = 1\narchitecture = \"{arch}\"\n"), &dir)
+        };
+        // What people type for the architecture is taken for the Kubernetes name.
+        let spec = intent("app.yaml", "aarch64").unwrap();
+        assert_eq!(spec.selector.architecture.unwrap().as_str(), "arm64");
+        for bad in ["/etc/shadow", "../app.yaml", "notes.txt"] {
+            let e = intent(bad, "arm64").unwrap_err().to_string();
+            assert!(e.contains("manifest"), "{bad}: {e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

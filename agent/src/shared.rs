@@ -103,10 +103,21 @@ pub(crate) struct Shared {
     pub candidates: crate::discovery::Candidates,
     /// Counters for `fluidlet status --json` and the metrics file (atomics only).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The node's stop signal, for tasks the node starts while it runs.
+    pub stop: watch::Receiver<bool>,
+    /// Tasks started while the node runs that must end before it stops: one per intent
+    /// being driven (an intent belongs to the node, not to the control client that
+    /// submitted it). [`crate::Agent::shutdown`] joins them; finished ones are reaped on
+    /// every new spawn, so the set holds only tasks still running.
+    pub owned: Mutex<tokio::task::JoinSet<()>>,
+    /// The task driving each intent in [`Shared::owned`], for `intent cancel`.
+    pub intent_tasks: Mutex<HashMap<Id, tokio::task::AbortHandle>>,
 }
 
 impl Shared {
-    /// The state of a node about to start.
+    /// The state of a node about to start (each argument is a part only the node's start
+    /// makes; grouping them would only rename them).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Config,
         tables: Tables,
@@ -115,6 +126,7 @@ impl Shared {
         observer: Option<Observer>,
         status: watch::Receiver<Status>,
         fabric: Fabric,
+        stop: watch::Receiver<bool>,
     ) -> Result<Shared, TableError> {
         let (steps, _) = broadcast::channel(STEP_QUEUE);
         Ok(Shared {
@@ -135,7 +147,25 @@ impl Shared {
             observer,
             status,
             cfg,
+            stop,
+            owned: Mutex::new(tokio::task::JoinSet::new()),
+            intent_tasks: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Runs `task` as one of the node's own tasks ([`Shared::owned`]).
+    pub fn own(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::AbortHandle {
+        let mut set = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+        while set.try_join_next().is_some() {}
+        set.spawn(task)
+    }
+
+    /// Takes the node's own tasks, for the shutdown to join.
+    pub fn take_owned(&self) -> tokio::task::JoinSet<()> {
+        std::mem::take(&mut *self.owned.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// A fresh message id. Seeded from the clock so that ids keep growing across restarts.
@@ -289,7 +319,7 @@ impl Drop for PendingGuard<'_> {
 pub enum RearError {
     #[error("no provider offers {0}")]
     NoProvider(String),
-    #[error("provider {provider} refused: {text} ({code:?})")]
+    #[error("provider {provider} refused: {text}{}", code.map(|c| format!(" ({c})")).unwrap_or_default())]
     Refused {
         provider: String,
         code: Option<ErrorCode>,
@@ -315,4 +345,6 @@ pub enum RearError {
     Fabric(#[from] crate::fabric::FabricError),
     #[error("no contract {0} on this node")]
     NoContract(String),
+    #[error("contract {0} was sold by this node: only its buyer releases it")]
+    SoldHere(String),
 }

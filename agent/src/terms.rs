@@ -53,7 +53,10 @@ pub(crate) async fn on_renew(shared: &Shared, from: &Id, id: u64, r: ContractRef
     };
     match shared.tables.renew(&sold.id, unix_ms()).await {
         Ok(Some(c)) => {
-            info!(contract = %c.id, buyer = %from, ends_at = ?c.ends_at, "contract renewed");
+            let until = c
+                .ends_at
+                .map_or("no end".to_owned(), crate::model::date_words);
+            info!(contract = %c.id, buyer = %from, "contract renewed until {until}");
             answer(shared, from, id, Body::Renewed(Box::new(c))).await
         }
         Ok(None) => {

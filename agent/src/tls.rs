@@ -112,6 +112,21 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// Reads the subject CN and validity of a DER certificate.
+/// Whether `der` is a CA certificate (basicConstraints with CA:TRUE).
+fn is_ca(der: &[u8]) -> bool {
+    use x509_cert::der::oid::AssociatedOid;
+    use x509_cert::ext::pkix::BasicConstraints;
+    let Ok(cert) = x509_cert::Certificate::from_der(der) else {
+        return false;
+    };
+    cert.tbs_certificate
+        .extensions
+        .iter()
+        .flatten()
+        .filter(|e| e.extn_id == BasicConstraints::OID)
+        .any(|e| BasicConstraints::from_der(e.extn_value.as_bytes()).is_ok_and(|b| b.ca))
+}
+
 pub fn identity(der: &[u8]) -> Result<Identity, String> {
     let cert = x509_cert::Certificate::from_der(der)
         .map_err(|e| format!("not an X.509 certificate: {e}"))?;
@@ -215,9 +230,52 @@ pub fn load(files: &TlsFiles, node: &Id) -> Result<Loaded, TlsError> {
     })?;
 
     let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certificates(&files.ca)?);
+    let cas = certificates(&files.ca)?;
+    if let Some(leaf) = cas.iter().find(|c| !is_ca(c)) {
+        let cn = identity(leaf).map(|i| i.common_name).unwrap_or_default();
+        return Err(pem_error(
+            &files.ca,
+            format!(
+                "holds a certificate that is not a CA (\"{cn}\", without basicConstraints CA:TRUE): \
+                 `ca` is the domain CA (domain-ca.pem), not a node's or the broker's certificate"
+            ),
+        ));
+    }
+    let (added, _) = roots.add_parsable_certificates(cas);
     if added == 0 {
         return Err(pem_error(&files.ca, "holds no usable CA certificate"));
+    }
+    // The broker checks the node's certificate against its CA: check it here too, so that
+    // `fluidlet check` and the start say it rather than a refused handshake later.
+    {
+        let ee = webpki::EndEntityCert::try_from(&chain[0])
+            .map_err(|e| pem_error(&files.cert, format!("is not a usable certificate: {e}")))?;
+        let algs = rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .all;
+        ee.verify_for_usage(
+            algs,
+            &roots.roots,
+            &chain[1..],
+            rustls::pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            let why = match e {
+                webpki::Error::UnknownIssuer => format!(
+                    "is not signed by the CA in {} (the broker would refuse it): mint it with that \
+                     domain's `domain.sh node`, or point `ca` at the CA that signed it",
+                    files.ca.display()
+                ),
+                other => format!(
+                    "does not chain to the CA in {}: {other}",
+                    files.ca.display()
+                ),
+            };
+            pem_error(&files.cert, why)
+        })?;
     }
 
     let roots = Arc::new(roots);

@@ -142,6 +142,34 @@ impl ErrorCode {
             _ => return None,
         })
     }
+
+    /// The code's name as docs/protocol.md spells it.
+    pub fn name(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            Malformed => "MALFORMED",
+            TooLarge => "TOO_LARGE",
+            UnsupportedVersion => "UNSUPPORTED_VERSION",
+            UnknownKind => "UNKNOWN_KIND",
+            FlavourGone => "FLAVOUR_GONE",
+            NoFit => "NO_FIT",
+            BadPartition => "BAD_PARTITION",
+            Unexpected => "UNEXPECTED",
+            Storage => "STORAGE",
+            Busy => "BUSY",
+            NoContract => "NO_CONTRACT",
+            PeeringFailed => "PEERING_FAILED",
+            TooManyPending => "TOO_MANY_PENDING",
+            BadCertificate => "BAD_CERTIFICATE",
+            ShareExceeded => "SHARE_EXCEEDED",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// LIST_FLAVOURS body.
@@ -707,6 +735,11 @@ impl Topics {
 
     pub fn me(&self) -> &Id {
         &self.me
+    }
+
+    /// The domain these topics are in.
+    pub fn domain(&self) -> &str {
+        self.root.strip_prefix("fluidos/v1/").unwrap_or(&self.root)
     }
 
     /// This node's retained catalog entry (and the topic of its last will).

@@ -65,7 +65,7 @@ fn check_accepts_a_good_config() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("node gw-1 in domain d1"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("node      gw-1 in domain d1"));
 }
 
 #[test]
@@ -364,5 +364,5 @@ fn check_is_a_library_function_writing_to_any_writer() {
     let mut out = Vec::new();
     fluidlet::cli::check(&path, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
-    assert!(text.contains("node gw-1 in domain d1"), "{text}");
+    assert!(text.contains("node      gw-1 in domain d1"), "{text}");
 }

@@ -23,6 +23,7 @@ enum Cmd {
     Check(CheckCmd),
     Intent(IntentCmd),
     Status(StatusCmd),
+    Catalog(CatalogCmd),
     Contract(ContractCmd),
     Doctor(DoctorCmd),
     #[cfg(feature = "demo")]
@@ -83,6 +84,55 @@ enum IntentSub {
     Submit(IntentSubmit),
     List(IntentList),
     Show(IntentShow),
+    Cancel(IntentCancel),
+    Retry(IntentRetry),
+}
+
+/// Stop an unfinished intent: it ends Failed ("cancelled") and the capacity it bought is
+/// released (unless another placed intent uses it).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "cancel")]
+struct IntentCancel {
+    /// the intent id (from `intent list`)
+    #[argh(positional)]
+    id: String,
+    #[argh(option, short = 'c', default = "default_config()")]
+    /// the agent's config, to find its control socket
+    config: PathBuf,
+    /// the control socket (overrides the config's)
+    #[argh(option)]
+    socket: Option<PathBuf>,
+}
+
+/// Start a Failed intent again from its first step; the agent drives it on its own.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "retry")]
+struct IntentRetry {
+    /// the intent id (from `intent list`)
+    #[argh(positional)]
+    id: String,
+    #[argh(option, short = 'c', default = "default_config()")]
+    /// the agent's config, to find its control socket
+    config: PathBuf,
+    /// the control socket (overrides the config's)
+    #[argh(option)]
+    socket: Option<PathBuf>,
+}
+
+/// Show the domain as this node hears it: providers, their flavours and prices, the age of
+/// each advert, and the providers it ranks last and why.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "catalog")]
+struct CatalogCmd {
+    /// print JSON instead of tables
+    #[argh(switch)]
+    json: bool,
+    #[argh(option, short = 'c', default = "default_config()")]
+    /// the agent's config, to find its control socket
+    config: PathBuf,
+    /// the control socket (overrides the config's)
+    #[argh(option)]
+    socket: Option<PathBuf>,
 }
 
 /// Submit an intent file and follow it step by step until the workload is placed or fails.
@@ -213,7 +263,22 @@ fn main() -> ExitCode {
             IntentSub::Show(s) => {
                 rt.block_on(cli::intent_show(&s.id, &s.config, s.socket.as_deref(), out))
             }
+            IntentSub::Cancel(c) => rt.block_on(cli::intent_control(
+                &c.id,
+                false,
+                &c.config,
+                c.socket.as_deref(),
+                out,
+            )),
+            IntentSub::Retry(c) => rt.block_on(cli::intent_control(
+                &c.id,
+                true,
+                &c.config,
+                c.socket.as_deref(),
+                out,
+            )),
         },
+        Cmd::Catalog(c) => rt.block_on(cli::catalog(&c.config, c.socket.as_deref(), c.json, out)),
         Cmd::Status(c) => rt.block_on(cli::status(&c.config, c.socket.as_deref(), c.json, out)),
         Cmd::Contract(ContractCmd {
             cmd: ContractSub::Release(c),

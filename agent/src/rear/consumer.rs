@@ -51,15 +51,13 @@ pub fn describe(sel: &FlavourSelector) -> String {
         parts.push(format!("architecture {a}"));
     }
     if let Some(m) = &sel.min {
-        parts.push(format!(
-            "at least {}m cpu, {} MiB memory, {} pods",
-            m.cpu,
-            m.memory >> 20,
-            m.pods
-        ));
+        parts.push(format!("at least {m}"));
     }
     if let Some(p) = sel.max_price {
-        parts.push(format!("at most {p} (millionths) per period"));
+        parts.push(format!(
+            "at most {} per period",
+            crate::model::price_words(p)
+        ));
     }
     if parts.is_empty() {
         "any flavour".into()
@@ -138,6 +136,11 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
             .last_error
             .unwrap_or_else(|| "not connected yet".into());
         return Err(RearError::Disconnected(why));
+    }
+    if status.heard == Some(false) {
+        // Discovery would hear nothing and say "no provider offers ...": say why instead.
+        let why = status.last_error.unwrap_or_default();
+        return Err(RearError::Broker(why));
     }
     let deadline = Instant::now() + shared.cfg.acquire_budget;
     let budget_ms = shared.cfg.acquire_budget.as_millis() as u64;
@@ -661,9 +664,7 @@ pub(crate) async fn release(shared: &Shared, contract: &Id) -> Result<Contract, 
         return Err(RearError::NoContract(contract.to_string()));
     };
     if &c.buyer != shared.me() {
-        return Err(RearError::NoContract(format!(
-            "{contract} (this node sold it; the buyer releases it)"
-        )));
+        return Err(RearError::SoldHere(contract.to_string()));
     }
     teardown_bought(shared, &c).await;
     let answer = ask(

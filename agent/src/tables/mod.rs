@@ -85,11 +85,51 @@ pub enum TableError {
         ours: String,
     },
     #[error(
-        "offer {offer} now offers less than its live reservations hold ({held:?}); \
+        "offer {offer} now offers less than its live reservations hold ({held}); \
          restore its size or release those contracts first"
     )]
     OfferShrunk { offer: String, held: Box<Resources> },
+    #[error("another fluidlet agent{pid} is running on {dir} (it holds the tables' lock): stop it first, or give this one another data_dir")]
+    InUse { dir: String, pid: String },
+    #[error("cannot open the tables in {dir}: {problem}")]
+    Open { dir: String, problem: String },
 }
+
+impl TableError {
+    /// sled's open error, with the directory and in words.
+    fn opening(dir: &Path, e: sled::Error) -> TableError {
+        let shown = dir.display().to_string();
+        // sled reports the lock another process holds as an I/O error whose text says so.
+        let locked = match &e {
+            sled::Error::Io(io) => {
+                io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock")
+            }
+            _ => false,
+        };
+        match e {
+            _ if locked => {
+                let pid = std::fs::read_to_string(dir.join(PID_FILE))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<u32>().ok())
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default();
+                TableError::InUse { dir: shown, pid }
+            }
+            sled::Error::Io(io) => TableError::Open {
+                dir: shown,
+                problem: crate::files::io_words(&io),
+            },
+            other => TableError::Open {
+                dir: shown,
+                problem: other.to_string(),
+            },
+        }
+    }
+}
+
+/// The running agent's pid, beside its tables (for the "another agent is running" error).
+pub const PID_FILE: &str = "fluidlet.pid";
 
 /// The outcome of a RESERVE_FLAVOUR on the provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,7 +209,8 @@ impl Tables {
             // the hot records (flavours, recent contracts) without letting a burst of
             // reservations grow the agent (the benchmark's peak RSS shows it).
             .cache_capacity(1024 * 1024)
-            .open()?;
+            .open()
+            .map_err(|e| TableError::opening(dir, e))?;
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let ledger = db.open_tree("ledger")?;
         let meta = db.open_tree("meta")?;
@@ -235,7 +276,56 @@ impl Tables {
             std::fs::write(&marker, format!("{me}\n"))
                 .map_err(|e| TableError::Sled(sled::Error::Io(e)))?;
         }
+        // Best effort: only the "another agent is running" error reads it.
+        let _ = std::fs::write(dir.join(PID_FILE), format!("{}\n", std::process::id()));
         Ok(t)
+    }
+
+    /// What `fluidlet check` finds in `dir` without writing anything: the tables belong to
+    /// `me`, and every configured offer still covers what its live reservations hold (the
+    /// checks [`Tables::open_for`] and [`Tables::sync_offers`] make at start). Returns the
+    /// number of contracts on record. `dir` must already hold a database.
+    pub fn preflight(
+        dir: &Path,
+        me: &Id,
+        offers: &[crate::model::Flavour],
+    ) -> Result<usize, TableError> {
+        let t = Tables::open_with(dir, Duration::from_secs(0))?;
+        let recorded: Option<Id> = one("meta", &t.meta, b"owner")?;
+        let recorded = match recorded {
+            Some(r) => Some(r),
+            None => one("meta", &t.meta, b"node")?,
+        };
+        let marker = dir.join("fluidlet.node");
+        match (recorded, std::fs::read_to_string(&marker).ok()) {
+            (Some(theirs), _) if &theirs != me => {
+                return Err(TableError::OtherNode {
+                    dir: dir.display().to_string(),
+                    theirs: theirs.to_string(),
+                    ours: me.to_string(),
+                })
+            }
+            (None, Some(node)) => {
+                return Err(TableError::Damaged {
+                    dir: dir.display().to_string(),
+                    node: node.trim().to_owned(),
+                    marker: marker.display().to_string(),
+                })
+            }
+            _ => {}
+        }
+        let state = t.writer();
+        for offer in offers {
+            let held = state.held(&offer.id);
+            if offer.resources.checked_sub(&held).is_none() {
+                return Err(TableError::OfferShrunk {
+                    offer: offer.id.to_string(),
+                    held: Box::new(held),
+                });
+            }
+        }
+        drop(state);
+        Ok(t.contracts()?.len())
     }
 
     /// Makes everything written so far durable.

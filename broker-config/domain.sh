@@ -27,6 +27,19 @@
 #       core (SIGHUP) after. Nodes of the site are enrolled with `node DIR` as usual and
 #       pointed at the site broker. Copy DIR/sites/SITE to the site's host and run
 #       mosquitto -c .../mosquitto.conf there.  PORT 8883 and BIND 0.0.0.0 by default.
+#   domain.sh supernode DIR NAME [DAYS]
+#       Enrols a supernode (fluidlet-supernode, docs/supernode.md): the REAR-over-HTTP face
+#       through which FLUIDOS reference nodes buy from the domain's providers. Mints
+#       DIR/supernodes/NAME/supernode.{pem,key} (CN `supernode:NAME`, a CN no node id can
+#       be) and domain-ca.pem, and adds `user supernode:NAME` to DIR/acl: read the catalog,
+#       mail both ways, which the broker plugin narrows to mail from and to `ref-` buyers
+#       only. Reload the broker (SIGHUP) after.
+#   domain.sh refnode DIR NAME LIQO_ID [DAYS]
+#       Admits the reference node whose Liqo cluster id is LIQO_ID as a buyer through
+#       supernode NAME: mints DIR/supernodes/NAME/refs/ID/node.{pem,key} with CN
+#       ID = ref-{first 32 hex digits of SHA-256(LIQO_ID)}, the buyer id the supernode
+#       speaks as for it (providers seal its peering credentials to this certificate).
+#       Copy DIR/supernodes/NAME to the supernode's host.
 #
 # INSTALL_DIR: the path the directory will have on the broker host (init: DIR; site:
 # DIR/sites/SITE), written into its mosquitto.conf; by default where it is made.
@@ -41,6 +54,12 @@ valid_id() {
     # node write under another node's topic level, so the script refuses them.
     case "$1" in ''|*[!A-Za-z0-9._-]*) return 1;; esac
     [ "${#1}" -le 48 ]
+}
+# The buyer id a supernode speaks as for the reference node of Liqo cluster id $1.
+ref_id() {
+    h=$(printf '%s' "$1" | openssl dgst -sha256 -r | cut -c1-32)
+    [ "${#h}" -eq 32 ] || die "openssl dgst -sha256 failed"
+    echo "ref-$h"
 }
 command -v openssl >/dev/null || die "openssl is not installed"
 
@@ -142,6 +161,9 @@ node)
     [ $# -ge 3 ] || die "usage: domain.sh node DIR NODE_ID [DAYS]"
     dir=$2; node=$3; days=${4:-825}
     valid_id "$node" || die "node id '$node': use A-Z a-z 0-9 . _ - (at most 48)"
+    # ref-... ids are the reference nodes' buyers that supernodes speak as (refnode below):
+    # no node may be enrolled under one.
+    case "$node" in ref-*) die "node id '$node': ids starting with 'ref-' are kept for reference nodes (domain.sh refnode)";; esac
     [ -r "$dir/domain-ca.key" ] || die "$dir/domain-ca.key not found: run 'domain.sh init' (or bring the CA key back)"
     out="$dir/nodes/$node"
     [ -e "$out/node.pem" ] && die "$out/node.pem exists: node ids are unique in a domain"
@@ -206,8 +228,43 @@ site)
     echo "core: $dir/acl now lets bridge:$site carry fluidos/v1/$domain/#; reload it (kill -HUP the core's mosquitto)"
     echo "start the site:  mosquitto -c $abs/mosquitto.conf"
     ;;
+supernode)
+    [ $# -ge 3 ] || die "usage: domain.sh supernode DIR NAME [DAYS]"
+    dir=$2; name=$3; days=${4:-825}
+    valid_id "$name" || die "supernode '$name': use A-Z a-z 0-9 . _ - (at most 48)"
+    [ -r "$dir/domain-ca.key" ] || die "$dir/domain-ca.key not found: run 'domain.sh init' (or bring the CA key back)"
+    [ -f "$dir/acl" ] && [ -f "$dir/mosquitto.conf" ] || die "$dir is not a domain made by 'domain.sh init'"
+    domain=$(sed -n 's/^plugin_opt_domain \([A-Za-z0-9._-]*\)$/\1/p' "$dir/mosquitto.conf")
+    valid_id "$domain" || die "no plugin_opt_domain line in $dir/mosquitto.conf"
+    out="$dir/supernodes/$name"
+    [ -e "$out/supernode.pem" ] && die "$out/supernode.pem exists: supernode names are unique in a domain"
+    mkdir -p "$out/refs"
+    umask 077
+    client_cert "$dir" "$out" supernode "supernode:$name" "$days"
+    cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; chmod 0644 "$out/domain-ca.pem"
+    printf '\n# Supernode %s (domain.sh supernode): reads the catalog; mail both ways, narrowed by the\n# plugin to mail from and to ref- buyers (docs/supernode.md).\nuser supernode:%s\ntopic read fluidos/v1/%s/catalog/+\ntopic write fluidos/v1/%s/to/+/from/+\ntopic read fluidos/v1/%s/to/+/from/+\n' \
+        "$name" "$name" "$domain" "$domain" "$domain" >> "$dir/acl"
+    echo "supernode $name: $out/supernode.pem, $out/supernode.key, $out/domain-ca.pem"
+    echo "$dir/acl now has user supernode:$name; reload the broker (kill -HUP its mosquitto)"
+    ;;
+refnode)
+    [ $# -ge 4 ] || die "usage: domain.sh refnode DIR NAME LIQO_ID [DAYS]"
+    dir=$2; name=$3; liqo=$4; days=${5:-825}
+    case "$liqo" in ''|*[!A-Za-z0-9._-]*) die "Liqo cluster id '$liqo': use A-Z a-z 0-9 . _ -";; esac
+    [ "${#liqo}" -le 128 ] || die "Liqo cluster id '$liqo' is longer than 128"
+    [ -r "$dir/domain-ca.key" ] || die "$dir/domain-ca.key not found: run 'domain.sh init' (or bring the CA key back)"
+    [ -f "$dir/supernodes/$name/supernode.pem" ] || die "no supernode $name: run 'domain.sh supernode $dir $name' first"
+    id=$(ref_id "$liqo")
+    out="$dir/supernodes/$name/refs/$id"
+    [ -e "$out/node.pem" ] && die "$out/node.pem exists: reference node $liqo is already admitted"
+    mkdir -p "$out"
+    umask 077
+    client_cert "$dir" "$out" node "$id" "$days"
+    cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; chmod 0644 "$out/domain-ca.pem"
+    echo "reference node $liqo: buyer $id, $out/node.pem"
+    ;;
 *)
-    sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,47p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

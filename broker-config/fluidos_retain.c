@@ -18,6 +18,13 @@
  * holds on every catalog entry. A bridge can thus park at most one bounded entry per node id
  * (docs/security.md, "Site brokers").
  *
+ * A supernode (domain.sh supernode; username `supernode:{name}`, another CN no node id can
+ * have) trades on behalf of FLUIDOS reference nodes, each a buyer `ref-{hash}` of its own
+ * (docs/supernode.md). Its ACL entry grants it `to/+/from/+` both ways, which this plugin
+ * narrows: it may write addressed mail only as a `ref-` buyer (`to/{node}/from/ref-...`) and
+ * have delivered only mail addressed to one (`to/ref-.../from/{node}`), never anything a
+ * fluidlet node sends or receives (domain.sh never enrols a node id starting with `ref-`).
+ *
  * An empty retained payload stores nothing (it deletes), so it is left to the ACL: the last
  * will that clears a catalog entry, and a node cleaning up, keep working. Everything this
  * plugin does not refuse is deferred to the ACL file, which decides as before (a plugin
@@ -45,10 +52,14 @@
 #define MAX_DOMAIN 48
 #define MAX_NODE_ID 48
 #define BRIDGE_PREFIX "bridge:"
+#define SUPERNODE_PREFIX "supernode:"
+#define REF_PREFIX "ref-"
 
 struct config {
 	char prefix[sizeof("fluidos/v1/") + MAX_DOMAIN + sizeof("/catalog/")];
 	size_t prefix_len;
+	char to_prefix[sizeof("fluidos/v1/") + MAX_DOMAIN + sizeof("/to/")];
+	size_t to_prefix_len;
 	uint32_t max_catalog_bytes;
 	unsigned long refused;
 };
@@ -81,6 +92,64 @@ static bool valid_node_id(const char *id)
 	return n > 0;
 }
 
+/* A reference node's buyer id: a node id that starts with "ref-" and has more after it. */
+static bool ref_id(const char *id)
+{
+	return strncmp(id, REF_PREFIX, strlen(REF_PREFIX)) == 0 && id[strlen(REF_PREFIX)] != '\0'
+		&& valid_node_id(id);
+}
+
+/* The recipient and sender levels of `{to_prefix}{to}/from/{from}`, copied into `to` and
+ * `from` (MAX_NODE_ID + 1 bytes each); false for any other topic. */
+static bool addressed(const char *topic, char *to, char *from)
+{
+	const char *rest, *slash;
+	size_t n;
+	if(strncmp(topic, cfg.to_prefix, cfg.to_prefix_len) != 0){
+		return false;
+	}
+	rest = topic + cfg.to_prefix_len;
+	slash = strchr(rest, '/');
+	if(slash == NULL || (n = (size_t)(slash - rest)) == 0 || n > MAX_NODE_ID){
+		return false;
+	}
+	memcpy(to, rest, n);
+	to[n] = '\0';
+	if(strncmp(slash, "/from/", 6) != 0){
+		return false;
+	}
+	rest = slash + 6;
+	n = strlen(rest);
+	if(n == 0 || n > MAX_NODE_ID || strchr(rest, '/') != NULL){
+		return false;
+	}
+	memcpy(from, rest, n + 1);
+	return valid_node_id(to) && valid_node_id(from);
+}
+
+/* A supernode's mail: only as a ref- buyer, only to a ref- buyer. MOSQ_ERR_ACL_DENIED or
+ * MOSQ_ERR_PLUGIN_DEFER (the ACL file then decides, as for everyone). */
+static int supernode_check(const struct mosquitto_evt_acl_check *ed, const char *user)
+{
+	char to[MAX_NODE_ID + 1], from[MAX_NODE_ID + 1];
+	if(ed->topic == NULL || strncmp(ed->topic, cfg.to_prefix, cfg.to_prefix_len) != 0){
+		return MOSQ_ERR_PLUGIN_DEFER;
+	}
+	if(!addressed(ed->topic, to, from)){
+		refused("a supernode's malformed mail topic", user, ed->topic, ed->payloadlen);
+		return MOSQ_ERR_ACL_DENIED;
+	}
+	if(ed->access == MOSQ_ACL_WRITE && !ref_id(from)){
+		refused("a supernode's mail not from a ref- buyer", user, ed->topic, ed->payloadlen);
+		return MOSQ_ERR_ACL_DENIED;
+	}
+	if(ed->access == MOSQ_ACL_READ && !ref_id(to)){
+		/* Delivery-time check: mail for a fluidlet node never reaches a supernode. */
+		return MOSQ_ERR_ACL_DENIED;
+	}
+	return MOSQ_ERR_PLUGIN_DEFER;
+}
+
 static int on_acl_check(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_acl_check *ed = event_data;
@@ -89,10 +158,15 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	(void)event;
 	(void)userdata;
 
+	user = mosquitto_client_username(ed->client);
+	if(user != NULL && strncmp(user, SUPERNODE_PREFIX, strlen(SUPERNODE_PREFIX)) == 0
+			&& (ed->access == MOSQ_ACL_WRITE || ed->access == MOSQ_ACL_READ)
+			&& supernode_check(ed, user) == MOSQ_ERR_ACL_DENIED){
+		return MOSQ_ERR_ACL_DENIED;
+	}
 	if(ed->access != MOSQ_ACL_WRITE){
 		return MOSQ_ERR_PLUGIN_DEFER;
 	}
-	user = mosquitto_client_username(ed->client);
 	catalog = user != NULL && ed->topic != NULL
 		&& strncmp(ed->topic, cfg.prefix, cfg.prefix_len) == 0;
 	if(catalog && strncmp(user, BRIDGE_PREFIX, strlen(BRIDGE_PREFIX)) == 0){
@@ -178,6 +252,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	}
 	snprintf(cfg.prefix, sizeof(cfg.prefix), "fluidos/v1/%s/catalog/", domain);
 	cfg.prefix_len = strlen(cfg.prefix);
+	snprintf(cfg.to_prefix, sizeof(cfg.to_prefix), "fluidos/v1/%s/to/", domain);
+	cfg.to_prefix_len = strlen(cfg.to_prefix);
 	plugin_id = identifier;
 	mosquitto_log_printf(MOSQ_LOG_NOTICE,
 			"fluidos_retain: retained messages only on %s{node}, at most %u bytes",

@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+pub mod refnode;
+
 /// Declares each named `async fn case(port: u16)` as two tests, one per broker: modules
 /// `embedded` and `mosquitto`. A broker that cannot be had (mosquitto missing outside CI)
 /// skips the case with a message.
@@ -543,6 +545,11 @@ impl Drop for TlsDomain {
     }
 }
 
+/// Runs the shipped `broker-config/domain.sh` with `args` (panics when it fails).
+pub fn domain_sh(args: &[&str]) {
+    run_script(args)
+}
+
 fn run_script(args: &[&str]) {
     let out = Command::new("sh")
         .arg(domain_script())
@@ -560,6 +567,12 @@ impl TlsDomain {
     /// Mints a domain and starts its broker; `None` (skip) when mosquitto or openssl is
     /// missing outside CI.
     pub fn start() -> Option<TlsDomain> {
+        TlsDomain::start_with(|_, _| {})
+    }
+
+    /// Like [`TlsDomain::start`], running `prepare(dir, domain)` after `domain.sh init` and
+    /// before the broker starts (to enrol what must be in the ACL from the start).
+    pub fn start_with(prepare: impl FnOnce(&Path, &str)) -> Option<TlsDomain> {
         let bin = mosquitto_path();
         let openssl = Command::new("openssl").arg("version").output().is_ok();
         // domain.sh init builds the broker plugin (broker-config/fluidos_retain.c).
@@ -589,6 +602,7 @@ impl TlsDomain {
         let port = free_port();
         let d = dir.path().to_str().expect("utf-8 path");
         run_script(&["init", d, &domain, &port.to_string(), "127.0.0.1"]);
+        prepare(dir.path(), &domain);
         let conf = dir.path().join("mosquitto.conf");
         let child = Command::new(bin)
             .arg("-c")

@@ -1,0 +1,352 @@
+//! fluidlet-supernode's TOML configuration, checked at load like the agent's: unknown keys,
+//! out-of-range numbers and missing files are errors that name the key.
+
+use fluidlet::model::Id;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Largest config file read.
+const MAX_CONFIG: u64 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {problem}")]
+    File { path: PathBuf, problem: String },
+    #[error("config: {0}")]
+    Toml(String),
+    #[error("config: {key}: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    name: String,
+    domain: String,
+    data_dir: PathBuf,
+    broker: RawBroker,
+    refs: RawRefs,
+    http: RawHttp,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    host: String,
+    #[serde(default = "default_port")]
+    port: u16,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn default_port() -> u16 {
+    8883
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRefs {
+    dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: String,
+    advertise: String,
+    #[serde(default)]
+    insecure_plaintext: bool,
+    #[serde(default = "default_max_connections")]
+    max_connections: u32,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: u32,
+    #[serde(default = "default_header_timeout")]
+    header_timeout_secs: u32,
+    #[serde(default = "default_rate")]
+    requests_per_second: u32,
+}
+
+fn default_max_connections() -> u32 {
+    64
+}
+fn default_max_body() -> u32 {
+    64 * 1024
+}
+fn default_header_timeout() -> u32 {
+    10
+}
+fn default_rate() -> u32 {
+    50
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default = "default_reserve")]
+    reserve_secs: u32,
+    #[serde(default = "default_peer")]
+    peer_request_secs: u32,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        RawTimeouts {
+            reserve_secs: default_reserve(),
+            peer_request_secs: default_peer(),
+        }
+    }
+}
+
+fn default_reserve() -> u32 {
+    5
+}
+fn default_peer() -> u32 {
+    120
+}
+
+/// The checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The certificate's CN is `supernode:{name}`.
+    pub name: String,
+    pub domain: Id,
+    pub data_dir: PathBuf,
+    pub broker_host: String,
+    pub broker_port: u16,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// One folder per admitted reference node, `ref-{hash}/node.pem`, `node.key`,
+    /// `domain-ca.pem` (domain.sh refnode).
+    pub refs_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// `host:port` where reference nodes reach this face: every flavour's `owner.IP`.
+    pub advertise: String,
+    pub max_connections: usize,
+    pub max_body_bytes: usize,
+    pub header_timeout: Duration,
+    pub requests_per_second: u32,
+    pub reserve_timeout: Duration,
+    pub peer_request_timeout: Duration,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let bytes =
+            fluidlet::config::read_bounded(path, MAX_CONFIG).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                problem: format!("{e:?}"),
+            })?;
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError::File {
+            path: path.to_owned(),
+            problem: "not UTF-8".into(),
+        })?;
+        let cfg = Config::from_toml(&text)?;
+        for (key, p) in [
+            ("broker.ca", &cfg.ca),
+            ("broker.cert", &cfg.cert),
+            ("broker.key", &cfg.key),
+        ] {
+            if !p.is_file() {
+                return Err(invalid(key, format!("{} is not a file", p.display())));
+            }
+        }
+        if !cfg.refs_dir.is_dir() {
+            return Err(invalid(
+                "refs.dir",
+                format!("{} is not a directory", cfg.refs_dir.display()),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and checks everything but the files.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string()))?;
+        let name_ok = !raw.name.is_empty()
+            && raw.name.len() <= 48
+            && raw
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !name_ok {
+            return Err(invalid("name", "use A-Z a-z 0-9 . _ - (at most 48)"));
+        }
+        let domain = Id::new(&raw.domain)
+            .ok()
+            .filter(|d| d.as_str().len() <= 48)
+            .ok_or_else(|| invalid("domain", "use A-Z a-z 0-9 . _ - (at most 48)"))?;
+        if raw.broker.host.is_empty() || raw.broker.host.contains(['/', ' ']) {
+            return Err(invalid("broker.host", "a host name or address"));
+        }
+        if raw.broker.port == 0 {
+            return Err(invalid("broker.port", "1..65535"));
+        }
+        let listen: SocketAddr = raw
+            .http
+            .listen
+            .parse()
+            .map_err(|e| invalid("http.listen", format!("not ADDRESS:PORT: {e}")))?;
+        let adv = &raw.http.advertise;
+        let adv_ok = adv.len() <= 255
+            && adv.rsplit_once(':').is_some_and(|(h, p)| {
+                !h.is_empty()
+                    && p.parse::<u16>().is_ok_and(|p| p > 0)
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+            });
+        if !adv_ok {
+            return Err(invalid(
+                "http.advertise",
+                "HOST:PORT where reference nodes reach this face (their client sends reserve and purchase to http://{owner.IP})",
+            ));
+        }
+        if !raw.http.insecure_plaintext {
+            return Err(invalid(
+                "http.insecure_plaintext",
+                "HTTPS is not built yet, and the reference node's client speaks plain HTTP only: set insecure_plaintext = true to serve plain HTTP, knowing what then travels in clear (docs/security.md, \"Supernode\")",
+            ));
+        }
+        let range = |key: &'static str, v: u32, lo: u32, hi: u32| {
+            if (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(invalid(key, format!("{v} is not in {lo}..={hi}")))
+            }
+        };
+        let max_connections = range("http.max_connections", raw.http.max_connections, 1, 4096)?;
+        let max_body = range(
+            "http.max_body_bytes",
+            raw.http.max_body_bytes,
+            1024,
+            1 << 20,
+        )?;
+        let header = range(
+            "http.header_timeout_secs",
+            raw.http.header_timeout_secs,
+            1,
+            300,
+        )?;
+        let rate = range(
+            "http.requests_per_second",
+            raw.http.requests_per_second,
+            1,
+            100_000,
+        )?;
+        let reserve = range("timeouts.reserve_secs", raw.timeouts.reserve_secs, 1, 60)?;
+        let peer = range(
+            "timeouts.peer_request_secs",
+            raw.timeouts.peer_request_secs,
+            10,
+            600,
+        )?;
+        Ok(Config {
+            name: raw.name,
+            domain,
+            data_dir: raw.data_dir,
+            broker_host: raw.broker.host,
+            broker_port: raw.broker.port,
+            ca: raw.broker.ca,
+            cert: raw.broker.cert,
+            key: raw.broker.key,
+            refs_dir: raw.refs.dir,
+            listen,
+            advertise: raw.http.advertise,
+            max_connections: max_connections as usize,
+            max_body_bytes: max_body as usize,
+            header_timeout: Duration::from_secs(u64::from(header)),
+            requests_per_second: rate,
+            reserve_timeout: Duration::from_secs(u64::from(reserve)),
+            peer_request_timeout: Duration::from_secs(u64::from(peer)),
+        })
+    }
+
+    /// The certificate CN this supernode connects with.
+    pub fn common_name(&self) -> String {
+        format!("supernode:{}", self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "sn1"
+domain = "d1"
+data_dir = "/tmp/x"
+[broker]
+host = "127.0.0.1"
+ca = "ca.pem"
+cert = "c.pem"
+key = "k.pem"
+[refs]
+dir = "refs"
+[http]
+listen = "127.0.0.1:3004"
+advertise = "10.0.0.5:3004"
+insecure_plaintext = true
+"#;
+
+    #[test]
+    fn a_good_config_loads_with_defaults() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.broker_port, 8883);
+        assert_eq!(c.common_name(), "supernode:sn1");
+        assert_eq!(c.max_connections, 64);
+        assert_eq!(c.peer_request_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn the_packaged_example_is_a_good_config() {
+        let c = Config::from_toml(include_str!("../../packaging/supernode.toml")).unwrap();
+        assert_eq!(c.listen.port(), 3004);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/fluidlet-supernode"));
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let cases = [
+            ("name = \"sn1\"", "name = \"sn:1\"", "name"),
+            ("domain = \"d1\"", "domain = \"d/1\"", "domain"),
+            (
+                "advertise = \"10.0.0.5:3004\"",
+                "advertise = \"10.0.0.5\"",
+                "http.advertise",
+            ),
+            (
+                "insecure_plaintext = true",
+                "insecure_plaintext = false",
+                "http.insecure_plaintext",
+            ),
+            (
+                "listen = \"127.0.0.1:3004\"",
+                "listen = \"nowhere\"",
+                "http.listen",
+            ),
+            (
+                "insecure_plaintext = true",
+                "insecure_plaintext = true\nmax_connections = 0",
+                "http.max_connections",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let err = Config::from_toml(&GOOD.replace(from, to)).unwrap_err();
+            assert!(err.to_string().contains(key), "{to}: {err}");
+        }
+        let err = Config::from_toml(&format!("{GOOD}\n[extra]\nx = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("extra"), "{err}");
+    }
+}

@@ -167,3 +167,63 @@ async fn a_domain_the_broker_acl_does_not_serve_is_detected() {
     );
     a.shutdown().await;
 }
+
+/// A clean stop looks clean in the broker's log: `Client ... disconnected.`, never
+/// "disconnected due to out of memory" (what mosquitto before 2.0.22 logs for a client that
+/// leaves with a PUBACK still owed, eclipse-mosquitto/mosquitto#3253: the advert withdrawal
+/// used to be followed by DISCONNECT at once).
+#[tokio::test]
+async fn a_clean_stop_is_a_clean_disconnect_in_mosquittos_log() {
+    let Some(bin) = [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists()) else {
+        if std::env::var_os("CI").is_some() {
+            panic!("mosquitto is not installed and CI is set");
+        }
+        eprintln!("SKIPPED: mosquitto not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = dir.path().join("mosquitto.log");
+    let conf = dir.path().join("m.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\nlog_type all\n"),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        within(WAIT, || std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok())
+        .await
+    );
+    let d = fresh_domain();
+    for n in 0..5 {
+        let data = tempfile::tempdir().unwrap();
+        let p = start(
+            provider_config(&format!("prov{n}"), &d, port, data.path()),
+            None,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        p.shutdown().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let clean = text.matches(" disconnected.").count();
+    assert!(!text.contains("out of memory"), "{text}");
+    assert_eq!(clean, 5, "five clean disconnects: {text}");
+}

@@ -391,11 +391,13 @@ fn apply_slice(c: &Cluster, v: &Value) {
         if delay == 0.0 {
             let _ = fs::write(node, provider);
         } else {
-            // Liqo takes a while: a detached child makes the node later.
+            // Liqo takes a while: a detached child makes the node later. It closes every
+            // descriptor it inherited beyond stdio first: a test run under `flock` would
+            // otherwise hold the lock for as long as the child sleeps.
             let _ = std::process::Command::new("sh")
                 .arg("-c")
                 .arg(format!(
-                    "sleep {delay}; printf %s '{provider}' > '{}'",
+                    "for fd in 3 4 5 6 7 8 9; do eval \"exec $fd>&-\"; done; sleep {delay}; printf %s '{provider}' > '{}'",
                     node.display()
                 ))
                 .stdin(std::process::Stdio::null())

@@ -12,6 +12,18 @@
 #       Mints a node certificate (CN = NODE_ID) signed by the domain CA into
 #       DIR/nodes/NODE_ID/: node.pem, node.key (0600), domain-ca.pem. Copy the three files
 #       to the gateway (docs/security.md, "Enrol a node"). DAYS: 825 by default.
+#   domain.sh revoke DIR NODE_ID
+#       Revokes every certificate minted for NODE_ID (DIR/nodes/NODE_ID/node.pem), re-signs
+#       the certificate revocation list DIR/crl.pem (the broker's `crlfile`) and adds NODE_ID
+#       to DIR/revoked (read by the plugin, which cuts the node's live session off and clears
+#       its catalog entry). Needs DIR/domain-ca.key. Then reload the broker: kill -HUP it, and
+#       copy crl.pem and revoked to every site broker and reload it too (docs/security.md).
+#   domain.sh list DIR
+#       One line per certificate minted for a node: node id, serial, expiry, and whether it
+#       is valid, expired or revoked.
+#   domain.sh crl DIR [DAYS]
+#       Re-signs DIR/crl.pem (valid DAYS, 3650 by default). A CRL past its next-update time
+#       makes the broker refuse every node: re-sign it before then.
 #   domain.sh plugin DIR
 #       Rebuilds DIR/fluidos_retain.so (after a mosquitto upgrade, or for a domain set up
 #       before the plugin existed: then also copy the `plugin` lines of this folder's
@@ -90,6 +102,38 @@ client_cert() {
     chmod 0600 "$2/$3.key"; chmod 0644 "$2/$3.pem"
 }
 
+# The revocation state of a domain, kept with `openssl ca`: DIR/ca/index.txt (the serials
+# revoked), DIR/ca/crlnumber, and the CRL DIR/crl.pem signed by the domain CA. Node
+# certificates are still minted with `openssl x509 -req` (`node`); `openssl ca -revoke` adds
+# a certificate it has not seen to its index as it revokes it. ca_conf DIR writes the
+# openssl config for DIR's paths as they are now (DIR may have moved since init).
+ca_conf() {
+    d=$(cd "$1" && pwd)
+    mkdir -p "$d/ca"
+    [ -e "$d/ca/index.txt" ] || : > "$d/ca/index.txt"
+    # Several certificates of one node (one revoked, one re-minted) share a subject.
+    [ -e "$d/ca/index.txt.attr" ] || echo "unique_subject = no" > "$d/ca/index.txt.attr"
+    [ -e "$d/ca/crlnumber" ] || echo 1000 > "$d/ca/crlnumber"
+    printf '[ca]\ndefault_ca = domain\n[domain]\ndatabase = %s\ncrlnumber = %s\ncertificate = %s\nprivate_key = %s\ndefault_md = sha256\nunique_subject = no\ndefault_crl_days = %s\n' \
+        "$d/ca/index.txt" "$d/ca/crlnumber" "$d/domain-ca.pem" "$d/domain-ca.key" "${2:-3650}" \
+        > "$d/ca/openssl.cnf"
+    echo "$d/ca/openssl.cnf"
+}
+
+# gen_crl DIR [DAYS]: re-signs DIR/crl.pem from DIR/ca/index.txt.
+gen_crl() {
+    [ -r "$1/domain-ca.key" ] || die "$1/domain-ca.key not found: the CRL is signed by the domain CA (bring the key back)"
+    cnf=$(ca_conf "$1" "${2:-3650}")
+    openssl ca -config "$cnf" -gencrl -out "$1/crl.pem.new" 2>/dev/null \
+        || die "openssl ca -gencrl failed"
+    chmod 0644 "$1/crl.pem.new"
+    mv "$1/crl.pem.new" "$1/crl.pem"
+    [ -e "$1/revoked" ] || { : > "$1/revoked"; chmod 0644 "$1/revoked"; }
+}
+
+# The serial of a certificate, upper-case hex as openssl's index writes it.
+serial_of() { openssl x509 -in "$1" -noout -serial | sed 's/^serial=//'; }
+
 # render DIR DOMAIN PORT BIND: DIR/mosquitto.conf and DIR/acl from this folder's templates.
 render() {
     abs=${INSTALL_DIR:-$(cd "$1" && pwd)}
@@ -105,7 +149,8 @@ render() {
 # mosquitto drops privileges to its own user: give it the key by group, not by world.
 give_to_mosquitto() {
     if [ "$(id -u)" = 0 ] && getent group mosquitto >/dev/null; then
-        chgrp mosquitto "$1/broker.key" "$1/domain-ca.pem" "$1/broker.pem" "$1/acl" 2>/dev/null || true
+        chgrp mosquitto "$1/broker.key" "$1/domain-ca.pem" "$1/broker.pem" "$1/acl" \
+            "$1/crl.pem" "$1/revoked" 2>/dev/null || true
         chgrp -R mosquitto "$1/data"; chmod 0770 "$1/data"; chmod 0640 "$1/broker.key"
     fi
 }
@@ -132,6 +177,7 @@ init)
         -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
     broker_cert "$dir" "$dir" "$domain" "$@"
     chmod 0644 "$dir/domain-ca.pem" "$dir/broker.pem"
+    gen_crl "$dir"
     render "$dir" "$domain" "$port" "$bind"
     give_to_mosquitto "$dir"
     abs=${INSTALL_DIR:-$(cd "$dir" && pwd)}
@@ -145,6 +191,7 @@ node)
     [ -r "$dir/domain-ca.key" ] || die "$dir/domain-ca.key not found: run 'domain.sh init' (or bring the CA key back)"
     out="$dir/nodes/$node"
     [ -e "$out/node.pem" ] && die "$out/node.pem exists: node ids are unique in a domain"
+    grep -qx "$node" "$dir/revoked" 2>/dev/null && die "node id '$node' was revoked: a revoked id is retired, enrol the device under a new id"
     mkdir -p "$out"
     umask 077
     openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
@@ -157,6 +204,59 @@ node)
     cp "$dir/domain-ca.pem" "$out/domain-ca.pem"
     chmod 0600 "$out/node.key"; chmod 0644 "$out/node.pem" "$out/domain-ca.pem"
     echo "node $node: $out/node.pem, $out/node.key, $out/domain-ca.pem"
+    ;;
+revoke)
+    [ $# -ge 3 ] || die "usage: domain.sh revoke DIR NODE_ID"
+    dir=$2; node=$3
+    valid_id "$node" || die "node id '$node': use A-Z a-z 0-9 . _ - (at most 48)"
+    [ -r "$dir/domain-ca.key" ] || die "$dir/domain-ca.key not found: revoking signs a new CRL with the domain CA (bring the key back)"
+    found=0
+    for cert in "$dir/nodes/$node"/node.pem "$dir/nodes/$node"/issued/*.pem; do
+        [ -f "$cert" ] || continue
+        found=1
+        serial=$(serial_of "$cert")
+        if grep -q "^R	[^	]*	[^	]*	$serial	" "$dir/ca/index.txt" 2>/dev/null; then
+            echo "node $node: certificate $serial was already revoked"
+            continue
+        fi
+        cnf=$(ca_conf "$dir")
+        openssl ca -config "$cnf" -revoke "$cert" -crl_reason cessationOfOperation 2>/dev/null \
+            || die "openssl ca -revoke $cert failed"
+        echo "node $node: certificate $serial revoked"
+    done
+    [ "$found" = 1 ] || die "no certificate of node '$node' in $dir/nodes/$node"
+    gen_crl "$dir"
+    grep -qx "$node" "$dir/revoked" || echo "$node" >> "$dir/revoked"
+    give_to_mosquitto "$dir"
+    echo "CRL $dir/crl.pem re-signed; reload the broker (kill -HUP its mosquitto) to refuse $node and cut it off;"
+    echo "copy $dir/crl.pem and $dir/revoked to every site broker and reload it too"
+    ;;
+list)
+    [ $# -ge 2 ] || die "usage: domain.sh list DIR"
+    dir=$2
+    [ -d "$dir/nodes" ] || die "$dir is not a domain made by 'domain.sh init' (no nodes/)"
+    printf 'node\tserial\tnot_after\tstatus\n'
+    for cert in "$dir"/nodes/*/node.pem "$dir"/nodes/*/issued/*.pem; do
+        [ -f "$cert" ] || continue
+        node=$(openssl x509 -in "$cert" -noout -subject -nameopt multiline | sed -n 's/^ *commonName *= //p')
+        serial=$(serial_of "$cert")
+        end=$(openssl x509 -in "$cert" -noout -enddate | sed 's/^notAfter=//')
+        status=valid
+        if grep -q "^R	[^	]*	[^	]*	$serial	" "$dir/ca/index.txt" 2>/dev/null; then
+            status=revoked
+        elif ! openssl x509 -in "$cert" -noout -checkend 0 >/dev/null; then
+            status=expired
+        fi
+        printf '%s\t%s\t%s\t%s\n' "$node" "$serial" "$end" "$status"
+    done
+    ;;
+crl)
+    [ $# -ge 2 ] || die "usage: domain.sh crl DIR [DAYS]"
+    days=${3:-3650}
+    case "$days" in ''|*[!0-9]*) die "days '$days' is not a number";; esac
+    gen_crl "$2" "$days"
+    give_to_mosquitto "$2"
+    echo "CRL $2/crl.pem re-signed, valid $days days; reload the broker (kill -HUP)"
     ;;
 plugin)
     [ $# -ge 2 ] || die "usage: domain.sh plugin DIR"
@@ -188,6 +288,9 @@ site)
     umask 077
     cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; chmod 0644 "$out/domain-ca.pem"
     cp "$dir/fluidos_retain.so" "$out/fluidos_retain.so"; chmod 0755 "$out/fluidos_retain.so"
+    # A site refuses the same revoked nodes as its core (copy both again after a revoke).
+    [ -e "$dir/crl.pem" ] || gen_crl "$dir"
+    cp "$dir/crl.pem" "$dir/revoked" "$out/"; chmod 0644 "$out/crl.pem" "$out/revoked"
     broker_cert "$dir" "$out" "$domain" "$@"
     # The bridge's client certificate. Its CN has a ':', which valid_id (and so `node`)
     # never accepts: no node can be enrolled under a bridge's name.
@@ -207,7 +310,7 @@ site)
     echo "start the site:  mosquitto -c $abs/mosquitto.conf"
     ;;
 *)
-    sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,47p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -12,6 +12,11 @@
 #       Mints a node certificate (CN = NODE_ID) signed by the domain CA into
 #       DIR/nodes/NODE_ID/: node.pem, node.key (0600), domain-ca.pem. Copy the three files
 #       to the gateway (docs/security.md, "Enrol a node"). DAYS: 825 by default.
+#   domain.sh token DIR NODE_ID|PREFIX* [TTL_SECS [USES]]
+#       Mints a one-time enrolment token for fluidlet-signer, bound to NODE_ID (used once) or
+#       to every id starting with PREFIX (USES ids, each once), expiring after TTL_SECS (86400
+#       by default). Prints the token (64 hex digits) once; DIR/enrol/tokens keeps only its
+#       SHA-256. Put it in the gateway's token file ([enrol] token, docs/operations.md).
 #   domain.sh revoke DIR NODE_ID
 #       Revokes every certificate minted for NODE_ID (DIR/nodes/NODE_ID/node.pem), re-signs
 #       the certificate revocation list DIR/crl.pem (the broker's `crlfile`) and adds NODE_ID
@@ -102,30 +107,55 @@ client_cert() {
     chmod 0600 "$2/$3.key"; chmod 0644 "$2/$3.pem"
 }
 
-# The revocation state of a domain, kept with `openssl ca`: DIR/ca/index.txt (the serials
-# revoked), DIR/ca/crlnumber, and the CRL DIR/crl.pem signed by the domain CA. Node
-# certificates are still minted with `openssl x509 -req` (`node`); `openssl ca -revoke` adds
-# a certificate it has not seen to its index as it revokes it. ca_conf DIR writes the
-# openssl config for DIR's paths as they are now (DIR may have moved since init).
+# The revocation state of a domain, kept with `openssl ca` for each of its two CAs: the
+# domain CA (state in DIR/ca, CRL DIR/ca/crl.pem) and the enrolment CA that fluidlet-signer
+# signs with (DIR/enrol/ca, DIR/enrol/ca/crl.pem). DIR/crl.pem, the broker's `crlfile`, is
+# the two CRLs one after the other: OpenSSL needs a CRL for the issuer of every client
+# certificate. Node certificates are minted with `openssl x509 -req` (`node`) or by the
+# signer; `openssl ca -revoke` adds a certificate it has not seen to its index as it revokes
+# it. ca_conf STATE CERT KEY [DAYS] writes the openssl config for these paths as they are now
+# (DIR may have moved since init) and prints its path.
 ca_conf() {
-    d=$(cd "$1" && pwd)
-    mkdir -p "$d/ca"
-    [ -e "$d/ca/index.txt" ] || : > "$d/ca/index.txt"
+    mkdir -p "$1"; chmod 0700 "$1"
+    st=$(cd "$1" && pwd)
+    [ -e "$st/index.txt" ] || : > "$st/index.txt"
     # Several certificates of one node (one revoked, one re-minted) share a subject.
-    [ -e "$d/ca/index.txt.attr" ] || echo "unique_subject = no" > "$d/ca/index.txt.attr"
-    [ -e "$d/ca/crlnumber" ] || echo 1000 > "$d/ca/crlnumber"
+    [ -e "$st/index.txt.attr" ] || echo "unique_subject = no" > "$st/index.txt.attr"
+    [ -e "$st/crlnumber" ] || echo 1000 > "$st/crlnumber"
     printf '[ca]\ndefault_ca = domain\n[domain]\ndatabase = %s\ncrlnumber = %s\ncertificate = %s\nprivate_key = %s\ndefault_md = sha256\nunique_subject = no\ndefault_crl_days = %s\n' \
-        "$d/ca/index.txt" "$d/ca/crlnumber" "$d/domain-ca.pem" "$d/domain-ca.key" "${2:-3650}" \
-        > "$d/ca/openssl.cnf"
-    echo "$d/ca/openssl.cnf"
+        "$st/index.txt" "$st/crlnumber" "$2" "$3" "${4:-3650}" > "$st/openssl.cnf"
+    echo "$st/openssl.cnf"
 }
 
-# gen_crl DIR [DAYS]: re-signs DIR/crl.pem from DIR/ca/index.txt.
+# ca_of DIR CERT: "root" or "enrol", the CA that issued CERT.
+ca_of() {
+    if [ -f "$1/enrol/enrol-ca.pem" ] && [ "$(openssl x509 -in "$2" -noout -issuer -nameopt RFC2253)" = \
+        "issuer=$(openssl x509 -in "$1/enrol/enrol-ca.pem" -noout -subject -nameopt RFC2253 | sed 's/^subject=//')" ]; then
+        echo enrol
+    else
+        echo root
+    fi
+}
+
+# ca_args DIR WHICH: the state directory, certificate and key of the root or enrolment CA.
+ca_args() {
+    case "$2" in
+        enrol) echo "$1/enrol/ca $1/enrol/enrol-ca.pem $1/enrol/enrol-ca.key" ;;
+        *) echo "$1/ca $1/domain-ca.pem $1/domain-ca.key" ;;
+    esac
+}
+
+# gen_crl DIR WHICH [DAYS]: re-signs the CRL of one CA (root or enrol; only its key is
+# needed) and rebuilds DIR/crl.pem from both.
 gen_crl() {
-    [ -r "$1/domain-ca.key" ] || die "$1/domain-ca.key not found: the CRL is signed by the domain CA (bring the key back)"
-    cnf=$(ca_conf "$1" "${2:-3650}")
-    openssl ca -config "$cnf" -gencrl -out "$1/crl.pem.new" 2>/dev/null \
-        || die "openssl ca -gencrl failed"
+    # shellcheck disable=SC2046
+    set -- "$1" "$2" "${3:-3650}" $(ca_args "$1" "$2")
+    [ -r "$6" ] || die "$6 not found: the $2 CA's CRL is signed with it (bring the key back)"
+    cnf=$(ca_conf "$4" "$5" "$6" "$3")
+    openssl ca -config "$cnf" -gencrl -out "$4/crl.pem" 2>/dev/null \
+        || die "openssl ca -gencrl ($2 CA) failed"
+    cat "$1/ca/crl.pem" > "$1/crl.pem.new"
+    [ -f "$1/enrol/ca/crl.pem" ] && cat "$1/enrol/ca/crl.pem" >> "$1/crl.pem.new"
     chmod 0644 "$1/crl.pem.new"
     mv "$1/crl.pem.new" "$1/crl.pem"
     [ -e "$1/revoked" ] || { : > "$1/revoked"; chmod 0644 "$1/revoked"; }
@@ -133,6 +163,24 @@ gen_crl() {
 
 # The serial of a certificate, upper-case hex as openssl's index writes it.
 serial_of() { openssl x509 -in "$1" -noout -serial | sed 's/^serial=//'; }
+
+# enrol_ca DIR DOMAIN: the enrolment CA (DIR/enrol/enrol-ca.{pem,key}), an intermediate of
+# the domain CA that may sign node certificates only (pathlen 0), for fluidlet-signer; and
+# DIR/ca-bundle.pem (domain CA + enrolment CA), the CA file gateways are given.
+enrol_ca() {
+    mkdir -p "$1/enrol"; chmod 0700 "$1/enrol"
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$1/enrol/enrol-ca.key" -out "$1/enrol/enrol-ca.csr" \
+        -subj "/O=FLUIDOS/OU=$2/CN=$2 enrolment CA" 2>/dev/null
+    printf 'basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n' \
+        > "$1/enrol/enrol-ca.ext"
+    openssl x509 -req -in "$1/enrol/enrol-ca.csr" -CA "$1/domain-ca.pem" -CAkey "$1/domain-ca.key" \
+        -CAcreateserial -out "$1/enrol/enrol-ca.pem" -days 3650 -extfile "$1/enrol/enrol-ca.ext" 2>/dev/null
+    rm -f "$1/enrol/enrol-ca.csr" "$1/enrol/enrol-ca.ext"
+    chmod 0600 "$1/enrol/enrol-ca.key"; chmod 0644 "$1/enrol/enrol-ca.pem"
+    : > "$1/enrol/tokens"; : > "$1/enrol/used"; chmod 0600 "$1/enrol/tokens" "$1/enrol/used"
+    cat "$1/domain-ca.pem" "$1/enrol/enrol-ca.pem" > "$1/ca-bundle.pem"; chmod 0644 "$1/ca-bundle.pem"
+}
 
 # render DIR DOMAIN PORT BIND: DIR/mosquitto.conf and DIR/acl from this folder's templates.
 render() {
@@ -173,11 +221,13 @@ init)
     openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
         -keyout "$dir/domain-ca.key" -out "$dir/domain-ca.pem" -days 3650 \
         -subj "/O=FLUIDOS/OU=$domain/CN=$domain domain CA" \
-        -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
+        -addext "basicConstraints=critical,CA:TRUE,pathlen:1" \
         -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
     broker_cert "$dir" "$dir" "$domain" "$@"
     chmod 0644 "$dir/domain-ca.pem" "$dir/broker.pem"
-    gen_crl "$dir"
+    enrol_ca "$dir" "$domain"
+    gen_crl "$dir" root
+    gen_crl "$dir" enrol
     render "$dir" "$domain" "$port" "$bind"
     give_to_mosquitto "$dir"
     abs=${INSTALL_DIR:-$(cd "$dir" && pwd)}
@@ -201,7 +251,9 @@ node)
     openssl x509 -req -in "$out/node.csr" -CA "$dir/domain-ca.pem" -CAkey "$dir/domain-ca.key" \
         -CAcreateserial -out "$out/node.pem" -days "$days" -extfile "$out/node.ext" 2>/dev/null
     rm -f "$out/node.csr" "$out/node.ext"
-    cp "$dir/domain-ca.pem" "$out/domain-ca.pem"
+    # With an enrolment CA, the bundle: sealed peering checks other nodes' certificates,
+    # some of which the enrolment CA signed.
+    if [ -f "$dir/ca-bundle.pem" ]; then cp "$dir/ca-bundle.pem" "$out/domain-ca.pem"; else cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; fi
     chmod 0600 "$out/node.key"; chmod 0644 "$out/node.pem" "$out/domain-ca.pem"
     echo "node $node: $out/node.pem, $out/node.key, $out/domain-ca.pem"
     ;;
@@ -209,23 +261,27 @@ revoke)
     [ $# -ge 3 ] || die "usage: domain.sh revoke DIR NODE_ID"
     dir=$2; node=$3
     valid_id "$node" || die "node id '$node': use A-Z a-z 0-9 . _ - (at most 48)"
-    [ -r "$dir/domain-ca.key" ] || die "$dir/domain-ca.key not found: revoking signs a new CRL with the domain CA (bring the key back)"
-    found=0
+    found=0; resign=""
     for cert in "$dir/nodes/$node"/node.pem "$dir/nodes/$node"/issued/*.pem; do
         [ -f "$cert" ] || continue
         found=1
         serial=$(serial_of "$cert")
-        if grep -q "^R	[^	]*	[^	]*	$serial	" "$dir/ca/index.txt" 2>/dev/null; then
+        which=$(ca_of "$dir" "$cert")
+        # shellcheck disable=SC2046
+        set -- $(ca_args "$dir" "$which")
+        [ -r "$3" ] || die "$3 not found: revoking $cert signs a new CRL with the $which CA's key (bring it back)"
+        if grep -q "^R	[^	]*	[^	]*	$serial	" "$1/index.txt" 2>/dev/null; then
             echo "node $node: certificate $serial was already revoked"
             continue
         fi
-        cnf=$(ca_conf "$dir")
+        cnf=$(ca_conf "$1" "$2" "$3")
         openssl ca -config "$cnf" -revoke "$cert" -crl_reason cessationOfOperation 2>/dev/null \
             || die "openssl ca -revoke $cert failed"
         echo "node $node: certificate $serial revoked"
+        case " $resign " in *" $which "*) ;; *) resign="$resign $which";; esac
     done
     [ "$found" = 1 ] || die "no certificate of node '$node' in $dir/nodes/$node"
-    gen_crl "$dir"
+    for which in $resign; do gen_crl "$dir" "$which"; done
     grep -qx "$node" "$dir/revoked" || echo "$node" >> "$dir/revoked"
     give_to_mosquitto "$dir"
     echo "CRL $dir/crl.pem re-signed; reload the broker (kill -HUP its mosquitto) to refuse $node and cut it off;"
@@ -242,7 +298,7 @@ list)
         serial=$(serial_of "$cert")
         end=$(openssl x509 -in "$cert" -noout -enddate | sed 's/^notAfter=//')
         status=valid
-        if grep -q "^R	[^	]*	[^	]*	$serial	" "$dir/ca/index.txt" 2>/dev/null; then
+        if grep -q "^R	[^	]*	[^	]*	$serial	" "$dir/ca/index.txt" "$dir/enrol/ca/index.txt" 2>/dev/null; then
             status=revoked
         elif ! openssl x509 -in "$cert" -noout -checkend 0 >/dev/null; then
             status=expired
@@ -254,9 +310,29 @@ crl)
     [ $# -ge 2 ] || die "usage: domain.sh crl DIR [DAYS]"
     days=${3:-3650}
     case "$days" in ''|*[!0-9]*) die "days '$days' is not a number";; esac
-    gen_crl "$2" "$days"
+    [ -r "$2/domain-ca.key" ] && gen_crl "$2" root "$days"
+    [ -r "$2/enrol/enrol-ca.key" ] && gen_crl "$2" enrol "$days"
     give_to_mosquitto "$2"
     echo "CRL $2/crl.pem re-signed, valid $days days; reload the broker (kill -HUP)"
+    ;;
+token)
+    [ $# -ge 3 ] || die "usage: domain.sh token DIR NODE_ID|PREFIX* [TTL_SECS [USES]]"
+    dir=$2; bind=$3; ttl=${4:-86400}; uses=${5:-1}
+    case "$bind" in
+        *'*') valid_id "${bind%\*}" || die "prefix '$bind': an id prefix then '*'" ;;
+        *) valid_id "$bind" || die "node id '$bind': use A-Z a-z 0-9 . _ - (at most 48)"
+           [ "$uses" = 1 ] || die "a token for one node id is used once (USES is for a prefix)" ;;
+    esac
+    case "$ttl$uses" in ''|*[!0-9]*) die "TTL and USES are numbers";; esac
+    [ "$uses" -ge 1 ] || die "USES is at least 1"
+    [ -f "$dir/enrol/tokens" ] || die "$dir/enrol/tokens not found: a domain made by 'domain.sh init' with an enrolment CA"
+    grep -qx "${bind%\*}" "$dir/revoked" 2>/dev/null && die "node id '$bind' was revoked"
+    token=$(openssl rand -hex 32)
+    hash=$(printf '%s' "$token" | openssl dgst -sha256 -r | cut -d' ' -f1)
+    expires=$(( $(date +%s) + ttl ))
+    printf '%s %s %s %s\n' "$hash" "$bind" "$expires" "$uses" >> "$dir/enrol/tokens"
+    # Only the hash is kept; the token is printed once, for the gateway's token file.
+    echo "$token"
     ;;
 plugin)
     [ $# -ge 2 ] || die "usage: domain.sh plugin DIR"
@@ -289,7 +365,7 @@ site)
     cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; chmod 0644 "$out/domain-ca.pem"
     cp "$dir/fluidos_retain.so" "$out/fluidos_retain.so"; chmod 0755 "$out/fluidos_retain.so"
     # A site refuses the same revoked nodes as its core (copy both again after a revoke).
-    [ -e "$dir/crl.pem" ] || gen_crl "$dir"
+    [ -e "$dir/crl.pem" ] || gen_crl "$dir" root
     cp "$dir/crl.pem" "$dir/revoked" "$out/"; chmod 0644 "$out/crl.pem" "$out/revoked"
     broker_cert "$dir" "$out" "$domain" "$@"
     # The bridge's client certificate. Its CN has a ':', which valid_id (and so `node`)
@@ -310,7 +386,7 @@ site)
     echo "start the site:  mosquitto -c $abs/mosquitto.conf"
     ;;
 *)
-    sed -n '2,47p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,52p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -108,6 +108,9 @@ pub struct Config {
     /// Mutual TLS to the broker (`mqtts://`); `None`: plain MQTT (loopback or explicitly
     /// allowed with `insecure_plaintext`).
     pub tls: Option<TlsFiles>,
+    /// `[enrol]`: get the certificate from the domain's signer with a one-time token when
+    /// there is none yet (crate::enrol).
+    pub enrol: Option<crate::enrol::EnrolConfig>,
     /// Plain MQTT to a broker that is not on loopback was allowed explicitly.
     pub insecure_plaintext: bool,
     pub data_dir: PathBuf,
@@ -245,6 +248,7 @@ impl Config {
             domain,
             broker,
             tls: None,
+            enrol: None,
             insecure_plaintext: false,
             data_dir,
             keepalive: Duration::from_secs(30),
@@ -341,6 +345,7 @@ struct RawConfig {
     #[serde(default)]
     insecure_plaintext: bool,
     tls: Option<RawTls>,
+    enrol: Option<crate::enrol::RawEnrol>,
     data_dir: PathBuf,
     keepalive_secs: Option<u64>,
     retention_secs: Option<u64>,
@@ -688,6 +693,12 @@ impl RawConfig {
                 ))
             }
             (false, None) => {}
+        }
+        if let Some(e) = self.enrol {
+            cfg.enrol = Some(
+                e.validate(cfg.tls.is_some())
+                    .map_err(|m| invalid("enrol", m))?,
+            );
         }
         let ms = Duration::from_millis;
         let secs = Duration::from_secs;

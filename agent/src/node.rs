@@ -55,6 +55,10 @@ impl Agent {
     /// Opens the tables, brings the offers in line with the config, connects to the broker
     /// and starts serving. Returns as soon as the tasks run; see [`Agent::connected`].
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
+        // Zero-touch first boot: no certificate yet but an enrolment token (crate::enrol).
+        crate::enrol::first_boot(&cfg)
+            .await
+            .map_err(|e| AgentError::Other(e.to_string()))?;
         let (tls, sealing) = prepare_transport(&cfg)?;
         crate::files::prepare_data_dir(&cfg.data_dir)
             .map_err(|e| AgentError::Other(format!("data_dir {}: {e}", cfg.data_dir.display())))?;

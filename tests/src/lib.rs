@@ -89,7 +89,7 @@ fn mosquitto_path() -> Option<String> {
     .map(String::from)
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")

@@ -28,11 +28,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::Deserialize;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use x509_cert::der::asn1::{BitString, ObjectIdentifier};
-use x509_cert::der::{Any, Decode as _, Encode as _};
+use x509_cert::der::{Any, Decode as _, Encode as _, Tag};
 
 /// Largest request the signer reads (a CSR is about 250 bytes, a token 64).
 pub const MAX_REQUEST: usize = 8 * 1024;
@@ -47,6 +46,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(15);
 pub const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
 pub const SECP256R1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
 pub const ECDSA_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
+/// X.520 commonName.
+const COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
 
 /// One enrolment request: the token and the CSR (DER).
 #[derive(Encode, Decode, Debug, Clone, PartialEq, Eq)]
@@ -167,7 +168,12 @@ pub fn ensure_key(path: &Path) -> Result<Vec<u8>, EnrolError> {
 fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrolError> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
     }
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
@@ -189,7 +195,14 @@ pub fn csr(node: &Id, pkcs8: &[u8]) -> Result<Vec<u8>, EnrolError> {
     let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8, &rng)
         .map_err(|e| EnrolError::Other(format!("the node key is not a P-256 key: {e}")))?;
     let der = |e: x509_cert::der::Error| EnrolError::Other(format!("CSR: {e}"));
-    let subject = x509_cert::name::Name::from_str(&format!("CN={node}")).map_err(der)?;
+    // The name built from its parts: `Name::from_str` would link const-oid's whole table of
+    // attribute names (about 200 KB) to look up "CN".
+    let cn = x509_cert::attr::AttributeTypeAndValue {
+        oid: COMMON_NAME,
+        value: Any::new(Tag::Utf8String, node.as_str().as_bytes()).map_err(der)?,
+    };
+    let rdn = x509_cert::name::RelativeDistinguishedName::try_from(vec![cn]).map_err(der)?;
+    let subject = x509_cert::name::RdnSequence(vec![rdn]);
     let public_key = x509_cert::spki::SubjectPublicKeyInfoOwned {
         algorithm: x509_cert::spki::AlgorithmIdentifierOwned {
             oid: EC_PUBLIC_KEY,
@@ -360,7 +373,10 @@ fn check_chain(
 }
 
 /// Enrols: makes (or reuses) the key at `files.key`, sends a CSR with the token, checks the
-/// answer and writes the chain to `files.cert` (0644). Blocking: call it off the runtime.
+/// answer and writes the chain to `files.cert`. Blocking: call it off the runtime.
+///
+/// Both files are owner-only (0600, in directories made 0700): they usually live in
+/// `data_dir`, every file of which the agent expects to be private (crate::files).
 pub fn enrol(node: &Id, files: &TlsFiles, e: &EnrolConfig) -> Result<(), EnrolError> {
     let token = read_token(&e.token)?;
     let pkcs8 = ensure_key(&files.key)?;
@@ -374,7 +390,7 @@ pub fn enrol(node: &Id, files: &TlsFiles, e: &EnrolConfig) -> Result<(), EnrolEr
         return Err(EnrolError::Refused(answer.reason));
     }
     let pem = check_chain(node, &pkcs8, &answer.chain)?;
-    write_private(&files.cert, pem.as_bytes(), 0o644)
+    write_private(&files.cert, pem.as_bytes(), 0o600)
 }
 
 /// Zero-touch first boot: with `[enrol]` and no certificate file yet, enrols before the TLS

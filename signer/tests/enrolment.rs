@@ -110,7 +110,11 @@ async fn a_gateway_with_only_a_config_and_a_token_enrols_connects_and_trades() {
         0o600,
         "the key made on the device is owner-only"
     );
-    assert_eq!(mode(&files.cert), 0o644);
+    assert_eq!(
+        mode(&files.cert),
+        0o600,
+        "so is the certificate, as everything in data_dir"
+    );
     assert!(signer.log().contains("signed"), "{}", signer.log());
 
     // It trades over mutual TLS with a node enrolled by hand.

@@ -18,6 +18,7 @@
 //! `fluidlet run` enrols by itself when `[enrol]` is configured and the certificate file does
 //! not exist yet (zero-touch first boot); `fluidlet enrol` does the same by hand.
 
+pub use crate::config::EnrolConfig;
 use crate::config::{ReadError, TlsFiles};
 use crate::model::Id;
 use minicbor::{Decode, Encode};
@@ -25,7 +26,6 @@ use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use serde::Deserialize;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -67,46 +67,6 @@ pub struct Response {
     pub reason: String,
     #[n(2)]
     pub chain: Vec<minicbor::bytes::ByteVec>,
-}
-
-/// `[enrol]`: where the signer is and where the token is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EnrolConfig {
-    /// `HOST:PORT` of the signer; HOST must be a name in the broker's certificate.
-    pub signer_host: String,
-    pub signer_port: u16,
-    /// A file holding the one-time token (hex).
-    pub token: PathBuf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawEnrol {
-    signer: String,
-    token: PathBuf,
-}
-
-impl RawEnrol {
-    pub(crate) fn validate(self, tls: bool) -> Result<EnrolConfig, String> {
-        if !tls {
-            return Err("[enrol] needs mqtts:// and a [tls] table (the files it writes)".into());
-        }
-        let (host, port) = self
-            .signer
-            .rsplit_once(':')
-            .ok_or_else(|| format!("signer {:?} is not HOST:PORT", self.signer))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("signer {:?}: the port is not a number", self.signer))?;
-        if host.is_empty() || ServerName::try_from(host.to_owned()).is_err() {
-            return Err(format!("signer {:?}: not a host name", self.signer));
-        }
-        Ok(EnrolConfig {
-            signer_host: host.to_owned(),
-            signer_port: port,
-            token: self.token,
-        })
-    }
 }
 
 /// Why enrolment failed.
@@ -413,9 +373,9 @@ pub async fn first_boot(cfg: &crate::Config) -> Result<bool, EnrolError> {
 
 /// `fluidlet enrol`: the first-boot enrolment by hand. Refuses when the certificate file
 /// already exists (move it away to enrol again, with a new token).
-pub fn cli(config: &Path, out: &mut dyn Write) -> Result<(), crate::cli::CliError> {
-    let cfg = crate::Config::load(config).map_err(crate::AgentError::from)?;
-    let other = |m: String| crate::cli::CliError::from(crate::AgentError::Other(m));
+pub fn cli(config: &Path, out: &mut dyn Write) -> Result<(), crate::AgentError> {
+    let cfg = crate::Config::load(config)?;
+    let other = crate::AgentError::Other;
     let (Some(e), Some(files)) = (&cfg.enrol, &cfg.tls) else {
         return Err(other(format!(
             "{}: no [enrol] table (signer, token) and [tls] table (where to write)",
@@ -435,8 +395,8 @@ pub fn cli(config: &Path, out: &mut dyn Write) -> Result<(), crate::cli::CliErro
         cfg.node_id,
         files.key.display(),
         files.cert.display()
-    )?;
-    Ok(())
+    )
+    .map_err(|e| other(format!("cannot write the output: {e}")))
 }
 
 #[cfg(test)]

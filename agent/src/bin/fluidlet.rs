@@ -234,7 +234,7 @@ fn main() -> ExitCode {
             cmd: ContractSub::Release(c),
         }) => rt.block_on(cli::release(&c.id, &c.config, c.socket.as_deref(), out)),
         Cmd::Doctor(c) => cli::doctor(&c.config, &rt, out),
-        Cmd::Enrol(c) => fluidlet::enrol::cli(&c.config, out),
+        Cmd::Enrol(c) => fluidlet::enrol::cli(&c.config, out).map_err(Into::into),
         #[cfg(feature = "demo")]
         Cmd::Demo(_) => cli::demo(&rt).map_err(Into::into),
     };

@@ -12,6 +12,23 @@
 #       Mints a node certificate (CN = NODE_ID) signed by the domain CA into
 #       DIR/nodes/NODE_ID/: node.pem, node.key (0600), domain-ca.pem. Copy the three files
 #       to the gateway (docs/security.md, "Enrol a node"). DAYS: 825 by default.
+#   domain.sh token DIR NODE_ID|PREFIX* [TTL_SECS [USES]]
+#       Mints a one-time enrolment token for fluidlet-signer, bound to NODE_ID (used once) or
+#       to every id starting with PREFIX (USES ids, each once), expiring after TTL_SECS (86400
+#       by default). Prints the token (64 hex digits) once; DIR/enrol/tokens keeps only its
+#       SHA-256. Put it in the gateway's token file ([enrol] token, docs/operations.md).
+#   domain.sh revoke DIR NODE_ID
+#       Revokes every certificate minted for NODE_ID (DIR/nodes/NODE_ID/node.pem), re-signs
+#       the certificate revocation list DIR/crl.pem (the broker's `crlfile`) and adds NODE_ID
+#       to DIR/revoked (read by the plugin, which cuts the node's live session off and clears
+#       its catalog entry). Needs DIR/domain-ca.key. Then reload the broker: kill -HUP it, and
+#       copy crl.pem and revoked to every site broker and reload it too (docs/security.md).
+#   domain.sh list DIR
+#       One line per certificate minted for a node: node id, serial, expiry, and whether it
+#       is valid, expired or revoked.
+#   domain.sh crl DIR [DAYS]
+#       Re-signs DIR/crl.pem (valid DAYS, 3650 by default). A CRL past its next-update time
+#       makes the broker refuse every node: re-sign it before then.
 #   domain.sh plugin DIR
 #       Rebuilds DIR/fluidos_retain.so (after a mosquitto upgrade, or for a domain set up
 #       before the plugin existed: then also copy the `plugin` lines of this folder's
@@ -49,6 +66,12 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "domain.sh: $*" >&2; exit 2; }
+# DAYS arguments: a whole number of days, 1 to 36500 (0 would mint a certificate that is
+# already expired; openssl takes a negative or non-numeric one as an error, after the key).
+valid_days() {
+    case "$1" in ''|*[!0-9]*) die "DAYS '$1': a whole number of days, 1 to 36500";; esac
+    [ "$1" -ge 1 ] && [ "$1" -le 36500 ] || die "DAYS '$1': a whole number of days, 1 to 36500"
+}
 valid_id() {
     # Node ids and domains: [A-Za-z0-9._-], 1..48 bytes. A '/' or '+' in a CN would let a
     # node write under another node's topic level, so the script refuses them.
@@ -109,6 +132,81 @@ client_cert() {
     chmod 0600 "$2/$3.key"; chmod 0644 "$2/$3.pem"
 }
 
+# The revocation state of a domain, kept with `openssl ca` for each of its two CAs: the
+# domain CA (state in DIR/ca, CRL DIR/ca/crl.pem) and the enrolment CA that fluidlet-signer
+# signs with (DIR/enrol/ca, DIR/enrol/ca/crl.pem). DIR/crl.pem, the broker's `crlfile`, is
+# the two CRLs one after the other: OpenSSL needs a CRL for the issuer of every client
+# certificate. Node certificates are minted with `openssl x509 -req` (`node`) or by the
+# signer; `openssl ca -revoke` adds a certificate it has not seen to its index as it revokes
+# it. ca_conf STATE CERT KEY [DAYS] writes the openssl config for these paths as they are now
+# (DIR may have moved since init) and prints its path.
+ca_conf() {
+    mkdir -p "$1"; chmod 0700 "$1"
+    st=$(cd "$1" && pwd)
+    [ -e "$st/index.txt" ] || : > "$st/index.txt"
+    # Several certificates of one node (one revoked, one re-minted) share a subject.
+    [ -e "$st/index.txt.attr" ] || echo "unique_subject = no" > "$st/index.txt.attr"
+    [ -e "$st/crlnumber" ] || echo 1000 > "$st/crlnumber"
+    printf '[ca]\ndefault_ca = domain\n[domain]\ndatabase = %s\ncrlnumber = %s\ncertificate = %s\nprivate_key = %s\ndefault_md = sha256\nunique_subject = no\ndefault_crl_days = %s\n' \
+        "$st/index.txt" "$st/crlnumber" "$2" "$3" "${4:-3650}" > "$st/openssl.cnf"
+    echo "$st/openssl.cnf"
+}
+
+# ca_of DIR CERT: "root" or "enrol", the CA that issued CERT.
+ca_of() {
+    if [ -f "$1/enrol/enrol-ca.pem" ] && [ "$(openssl x509 -in "$2" -noout -issuer -nameopt RFC2253)" = \
+        "issuer=$(openssl x509 -in "$1/enrol/enrol-ca.pem" -noout -subject -nameopt RFC2253 | sed 's/^subject=//')" ]; then
+        echo enrol
+    else
+        echo root
+    fi
+}
+
+# ca_args DIR WHICH: the state directory, certificate and key of the root or enrolment CA.
+ca_args() {
+    case "$2" in
+        enrol) echo "$1/enrol/ca $1/enrol/enrol-ca.pem $1/enrol/enrol-ca.key" ;;
+        *) echo "$1/ca $1/domain-ca.pem $1/domain-ca.key" ;;
+    esac
+}
+
+# gen_crl DIR WHICH [DAYS]: re-signs the CRL of one CA (root or enrol; only its key is
+# needed) and rebuilds DIR/crl.pem from both.
+gen_crl() {
+    # shellcheck disable=SC2046
+    set -- "$1" "$2" "${3:-3650}" $(ca_args "$1" "$2")
+    [ -r "$6" ] || die "$6 not found: the $2 CA's CRL is signed with it (bring the key back)"
+    cnf=$(ca_conf "$4" "$5" "$6" "$3")
+    openssl ca -config "$cnf" -gencrl -out "$4/crl.pem" 2>/dev/null \
+        || die "openssl ca -gencrl ($2 CA) failed"
+    cat "$1/ca/crl.pem" > "$1/crl.pem.new"
+    [ -f "$1/enrol/ca/crl.pem" ] && cat "$1/enrol/ca/crl.pem" >> "$1/crl.pem.new"
+    chmod 0644 "$1/crl.pem.new"
+    mv "$1/crl.pem.new" "$1/crl.pem"
+    [ -e "$1/revoked" ] || { : > "$1/revoked"; chmod 0644 "$1/revoked"; }
+}
+
+# The serial of a certificate, upper-case hex as openssl's index writes it.
+serial_of() { openssl x509 -in "$1" -noout -serial | sed 's/^serial=//'; }
+
+# enrol_ca DIR DOMAIN: the enrolment CA (DIR/enrol/enrol-ca.{pem,key}), an intermediate of
+# the domain CA that may sign node certificates only (pathlen 0), for fluidlet-signer; and
+# DIR/ca-bundle.pem (domain CA + enrolment CA), the CA file gateways are given.
+enrol_ca() {
+    mkdir -p "$1/enrol"; chmod 0700 "$1/enrol"
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$1/enrol/enrol-ca.key" -out "$1/enrol/enrol-ca.csr" \
+        -subj "/O=FLUIDOS/OU=$2/CN=$2 enrolment CA" 2>/dev/null
+    printf 'basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n' \
+        > "$1/enrol/enrol-ca.ext"
+    openssl x509 -req -in "$1/enrol/enrol-ca.csr" -CA "$1/domain-ca.pem" -CAkey "$1/domain-ca.key" \
+        -CAcreateserial -out "$1/enrol/enrol-ca.pem" -days 3650 -extfile "$1/enrol/enrol-ca.ext" 2>/dev/null
+    rm -f "$1/enrol/enrol-ca.csr" "$1/enrol/enrol-ca.ext"
+    chmod 0600 "$1/enrol/enrol-ca.key"; chmod 0644 "$1/enrol/enrol-ca.pem"
+    : > "$1/enrol/tokens"; : > "$1/enrol/used"; chmod 0600 "$1/enrol/tokens" "$1/enrol/used"
+    cat "$1/domain-ca.pem" "$1/enrol/enrol-ca.pem" > "$1/ca-bundle.pem"; chmod 0644 "$1/ca-bundle.pem"
+}
+
 # render DIR DOMAIN PORT BIND: DIR/mosquitto.conf and DIR/acl from this folder's templates.
 render() {
     abs=${INSTALL_DIR:-$(cd "$1" && pwd)}
@@ -124,7 +222,8 @@ render() {
 # mosquitto drops privileges to its own user: give it the key by group, not by world.
 give_to_mosquitto() {
     if [ "$(id -u)" = 0 ] && getent group mosquitto >/dev/null; then
-        chgrp mosquitto "$1/broker.key" "$1/domain-ca.pem" "$1/broker.pem" "$1/acl" 2>/dev/null || true
+        chgrp mosquitto "$1/broker.key" "$1/domain-ca.pem" "$1/broker.pem" "$1/acl" \
+            "$1/crl.pem" "$1/revoked" 2>/dev/null || true
         chgrp -R mosquitto "$1/data"; chmod 0770 "$1/data"; chmod 0640 "$1/broker.key"
     fi
 }
@@ -147,10 +246,13 @@ init)
     openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
         -keyout "$dir/domain-ca.key" -out "$dir/domain-ca.pem" -days 3650 \
         -subj "/O=FLUIDOS/OU=$domain/CN=$domain domain CA" \
-        -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
+        -addext "basicConstraints=critical,CA:TRUE,pathlen:1" \
         -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
     broker_cert "$dir" "$dir" "$domain" "$@"
     chmod 0644 "$dir/domain-ca.pem" "$dir/broker.pem"
+    enrol_ca "$dir" "$domain"
+    gen_crl "$dir" root
+    gen_crl "$dir" enrol
     render "$dir" "$domain" "$port" "$bind"
     give_to_mosquitto "$dir"
     abs=${INSTALL_DIR:-$(cd "$dir" && pwd)}
@@ -161,24 +263,109 @@ node)
     [ $# -ge 3 ] || die "usage: domain.sh node DIR NODE_ID [DAYS]"
     dir=$2; node=$3; days=${4:-825}
     valid_id "$node" || die "node id '$node': use A-Z a-z 0-9 . _ - (at most 48)"
+    valid_days "$days"
     # ref-... ids are the reference nodes' buyers that supernodes speak as (refnode below):
     # no node may be enrolled under one.
     case "$node" in ref-*) die "node id '$node': ids starting with 'ref-' are kept for reference nodes (domain.sh refnode)";; esac
     [ -r "$dir/domain-ca.key" ] || die "$dir/domain-ca.key not found: run 'domain.sh init' (or bring the CA key back)"
     out="$dir/nodes/$node"
     [ -e "$out/node.pem" ] && die "$out/node.pem exists: node ids are unique in a domain"
+    grep -qx "$node" "$dir/revoked" 2>/dev/null && die "node id '$node' was revoked: a revoked id is retired, enrol the device under a new id"
     mkdir -p "$out"
     umask 077
+    # Nothing half-made is left behind: a failed step removes what this run wrote.
+    undo() { rm -f "$out/node.key" "$out/node.csr" "$out/node.ext" "$out/node.pem"; die "$1"; }
     openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-        -keyout "$out/node.key" -out "$out/node.csr" -subj "/O=FLUIDOS/CN=$node" 2>/dev/null
+        -keyout "$out/node.key" -out "$out/node.csr" -subj "/O=FLUIDOS/CN=$node" 2>/dev/null \
+        || undo "openssl could not make the key and request for $node"
     printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' \
         > "$out/node.ext"
     openssl x509 -req -in "$out/node.csr" -CA "$dir/domain-ca.pem" -CAkey "$dir/domain-ca.key" \
-        -CAcreateserial -out "$out/node.pem" -days "$days" -extfile "$out/node.ext" 2>/dev/null
+        -CAcreateserial -out "$out/node.pem" -days "$days" -extfile "$out/node.ext" 2>/dev/null \
+        || undo "openssl could not sign the certificate of $node with $dir/domain-ca.key"
     rm -f "$out/node.csr" "$out/node.ext"
-    cp "$dir/domain-ca.pem" "$out/domain-ca.pem"
+    # With an enrolment CA, the bundle: sealed peering checks other nodes' certificates,
+    # some of which the enrolment CA signed.
+    if [ -f "$dir/ca-bundle.pem" ]; then cp "$dir/ca-bundle.pem" "$out/domain-ca.pem"; else cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; fi
     chmod 0600 "$out/node.key"; chmod 0644 "$out/node.pem" "$out/domain-ca.pem"
     echo "node $node: $out/node.pem, $out/node.key, $out/domain-ca.pem"
+    ;;
+revoke)
+    [ $# -ge 3 ] || die "usage: domain.sh revoke DIR NODE_ID"
+    dir=$2; node=$3
+    valid_id "$node" || die "node id '$node': use A-Z a-z 0-9 . _ - (at most 48)"
+    found=0; resign=""
+    for cert in "$dir/nodes/$node"/node.pem "$dir/nodes/$node"/issued/*.pem; do
+        [ -f "$cert" ] || continue
+        found=1
+        serial=$(serial_of "$cert")
+        which=$(ca_of "$dir" "$cert")
+        # shellcheck disable=SC2046
+        set -- $(ca_args "$dir" "$which")
+        [ -r "$3" ] || die "$3 not found: revoking $cert signs a new CRL with the $which CA's key (bring it back)"
+        if grep -q "^R	[^	]*	[^	]*	$serial	" "$1/index.txt" 2>/dev/null; then
+            echo "node $node: certificate $serial was already revoked"
+            continue
+        fi
+        cnf=$(ca_conf "$1" "$2" "$3")
+        openssl ca -config "$cnf" -revoke "$cert" -crl_reason cessationOfOperation 2>/dev/null \
+            || die "openssl ca -revoke $cert failed"
+        echo "node $node: certificate $serial revoked"
+        case " $resign " in *" $which "*) ;; *) resign="$resign $which";; esac
+    done
+    [ "$found" = 1 ] || die "no certificate of node '$node' in $dir/nodes/$node"
+    for which in $resign; do gen_crl "$dir" "$which"; done
+    grep -qx "$node" "$dir/revoked" || echo "$node" >> "$dir/revoked"
+    give_to_mosquitto "$dir"
+    echo "CRL $dir/crl.pem re-signed; reload the broker (kill -HUP its mosquitto) to refuse $node and cut it off;"
+    echo "copy $dir/crl.pem and $dir/revoked to every site broker and reload it too"
+    ;;
+list)
+    [ $# -ge 2 ] || die "usage: domain.sh list DIR"
+    dir=$2
+    [ -d "$dir/nodes" ] || die "$dir is not a domain made by 'domain.sh init' (no nodes/)"
+    printf 'node\tserial\tnot_after\tstatus\n'
+    for cert in "$dir"/nodes/*/node.pem "$dir"/nodes/*/issued/*.pem; do
+        [ -f "$cert" ] || continue
+        node=$(openssl x509 -in "$cert" -noout -subject -nameopt multiline | sed -n 's/^ *commonName *= //p')
+        serial=$(serial_of "$cert")
+        end=$(openssl x509 -in "$cert" -noout -enddate | sed 's/^notAfter=//')
+        status=valid
+        if grep -q "^R	[^	]*	[^	]*	$serial	" "$dir/ca/index.txt" "$dir/enrol/ca/index.txt" 2>/dev/null; then
+            status=revoked
+        elif ! openssl x509 -in "$cert" -noout -checkend 0 >/dev/null; then
+            status=expired
+        fi
+        printf '%s\t%s\t%s\t%s\n' "$node" "$serial" "$end" "$status"
+    done
+    ;;
+crl)
+    [ $# -ge 2 ] || die "usage: domain.sh crl DIR [DAYS]"
+    days=${3:-3650}
+    case "$days" in ''|*[!0-9]*) die "days '$days' is not a number";; esac
+    [ -r "$2/domain-ca.key" ] && gen_crl "$2" root "$days"
+    [ -r "$2/enrol/enrol-ca.key" ] && gen_crl "$2" enrol "$days"
+    give_to_mosquitto "$2"
+    echo "CRL $2/crl.pem re-signed, valid $days days; reload the broker (kill -HUP)"
+    ;;
+token)
+    [ $# -ge 3 ] || die "usage: domain.sh token DIR NODE_ID|PREFIX* [TTL_SECS [USES]]"
+    dir=$2; bind=$3; ttl=${4:-86400}; uses=${5:-1}
+    case "$bind" in
+        *'*') valid_id "${bind%\*}" || die "prefix '$bind': an id prefix then '*'" ;;
+        *) valid_id "$bind" || die "node id '$bind': use A-Z a-z 0-9 . _ - (at most 48)"
+           [ "$uses" = 1 ] || die "a token for one node id is used once (USES is for a prefix)" ;;
+    esac
+    case "$ttl$uses" in ''|*[!0-9]*) die "TTL and USES are numbers";; esac
+    [ "$uses" -ge 1 ] || die "USES is at least 1"
+    [ -f "$dir/enrol/tokens" ] || die "$dir/enrol/tokens not found: a domain made by 'domain.sh init' with an enrolment CA"
+    grep -qx "${bind%\*}" "$dir/revoked" 2>/dev/null && die "node id '$bind' was revoked"
+    token=$(openssl rand -hex 32)
+    hash=$(printf '%s' "$token" | openssl dgst -sha256 -r | cut -d' ' -f1)
+    expires=$(( $(date +%s) + ttl ))
+    printf '%s %s %s %s\n' "$hash" "$bind" "$expires" "$uses" >> "$dir/enrol/tokens"
+    # Only the hash is kept; the token is printed once, for the gateway's token file.
+    echo "$token"
     ;;
 plugin)
     [ $# -ge 2 ] || die "usage: domain.sh plugin DIR"
@@ -210,6 +397,9 @@ site)
     umask 077
     cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; chmod 0644 "$out/domain-ca.pem"
     cp "$dir/fluidos_retain.so" "$out/fluidos_retain.so"; chmod 0755 "$out/fluidos_retain.so"
+    # A site refuses the same revoked nodes as its core (copy both again after a revoke).
+    [ -e "$dir/crl.pem" ] || gen_crl "$dir" root
+    cp "$dir/crl.pem" "$dir/revoked" "$out/"; chmod 0644 "$out/crl.pem" "$out/revoked"
     broker_cert "$dir" "$out" "$domain" "$@"
     # The bridge's client certificate. Its CN has a ':', which valid_id (and so `node`)
     # never accepts: no node can be enrolled under a bridge's name.
@@ -264,7 +454,7 @@ refnode)
     echo "reference node $liqo: buyer $id, $out/node.pem"
     ;;
 *)
-    sed -n '2,47p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,64p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

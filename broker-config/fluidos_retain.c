@@ -30,10 +30,23 @@
  * plugin does not refuse is deferred to the ACL file, which decides as before (a plugin
  * callback that returned "allowed" would bypass the ACL file).
  *
+ * Revocation (docs/security.md, "Revoking a node"). The broker's `crlfile` refuses a revoked
+ * certificate at the handshake, but mosquitto does not re-check the sessions already open when
+ * it re-reads the CRL on SIGHUP (mosquitto_security_apply_default only re-reads each live
+ * session's CN). So the plugin reads the revoked node ids (`plugin_opt_revoked FILE`, one per
+ * line, written by `domain.sh revoke`) at start and on every SIGHUP (MOSQ_EVT_RELOAD), and on
+ * the next tick, for each id new since the last read: kicks its sessions with their will (a
+ * fluidlet node's will clears its advert), publishes an empty retained message on its catalog
+ * entry (a client without a will is cleared too), and from then on refuses a revoked username
+ * every read, write and subscription, and a bridge a retained advert for a revoked id.
+ *
  * Options (mosquitto.conf, after `plugin PATH`):
  *   plugin_opt_domain NAME               the domain (required)
  *   plugin_opt_max_catalog_bytes N       largest catalog payload, default 16384 (the
  *                                        protocol's MAX_PAYLOAD, docs/protocol.md section 1)
+ *   plugin_opt_revoked FILE              revoked node ids, one per line (optional; at most
+ *                                        MAX_REVOKED); missing at start is an error, unreadable
+ *                                        at a reload keeps the list read before
  *
  * Build (Debian: apt-get install gcc mosquitto-dev; domain.sh init does this):
  *   gcc -shared -fPIC -O2 -Wall -Wextra -o fluidos_retain.so fluidos_retain.c
@@ -54,6 +67,13 @@
 #define BRIDGE_PREFIX "bridge:"
 #define SUPERNODE_PREFIX "supernode:"
 #define REF_PREFIX "ref-"
+/* Revoked ids kept: 100,000 x 49 bytes, under 5 MB; a longer list is refused. */
+#define MAX_REVOKED 100000
+
+struct revoked {
+	char (*ids)[MAX_NODE_ID + 1];	/* sorted, for bsearch */
+	size_t count;
+};
 
 struct config {
 	char prefix[sizeof("fluidos/v1/") + MAX_DOMAIN + sizeof("/catalog/")];
@@ -62,6 +82,10 @@ struct config {
 	size_t to_prefix_len;
 	uint32_t max_catalog_bytes;
 	unsigned long refused;
+	char *revoked_path;
+	struct revoked revoked;
+	/* Ids revoked since the previous read, cut off at the next tick. */
+	struct revoked pending;
 };
 
 static mosquitto_plugin_id_t *plugin_id;
@@ -150,6 +174,150 @@ static int supernode_check(const struct mosquitto_evt_acl_check *ed, const char 
 	return MOSQ_ERR_PLUGIN_DEFER;
 }
 
+static int compare_ids(const void *a, const void *b)
+{
+	return strcmp((const char *)a, (const char *)b);
+}
+
+static bool is_revoked(const struct revoked *r, const char *id)
+{
+	return r->count > 0 && strlen(id) <= MAX_NODE_ID
+		&& bsearch(id, r->ids, r->count, sizeof(r->ids[0]), compare_ids) != NULL;
+}
+
+/* Reads the revoked ids from cfg.revoked_path into *out (sorted). A line that is not a node id
+ * is skipped with a warning. Returns false (and leaves *out empty) if the file cannot be read
+ * or holds more than MAX_REVOKED ids. */
+static bool read_revoked(struct revoked *out)
+{
+	FILE *f;
+	char line[MAX_NODE_ID + 3];
+	size_t cap = 64;
+	bool skipping = false;
+
+	out->ids = NULL;
+	out->count = 0;
+	f = fopen(cfg.revoked_path, "r");
+	if(f == NULL){
+		mosquitto_log_printf(MOSQ_LOG_ERR, "fluidos_retain: cannot read the revoked list %s",
+				cfg.revoked_path);
+		return false;
+	}
+	out->ids = malloc(cap * sizeof(out->ids[0]));
+	if(out->ids == NULL){
+		fclose(f);
+		return false;
+	}
+	while(fgets(line, sizeof(line), f) != NULL){
+		size_t n = strlen(line);
+		bool whole = n > 0 && line[n - 1] == '\n';
+		if(skipping){
+			/* The rest of an over-long line. */
+			skipping = !whole;
+			continue;
+		}
+		if(whole){
+			line[--n] = '\0';
+		}else if(!feof(f)){
+			mosquitto_log_printf(MOSQ_LOG_WARNING,
+					"fluidos_retain: %s: a line longer than a node id, skipped", cfg.revoked_path);
+			skipping = true;
+			continue;
+		}
+		if(n == 0){
+			continue;
+		}
+		if(!valid_node_id(line)){
+			mosquitto_log_printf(MOSQ_LOG_WARNING,
+					"fluidos_retain: %s: '%s' is not a node id, skipped", cfg.revoked_path, line);
+			continue;
+		}
+		if(out->count == MAX_REVOKED){
+			mosquitto_log_printf(MOSQ_LOG_ERR, "fluidos_retain: %s holds more than %d ids",
+					cfg.revoked_path, MAX_REVOKED);
+			fclose(f);
+			free(out->ids);
+			out->ids = NULL;
+			out->count = 0;
+			return false;
+		}
+		if(out->count == cap){
+			void *more = realloc(out->ids, 2 * cap * sizeof(out->ids[0]));
+			if(more == NULL){
+				fclose(f);
+				free(out->ids);
+				out->ids = NULL;
+				out->count = 0;
+				return false;
+			}
+			out->ids = more;
+			cap *= 2;
+		}
+		memcpy(out->ids[out->count++], line, n + 1);
+	}
+	fclose(f);
+	qsort(out->ids, out->count, sizeof(out->ids[0]), compare_ids);
+	return true;
+}
+
+/* Re-reads the list; the ids not in the previous one become pending (cut off at the next
+ * tick). With `all`, every id is pending (at start: clears adverts kept in mosquitto.db). */
+static void reload_revoked(bool all)
+{
+	struct revoked fresh;
+	size_t i;
+
+	if(cfg.revoked_path == NULL || !read_revoked(&fresh)){
+		return;
+	}
+	free(cfg.pending.ids);
+	cfg.pending.ids = NULL;
+	cfg.pending.count = 0;
+	if(fresh.count > 0){
+		cfg.pending.ids = malloc(fresh.count * sizeof(fresh.ids[0]));
+	}
+	for(i = 0; cfg.pending.ids != NULL && i < fresh.count; i++){
+		if(all || !is_revoked(&cfg.revoked, fresh.ids[i])){
+			memcpy(cfg.pending.ids[cfg.pending.count++], fresh.ids[i], sizeof(fresh.ids[0]));
+		}
+	}
+	free(cfg.revoked.ids);
+	cfg.revoked = fresh;
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, "fluidos_retain: %lu revoked node ids, %lu new",
+			(unsigned long)cfg.revoked.count, (unsigned long)cfg.pending.count);
+}
+
+static int on_reload(int event, void *event_data, void *userdata)
+{
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+	reload_revoked(false);
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* Cuts the pending ids off. Run on a tick, not inside the reload, so that mosquitto's own
+ * reload steps (which walk every session) are over. */
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	size_t i;
+	char topic[sizeof(cfg.prefix) + MAX_NODE_ID + 1];
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+
+	for(i = 0; i < cfg.pending.count; i++){
+		mosquitto_kick_client_by_username(cfg.pending.ids[i], true);
+		snprintf(topic, sizeof(topic), "%s%s", cfg.prefix, cfg.pending.ids[i]);
+		mosquitto_broker_publish_copy(NULL, topic, 0, NULL, 1, true, NULL);
+		mosquitto_log_printf(MOSQ_LOG_NOTICE,
+				"fluidos_retain: revoked node %s cut off and its catalog entry cleared",
+				cfg.pending.ids[i]);
+	}
+	cfg.pending.count = 0;
+	return MOSQ_ERR_SUCCESS;
+}
+
 static int on_acl_check(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_acl_check *ed = event_data;
@@ -159,6 +327,10 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	(void)userdata;
 
 	user = mosquitto_client_username(ed->client);
+	if(user != NULL && is_revoked(&cfg.revoked, user)){
+		refused("any access by a revoked node", user, ed->topic ? ed->topic : "", 0);
+		return MOSQ_ERR_ACL_DENIED;
+	}
 	if(user != NULL && strncmp(user, SUPERNODE_PREFIX, strlen(SUPERNODE_PREFIX)) == 0
 			&& (ed->access == MOSQ_ACL_WRITE || ed->access == MOSQ_ACL_READ)
 			&& supernode_check(ed, user) == MOSQ_ERR_ACL_DENIED){
@@ -170,8 +342,13 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	catalog = user != NULL && ed->topic != NULL
 		&& strncmp(ed->topic, cfg.prefix, cfg.prefix_len) == 0;
 	if(catalog && strncmp(user, BRIDGE_PREFIX, strlen(BRIDGE_PREFIX)) == 0){
-		/* A site's bridge speaks for every node of its site: any node's entry. */
+		/* A site's bridge speaks for every node of its site: any node's entry, but not a
+		 * revoked node's advert (a site that has not heard of the revocation yet). */
 		own_catalog = valid_node_id(ed->topic + cfg.prefix_len);
+		if(own_catalog && ed->payloadlen > 0 && is_revoked(&cfg.revoked, ed->topic + cfg.prefix_len)){
+			refused("a revoked node's advert", user, ed->topic, ed->payloadlen);
+			return MOSQ_ERR_ACL_DENIED;
+		}
 	}else{
 		own_catalog = catalog && strcmp(ed->topic + cfg.prefix_len, user) == 0;
 	}
@@ -229,6 +406,12 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	for(i = 0; i < opt_count; i++){
 		if(strcmp(opts[i].key, "domain") == 0){
 			domain = opts[i].value;
+		}else if(strcmp(opts[i].key, "revoked") == 0){
+			free(cfg.revoked_path);
+			cfg.revoked_path = strdup(opts[i].value);
+			if(cfg.revoked_path == NULL){
+				return MOSQ_ERR_NOMEM;
+			}
 		}else if(strcmp(opts[i].key, "max_catalog_bytes") == 0){
 			char *end = NULL;
 			unsigned long v = strtoul(opts[i].value, &end, 10);
@@ -258,6 +441,18 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 	mosquitto_log_printf(MOSQ_LOG_NOTICE,
 			"fluidos_retain: retained messages only on %s{node}, at most %u bytes",
 			cfg.prefix, (unsigned)cfg.max_catalog_bytes);
+	if(cfg.revoked_path != NULL){
+		struct revoked probe;
+		if(!read_revoked(&probe)){
+			return MOSQ_ERR_INVAL;
+		}
+		free(probe.ids);
+		reload_revoked(true);
+		if(mosquitto_callback_register(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL, NULL)
+				|| mosquitto_callback_register(plugin_id, MOSQ_EVT_TICK, on_tick, NULL, NULL)){
+			return MOSQ_ERR_UNKNOWN;
+		}
+	}
 	return mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, NULL);
 }
 
@@ -266,5 +461,15 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *opts, int opt
 	(void)userdata;
 	(void)opts;
 	(void)opt_count;
+	if(cfg.revoked_path != NULL){
+		mosquitto_callback_unregister(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL);
+		mosquitto_callback_unregister(plugin_id, MOSQ_EVT_TICK, on_tick, NULL);
+	}
+	free(cfg.revoked.ids);
+	free(cfg.pending.ids);
+	free(cfg.revoked_path);
+	cfg.revoked.ids = cfg.pending.ids = NULL;
+	cfg.revoked.count = cfg.pending.count = 0;
+	cfg.revoked_path = NULL;
 	return mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
 }

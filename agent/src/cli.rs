@@ -597,6 +597,14 @@ pub fn doctor(
 pub fn check(path: &Path, out: &mut dyn Write) -> Result<(), CliError> {
     let cfg = Config::load(path)?;
     let transport = match &cfg.tls {
+        // Zero-touch, before the first start: nothing to read yet (crate::enrol).
+        Some(files) if cfg.enrol.is_some() && !files.cert.exists() => format!(
+            "mutual TLS, not enrolled yet: the first start enrols with the token {}",
+            cfg.enrol
+                .as_ref()
+                .map(|e| e.token.display().to_string())
+                .unwrap_or_default()
+        ),
         Some(files) => {
             let loaded = crate::tls::load(files, &cfg.node_id)?;
             for w in &loaded.warnings {

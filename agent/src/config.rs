@@ -159,6 +159,9 @@ pub struct Config {
     /// Mutual TLS to the broker (`mqtts://`); `None`: plain MQTT (loopback or explicitly
     /// allowed with `insecure_plaintext`).
     pub tls: Option<TlsFiles>,
+    /// `[enrol]`: get the certificate from the domain's signer with a one-time token when
+    /// there is none yet (the enrol module).
+    pub enrol: Option<EnrolConfig>,
     /// Plain MQTT to a broker that is not on loopback was allowed explicitly.
     pub insecure_plaintext: bool,
     pub data_dir: PathBuf,
@@ -296,6 +299,7 @@ impl Config {
             domain,
             broker,
             tls: None,
+            enrol: None,
             insecure_plaintext: false,
             data_dir,
             keepalive: Duration::from_secs(30),
@@ -392,6 +396,7 @@ struct RawConfig {
     #[serde(default)]
     insecure_plaintext: bool,
     tls: Option<RawTls>,
+    enrol: Option<RawEnrol>,
     data_dir: PathBuf,
     keepalive_secs: Option<u64>,
     retention_secs: Option<u64>,
@@ -433,6 +438,46 @@ struct RawTls {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+}
+
+/// `[enrol]`: where the signer is and where the token is (the enrol module).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrolConfig {
+    /// `HOST:PORT` of the signer; HOST must be a name in the broker's certificate.
+    pub signer_host: String,
+    pub signer_port: u16,
+    /// A file holding the one-time token (hex).
+    pub token: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnrol {
+    signer: String,
+    token: PathBuf,
+}
+
+impl RawEnrol {
+    fn validate(self, tls: bool) -> Result<EnrolConfig, String> {
+        if !tls {
+            return Err("[enrol] needs mqtts:// and a [tls] table (the files it writes)".into());
+        }
+        let (host, port) = self
+            .signer
+            .rsplit_once(':')
+            .ok_or_else(|| format!("signer {:?} is not HOST:PORT", self.signer))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("signer {:?}: the port is not a number", self.signer))?;
+        if host.is_empty() || rustls::pki_types::ServerName::try_from(host.to_owned()).is_err() {
+            return Err(format!("signer {:?}: not a host name", self.signer));
+        }
+        Ok(EnrolConfig {
+            signer_host: host.to_owned(),
+            signer_port: port,
+            token: self.token,
+        })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -780,6 +825,12 @@ impl RawConfig {
                 ))
             }
             (false, None) => {}
+        }
+        if let Some(e) = self.enrol {
+            cfg.enrol = Some(
+                e.validate(cfg.tls.is_some())
+                    .map_err(|m| invalid("enrol", m))?,
+            );
         }
         let ms = Duration::from_millis;
         let secs = Duration::from_secs;

@@ -20,6 +20,8 @@
 //! - [`config`]: the TOML config, validated into model types.
 //! - [`broker`]: the MQTT session (rumqttc): will, reconnect, subscriptions, advert.
 //! - [`tls`]: mutual TLS to the broker (rustls + ring), the node-id = CN check.
+//! - [`enrol`]: the key made on the device, a CSR and a one-time token sent to the domain's
+//!   signer, the certificate written back (`fluidlet enrol`, zero-touch first boot).
 //! - [`shared`]: what the running node's parts share: config, tables, MQTT client, pending
 //!   answers, workflow steps, advert; and [`rear::RearError`].
 //! - [`rear`]: REAR Manager, in two sides, each function's doc naming its workflow steps:
@@ -51,6 +53,7 @@ pub mod control;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
+pub mod enrol;
 pub mod fabric;
 pub mod files;
 pub mod metrics;

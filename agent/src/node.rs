@@ -57,6 +57,10 @@ impl Agent {
     pub async fn start(cfg: Config, observer: Option<Observer>) -> Result<Agent, AgentError> {
         // The first line a node logs names its release, so a journal says what ran.
         info!(node = %cfg.node_id, version = %crate::version(), "fluidlet node starting");
+        // Zero-touch first boot: no certificate yet but an enrolment token (crate::enrol).
+        crate::enrol::first_boot(&cfg)
+            .await
+            .map_err(|e| AgentError::Other(e.to_string()))?;
         let (tls, sealing, identity) = prepare_transport(&cfg)?;
         crate::files::prepare_data_dir(&cfg.data_dir)
             .map_err(|e| AgentError::Other(format!("data_dir {}: {e}", cfg.data_dir.display())))?;

@@ -343,6 +343,50 @@ fn check_warns_about_a_data_dir_other_users_can_read() {
 }
 
 /// A valid config whose data_dir (not created) is under `dir`.
+/// A zero-touch gateway before its first start: `check` says it will enrol rather than failing
+/// on the certificate that does not exist yet; `enrol` by hand fails with the reason (here the
+/// CA file it checks the signer with is missing) and writes no certificate.
+#[test]
+fn check_and_enrol_on_a_gateway_that_is_not_enrolled_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let cert = dir.path().join("tls/node.pem");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "ab".repeat(32)).unwrap();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &path,
+        format!(
+            "node_id = \"gw-1\"\ndomain = \"d1\"\nbroker = \"mqtts://broker.lan\"\n\
+             data_dir = \"{}\"\n[tls]\nca = \"/nonexistent/ca.pem\"\ncert = \"{}\"\n\
+             key = \"{}\"\n[enrol]\nsigner = \"127.0.0.1:{port}\"\ntoken = \"{}\"\n",
+            dir.path().join("data").display(),
+            cert.display(),
+            dir.path().join("tls/node.key").display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    let out = fluidlet(&["check", "-c", path.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("not enrolled yet"), "{text}");
+    let out = fluidlet(&["enrol", "-c", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("enrol:") && err.contains("ca.pem"), "{err}");
+    assert!(!cert.exists());
+}
+
 fn good_config(dir: &std::path::Path) -> String {
     format!(
         "node_id = \"gw-1\"\ndomain = \"d1\"\nbroker = \"mqtt://127.0.0.1\"\ndata_dir = \"{}\"\n",

@@ -370,3 +370,45 @@ async fn bad_intent_files_are_refused_before_they_reach_the_agent() {
         assert_words(&e);
     }
 }
+
+/// `domain.sh node DIR ID DAYS` with a DAYS that is not a positive number says so and leaves
+/// nothing behind (it exited 1 silently, leaving node.key, node.csr and node.ext; DAYS=0 made
+/// an expired certificate).
+#[test]
+fn domain_sh_refuses_a_bad_days_and_leaves_nothing() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: openssl not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let sh = |args: &[&str]| {
+        std::process::Command::new("sh")
+            .arg(repo().join("broker-config/domain.sh"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // `init` also builds the plugin; only the CA matters here, so a missing gcc is fine.
+    let _ = sh(&["init", d, "lab", "18883", "127.0.0.1"]);
+    if !dir.path().join("domain-ca.key").exists() {
+        eprintln!("SKIPPED: domain.sh init could not run here");
+        return;
+    }
+    for days in ["-5", "abc", "0", "1.5"] {
+        let out = sh(&["node", d, "gw-1", days]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "DAYS {days} accepted");
+        assert!(err.contains("a whole number of days"), "DAYS {days}: {err}");
+        assert!(
+            !dir.path().join("nodes/gw-1").exists(),
+            "DAYS {days} left files"
+        );
+    }
+    assert!(sh(&["node", d, "gw-1", "30"]).status.success());
+    assert!(dir.path().join("nodes/gw-1/node.pem").exists());
+}

@@ -26,8 +26,23 @@ enum Cmd {
     Catalog(CatalogCmd),
     Contract(ContractCmd),
     Doctor(DoctorCmd),
+    Enrol(EnrolCmd),
     #[cfg(feature = "demo")]
     Demo(DemoCmd),
+}
+
+/// Enrol this node by hand: make its key here, send a CSR with the token of `[enrol]` to the
+/// domain's signer, write the certificate it returns (what `run` does on first boot).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "enrol")]
+struct EnrolCmd {
+    /// path of the TOML config
+    #[argh(
+        option,
+        short = 'c',
+        default = "PathBuf::from(\"/etc/fluidlet/agent.toml\")"
+    )]
+    config: PathBuf,
 }
 
 /// Check what the liqo fabric backend needs on this gateway (kubectl, liqoctl, kubeconfig,
@@ -284,6 +299,7 @@ fn main() -> ExitCode {
             cmd: ContractSub::Release(c),
         }) => rt.block_on(cli::release(&c.id, &c.config, c.socket.as_deref(), out)),
         Cmd::Doctor(c) => cli::doctor(&c.config, &rt, out),
+        Cmd::Enrol(c) => fluidlet::enrol::cli(&c.config, out).map_err(Into::into),
         #[cfg(feature = "demo")]
         Cmd::Demo(_) => cli::demo(&rt).map_err(Into::into),
     };

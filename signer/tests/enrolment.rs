@@ -1,0 +1,431 @@
+//! Enrolment with a one-time token, end to end: `domain.sh init` and `token`, the real
+//! `fluidlet-signer` binary over TLS, a gateway that starts with only a config, the domain's CA
+//! bundle and a token file, and mosquitto over mutual TLS; and every bad token and CSR the
+//! signer must refuse, with nothing signed.
+
+use fluidlet::enrol::{EnrolConfig, Request};
+use fluidlet::model::IntentState;
+use fluidlet_signer::{Limiter, Refusal, Signer};
+use fluidlet_tests::{domain_script, eventually, free_port, start, TlsDomain};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn domain_sh(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new("sh")
+        .arg(domain_script())
+        .args(args)
+        .output()
+        .expect("run domain.sh");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A token from `domain.sh token DIR ARGS...`.
+fn token(dir: &Path, args: &[&str]) -> String {
+    let d = dir.to_str().unwrap();
+    let mut all = vec!["token", d];
+    all.extend_from_slice(args);
+    let (code, out, err) = domain_sh(&all);
+    assert_eq!(code, Some(0), "domain.sh token: {err}");
+    assert_eq!(out.len(), 64, "{out}");
+    out
+}
+
+/// The signer binary on a free port; killed on drop.
+struct SignerProcess {
+    port: u16,
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for SignerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SignerProcess {
+    fn start(dir: &Path) -> SignerProcess {
+        let port = free_port();
+        let log = dir.join("signer.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fluidlet-signer"))
+            .arg("--dir")
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start fluidlet-signer");
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return SignerProcess { port, child, log };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the signer did not listen");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_only_a_config_and_a_token_enrols_connects_and_trades() {
+    let Some(d) = TlsDomain::start() else { return };
+    let signer = SignerProcess::start(d.dir.path());
+    let gw = tempfile::tempdir().unwrap();
+    // The image: the domain's CA bundle (public) and a token file; no key, no certificate.
+    let tls_dir = gw.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    std::fs::copy(d.dir.path().join("ca-bundle.pem"), tls_dir.join("ca.pem")).unwrap();
+    let token_file = gw.path().join("token");
+    std::fs::write(&token_file, token(d.dir.path(), &["gw-a"]) + "\n").unwrap();
+    let files = fluidlet::config::TlsFiles {
+        ca: tls_dir.join("ca.pem"),
+        cert: tls_dir.join("node.pem"),
+        key: tls_dir.join("node.key"),
+    };
+    let mut cfg =
+        fluidlet_tests::provider_config("gw-a", &d.domain, d.port, &gw.path().join("data"));
+    cfg.tls = Some(files.clone());
+    cfg.enrol = Some(EnrolConfig {
+        signer_host: "127.0.0.1".into(),
+        signer_port: signer.port,
+        token: token_file.clone(),
+    });
+    let provider = start(cfg.clone(), None).await;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&files.key),
+        0o600,
+        "the key made on the device is owner-only"
+    );
+    assert_eq!(
+        mode(&files.cert),
+        0o600,
+        "so is the certificate, as everything in data_dir"
+    );
+    assert!(signer.log().contains("signed"), "{}", signer.log());
+
+    // It trades over mutual TLS with a node enrolled by hand.
+    let cd = tempfile::tempdir().unwrap();
+    let consumer = start(d.config("carol", d.enrol("carol"), cd.path()), None).await;
+    let intent = consumer
+        .submit_intent(fluidlet_tests::intent_spec("web", 1000, 1))
+        .await
+        .expect("intent accepted");
+    eventually("the intent to be placed on the enrolled gateway", || {
+        consumer
+            .tables()
+            .intent(&intent.id)
+            .ok()
+            .flatten()
+            .is_some_and(|i| i.state == IntentState::Placed)
+    })
+    .await;
+    assert_eq!(
+        provider.tables().contracts().unwrap()[0].buyer.as_str(),
+        "carol"
+    );
+
+    // domain.sh list shows the certificate the signer issued.
+    let (_, list, _) = domain_sh(&["list", d.dir.path().to_str().unwrap()]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("gw-a\t") && l.ends_with("\tvalid")),
+        "{list}"
+    );
+
+    // The token was used: a second device with the same token (its own key) is refused and
+    // gets nothing.
+    let other = tempfile::tempdir().unwrap();
+    let other_files = fluidlet::config::TlsFiles {
+        ca: files.ca.clone(),
+        cert: other.path().join("node.pem"),
+        key: other.path().join("node.key"),
+    };
+    let e = fluidlet::enrol::enrol(
+        &fluidlet::model::Id::new("gw-a").unwrap(),
+        &other_files,
+        cfg.enrol.as_ref().unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("already used"), "{e}");
+    assert!(!other_files.cert.exists());
+
+    // Revoking it works for a certificate of the enrolment CA as for one of the root: the
+    // enrolment CA's CRL lists it, and after a reload the broker cuts it off.
+    let dir = d.dir.path().to_str().unwrap();
+    let (code, _, err) = domain_sh(&["revoke", dir, "gw-a"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, list, _) = domain_sh(&["list", dir]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("gw-a\t") && l.ends_with("\trevoked")),
+        "{list}"
+    );
+    let pid = d.broker_pid().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    eventually("the revoked gateway to be cut off", || {
+        !provider.broker_status().connected
+    })
+    .await;
+    assert!(
+        !provider.connected(Duration::from_secs(2)).await,
+        "it got back in"
+    );
+
+    consumer.shutdown().await;
+    provider.shutdown().await;
+}
+
+/// A domain directory made by `domain.sh init` (the plugin is built too; no broker runs).
+fn domain() -> Option<tempfile::TempDir> {
+    let gcc = Command::new("gcc").arg("--version").output().is_ok();
+    if !gcc || !Path::new("/usr/include/mosquitto_broker.h").exists() {
+        if std::env::var_os("CI").is_some() {
+            panic!("gcc or mosquitto-dev missing and CI is set");
+        }
+        eprintln!("SKIPPED: gcc or mosquitto-dev not installed");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d");
+    let (code, _, err) = domain_sh(&["init", d.to_str().unwrap(), "t1", "8883", "127.0.0.1"]);
+    assert_eq!(code, Some(0), "{err}");
+    Some(dir)
+}
+
+/// A CSR made by openssl: `key` is e.g. `ec -pkeyopt ec_paramgen_curve:P-256`, `extra`
+/// further `openssl req` arguments.
+fn openssl_csr(dir: &Path, cn: &str, key: &[&str], extra: &[&str]) -> Vec<u8> {
+    let out = dir.join("req.der");
+    let status = Command::new("openssl")
+        .args(["req", "-new", "-nodes", "-outform", "DER", "-newkey"])
+        .args(key)
+        .arg("-keyout")
+        .arg(dir.join("req.key"))
+        .arg("-out")
+        .arg(&out)
+        .args(["-subj", &format!("/CN={cn}")])
+        .args(extra)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl req");
+    assert!(status.success());
+    std::fs::read(out).unwrap()
+}
+
+fn request(token: &str, csr: Vec<u8>) -> Vec<u8> {
+    minicbor::to_vec(Request {
+        token: token.into(),
+        csr: csr.into(),
+    })
+    .unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn signer(d: &Path) -> Signer {
+    Signer::open(
+        d,
+        Duration::from_secs(86_400),
+        Limiter::new((1.0, 5.0), (10.0, 20.0)),
+    )
+    .unwrap()
+}
+
+fn nothing_issued(d: &Path, node: &str) -> bool {
+    !d.join("nodes").join(node).join("issued").exists()
+}
+
+#[test]
+fn bad_tokens_are_refused_and_nothing_is_signed() {
+    let Some(dir) = domain() else { return };
+    let d = dir.path().join("d");
+    let s = signer(&d);
+    let good = fluidlet::enrol::ensure_key(&dir.path().join("k")).unwrap();
+    let csr =
+        |cn: &str| fluidlet::enrol::csr(&fluidlet::model::Id::new(cn).unwrap(), &good).unwrap();
+
+    // Forged: well-formed, never minted.
+    let forged = "ab".repeat(32);
+    assert_eq!(
+        s.handle_unlimited(&request(&forged, csr("gw-a")), now()),
+        Err(Refusal::UnknownToken)
+    );
+    assert_eq!(
+        s.handle_unlimited(&request("not hex", csr("gw-a")), now()),
+        Err(Refusal::UnknownToken)
+    );
+    // Expired.
+    let t = token(&d, &["gw-a", "60"]);
+    assert_eq!(
+        s.handle_unlimited(&request(&t, csr("gw-a")), now() + 120),
+        Err(Refusal::TokenExpired)
+    );
+    // Wrong node: a token for gw-b, a CSR for gw-a (and the other way round: a prefix).
+    let t = token(&d, &["gw-b"]);
+    assert!(matches!(
+        s.handle_unlimited(&request(&t, csr("gw-a")), now()),
+        Err(Refusal::WrongNode { .. })
+    ));
+    let batch = token(&d, &["site1-*", "3600", "2"]);
+    assert!(matches!(
+        s.handle_unlimited(&request(&batch, csr("site2-x")), now()),
+        Err(Refusal::WrongNode { .. })
+    ));
+    assert!(nothing_issued(&d, "gw-a") && nothing_issued(&d, "site2-x"));
+    // Reused: the token for gw-b signs once; a prefix token signs USES ids, each once.
+    assert!(s.handle_unlimited(&request(&t, csr("gw-b")), now()).is_ok());
+    assert_eq!(
+        s.handle_unlimited(&request(&t, csr("gw-b")), now()),
+        Err(Refusal::TokenUsed)
+    );
+    assert!(s
+        .handle_unlimited(&request(&batch, csr("site1-a")), now())
+        .is_ok());
+    assert_eq!(
+        s.handle_unlimited(&request(&batch, csr("site1-a")), now()),
+        Err(Refusal::AlreadyEnrolled("site1-a".into()))
+    );
+    assert!(s
+        .handle_unlimited(&request(&batch, csr("site1-b")), now())
+        .is_ok());
+    assert_eq!(
+        s.handle_unlimited(&request(&batch, csr("site1-c")), now()),
+        Err(Refusal::TokenUsed)
+    );
+    assert!(nothing_issued(&d, "site1-c"));
+    // A revoked id gets nothing, even with a fresh token minted before the revocation.
+    let t = token(&d, &["gw-r"]);
+    std::fs::write(d.join("revoked"), "gw-r\n").unwrap();
+    assert_eq!(
+        s.handle_unlimited(&request(&t, csr("gw-r")), now()),
+        Err(Refusal::Revoked("gw-r".into()))
+    );
+    assert!(nothing_issued(&d, "gw-r"));
+}
+
+#[test]
+fn bad_csrs_and_floods_are_refused_and_nothing_is_signed() {
+    let Some(dir) = domain() else { return };
+    let d = dir.path().join("d");
+    let s = signer(&d);
+    let t = token(&d, &["gw-a"]);
+    let p256 = ["ec", "-pkeyopt", "ec_paramgen_curve:P-256"];
+    // Another CN than the token's node.
+    let other = openssl_csr(dir.path(), "gw-z", &p256, &[]);
+    assert!(matches!(
+        s.handle_unlimited(&request(&t, other), now()),
+        Err(Refusal::WrongNode { .. })
+    ));
+    // A weak key (RSA 1024) and a key on another curve.
+    let rsa = openssl_csr(dir.path(), "gw-a", &["rsa:1024"], &[]);
+    assert!(matches!(
+        s.handle_unlimited(&request(&t, rsa), now()),
+        Err(Refusal::WeakKey(_))
+    ));
+    let p384 = openssl_csr(
+        dir.path(),
+        "gw-a",
+        &["ec", "-pkeyopt", "ec_paramgen_curve:P-384"],
+        &[],
+    );
+    assert!(matches!(
+        s.handle_unlimited(&request(&t, p384), now()),
+        Err(Refusal::WeakKey(_))
+    ));
+    // Extensions asking for CA rights, and any other extension request.
+    let ca = openssl_csr(
+        dir.path(),
+        "gw-a",
+        &p256,
+        &["-addext", "basicConstraints=critical,CA:TRUE"],
+    );
+    assert_eq!(
+        s.handle_unlimited(&request(&t, ca), now()),
+        Err(Refusal::AsksForCa)
+    );
+    let san = openssl_csr(
+        dir.path(),
+        "gw-a",
+        &p256,
+        &["-addext", "subjectAltName=DNS:broker"],
+    );
+    assert!(matches!(
+        s.handle_unlimited(&request(&t, san), now()),
+        Err(Refusal::Attributes(_))
+    ));
+    // A CN that is not a node id; a signature that does not verify.
+    let slash = openssl_csr(dir.path(), "gw\\/a", &p256, &[]);
+    assert!(matches!(
+        s.handle_unlimited(&request(&t, slash), now()),
+        Err(Refusal::BadCsr(_))
+    ));
+    let mut broken = openssl_csr(dir.path(), "gw-a", &p256, &[]);
+    let last = broken.len() - 3;
+    broken[last] ^= 0x55;
+    assert!(matches!(
+        s.handle_unlimited(&request(&t, broken), now()),
+        Err(Refusal::BadCsr(_))
+    ));
+    // 1 MB of junk, and junk within the size bound.
+    let junk = vec![0x5a_u8; 1 << 20];
+    assert_eq!(
+        s.handle_unlimited(&junk, now()),
+        Err(Refusal::TooLarge(1 << 20))
+    );
+    assert!(matches!(
+        s.handle_unlimited(&junk[..4000], now()),
+        Err(Refusal::Malformed(_))
+    ));
+    assert!(matches!(
+        s.handle_unlimited(&request(&t, junk[..4000].to_vec()), now()),
+        Err(Refusal::BadCsr(_))
+    ));
+    assert!(nothing_issued(&d, "gw-a") && nothing_issued(&d, "gw-z"));
+    // After all that the token is still good: nothing above used it.
+    let good = openssl_csr(dir.path(), "gw-a", &p256, &[]);
+    let chain = s
+        .handle_unlimited(&request(&t, good), now())
+        .expect("signed");
+    assert_eq!(chain.len(), 2);
+
+    // A flood from one address: the first few get an answer, the rest are refused before
+    // any check (burst 5 per peer), and another address is still served.
+    let peer = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    let answers: Vec<_> = (0..20)
+        .map(|_| s.handle(peer, &request(&"cd".repeat(32), vec![]), now()))
+        .collect();
+    let limited = answers
+        .iter()
+        .filter(|a| **a == Err(Refusal::RateLimited))
+        .count();
+    assert_eq!(limited, 15, "{answers:?}");
+    let other = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+    assert_ne!(
+        s.handle(other, &request(&"cd".repeat(32), vec![]), now()),
+        Err(Refusal::RateLimited)
+    );
+}

@@ -98,6 +98,7 @@ fn the_shipped_config_names_every_field_the_parser_accepts() {
         "limits",
         "metrics",
         "fabric",
+        "enrol",
         "offer",
         "offer.partition",
         "offer.gpu",
@@ -108,7 +109,7 @@ fn the_shipped_config_names_every_field_the_parser_accepts() {
         for f in fields {
             // Sections are tables, listed by their header.
             if [
-                "tls", "consumer", "provider", "limits", "metrics", "fabric", "offer",
+                "tls", "consumer", "provider", "limits", "metrics", "fabric", "offer", "enrol",
             ]
             .contains(&f.as_str())
                 && section.is_empty()

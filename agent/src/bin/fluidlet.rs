@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// fluidlet: makes this device a node of a FLUIDOS domain (REAR over MQTT/CBOR).
+/// `fluidlet --version` prints the release.
 #[derive(FromArgs)]
 struct Cli {
     #[argh(subcommand)]
@@ -87,7 +88,8 @@ struct CheckCmd {
 
 #[derive(FromArgs)]
 #[argh(subcommand, name = "intent")]
-/// Submit, list and show intents (workloads with their resource needs) on the running agent.
+/// Submit, list, show, cancel and retry intents (workloads with their resource needs) on the
+/// running agent.
 struct IntentCmd {
     #[argh(subcommand)]
     cmd: IntentSub,

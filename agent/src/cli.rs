@@ -703,7 +703,7 @@ fn check_data_dir(cfg: &Config) -> Result<String, CliError> {
         return Err(bad(format!(
             "{} is not writable by this user (uid {}); the agent's user must own it",
             existing.display(),
-            unsafe_uid()
+            uid()
         )));
     }
     if existing != dir.as_path() {
@@ -715,12 +715,17 @@ fn check_data_dir(cfg: &Config) -> Result<String, CliError> {
         return Ok("no tables yet: new ones will be made".into());
     }
     crate::files::private_umask();
-    let offers: Vec<_> = cfg.offers.clone();
-    match crate::tables::Tables::preflight(dir, &cfg.node_id, &offers) {
-        Ok(n) => Ok(format!(
-            "tables of {}, {n} contracts on record",
+    use crate::tables::Preflight;
+    match crate::tables::Tables::preflight(dir, &cfg.node_id, &cfg.offers) {
+        Ok(Preflight::Ready { contracts }) => Ok(format!(
+            "tables of {}, {contracts} contracts on record",
             cfg.node_id
         )),
+        Ok(Preflight::OldLayout) => Ok(
+            "tables of an older release: the next start migrates them (older releases cannot \
+             open them after that); not checked further"
+                .into(),
+        ),
         Err(crate::tables::TableError::InUse { pid, .. }) => Ok(format!(
             "in use by a running agent{pid}: its tables were not checked"
         )),
@@ -759,7 +764,7 @@ fn writable(p: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
-fn unsafe_uid() -> u32 {
+fn uid() -> u32 {
     // SAFETY: getuid(2) cannot fail and touches no memory.
     unsafe { libc::getuid() }
 }

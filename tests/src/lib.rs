@@ -80,7 +80,8 @@ impl Drop for Broker {
     }
 }
 
-fn mosquitto_path() -> Option<String> {
+/// Where mosquitto is installed, if it is.
+pub fn mosquitto_path() -> Option<String> {
     [
         "/usr/sbin/mosquitto",
         "/usr/bin/mosquitto",

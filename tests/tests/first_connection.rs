@@ -174,13 +174,7 @@ async fn a_domain_the_broker_acl_does_not_serve_is_detected() {
 /// used to be followed by DISCONNECT at once).
 #[tokio::test]
 async fn a_clean_stop_is_a_clean_disconnect_in_mosquittos_log() {
-    let Some(bin) = [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ]
-    .into_iter()
-    .find(|p| std::path::Path::new(p).exists()) else {
+    let Some(bin) = mosquitto_path() else {
         if std::env::var_os("CI").is_some() {
             panic!("mosquitto is not installed and CI is set");
         }
@@ -196,7 +190,7 @@ async fn a_clean_stop_is_a_clean_disconnect_in_mosquittos_log() {
         format!("listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\nlog_type all\n"),
     )
     .unwrap();
-    let mut child = std::process::Command::new(bin)
+    let mut child = std::process::Command::new(&bin)
         .arg("-c")
         .arg(&conf)
         .stdout(std::process::Stdio::null())

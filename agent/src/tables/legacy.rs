@@ -46,6 +46,22 @@ fn old_trees(db: &sled::Db) -> Vec<String> {
         .collect()
 }
 
+/// Whether `db` holds tables of an older layout that [`migrate`] has not moved yet. Reads
+/// only: opens no tree that does not exist.
+pub(super) fn pending(db: &sled::Db) -> Result<bool, TableError> {
+    if old_trees(db).is_empty() {
+        return Ok(false);
+    }
+    if !db.tree_names().iter().any(|n| n.as_ref() == b"meta") {
+        return Ok(true);
+    }
+    let done = db
+        .open_tree("meta")?
+        .get(b"layout")?
+        .is_some_and(|v| v.first() == Some(&LAYOUT));
+    Ok(!done)
+}
+
 /// Writes `batch` when it holds [`COPY_BATCH`] records (or `force`).
 fn spill(
     ledger: &sled::Tree,

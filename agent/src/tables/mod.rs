@@ -128,6 +128,51 @@ impl TableError {
     }
 }
 
+/// What [`Tables::preflight`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preflight {
+    /// This node's tables, `contracts` on record, every offer covering its live reservations.
+    Ready { contracts: usize },
+    /// Tables of an older layout: the next start migrates them; not checked further.
+    OldLayout,
+}
+
+/// Opens the sled database under `dir` (an error names the directory, in words).
+fn open_db(dir: &Path) -> Result<sled::Db, TableError> {
+    sled::Config::new()
+        .path(dir)
+        // A gateway has little memory and the tables are small: 1 MiB of page cache keeps
+        // the hot records (flavours, recent contracts) without letting a burst of
+        // reservations grow the agent (the benchmark's peak RSS shows it).
+        .cache_capacity(1024 * 1024)
+        .open()
+        .map_err(|e| TableError::opening(dir, e))
+}
+
+/// The tables in `dir` are `me`'s: their owner record (`recorded`) names it, and a marker
+/// file (`marked`) without a record means a damaged or replaced database.
+fn owned_by(
+    dir: &Path,
+    recorded: Option<&Id>,
+    marked: Option<&str>,
+    me: &Id,
+) -> Result<(), TableError> {
+    let shown = |p: &Path| p.display().to_string();
+    match (recorded, marked) {
+        (Some(theirs), _) if theirs != me => Err(TableError::OtherNode {
+            dir: shown(dir),
+            theirs: theirs.to_string(),
+            ours: me.to_string(),
+        }),
+        (None, Some(node)) => Err(TableError::Damaged {
+            dir: shown(dir),
+            node: node.trim().to_owned(),
+            marker: shown(&dir.join("fluidlet.node")),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The running agent's pid, beside its tables (for the "another agent is running" error).
 pub const PID_FILE: &str = "fluidlet.pid";
 
@@ -203,14 +248,11 @@ impl Tables {
 
     /// Opens (or creates) the tables under `dir`, keeping ended contracts for `retention`.
     pub fn open_with(dir: &Path, retention: Duration) -> Result<Tables, TableError> {
-        let db = sled::Config::new()
-            .path(dir)
-            // A gateway has little memory and the tables are small: 1 MiB of page cache keeps
-            // the hot records (flavours, recent contracts) without letting a burst of
-            // reservations grow the agent (the benchmark's peak RSS shows it).
-            .cache_capacity(1024 * 1024)
-            .open()
-            .map_err(|e| TableError::opening(dir, e))?;
+        Tables::from_db(open_db(dir)?, dir, retention)
+    }
+
+    /// The tables over an open database: migrates an older layout, loads the seller's state.
+    fn from_db(db: sled::Db, dir: &Path, retention: Duration) -> Result<Tables, TableError> {
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let ledger = db.open_tree("ledger")?;
         let meta = db.open_tree("meta")?;
@@ -250,24 +292,7 @@ impl Tables {
         }
         let recorded: Option<Id> = one("meta", &t.meta, b"owner")?;
         let marked = std::fs::read_to_string(&marker).ok();
-        let shown = |p: &Path| p.display().to_string();
-        match (&recorded, &marked) {
-            (Some(theirs), _) if theirs != me => {
-                return Err(TableError::OtherNode {
-                    dir: shown(dir),
-                    theirs: theirs.to_string(),
-                    ours: me.to_string(),
-                })
-            }
-            (None, Some(node)) => {
-                return Err(TableError::Damaged {
-                    dir: shown(dir),
-                    node: node.trim().to_owned(),
-                    marker: shown(&marker),
-                })
-            }
-            _ => {}
-        }
+        owned_by(dir, recorded.as_ref(), marked.as_deref(), me)?;
         if recorded.is_none() {
             t.meta.insert(b"owner", enc(me))?;
             t.flush().await?;
@@ -283,37 +308,26 @@ impl Tables {
 
     /// What `fluidlet check` finds in `dir` without writing anything: the tables belong to
     /// `me`, and every configured offer still covers what its live reservations hold (the
-    /// checks [`Tables::open_for`] and [`Tables::sync_offers`] make at start). Returns the
-    /// number of contracts on record. `dir` must already hold a database.
+    /// checks [`Tables::open_for`] and [`Tables::sync_offers`] make at start). Tables of an
+    /// older layout are not opened further (opening them migrates them, which an older
+    /// build could then not read: a rollback after a `check`). `dir` must already hold a
+    /// database.
     pub fn preflight(
         dir: &Path,
         me: &Id,
         offers: &[crate::model::Flavour],
-    ) -> Result<usize, TableError> {
-        let t = Tables::open_with(dir, Duration::from_secs(0))?;
-        let recorded: Option<Id> = one("meta", &t.meta, b"owner")?;
-        let recorded = match recorded {
+    ) -> Result<Preflight, TableError> {
+        let db = open_db(dir)?;
+        if legacy::pending(&db)? {
+            return Ok(Preflight::OldLayout);
+        }
+        let t = Tables::from_db(db, dir, Duration::from_secs(0))?;
+        let recorded = match one::<Id>("meta", &t.meta, b"owner")? {
             Some(r) => Some(r),
             None => one("meta", &t.meta, b"node")?,
         };
-        let marker = dir.join("fluidlet.node");
-        match (recorded, std::fs::read_to_string(&marker).ok()) {
-            (Some(theirs), _) if &theirs != me => {
-                return Err(TableError::OtherNode {
-                    dir: dir.display().to_string(),
-                    theirs: theirs.to_string(),
-                    ours: me.to_string(),
-                })
-            }
-            (None, Some(node)) => {
-                return Err(TableError::Damaged {
-                    dir: dir.display().to_string(),
-                    node: node.trim().to_owned(),
-                    marker: marker.display().to_string(),
-                })
-            }
-            _ => {}
-        }
+        let marked = std::fs::read_to_string(dir.join("fluidlet.node")).ok();
+        owned_by(dir, recorded.as_ref(), marked.as_deref(), me)?;
         let state = t.writer();
         for offer in offers {
             let held = state.held(&offer.id);
@@ -325,7 +339,9 @@ impl Tables {
             }
         }
         drop(state);
-        Ok(t.contracts()?.len())
+        Ok(Preflight::Ready {
+            contracts: t.contracts()?.len(),
+        })
     }
 
     /// Makes everything written so far durable.

@@ -860,3 +860,28 @@ async fn a_database_written_by_04a7442_opens_migrated_with_everything_in_it() {
     assert!(t.meta.get(b"owner").unwrap().is_some());
     assert!(data.join("fluidlet.node").exists());
 }
+
+/// `fluidlet check` on a database of an older release reports it and leaves it as it was:
+/// migrating it there would make a rollback to that release impossible.
+#[tokio::test]
+async fn preflight_leaves_a_database_of_an_older_release_unmigrated() {
+    let dir = fixture_04a7442();
+    let data = dir.path().join("db");
+    let me = id("gw-fixture");
+    assert_eq!(
+        Tables::preflight(&data, &me, &[]).unwrap(),
+        Preflight::OldLayout
+    );
+    let db = open_db(&data).unwrap();
+    assert!(legacy::pending(&db).unwrap(), "still the old layout");
+    drop(db);
+    // The start migrates it; a check after that checks it.
+    let t = Tables::open_for(&data, &me, Duration::from_secs(60))
+        .await
+        .unwrap();
+    drop(t);
+    assert!(matches!(
+        Tables::preflight(&data, &me, &[]).unwrap(),
+        Preflight::Ready { .. }
+    ));
+}

@@ -7,41 +7,40 @@
 //! in sled so that nothing it acknowledged is lost on a crash.
 //!
 //! Modules, named after the functional elements of the FLUIDOS workflow, each importing only
-//! modules listed above it:
+//! modules listed above it (docs/architecture.md draws the graph; `agent/tests/architecture.rs`
+//! derives it from the source and checks both the drawing and this list):
 //!
 //! - [`model`]: flavours, selectors, contracts, allocations; bounded CBOR types.
+//! - [`files`]: owner-only data_dir and secret files, and the warning when they are not.
 //! - [`wire`]: topics, the envelope, size limits, decode errors. Pure.
+//! - [`fabric`]: Virtual Fabric Manager: the k3s + Liqo shim and its dry-run backend.
+//! - [`config`]: the TOML config, validated into model types.
 //! - [`discovery`]: Discovery Manager: selector matching and candidate ranking. Pure.
 //! - [`contracts`]: Contract Manager: reservation planning and contract rules. Pure.
-//! - [`tables`]: the sled trees and the atomic reservation write.
-//! - [`seal`]: peering credentials sealed to the buyer's certificate key (ECDH, HKDF, AEAD).
-//! - [`fabric`]: Virtual Fabric Manager: the k3s + Liqo shim and its dry-run backend.
-//! - [`files`]: owner-only data_dir and secret files, and the warning when they are not.
-//! - [`config`]: the TOML config, validated into model types.
-//! - [`broker`]: the MQTT session (rumqttc): will, reconnect, subscriptions, advert.
+//! - [`tables`]: the sled tree and its one writer.
 //! - [`tls`]: mutual TLS to the broker (rustls + ring), the node-id = CN check.
+//! - the crate root's own items: [`AgentError`], [`Step`], [`Observer`] ([`unix_ms`] and
+//!   [`version`] are [`model`]'s, re-exported).
+//! - [`metrics`]: counters kept with atomics, shown by `fluidlet status --json` and written
+//!   as a Prometheus text file for node_exporter.
+//! - [`broker`]: the MQTT session (rumqttc): will, reconnect, subscriptions, advert.
 //! - [`enrol`]: the key made on the device, a CSR and a one-time token sent to the domain's
 //!   signer, the certificate written back (`fluidlet enrol`, zero-touch first boot).
+//! - [`seal`]: peering credentials sealed to the buyer's certificate key (ECDH, HKDF, AEAD).
 //! - [`shared`]: what the running node's parts share: config, tables, MQTT client, pending
 //!   answers, workflow steps, advert; and [`rear::RearError`].
+//! - [`terms`]: contract terms against hoarding: share cap per buyer, RENEW, expiry.
 //! - [`rear`]: REAR Manager, in two sides, each function's doc naming its workflow steps:
 //!   - [`rear::consumer`]: buying: candidates, discovery, reservation, peering, release
 //!     (steps 5-7, 10-14, 19-22, 26-28);
 //!   - [`rear::provider`]: selling: answers to LIST_FLAVOURS, RESERVE_FLAVOUR, PEER_REQUEST
 //!     and RELEASE (steps 8-9, 15-18, 23-26).
-//! - [`terms`]: contract terms against hoarding: share cap per buyer, RENEW, expiry.
 //! - [`orchestrator`]: Node Orchestrator: intents, placement, the workflow state machine.
 //! - [`control`]: the local control socket (`fluidlet intent`, `status`, `contract`).
-//! - [`metrics`]: counters kept with atomics, shown by `fluidlet status --json` and written
-//!   as a Prometheus text file for node_exporter.
 //! - [`node`]: the running node: lifecycle (start, the one place that starts tasks, clean
 //!   stop) and dispatch of inbound messages to the two sides of REAR.
 //! - `demo` (feature `demo`): an embedded broker and two nodes in one process.
 //! - [`cli`]: the work of each `fluidlet` command (the binary only parses the command line).
-//!
-//! The crate root's own items ([`AgentError`], [`Step`], [`Observer`]) sit between [`tls`]
-//! and [`shared`]; [`unix_ms`] and [`version`] are [`model`]'s. So there are no import circles;
-//! docs/architecture.md draws the graph.
 //!
 //! Data flows one way: broker -> wire -> manager -> tables, and back out through wire.
 

@@ -55,8 +55,10 @@ fn every_step_is_mapped_to_the_function_that_reports_it() {
         let reported = cells.get(4).copied().unwrap_or("");
         // "`path` `fn`, `path` `fn`": pairs of code spans.
         let spans: Vec<&str> = reported.split('`').skip(1).step_by(2).collect();
-        if spans.is_empty() || spans.len() % 2 != 0 {
-            problems.push(format!("step {step}: \"reported by\" is not `file` `function` pairs"));
+        if spans.is_empty() || !spans.len().is_multiple_of(2) {
+            problems.push(format!(
+                "step {step}: \"reported by\" is not `file` `function` pairs"
+            ));
             continue;
         }
         for pair in spans.chunks(2) {
@@ -75,8 +77,15 @@ fn every_step_is_mapped_to_the_function_that_reports_it() {
         }
     }
     let expected: Vec<u32> = (1..=31).collect();
-    assert_eq!(seen, expected, "docs/workflow.md lists the steps 1-31, in order, once each");
-    assert!(problems.is_empty(), "docs/workflow.md: {}", problems.join("; "));
+    assert_eq!(
+        seen, expected,
+        "docs/workflow.md lists the steps 1-31, in order, once each"
+    );
+    assert!(
+        problems.is_empty(),
+        "docs/workflow.md: {}",
+        problems.join("; ")
+    );
 }
 
 #[test]

@@ -105,11 +105,11 @@ impl Turns {
         !self.done.contains(p) && self.gone_at.get(p).is_none_or(|t| c.seen_at > *t)
     }
 
-    /// Records how `provider`'s attempt ended; true when it lied (to be demoted). `revision`
-    /// is the protocol revision the provider advertised: one before 1 answers NO_FIT for a
-    /// superseded id whose piece no longer fits (docs/protocol.md section 10), so from it a
-    /// first NO_FIT counts as a first FLAVOUR_GONE.
-    fn ended(&mut self, provider: &Id, e: &RearError, revision: u16) -> bool {
+    /// Records how `provider`'s attempt ended at `now` (Unix ms); true when it lied (to be
+    /// demoted). `revision` is the protocol revision the provider advertised: one before 1
+    /// answers NO_FIT for a superseded id whose piece no longer fits (docs/protocol.md
+    /// section 10), so from it a first NO_FIT counts as a first FLAVOUR_GONE.
+    fn ended(&mut self, provider: &Id, e: &RearError, revision: u16, now: u64) -> bool {
         let lied = match e {
             RearError::Refused {
                 code: Some(code), ..
@@ -117,7 +117,7 @@ impl Turns {
                 || (*code == ErrorCode::NoFit && revision < 1))
                 && !self.gone_at.contains_key(provider) =>
             {
-                self.gone_at.insert(provider.clone(), unix_ms());
+                self.gone_at.insert(provider.clone(), now);
                 return false;
             }
             RearError::Refused {
@@ -234,7 +234,7 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
             ) => {
                 let revision = shared.candidates.revision(&provider);
                 shared.candidates.remove(&provider, &cand.flavour.id);
-                if turns.ended(&provider, &e, revision) {
+                if turns.ended(&provider, &e, revision, unix_ms()) {
                     let until =
                         unix_ms().saturating_add(shared.cfg.liar_demotion.as_millis() as u64);
                     warn!(%provider, error = %e, "provider refused or ignored what it had just offered: demoted, trying the next provider");
@@ -767,17 +767,14 @@ pub(crate) async fn keep_renewed(shared: Arc<Shared>, mut stop: watch::Receiver<
             _ = tick.tick() => {}
         }
         let now = unix_ms();
-        // Half the term, but never less than two checks and an answer's wait: a short term
-        // must not slip between two checks.
+        // Never less than two checks and an answer's wait: a short term must not slip
+        // between two checks.
         let margin = (2 * shared.cfg.expiry_check + shared.cfg.reserve_timeout).as_millis() as u64;
         // One contract decoded at a time, and none of this node's sales (skipped by their
         // ids): this runs every `expiry_check` on every node, and a provider holds thousands.
         let mut due: Vec<Contract> = Vec::new();
         let read = shared.tables.each_bought(shared.me(), |c| {
-            if &c.buyer == shared.me()
-                && matches!(c.state, ContractState::Reserved | ContractState::Active)
-                && matches!((c.term_ms, c.ends_at), (Some(t), Some(e)) if now.saturating_add((t / 2).max(margin)) >= e && now < e)
-            {
+            if renewal_due(&c, shared.me(), now, margin) {
                 due.push(c);
             }
         });
@@ -789,6 +786,15 @@ pub(crate) async fn keep_renewed(shared: Arc<Shared>, mut stop: watch::Receiver<
             renew(&shared, &c).await;
         }
     }
+}
+
+/// Whether contract `c` is due for RENEW by its buyer `me` at `now` (Unix ms): a live
+/// contract (Reserved or Active) with a term, not yet past its end, with half its term or
+/// `margin_ms` left, whichever is longer.
+fn renewal_due(c: &Contract, me: &Id, now: u64, margin_ms: u64) -> bool {
+    &c.buyer == me
+        && matches!(c.state, ContractState::Reserved | ContractState::Active)
+        && matches!((c.term_ms, c.ends_at), (Some(t), Some(e)) if now.saturating_add((t / 2).max(margin_ms)) >= e && now < e)
 }
 
 /// Sends RENEW for one bought contract and records the answer.
@@ -823,5 +829,125 @@ async fn renew(shared: &Shared, c: &Contract) {
             warn!(contract = %c.id, seller = %c.seller, "RENEW not answered; retrying")
         }
         Err(e) => warn!(contract = %c.id, error = %e, "RENEW failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{test_contract, Resources};
+
+    fn id(s: &str) -> Id {
+        Id::new(s).unwrap()
+    }
+
+    fn refused(code: ErrorCode) -> RearError {
+        RearError::Refused {
+            provider: "p".into(),
+            code: Some(code),
+            text: String::new(),
+        }
+    }
+
+    fn candidate(provider: &str, seen_at: u64) -> Candidate {
+        let mut c = test_contract(
+            "x.c1",
+            provider,
+            "me",
+            Resources::default(),
+            ContractState::Reserved,
+        );
+        c.flavour.provider = id(provider);
+        Candidate {
+            flavour: c.flavour,
+            seen_at,
+        }
+    }
+
+    #[test]
+    fn a_first_flavour_gone_is_a_second_chance_for_candidates_heard_after_it() {
+        let mut turns = Turns::default();
+        let p = id("p");
+        assert!(!turns.ended(&p, &refused(ErrorCode::FlavourGone), 1, 1_000));
+        // Sold in the meantime: what was heard before the refusal is stale, what came after
+        // is not.
+        assert!(!turns.eligible(&candidate("p", 900)));
+        assert!(!turns.eligible(&candidate("p", 1_000)));
+        assert!(turns.eligible(&candidate("p", 1_001)));
+        // Gone again for a flavour it has just advertised: a liar, and done.
+        assert!(turns.ended(&p, &refused(ErrorCode::FlavourGone), 1, 2_000));
+        assert!(!turns.eligible(&candidate("p", 3_000)));
+    }
+
+    #[test]
+    fn no_fit_is_a_lie_from_a_current_provider_and_a_first_gone_from_a_revision_0_one() {
+        let mut turns = Turns::default();
+        assert!(turns.ended(&id("new"), &refused(ErrorCode::NoFit), 1, 10));
+        assert!(!turns.ended(&id("old"), &refused(ErrorCode::NoFit), 0, 10));
+        assert!(turns.eligible(&candidate("old", 11)));
+        assert!(turns.ended(&id("old"), &refused(ErrorCode::NoFit), 0, 20));
+    }
+
+    #[test]
+    fn silence_and_bad_answers_are_lies_other_refusals_only_end_the_turn() {
+        let mut turns = Turns::default();
+        assert!(turns.ended(&id("a"), &RearError::Timeout("a".into()), 1, 0));
+        for (p, code) in [
+            ("b", ErrorCode::ShareExceeded),
+            ("c", ErrorCode::TooManyPending),
+            ("d", ErrorCode::Busy),
+            ("e", ErrorCode::Storage),
+        ] {
+            assert!(!turns.ended(&id(p), &refused(code), 1, 0), "{code:?}");
+            assert!(
+                !turns.eligible(&candidate(p, 1)),
+                "{code:?} ends {p}'s turn"
+            );
+        }
+        assert!(!turns.eligible(&candidate("a", 1)));
+        assert!(turns.eligible(&candidate("f", 0)), "others keep their turn");
+    }
+
+    fn bought(term_ms: Option<u64>, ends_at: Option<u64>, state: ContractState) -> Contract {
+        let mut c = test_contract("s.c1", "s", "me", Resources::default(), state);
+        c.term_ms = term_ms;
+        c.ends_at = ends_at;
+        c
+    }
+
+    #[test]
+    fn renewal_is_due_with_half_the_term_left_or_the_margin_for_short_terms() {
+        let me = id("me");
+        let c = bought(Some(10_000), Some(20_000), ContractState::Active);
+        assert!(
+            !renewal_due(&c, &me, 14_999, 1_000),
+            "more than half the term left"
+        );
+        assert!(renewal_due(&c, &me, 15_000, 1_000), "half the term left");
+        assert!(renewal_due(&c, &me, 19_999, 1_000));
+        assert!(
+            !renewal_due(&c, &me, 20_000, 1_000),
+            "past its end: the sweeper ends it"
+        );
+        // A term shorter than two checks and a wait: renewed from the margin on.
+        let short = bought(Some(1_000), Some(20_000), ContractState::Reserved);
+        assert!(!renewal_due(&short, &me, 16_999, 3_000));
+        assert!(renewal_due(&short, &me, 17_000, 3_000));
+    }
+
+    #[test]
+    fn only_a_live_contract_with_a_term_that_this_node_bought_is_renewed() {
+        let me = id("me");
+        for state in [ContractState::Released, ContractState::Expired] {
+            assert!(!renewal_due(&bought(Some(10), Some(20), state), &me, 19, 0));
+        }
+        assert!(!renewal_due(
+            &bought(None, None, ContractState::Active),
+            &me,
+            19,
+            0
+        ));
+        let sold = bought(Some(10), Some(20), ContractState::Active);
+        assert!(!renewal_due(&sold, &id("someone-else"), 19, 0));
     }
 }

@@ -121,14 +121,9 @@ pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>
             Reservation::Refused(r) => Reservation::Refused(crate::contracts::as_answered(r, &req)),
             o => o,
         });
-        let answer = match (&outcome, &durable) {
-            (Some(Reservation::New(_)), Ok(())) => Answer::New,
-            (Some(Reservation::Repeat(_)), _) => Answer::Repeat,
-            (Some(Reservation::Refused(r)), _) => Answer::Refused(r.code()),
-            _ => Answer::Refused(ErrorCode::Storage),
-        };
-        let body = match (outcome, &durable) {
-            (Some(Reservation::New(c)), Ok(())) => {
+        let verdict = Verdict::of(outcome, durable.as_ref().copied().map_err(String::as_str));
+        match &verdict {
+            Verdict::New(c) => {
                 shared.step(
                     16,
                     "REAR Manager",
@@ -143,28 +138,20 @@ pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>
                     format_args!("resources reserved; contract {} flushed to disk", c.id),
                 );
                 info!(contract = %c.id, buyer = %from, "reservation made");
-                Body::Reserved(Box::new(c))
             }
-            (Some(Reservation::Repeat(c)), _) => {
-                info!(contract = %c.id, tx = %req.transaction, "repeated transaction: first answer sent again");
-                Body::Reserved(Box::new(c))
+            Verdict::Repeat(c) => {
+                info!(contract = %c.id, tx = %req.transaction, "repeated transaction: first answer sent again")
             }
-            (Some(Reservation::Refused(r)), _) => {
-                info!(%from, flavour = %req.flavour, reason = %r, "reservation refused");
-                Body::Error(ErrorBody::new(r.code(), &r.to_string()))
+            Verdict::Refused(r) => {
+                info!(%from, flavour = %req.flavour, reason = %r, "reservation refused")
             }
-            (Some(Reservation::New(c)), Err(e)) => {
-                error!(contract = %c.id, error = %e, "write or flush failed: reservation not acknowledged");
-                Body::Error(ErrorBody::new(
-                    ErrorCode::Storage,
-                    "the provider could not make the reservation durable; retry later",
-                ))
+            Verdict::NotDurable(c, e) => {
+                error!(contract = %c.id, error = %e, "write or flush failed: reservation not acknowledged")
             }
-            (None, _) => Body::Error(ErrorBody::new(
-                ErrorCode::Storage,
-                "the provider could not store the reservation; nothing was reserved",
-            )),
-        };
+            Verdict::Undecided => {}
+        }
+        let answer = verdict.metric();
+        let body = verdict.body();
         let ok = matches!(body, Body::Reserved(_));
         match shared.send(&from, Some(id), body).await {
             Ok(_) if ok => {
@@ -185,6 +172,63 @@ pub(crate) async fn on_reserve_batch(shared: &Shared, batch: Vec<PendingReserve>
     if any_new && durable.is_ok() {
         if let Err(e) = shared.publish_advert().await {
             warn!(error = %e, "could not re-publish the advert");
+        }
+    }
+}
+
+/// How one request of a group commit is answered (steps 16-18), from the writer's decision
+/// and whether the batch that holds it reached the disk. A pure rule: the driver above only
+/// logs, reports the steps and sends.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// Sold now and durable: RESERVED.
+    New(Contract),
+    /// A transaction sold before (durable then): RESERVED again, byte for byte, whatever
+    /// became of this batch's flush.
+    Repeat(Contract),
+    /// Refused by the rules: ERROR with the refusal's code.
+    Refused(crate::contracts::Refusal),
+    /// Sold in this batch, but the write or the flush failed: ERROR STORAGE. The sale may
+    /// survive unpeered on disk; it lapses at its peering deadline, never acknowledged.
+    NotDurable(Contract, String),
+    /// The writer could not decide the batch: ERROR STORAGE, nothing reserved.
+    Undecided,
+}
+
+impl Verdict {
+    pub(crate) fn of(outcome: Option<Reservation>, durable: Result<(), &str>) -> Verdict {
+        match (outcome, durable) {
+            (Some(Reservation::New(c)), Ok(())) => Verdict::New(c),
+            (Some(Reservation::New(c)), Err(e)) => Verdict::NotDurable(c, e.to_string()),
+            (Some(Reservation::Repeat(c)), _) => Verdict::Repeat(c),
+            (Some(Reservation::Refused(r)), _) => Verdict::Refused(r),
+            (None, _) => Verdict::Undecided,
+        }
+    }
+
+    /// The metrics' name for the answer.
+    pub(crate) fn metric(&self) -> Answer {
+        match self {
+            Verdict::New(_) => Answer::New,
+            Verdict::Repeat(_) => Answer::Repeat,
+            Verdict::Refused(r) => Answer::Refused(r.code()),
+            Verdict::NotDurable(..) | Verdict::Undecided => Answer::Refused(ErrorCode::Storage),
+        }
+    }
+
+    /// The answer's body.
+    pub(crate) fn body(self) -> Body {
+        match self {
+            Verdict::New(c) | Verdict::Repeat(c) => Body::Reserved(Box::new(c)),
+            Verdict::Refused(r) => Body::Error(ErrorBody::new(r.code(), &r.to_string())),
+            Verdict::NotDurable(..) => Body::Error(ErrorBody::new(
+                ErrorCode::Storage,
+                "the provider could not make the reservation durable; retry later",
+            )),
+            Verdict::Undecided => Body::Error(ErrorBody::new(
+                ErrorCode::Storage,
+                "the provider could not store the reservation; nothing was reserved",
+            )),
         }
     }
 }
@@ -603,5 +647,72 @@ pub(crate) async fn enforce_sales(
         if let Err(e) = crate::fabric::enforce::enforce(&shared.fabric, &sales(&shared)).await {
             tracing::warn!(error = %e, "contract enforcement round failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contracts::Refusal;
+    use crate::model::{test_contract, Resources};
+
+    fn sold() -> Contract {
+        test_contract(
+            "p.c1",
+            "p",
+            "b",
+            Resources::default(),
+            ContractState::Reserved,
+        )
+    }
+
+    fn code(body: &Body) -> Option<ErrorCode> {
+        match body {
+            Body::Error(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_new_sale_is_acknowledged_only_once_durable() {
+        let v = Verdict::of(Some(Reservation::New(sold())), Ok(()));
+        assert!(matches!(v.metric(), Answer::New));
+        assert!(matches!(v.body(), Body::Reserved(c) if c.id.as_str() == "p.c1"));
+
+        let v = Verdict::of(Some(Reservation::New(sold())), Err("fsync: EIO"));
+        assert!(matches!(v.metric(), Answer::Refused(ErrorCode::Storage)));
+        let body = v.body();
+        assert_eq!(code(&body), Some(ErrorCode::Storage));
+        assert!(!matches!(body, Body::Reserved(_)));
+    }
+
+    #[test]
+    fn a_repeat_is_answered_again_even_when_this_batch_did_not_reach_the_disk() {
+        // The repeat was made durable by an earlier batch; this batch's failure is not its.
+        for durable in [Ok(()), Err("flush failed")] {
+            let v = Verdict::of(Some(Reservation::Repeat(sold())), durable);
+            assert!(matches!(v.metric(), Answer::Repeat));
+            assert!(matches!(v.body(), Body::Reserved(_)));
+        }
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_code_and_words_and_an_undecided_batch_is_storage() {
+        let flavour = Id::new("p.f1").unwrap();
+        let v = Verdict::of(
+            Some(Reservation::Refused(Refusal::NoFit(flavour))),
+            Err("flush failed"),
+        );
+        assert!(matches!(v.metric(), Answer::Refused(ErrorCode::NoFit)));
+        match v.body() {
+            Body::Error(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::NoFit));
+                assert!(e.text.as_str().contains("p.f1"), "{}", e.text.as_str());
+            }
+            other => panic!("{:?}", other.kind()),
+        }
+        let v = Verdict::of(None, Err("tables closed"));
+        assert!(matches!(v.metric(), Answer::Refused(ErrorCode::Storage)));
+        assert_eq!(code(&v.body()), Some(ErrorCode::Storage));
     }
 }

@@ -587,3 +587,34 @@ fn lib_rs_lists_each_module_after_what_it_imports() {
         problems.join("; ")
     );
 }
+
+/// No `.unwrap()` or `.expect(` outside `#[cfg(test)]` in the gateway's, the supernode's or
+/// the signer's source (comments and strings excluded): an input-derived value must give an
+/// error in words, and the few values that cannot fail are written so that they need
+/// neither.
+#[test]
+fn no_unwrap_or_expect_outside_tests() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut found = Vec::new();
+    for crate_src in ["agent/src", "supernode/src", "signer/src"] {
+        let mut files = Vec::new();
+        rs_files(&root.join(crate_src), &mut files);
+        for f in files {
+            if f.ends_with("tables/tests.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&f).expect("read source");
+            let code = without_tests(&code_only(&text));
+            for line in code.lines() {
+                if line.contains(".unwrap()") || line.contains(".expect(") {
+                    found.push(format!("{}: {}", f.display(), line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "unwrap/expect outside tests:\n{}",
+        found.join("\n")
+    );
+}

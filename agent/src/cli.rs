@@ -519,7 +519,7 @@ pub async fn status(
         };
         writeln!(
             out,
-            "  {:<24} {:<9?} buyer {:<16} seller {:<16} {}  {} {} per {}{end}",
+            "  {:<24} {:<9} buyer {:<16} seller {:<16} {}  {} {} per {}{end}",
             k.id,
             k.state,
             k.buyer,
@@ -555,7 +555,7 @@ pub async fn release(
     let id = Id::new(id).map_err(|e| other(format!("contract id: {e}")))?;
     match ask(&socket_path(config, socket)?, Request::Release(id)).await? {
         Response::Released(k) => {
-            writeln!(out, "contract {} released ({:?})", k.id, k.state)?;
+            writeln!(out, "contract {} released ({})", k.id, k.state)?;
             Ok(())
         }
         Response::Error(e) => Err(other(e)),

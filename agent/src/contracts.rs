@@ -202,7 +202,7 @@ pub fn check_answer(c: &Contract, from: &Id, req: &ReserveRequest) -> Result<(),
         }
     }
     if c.state != ContractState::Reserved {
-        return bad(format!("state {:?}", c.state));
+        return bad(format!("state {}, not Reserved", c.state));
     }
     Ok(())
 }

@@ -233,7 +233,7 @@ async fn run_in(dir: &Path, port: u16, t0: Instant) -> Result<usize, AgentError>
             Ok(())
         }
         Ok(i) => Err(AgentError::Other(format!(
-            "the demo's intent ended {:?}: {}",
+            "the demo's intent ended {}: {}",
             i.state,
             i.error.as_ref().map_or("", |e| e.as_str())
         ))),

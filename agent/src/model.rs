@@ -507,6 +507,24 @@ pub enum ContractState {
     Expired,
 }
 
+impl ContractState {
+    /// The state's name as `fluidlet status` (text and JSON) shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ContractState::Reserved => "Reserved",
+            ContractState::Active => "Active",
+            ContractState::Released => "Released",
+            ContractState::Expired => "Expired",
+        }
+    }
+}
+
+impl std::fmt::Display for ContractState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// A signed reservation: what was bought, by whom, from whom, until when.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, serde::Serialize)]
 #[cbor(map)]
@@ -662,7 +680,7 @@ impl IntentState {
 
 impl std::fmt::Display for IntentState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 

@@ -614,7 +614,7 @@ async fn unexpected(shared: &Shared, from: &Id, id: u64, kind: crate::wire::Kind
     if kind == crate::wire::Kind::Error {
         return;
     }
-    let text = format!("{kind:?} is not accepted on {place} topics");
+    let text = format!("{kind} is not accepted on {place} topics");
     answer_error(shared, from, Some(id), ErrorCode::Unexpected, &text).await;
 }
 

@@ -382,12 +382,24 @@ pub(crate) async fn drive(shared: &Shared, mut intent: Intent) -> Intent {
                                 intent.placement = Text::new(&node).ok();
                                 intent.state = IntentState::Deploying;
                             }
-                            other => fail(
-                                &mut intent,
-                                &format!(
-                                    "the new virtual node does not fit the request ({other:?})"
-                                ),
-                            ),
+                            other => {
+                                let found = match other {
+                                    Ok(Some(Placement::Virtual { contract, .. })) => {
+                                        format!("room found on contract {contract} instead")
+                                    }
+                                    Ok(Some(Placement::Local { flavour, .. })) => {
+                                        format!("room found on own flavour {flavour} instead")
+                                    }
+                                    Ok(None) => "no room on it".to_string(),
+                                    Err(e) => format!("Available Resources unreadable: {e}"),
+                                };
+                                fail(
+                                    &mut intent,
+                                    &format!(
+                                        "the new virtual node does not fit the request ({found})"
+                                    ),
+                                )
+                            }
                         }
                     }
                     Err(e) => {

@@ -61,7 +61,7 @@ pub(crate) async fn on_renew(shared: &Shared, from: &Id, id: u64, r: ContractRef
         }
         Ok(None) => {
             let text = format!(
-                "contract {} has ended ({:?}, or its term ran out): it cannot be renewed",
+                "contract {} has ended ({}, or its term ran out): it cannot be renewed",
                 sold.id, sold.state
             );
             answer(shared, from, id, refuse(text)).await

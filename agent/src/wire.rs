@@ -68,6 +68,24 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind's name as docs/protocol.md spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::ListFlavours => "LIST_FLAVOURS",
+            Kind::Flavours => "FLAVOURS",
+            Kind::ReserveFlavour => "RESERVE_FLAVOUR",
+            Kind::Reserved => "RESERVED",
+            Kind::Error => "ERROR",
+            Kind::Advert => "ADVERT",
+            Kind::PeerRequest => "PEER_REQUEST",
+            Kind::PeerAccept => "PEER_ACCEPT",
+            Kind::Release => "RELEASE",
+            Kind::Released => "RELEASED",
+            Kind::Renew => "RENEW",
+            Kind::Renewed => "RENEWED",
+        }
+    }
+
     pub fn from_u16(v: u16) -> Option<Kind> {
         Some(match v {
             1 => Kind::ListFlavours,
@@ -84,6 +102,12 @@ impl Kind {
             12 => Kind::Renewed,
             _ => return None,
         })
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
     }
 }
 
@@ -174,7 +198,7 @@ impl ErrorCode {
 
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 
@@ -555,7 +579,7 @@ impl Message {
             .and_then(|()| Body::from_bytes(kind, &raw.body))
             .map_err(|e| WireError::Malformed {
                 id: Some(raw.id),
-                reason: format!("{kind:?} body: {e}"),
+                reason: format!("{kind} body: {e}"),
             })?;
         Ok(Message {
             id: raw.id,

@@ -223,11 +223,15 @@ async fn intent_status_and_release_through_the_control_socket() {
         format!("name = \"app\"\nmanifest = \"app.yaml\"\n[resources]\ncpu_millicores = 500\nmemory = \"1Gi\"\narchitecture = \"{}\"\n", k8s_arch()),
     )
     .unwrap();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_fluidlet"))
-        .args(["run", "-c", cfg.to_str().unwrap()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed when the test ends, also when an assertion fails first: a leaked agent would
+    // hold the test's pipes (and anything the test runner inherited) open.
+    let mut agent = Reap(
+        Command::new(env!("CARGO_BIN_EXE_fluidlet"))
+            .args(["run", "-c", cfg.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let socket = dir.path().join("cli-cons").join("control.sock");
     for _ in 0..500 {
         if socket.exists() {
@@ -256,7 +260,6 @@ async fn intent_status_and_release_through_the_control_socket() {
     let (ok, out, err) = submitted;
     let _ = (&out, &err);
     if !ok {
-        let _ = agent.kill();
         panic!("submit failed: {out}\n{err}");
     }
     for step in [1, 4, 7, 14, 22, 26, 28, 31] {
@@ -304,9 +307,9 @@ async fn intent_status_and_release_through_the_control_socket() {
     assert!(!ok && err.contains("no contract nope.c1"), "{err}");
 
     let _ = Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
+        .args(["-TERM", &agent.0.id().to_string()])
         .status();
-    assert!(agent.wait().unwrap().success());
+    assert!(agent.0.wait().unwrap().success());
     provider.shutdown().await;
 }
 
@@ -441,4 +444,16 @@ fn check_is_a_library_function_writing_to_any_writer() {
     fluidlet::cli::check(&path, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
     assert!(text.contains("node      gw-1 in domain d1"), "{text}");
+}
+
+/// A child process killed and reaped when dropped.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

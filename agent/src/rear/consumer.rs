@@ -425,7 +425,7 @@ async fn finish(
         other => Err(RearError::Refused {
             provider: provider.to_string(),
             code: None,
-            text: format!("answered {:?} to RESERVE_FLAVOUR", other.kind()),
+            text: format!("answered {} to RESERVE_FLAVOUR", other.kind()),
         }),
     }
 }
@@ -570,7 +570,7 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
             return Err(RearError::Refused {
                 provider: seller.to_string(),
                 code: None,
-                text: format!("answered {:?} to PEER_REQUEST", other.kind()),
+                text: format!("answered {} to PEER_REQUEST", other.kind()),
             })
         }
     };
@@ -695,7 +695,7 @@ pub(crate) async fn release(shared: &Shared, contract: &Id) -> Result<Contract, 
         Ok(other) => Err(RearError::Refused {
             provider: c.seller.to_string(),
             code: None,
-            text: format!("answered {:?} to RELEASE", other.kind()),
+            text: format!("answered {} to RELEASE", other.kind()),
         }),
         Err(e) => Err(e),
     }
@@ -823,7 +823,7 @@ async fn renew(shared: &Shared, c: &Contract) {
             }
         }
         Ok(other) => {
-            warn!(contract = %c.id, answer = ?other.kind(), "unexpected answer to RENEW")
+            warn!(contract = %c.id, answer = %other.kind(), "unexpected answer to RENEW")
         }
         Err(RearError::Timeout(_)) => {
             warn!(contract = %c.id, seller = %c.seller, "RENEW not answered; retrying")

@@ -33,7 +33,7 @@ use crate::rear::provider::{self, answer_error, PendingReserve};
 use crate::rear::{consumer, RearError};
 use crate::shared::{Shared, Waiter};
 use crate::tables::Tables;
-use crate::wire::{Body, ErrorCode, Message, Route, Topics, WireError};
+use crate::wire::{Body, ErrorCode, Message, Route, Topics};
 use crate::{unix_ms, AgentError, Observer};
 use std::sync::Arc;
 use std::time::Duration;
@@ -467,10 +467,10 @@ async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     // A message taken from the queue while a batch was being gathered, handled next.
-    let mut held: Option<Sorted> = None;
+    let mut held: Option<Event> = None;
     loop {
-        let sorted = match held.take() {
-            Some(m) => m,
+        let event = match held.take() {
+            Some(e) => e,
             None => {
                 // Cancel safety: neither branch mutates state before it completes; a message
                 // is handled in the body, after select! has chosen, so it is never
@@ -481,23 +481,20 @@ async fn serve(
                     m = inbound.recv() => m,
                     _ = catalog.wait() => {
                         for advert in catalog.take() {
-                            handle(&shared, advert).await;
+                            let event = Event::of(&shared, advert);
+                            dispatch(&shared, event).await;
                         }
                         continue;
                     }
                 };
                 let Some(m) = m else { break };
-                sort(&shared, m)
+                Event::of(&shared, m)
             }
         };
-        let first = match sorted {
-            Sorted::Reserve(r) => r,
-            Sorted::Mail(from, m) => {
-                on_addressed(&shared, from, m).await;
-                continue;
-            }
-            Sorted::Other(m) => {
-                handle(&shared, m).await;
+        let first = match event {
+            Event::Reserve(r) => r,
+            other => {
+                dispatch(&shared, other).await;
                 continue;
             }
         };
@@ -506,8 +503,8 @@ async fn serve(
         let mut batch = vec![first];
         while shared.cfg.group_commit && batch.len() < MAX_BATCH {
             match inbound.try_recv() {
-                Ok(m) => match sort(&shared, m) {
-                    Sorted::Reserve(r) => batch.push(r),
+                Ok(m) => match Event::of(&shared, m) {
+                    Event::Reserve(r) => batch.push(r),
                     other => {
                         held = Some(other);
                         break;
@@ -520,47 +517,127 @@ async fn serve(
     }
 }
 
-async fn handle(
-    shared: &Arc<Shared>,
-    Inbound {
-        topic,
-        payload,
-        limited,
-    }: Inbound,
-) {
-    let Some(route) = shared.topics.parse(&topic) else {
-        warn!(%topic, "message on a topic outside this node's scheme ignored");
-        return;
-    };
-    if limited {
-        if let Route::Addressed { from, .. } | Route::Discovery { from } = &route {
-            return over_rate(shared, from, &payload).await;
-        }
-    }
-    match route {
-        Route::Catalog { node } => on_catalog(shared, node, &payload).await,
-        Route::Addressed { to, from } => {
-            if &to != shared.me() {
-                warn!(%topic, "mail for another node delivered here; broker ACLs are wrong");
-                return;
+/// An inbound message, routed by its topic and decoded once, as the node task acts on it.
+/// Only one or two exist at a time (the message in hand and one held back), so the inline
+/// request is not worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    /// A well-formed RESERVE_FLAVOUR for this node whose envelope sender and buyer are the
+    /// topic's sender: goes into a group commit.
+    Reserve(PendingReserve),
+    /// Any other well-formed mail for this node from the sender its topic names.
+    Mail(Id, Message),
+    /// LIST_FLAVOURS broadcast by another node.
+    Discovery(Id, Message),
+    /// A provider's catalog entry: its advert, or `None` when the entry was cleared.
+    Catalog(Id, Option<Message>),
+    /// The first message of a sender over its rate limit, to be answered BUSY.
+    OverRate(Id, Vec<u8>),
+    /// Refused on its way in: answered with an ERROR unless it is one.
+    Refused(Box<Refused>),
+    /// Nothing to do (this node's own broadcasts and catalog entry).
+    Ignored,
+}
+
+/// A message refused before any part of the node saw it.
+struct Refused {
+    to: Id,
+    /// The refused message's id, when its envelope could be read.
+    id: Option<u64>,
+    code: ErrorCode,
+    text: String,
+    /// The refused message is an ERROR (or looks like one): never answered.
+    was_error: bool,
+}
+
+impl Event {
+    fn of(
+        shared: &Shared,
+        Inbound {
+            topic,
+            payload,
+            limited,
+        }: Inbound,
+    ) -> Event {
+        let Some(route) = shared.topics.parse(&topic) else {
+            warn!(%topic, "message on a topic outside this node's scheme ignored");
+            return Event::Ignored;
+        };
+        match route {
+            Route::Addressed { to, from } => {
+                if &to != shared.me() {
+                    warn!(%topic, "mail for another node delivered here; broker ACLs are wrong");
+                    return Event::Ignored;
+                }
+                if limited {
+                    return Event::OverRate(from, payload);
+                }
+                match decode(&from, &payload) {
+                    Err(r) => Event::Refused(r),
+                    Ok(m) => match m.body {
+                        Body::ReserveFlavour(req) if req.buyer == from => {
+                            Event::Reserve((from, m.id, req))
+                        }
+                        Body::ReserveFlavour(req) => Event::Refused(Box::new(Refused {
+                            text: format!("buyer {} but sent by {from}", req.buyer),
+                            to: from,
+                            id: Some(m.id),
+                            code: ErrorCode::Unexpected,
+                            was_error: false,
+                        })),
+                        Body::Advert(_) => unexpected(from, &m, "addressed"),
+                        _ => Event::Mail(from, m),
+                    },
+                }
             }
-            if let Some(msg) = decode_or_answer(shared, &from, &payload).await {
-                on_addressed(shared, from, msg).await;
+            Route::Discovery { from } => {
+                if limited {
+                    return Event::OverRate(from, payload);
+                }
+                if &from == shared.me() {
+                    return Event::Ignored;
+                }
+                match decode(&from, &payload) {
+                    Err(r) => Event::Refused(r),
+                    Ok(m) if matches!(m.body, Body::ListFlavours(_)) => Event::Discovery(from, m),
+                    Ok(m) => unexpected(from, &m, "discovery"),
+                }
             }
-        }
-        Route::Discovery { from } => {
-            if &from == shared.me() {
-                return;
-            }
-            if let Some(msg) = decode_or_answer(shared, &from, &payload).await {
-                match msg.body {
-                    Body::ListFlavours(l) => {
-                        provider::answer_list(shared, &from, msg.id, &l.selector, false).await
-                    }
-                    other => unexpected(shared, &from, msg.id, other.kind(), "discovery").await,
+            Route::Catalog { node } => {
+                if &node == shared.me() {
+                    return Event::Ignored;
+                }
+                if payload.is_empty() {
+                    return Event::Catalog(node, None);
+                }
+                match decode(&node, &payload) {
+                    Err(r) => Event::Refused(r),
+                    Ok(m) if matches!(m.body, Body::Advert(_)) => Event::Catalog(node, Some(m)),
+                    Ok(m) => unexpected(node, &m, "catalog"),
                 }
             }
         }
+    }
+}
+
+/// Acts on one event (a RESERVE_FLAVOUR outside a batch is a batch of one).
+async fn dispatch(shared: &Arc<Shared>, event: Event) {
+    match event {
+        Event::Reserve(r) => provider::on_reserve_batch(shared, vec![r]).await,
+        Event::Mail(from, m) => on_mail(shared, from, m).await,
+        Event::Discovery(from, m) => {
+            if let Body::ListFlavours(l) = m.body {
+                provider::answer_list(shared, &from, m.id, &l.selector, false).await
+            }
+        }
+        Event::Catalog(node, advert) => on_catalog(shared, node, advert),
+        Event::OverRate(from, payload) => over_rate(shared, &from, &payload).await,
+        Event::Refused(r) => {
+            if !r.was_error {
+                answer_error(shared, &r.to, r.id, r.code, &r.text).await;
+            }
+        }
+        Event::Ignored => {}
     }
 }
 
@@ -581,57 +658,57 @@ async fn over_rate(shared: &Shared, from: &Id, payload: &[u8]) {
     answer_error(shared, from, msg.map(|m| m.id), ErrorCode::Busy, &text).await;
 }
 
-/// Decodes a payload from `from`; on failure answers ERROR and returns `None`. Also refuses
-/// a message whose envelope names a sender other than the topic's.
-async fn decode_or_answer(shared: &Shared, from: &Id, payload: &[u8]) -> Option<Message> {
+/// Decodes a payload from `from`, or says how to refuse it. A message whose envelope names a
+/// sender other than the topic's is refused too.
+fn decode(from: &Id, payload: &[u8]) -> Result<Message, Box<Refused>> {
     match Message::decode(payload) {
         Ok(msg) if &msg.sender != from => {
             warn!(%from, sender = %msg.sender, "envelope sender contradicts the topic");
-            if !matches!(msg.body, Body::Error(_)) {
-                let text = format!("envelope sender {} but topic says {from}", msg.sender);
-                answer_error(shared, from, Some(msg.id), ErrorCode::Unexpected, &text).await;
-            }
-            None
+            Err(Box::new(Refused {
+                text: format!("envelope sender {} but topic says {from}", msg.sender),
+                to: from.clone(),
+                id: Some(msg.id),
+                code: ErrorCode::Unexpected,
+                was_error: matches!(msg.body, Body::Error(_)),
+            }))
         }
-        Ok(msg) => Some(msg),
+        Ok(msg) => Ok(msg),
         Err(e) => {
             warn!(%from, error = %e, "refused a message");
-            // Never answer an ERROR, not even a broken one (docs/protocol.md section 5).
-            if !crate::wire::is_error(payload) {
-                answer_wire_error(shared, from, &e).await;
-            }
-            None
+            Err(Box::new(Refused {
+                to: from.clone(),
+                id: e.message_id(),
+                code: e.code(),
+                text: e.to_string(),
+                // Never answer an ERROR, not even a broken one (docs/protocol.md section 5).
+                was_error: crate::wire::is_error(payload),
+            }))
         }
     }
 }
 
-async fn answer_wire_error(shared: &Shared, to: &Id, e: &WireError) {
-    answer_error(shared, to, e.message_id(), e.code(), &e.to_string()).await;
+/// A kind that has no meaning on the topic it came on.
+fn unexpected(from: Id, m: &Message, place: &str) -> Event {
+    let kind = m.body.kind();
+    warn!(%from, %kind, place, "message kind has no meaning here");
+    Event::Refused(Box::new(Refused {
+        text: format!("{kind} is not accepted on {place} topics"),
+        to: from,
+        id: Some(m.id),
+        code: ErrorCode::Unexpected,
+        was_error: kind == crate::wire::Kind::Error,
+    }))
 }
 
-async fn unexpected(shared: &Shared, from: &Id, id: u64, kind: crate::wire::Kind, place: &str) {
-    warn!(%from, ?kind, place, "message kind has no meaning here");
-    if kind == crate::wire::Kind::Error {
-        return;
-    }
-    let text = format!("{kind} is not accepted on {place} topics");
-    answer_error(shared, from, Some(id), ErrorCode::Unexpected, &text).await;
-}
-
-async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
-    if &node == shared.me() {
-        return;
-    }
-    if payload.is_empty() {
+/// A provider's catalog entry (`advert` is an ADVERT, or `None`: the provider is gone).
+fn on_catalog(shared: &Shared, node: Id, advert: Option<Message>) {
+    let Some(msg) = advert else {
         debug!(%node, "catalog entry cleared: provider gone");
         shared.candidates.replace(&node, &[], unix_ms());
         return;
-    }
-    let Some(msg) = decode_or_answer(shared, &node, payload).await else {
-        return;
     };
     let Body::Advert(a) = msg.body else {
-        return unexpected(shared, &node, msg.id, msg.body.kind(), "catalog").await;
+        return;
     };
     // A stale advert: one a broker kept (or got back from another broker over a bridge) after
     // its provider stopped refreshing it. Ignored; what a fresher advert said stays until it
@@ -655,17 +732,16 @@ async fn on_catalog(shared: &Shared, node: Id, payload: &[u8]) {
     debug!(%node, flavours = flavours.len(), "catalog advert stored as peering candidates");
 }
 
-async fn on_addressed(shared: &Arc<Shared>, from: Id, msg: Message) {
+/// Mail for this node that is not a RESERVE_FLAVOUR: requests go to the provider side,
+/// answers to the consumer flow waiting for them.
+async fn on_mail(shared: &Arc<Shared>, from: Id, msg: Message) {
     match msg.body {
         Body::ListFlavours(l) => {
             provider::answer_list(shared, &from, msg.id, &l.selector, true).await
         }
-        Body::ReserveFlavour(req) => {
-            if req.buyer != from {
-                let text = format!("buyer {} but sent by {from}", req.buyer);
-                return answer_error(shared, &from, Some(msg.id), ErrorCode::Unexpected, &text)
-                    .await;
-            }
+        // Event::of sends every RESERVE_FLAVOUR from its buyer to the group commit and
+        // refuses the others; one that got here is served the same way.
+        Body::ReserveFlavour(req) if req.buyer == from => {
             provider::on_reserve_batch(shared, vec![(from, msg.id, req)]).await
         }
         Body::PeerRequest(req) => provider::on_peer_request(shared, from, msg.id, req).await,
@@ -677,7 +753,7 @@ async fn on_addressed(shared: &Arc<Shared>, from: Id, msg: Message) {
         | Body::PeerAccept(_)
         | Body::Released(_)
         | Body::Renewed(_) => deliver(shared, from, msg),
-        Body::Advert(_) => unexpected(shared, &from, msg.id, msg.body.kind(), "addressed").await,
+        Body::ReserveFlavour(_) | Body::Advert(_) => {}
     }
 }
 
@@ -710,38 +786,6 @@ fn deliver(shared: &Shared, from: Id, msg: Message) {
             debug!(%from, code = e.code, text = %e.text, "ERROR for no waiting request");
         }
         _ => debug!(%from, corr, "late or unexpected answer dropped"),
-    }
-}
-
-/// An inbound message, decoded once and sorted for the node task. Only one or two exist at a
-/// time (the message in hand and one held back), so the inline request is not worth a box.
-#[allow(clippy::large_enum_variant)]
-enum Sorted {
-    /// A well-formed RESERVE_FLAVOUR for this node whose envelope sender and buyer are the
-    /// topic's sender: goes into a group commit.
-    Reserve(PendingReserve),
-    /// Any other well-formed mail for this node from the sender its topic names.
-    Mail(Id, Message),
-    /// Everything else (catalog, discovery, errors to answer): [`handle`] deals with it.
-    Other(Inbound),
-}
-
-fn sort(shared: &Shared, msg: Inbound) -> Sorted {
-    if msg.limited {
-        return Sorted::Other(msg);
-    }
-    let Some(Route::Addressed { to, from }) = shared.topics.parse(&msg.topic) else {
-        return Sorted::Other(msg);
-    };
-    if &to != shared.me() {
-        return Sorted::Other(msg);
-    }
-    match Message::decode(&msg.payload) {
-        Ok(m) if m.sender == from => match m.body {
-            Body::ReserveFlavour(req) if req.buyer == from => Sorted::Reserve((from, m.id, req)),
-            _ => Sorted::Mail(from, m),
-        },
-        _ => Sorted::Other(msg),
     }
 }
 

@@ -237,10 +237,10 @@ pub(crate) async fn serve(
         let Ok(permit) = clients.clone().acquire_owned().await else {
             break;
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
+        let sh = shared.clone();
+        shared.own_until_stop(async move {
             let _permit = permit;
-            if let Err(e) = client(&shared, stream).await {
+            if let Err(e) = client(&sh, stream).await {
                 debug!(error = %e, "control client ended");
             }
         });

@@ -107,7 +107,9 @@ pub(crate) struct Shared {
     pub stop: watch::Receiver<bool>,
     /// Tasks started while the node runs that must end before it stops: one per intent
     /// being driven (an intent belongs to the node, not to the control client that
-    /// submitted it). [`crate::Agent::shutdown`] joins them; finished ones are reaped on
+    /// submitted it), and, ended at the stop ([`Shared::own_until_stop`]), one per control
+    /// client, per peering grant in progress and per deferred teardown. No task of a running
+    /// node is untracked. [`crate::Agent::shutdown`] joins them; finished ones are reaped on
     /// every new spawn, so the set holds only tasks still running.
     pub owned: Mutex<tokio::task::JoinSet<()>>,
     /// The task driving each intent in [`Shared::owned`], for `intent cancel`.
@@ -161,6 +163,24 @@ impl Shared {
         let mut set = self.owned.lock().unwrap_or_else(|p| p.into_inner());
         while set.try_join_next().is_some() {}
         set.spawn(task)
+    }
+
+    /// Runs `task` as one of the node's own tasks, ended at its next await when the node
+    /// stops (a control client, a peering grant, a deferred teardown: work that a restart
+    /// redoes or no longer needs). The shutdown joins it like the others.
+    pub fn own_until_stop(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::AbortHandle {
+        let mut stop = self.stop.clone();
+        self.own(async move {
+            // Cancel safety: dropping `task` at the stop is what the runtime's end did to
+            // these tasks before they were tracked.
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                _ = task => {}
+            }
+        })
     }
 
     /// Takes the node's own tasks, for the shutdown to join.

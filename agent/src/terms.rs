@@ -96,9 +96,10 @@ pub(crate) async fn expired_sold(shared: &std::sync::Arc<Shared>, c: &Contract) 
             return;
         }
     }
-    let shared = shared.clone();
+    let sh = shared.clone();
     let c = c.clone();
-    tokio::spawn(async move {
+    shared.own_until_stop(async move {
+        let shared = sh;
         tokio::time::sleep(shared.fabric.teardown_grace()).await;
         shared
             .teardowns

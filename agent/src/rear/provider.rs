@@ -316,9 +316,10 @@ pub(crate) async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req
         Ok(started) => started,
         Err(text) => return answer_error(shared, &who, Some(asked), ErrorCode::Busy, text).await,
     };
-    let shared = shared.clone();
+    let sh = shared.clone();
     // The fabric may take seconds: the node task goes on serving meanwhile.
-    tokio::spawn(async move {
+    shared.own_until_stop(async move {
+        let shared = sh;
         let _permit = permit;
         let mut next = Some(first);
         while let Some(g) = next.take() {

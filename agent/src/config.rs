@@ -15,6 +15,9 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Where `fluidlet` looks for its config when `-c` is not given (the packaged path).
+pub const DEFAULT_PATH: &str = "/etc/fluidlet/agent.toml";
+
 /// Largest config file read, in bytes: a config is a few KiB; a huge file is a mistake.
 pub const MAX_CONFIG_FILE: u64 = 256 * 1024;
 /// Most offers one node may configure (each becomes at most one advertised flavour).

@@ -673,7 +673,7 @@ impl Fabric {
             ..command(
                 "read this cluster's Liqo id",
                 Tool::Liqoctl,
-                &["info", "--get", "clusterid"],
+                &["info", "--get", liqo::INFO_CLUSTER_ID],
             )
         });
         let out = self.execute("cluster-id", &[a]).await?;

@@ -309,10 +309,15 @@ impl Shared {
         if let Ok(mut slot) = self.advert.lock() {
             slot.clone_from(&bytes);
         }
-        self.client
-            .publish(self.topics.my_catalog(), QoS::AtLeastOnce, true, bytes)
-            .await
-            .map_err(|e| AgentError::Broker(e.to_string()))?;
+        // The same bound as every other publish: during an outage the request queue does not
+        // drain, and the advert (kept above for the next connect) must not hold its caller.
+        let queued = self
+            .client
+            .publish(self.topics.my_catalog(), QoS::AtLeastOnce, true, bytes);
+        match tokio::time::timeout(PUBLISH_TIMEOUT, queued).await {
+            Ok(r) => r.map_err(|e| AgentError::Broker(e.to_string()))?,
+            Err(_) => return Err(AgentError::Broker(RearError::PublishTimeout.to_string())),
+        }
         debug!(flavours = flavours.len(), "advert published");
         Ok(())
     }

@@ -38,11 +38,7 @@ enum Cmd {
 #[argh(subcommand, name = "enrol")]
 struct EnrolCmd {
     /// path of the TOML config
-    #[argh(
-        option,
-        short = 'c',
-        default = "PathBuf::from(\"/etc/fluidlet/agent.toml\")"
-    )]
+    #[argh(option, short = 'c', default = "default_config()")]
     config: PathBuf,
 }
 
@@ -61,11 +57,7 @@ struct DoctorCmd {
 #[argh(subcommand, name = "run")]
 struct RunCmd {
     /// path of the TOML config (see docs/operations.md)
-    #[argh(
-        option,
-        short = 'c',
-        default = "PathBuf::from(\"/etc/fluidlet/agent.toml\")"
-    )]
+    #[argh(option, short = 'c', default = "default_config()")]
     config: PathBuf,
     /// log one JSON object per line instead of human-readable lines
     #[argh(switch)]
@@ -78,11 +70,7 @@ struct RunCmd {
 #[argh(subcommand, name = "check")]
 struct CheckCmd {
     /// path of the TOML config
-    #[argh(
-        option,
-        short = 'c',
-        default = "PathBuf::from(\"/etc/fluidlet/agent.toml\")"
-    )]
+    #[argh(option, short = 'c', default = "default_config()")]
     config: PathBuf,
 }
 
@@ -239,7 +227,7 @@ struct ContractRelease {
 }
 
 fn default_config() -> PathBuf {
-    PathBuf::from("/etc/fluidlet/agent.toml")
+    PathBuf::from(fluidlet::config::DEFAULT_PATH)
 }
 
 /// Run the two-node demo: an embedded broker, a provider and a consumer in this process.

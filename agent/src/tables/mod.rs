@@ -473,16 +473,6 @@ impl Tables {
         Ok(self.writer().flavours())
     }
 
-    /// The configured offers (totals).
-    pub fn offers(&self) -> Result<Vec<Flavour>, TableError> {
-        Ok(self
-            .writer()
-            .offers
-            .values()
-            .map(|o| o.total.clone())
-            .collect())
-    }
-
     /// One contract record.
     fn record(&self, id: &Id) -> Result<Option<Record>, TableError> {
         one("contracts", &self.ledger, &keys::contract(id))

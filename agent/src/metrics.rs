@@ -99,7 +99,7 @@ impl Metrics {
         let refusals = (1..CODES as u16)
             .filter_map(ErrorCode::from_u16)
             .map(|c| CodeCount {
-                code: code_name(c).to_owned(),
+                code: c.name().to_owned(),
                 count: load(&self.refusals[c as usize]),
             })
             .collect();
@@ -130,27 +130,6 @@ impl Metrics {
                 })
                 .collect(),
         }
-    }
-}
-
-/// The protocol's name of an error code (docs/protocol.md), the `code` label.
-pub fn code_name(c: ErrorCode) -> &'static str {
-    match c {
-        ErrorCode::Malformed => "MALFORMED",
-        ErrorCode::TooLarge => "TOO_LARGE",
-        ErrorCode::UnsupportedVersion => "UNSUPPORTED_VERSION",
-        ErrorCode::UnknownKind => "UNKNOWN_KIND",
-        ErrorCode::FlavourGone => "FLAVOUR_GONE",
-        ErrorCode::NoFit => "NO_FIT",
-        ErrorCode::BadPartition => "BAD_PARTITION",
-        ErrorCode::Unexpected => "UNEXPECTED",
-        ErrorCode::Storage => "STORAGE",
-        ErrorCode::Busy => "BUSY",
-        ErrorCode::NoContract => "NO_CONTRACT",
-        ErrorCode::PeeringFailed => "PEERING_FAILED",
-        ErrorCode::TooManyPending => "TOO_MANY_PENDING",
-        ErrorCode::BadCertificate => "BAD_CERTIFICATE",
-        ErrorCode::ShareExceeded => "SHARE_EXCEEDED",
     }
 }
 

@@ -86,22 +86,24 @@ impl Kind {
         }
     }
 
+    /// Every kind, in the order of their numbers: the one table `from_u16` reads.
+    pub const ALL: [Kind; 12] = [
+        Kind::ListFlavours,
+        Kind::Flavours,
+        Kind::ReserveFlavour,
+        Kind::Reserved,
+        Kind::Error,
+        Kind::Advert,
+        Kind::PeerRequest,
+        Kind::PeerAccept,
+        Kind::Release,
+        Kind::Released,
+        Kind::Renew,
+        Kind::Renewed,
+    ];
+
     pub fn from_u16(v: u16) -> Option<Kind> {
-        Some(match v {
-            1 => Kind::ListFlavours,
-            2 => Kind::Flavours,
-            3 => Kind::ReserveFlavour,
-            4 => Kind::Reserved,
-            5 => Kind::Error,
-            6 => Kind::Advert,
-            7 => Kind::PeerRequest,
-            8 => Kind::PeerAccept,
-            9 => Kind::Release,
-            10 => Kind::Released,
-            11 => Kind::Renew,
-            12 => Kind::Renewed,
-            _ => return None,
-        })
+        Kind::ALL.into_iter().find(|k| *k as u16 == v)
     }
 }
 
@@ -151,26 +153,30 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+    /// Every code, in the order of their numbers: the one table `from_u16` reads.
+    pub const ALL: [ErrorCode; 15] = {
         use ErrorCode::*;
-        Some(match v {
-            1 => Malformed,
-            2 => TooLarge,
-            3 => UnsupportedVersion,
-            4 => UnknownKind,
-            5 => FlavourGone,
-            6 => NoFit,
-            7 => BadPartition,
-            8 => Unexpected,
-            9 => Storage,
-            10 => Busy,
-            11 => NoContract,
-            12 => PeeringFailed,
-            13 => TooManyPending,
-            14 => BadCertificate,
-            15 => ShareExceeded,
-            _ => return None,
-        })
+        [
+            Malformed,
+            TooLarge,
+            UnsupportedVersion,
+            UnknownKind,
+            FlavourGone,
+            NoFit,
+            BadPartition,
+            Unexpected,
+            Storage,
+            Busy,
+            NoContract,
+            PeeringFailed,
+            TooManyPending,
+            BadCertificate,
+            ShareExceeded,
+        ]
+    };
+
+    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| *c as u16 == v)
     }
 
     /// The code's name as docs/protocol.md spells it.
@@ -1095,6 +1101,32 @@ pub fn hex_dump(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_and_codes_are_numbered_in_order_and_named_once() {
+        for (n, k) in Kind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, n + 1);
+            assert_eq!(Kind::from_u16(n as u16 + 1), Some(*k));
+        }
+        for (n, c) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, n + 1);
+            assert_eq!(ErrorCode::from_u16(n as u16 + 1), Some(*c));
+        }
+        assert_eq!(Kind::from_u16(0), None);
+        assert_eq!(Kind::from_u16(Kind::ALL.len() as u16 + 1), None);
+        assert_eq!(ErrorCode::from_u16(ErrorCode::ALL.len() as u16 + 1), None);
+        let mut names: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+        names.extend(ErrorCode::ALL.iter().map(|c| c.name()));
+        let n = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), n, "a name used twice");
+        // Each name is the one docs/protocol.md uses.
+        let doc = include_str!("../../docs/protocol.md");
+        for name in names {
+            assert!(doc.contains(name), "{name} is not in docs/protocol.md");
+        }
+    }
 
     fn build_message(body: Body) -> Message {
         Message {

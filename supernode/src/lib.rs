@@ -4,12 +4,15 @@
 //! (fluidos-project/node) list the domain's flavours, reserve and purchase through it as
 //! they would at another reference node's gateway; it speaks fluidlet's REAR over MQTT to
 //! the providers on their behalf, each reference node as a buyer of its own (`ref-{hash}`).
-//! Only the inbound direction (a reference node buys from a fluidlet provider) is built.
+//! Outbound, the face also sells reference nodes' flavours to fluidlet consumers, each
+//! reference node a provider of its own (`outbound`).
 
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod face;
 pub mod http;
+pub mod outbound;
 pub mod quantity;
 pub mod rear;
 pub mod store;
@@ -32,6 +35,7 @@ pub struct Supernode {
     pub addr: SocketAddr,
     face: Arc<face::Face>,
     domain: domain::Domain,
+    references: Vec<Arc<outbound::Reference>>,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -47,6 +51,18 @@ impl Supernode {
         let domain = domain::Domain::start(&cfg)?;
         let face = Arc::new(face::Face::new(cfg.clone(), domain.clone(), store.clone()));
         let (stop, rx) = watch::channel(false);
+        let mut references = Vec::new();
+        if let Some(out) = &cfg.outbound {
+            for e in &out.references {
+                references.push(outbound::Reference::start(
+                    &cfg,
+                    out,
+                    e,
+                    store.clone(),
+                    rx.clone(),
+                )?);
+            }
+        }
         // The sweeper: what can no longer be used leaves the tables (store::Store::prune).
         let mut sweep_stop = rx.clone();
         tokio::spawn(async move {
@@ -59,6 +75,11 @@ impl Supernode {
                     Ok(0) => {}
                     Ok(n) => tracing::info!("pruned {n} transactions"),
                     Err(e) => tracing::warn!("pruning: {e}"),
+                }
+                match store.out_sweep(fluidlet::unix_ms(), KEEP_MS).await {
+                    Ok((0, 0)) => {}
+                    Ok((x, d)) => tracing::info!("outbound: {x} reservations expired, {d} records pruned"),
+                    Err(e) => tracing::warn!("outbound sweep: {e}"),
                 }
             }
         });
@@ -75,6 +96,7 @@ impl Supernode {
             addr,
             face,
             domain,
+            references,
             stop,
             server,
         })
@@ -90,14 +112,31 @@ impl Supernode {
         self.face.transactions()
     }
 
-    /// Stops serving, disconnects and flushes the tables.
+    /// The reference nodes sold from (outbound), as the face sees them now.
+    pub fn references(&self) -> Vec<outbound::Status> {
+        self.references.iter().map(|r| r.status()).collect()
+    }
+
+    /// The contracts sold for reference nodes (outbound).
+    pub fn outbound_contracts(&self) -> Vec<store::OutRecord> {
+        self.face.store().out_all()
+    }
+
+    /// Stops serving, clears the reference nodes' adverts, disconnects and flushes the
+    /// tables.
     pub async fn shutdown(self) {
+        for r in &self.references {
+            r.stop().await;
+        }
         let _ = self.stop.send(true);
         let _ = self.server.await;
         self.domain.disconnect().await;
         // Let connection tasks holding the face finish, so the tables close (sled's lock).
+        let refs: Vec<std::sync::Weak<outbound::Reference>> =
+            self.references.iter().map(Arc::downgrade).collect();
+        drop(self.references);
         for _ in 0..100 {
-            if Arc::strong_count(&self.face) == 1 {
+            if Arc::strong_count(&self.face) == 1 && refs.iter().all(|r| r.upgrade().is_none()) {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

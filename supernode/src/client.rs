@@ -30,8 +30,7 @@ pub async fn request(
     body: Option<&[u8]>,
     limits: Limits,
 ) -> Result<Answer, String> {
-    match tokio::time::timeout(limits.whole, exchange(endpoint, method, path, body, limits)).await
-    {
+    match tokio::time::timeout(limits.whole, exchange(endpoint, method, path, body, limits)).await {
         Ok(r) => r,
         Err(_) => Err(format!("no whole answer within {:?}", limits.whole)),
     }
@@ -44,15 +43,17 @@ async fn exchange(
     body: Option<&[u8]>,
     limits: Limits,
 ) -> Result<Answer, String> {
-    let mut s = match tokio::time::timeout(
-        limits.connect,
-        tokio::net::TcpStream::connect(endpoint),
-    )
-    .await
+    let mut s = match tokio::time::timeout(limits.connect, tokio::net::TcpStream::connect(endpoint))
+        .await
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("connect: {e}")),
-        Err(_) => return Err(format!("connect: no connection within {:?}", limits.connect)),
+        Err(_) => {
+            return Err(format!(
+                "connect: no connection within {:?}",
+                limits.connect
+            ))
+        }
     };
     let _ = s.set_nodelay(true);
     let mut head = format!(
@@ -186,9 +187,11 @@ mod tests {
             .unwrap();
         assert_eq!((a.status, a.body.as_slice()), (200, &b"[]"[..]));
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n[]", false).is_none());
-        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n[]", true)
-            .unwrap()
-            .is_err());
+        assert!(
+            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n[]", true)
+                .unwrap()
+                .is_err()
+        );
         let c = parse(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[1\r\n1\r\n]\r\n0\r\n\r\n",
             false,

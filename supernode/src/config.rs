@@ -63,6 +63,8 @@ struct RawOutbound {
     gone_after_failures: u32,
     #[serde(default = "default_demote")]
     demote_secs: u32,
+    #[serde(default = "default_backoff")]
+    max_backoff_secs: u32,
     #[serde(default)]
     reference: Vec<RawReference>,
 }
@@ -92,6 +94,9 @@ fn default_gone() -> u32 {
     3
 }
 fn default_demote() -> u32 {
+    600
+}
+fn default_backoff() -> u32 {
     600
 }
 
@@ -221,6 +226,9 @@ pub struct Outbound {
     pub gone_after_failures: u32,
     /// How long a reference node that lied is not listed nor polled.
     pub demote: Duration,
+    /// Longest wait between polls of a failing reference node (the wait doubles per
+    /// consecutive failure from `poll`).
+    pub max_backoff: Duration,
     /// `host:port` of each reference node's REAR gateway.
     pub references: Vec<String>,
 }
@@ -240,8 +248,8 @@ fn outbound(
     o: RawOutbound,
     range: impl Fn(&'static str, u32, u32, u32) -> Result<u32, ConfigError>,
 ) -> Result<Outbound, ConfigError> {
-    let cur_ok = (1..=8).contains(&o.currency.len())
-        && o.currency.bytes().all(|b| b.is_ascii_uppercase());
+    let cur_ok =
+        (1..=8).contains(&o.currency.len()) && o.currency.bytes().all(|b| b.is_ascii_uppercase());
     if !cur_ok {
         return Err(invalid(
             "outbound.currency",
@@ -249,7 +257,12 @@ fn outbound(
         ));
     }
     let poll = range("outbound.poll_secs", o.poll_secs, 1, 3600)?;
-    let connect = range("outbound.connect_timeout_secs", o.connect_timeout_secs, 1, 60)?;
+    let connect = range(
+        "outbound.connect_timeout_secs",
+        o.connect_timeout_secs,
+        1,
+        60,
+    )?;
     let request = range(
         "outbound.request_timeout_secs",
         o.request_timeout_secs,
@@ -268,8 +281,14 @@ fn outbound(
         4096,
         16 << 20,
     )?;
-    let gone = range("outbound.gone_after_failures", o.gone_after_failures, 1, 100)?;
+    let gone = range(
+        "outbound.gone_after_failures",
+        o.gone_after_failures,
+        1,
+        100,
+    )?;
     let demote = range("outbound.demote_secs", o.demote_secs, 1, 86_400)?;
+    let backoff = range("outbound.max_backoff_secs", o.max_backoff_secs, 1, 3600)?;
     if o.reference.len() > MAX_REFERENCES {
         return Err(invalid(
             "outbound.reference",
@@ -305,6 +324,7 @@ fn outbound(
         max_answer_bytes: bytes as usize,
         gone_after_failures: gone,
         demote: Duration::from_secs(u64::from(demote)),
+        max_backoff: Duration::from_secs(u64::from(backoff)),
         references,
     })
 }
@@ -540,7 +560,11 @@ insecure_plaintext = true
         assert_eq!(o.purchase_timeout, Duration::from_secs(60));
         for (from, to, key) in [
             ("10.0.0.7:3004", "10.0.0.7", "outbound.reference.endpoint"),
-            ("10.0.0.7:3004", "http://10.0.0.7:3004", "outbound.reference.endpoint"),
+            (
+                "10.0.0.7:3004",
+                "http://10.0.0.7:3004",
+                "outbound.reference.endpoint",
+            ),
             ("\"EUR\"", "\"euro\"", "outbound.currency"),
             ("\"EUR\"", "\"EUR\"\npoll_secs = 0", "outbound.poll_secs"),
             (

@@ -78,7 +78,9 @@ impl Supernode {
                 }
                 match store.out_sweep(fluidlet::unix_ms(), KEEP_MS).await {
                     Ok((0, 0)) => {}
-                    Ok((x, d)) => tracing::info!("outbound: {x} reservations expired, {d} records pruned"),
+                    Ok((x, d)) => {
+                        tracing::info!("outbound: {x} reservations expired, {d} records pruned")
+                    }
                     Err(e) => tracing::warn!("outbound sweep: {e}"),
                 }
             }

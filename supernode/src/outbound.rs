@@ -45,8 +45,6 @@ pub const PENDING_PER_BUYER: usize = 8;
 const MAX_HOLD_MS: u64 = 3_600_000;
 /// Most requests handled at once per reference node.
 const MAX_IN_FLIGHT: usize = 16;
-/// Longest backoff between polls of a failing reference node.
-const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// A re-advert even when nothing changed (fluidlet's default advert refresh).
 const REFRESH: Duration = Duration::from_secs(300);
 
@@ -169,7 +167,11 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
         }
     };
     // Days from civil (Howard Hinnant).
-    let (yy, mm) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let (yy, mm) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
     let era = yy.div_euclid(400);
     let yoe = yy - era * 400;
     let doy = (153 * mm + 2) / 5 + d - 1;
@@ -278,12 +280,15 @@ pub fn to_flavour(v: &Value, provider: &Id, currency: &str) -> Result<Option<Lis
             "priced in {cur:?}, not in the domain's currency {currency} (no exchange rate is configured: not listed)"
         )));
     }
-    let amount = price["amount"].as_str().and_then(millionths).ok_or_else(|| {
-        bad(format!(
-            "price amount {} is not a decimal with at most 6 decimals",
-            price["amount"]
-        ))
-    })?;
+    let amount = price["amount"]
+        .as_str()
+        .and_then(millionths)
+        .ok_or_else(|| {
+            bad(format!(
+                "price amount {} is not a decimal with at most 6 decimals",
+                price["amount"]
+            ))
+        })?;
     let period = text::<16>(&price["period"]).ok_or_else(|| bad("no price period".into()))?;
     let loc = &v["location"];
     let location = if loc.is_object() {
@@ -464,14 +469,20 @@ impl Reference {
                         let me = me.clone();
                         tokio::spawn(async move {
                             let mail = format!("fluidos/v1/{}/to/{}/from/+", me.domain, me.id);
-                            if let Err(e) = me.client.subscribe(mail, QoS::AtLeastOnce).await {
-                                tracing::warn!("{}: subscribe: {e}", me.endpoint);
+                            // LIST_FLAVOURS broadcasts, answered as a provider answers them.
+                            let disc = format!("fluidos/v1/{}/discovery/from/+", me.domain);
+                            for f in [mail, disc] {
+                                if let Err(e) = me.client.subscribe(f, QoS::AtLeastOnce).await {
+                                    tracing::warn!("{}: subscribe: {e}", me.endpoint);
+                                }
                             }
                             // After every (re)connect: the advert again.
                             me.advertise(true).await;
                         });
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => me.mail(&p.topic, p.payload.to_vec()),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        me.mail(&p.topic, p.payload.to_vec())
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::debug!("{}: domain broker: {e}", me.endpoint);
@@ -579,10 +590,10 @@ impl Reference {
                     self.endpoint
                 );
                 if clear {
-                    self.advertise(false).await;
+                    self.advertise(true).await;
                 }
                 let shift = failures.min(8);
-                return (self.cfg.poll * 2u32.pow(shift)).min(MAX_BACKOFF);
+                return (self.cfg.poll * 2u32.pow(shift)).min(self.cfg.max_backoff);
             }
         };
         let mut flavours = HashMap::new();
@@ -697,6 +708,11 @@ impl Reference {
 
     fn mail(self: &Arc<Self>, topic: &str, payload: Vec<u8>) {
         let prefix = format!("fluidos/v1/{}/to/{}/from/", self.domain, self.id);
+        let disc = format!("fluidos/v1/{}/discovery/from/", self.domain);
+        if let Some(from) = topic.strip_prefix(&disc) {
+            self.broadcast(from, &payload);
+            return;
+        }
         let Some(from) = topic.strip_prefix(&prefix) else {
             return;
         };
@@ -712,8 +728,12 @@ impl Reference {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             let me = self.clone();
             tokio::spawn(async move {
-                me.reply(&from, m.id, error(ErrorCode::Busy, "too many requests in flight"))
-                    .await;
+                me.reply(
+                    &from,
+                    m.id,
+                    error(ErrorCode::Busy, "too many requests in flight"),
+                )
+                .await;
             });
             return;
         };
@@ -737,6 +757,47 @@ impl Reference {
                 me.reply(&from, m.id, a).await;
             }
             drop(permit);
+        });
+    }
+
+    /// A LIST_FLAVOURS broadcast: answered only when a flavour matches (protocol section 6).
+    fn broadcast(self: &Arc<Self>, from: &str, payload: &[u8]) {
+        let Ok(from) = Id::new(from) else { return };
+        if from == self.id {
+            return;
+        }
+        let Ok(m) = Message::decode(payload) else {
+            return;
+        };
+        let Body::ListFlavours(req) = m.body else {
+            return;
+        };
+        if m.sender != from {
+            return;
+        }
+        let mut l: Vec<Flavour> = self
+            .state
+            .lock()
+            .map(|s| {
+                s.flavours
+                    .values()
+                    .filter(|l| fluidlet::discovery::fit(&l.flavour, &req.selector).is_some())
+                    .map(|l| l.flavour.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if l.is_empty() || self.demoted() {
+            return;
+        }
+        l.sort_by(|a, b| a.id.cmp(&b.id));
+        let me = self.clone();
+        tokio::spawn(async move {
+            let body = Body::Flavours(Flavours {
+                flavours: FlavourList::from_slice_truncated(&l),
+                agent: None,
+                revision: Some(REVISION),
+            });
+            me.reply(&from, m.id, body).await;
         });
     }
 
@@ -852,7 +913,9 @@ impl Reference {
         if held.len() >= PENDING_PER_BUYER {
             return error(
                 ErrorCode::TooManyPending,
-                &format!("{PENDING_PER_BUYER} unpeered reservations at this reference node already"),
+                &format!(
+                    "{PENDING_PER_BUYER} unpeered reservations at this reference node already"
+                ),
             );
         }
         if held.iter().any(|r| r.ref_flavor == listed.ref_id) {
@@ -934,7 +997,12 @@ impl Reference {
         };
         match a.status {
             200 => {}
-            404 => return error(ErrorCode::FlavourGone, "the reference node: Flavor not found"),
+            404 => {
+                return error(
+                    ErrorCode::FlavourGone,
+                    "the reference node: Flavor not found",
+                )
+            }
             400 => {
                 return error(
                     ErrorCode::BadPartition,
@@ -972,7 +1040,10 @@ impl Reference {
                 t["flavorID"], listed.ref_id
             ))
         } else if !tid_ok {
-            Some(format!("its transaction id {:?} is not one", snippet(tid.as_bytes())))
+            Some(format!(
+                "its transaction id {:?} is not one",
+                snippet(tid.as_bytes())
+            ))
         } else if expiry.is_none_or(|e| e <= now_ms()) {
             Some(format!(
                 "its transaction's expirationTime {} is not a future RFC 3339 time",
@@ -989,9 +1060,7 @@ impl Reference {
             );
         }
         let now = now_ms();
-        let expires_at = expiry
-            .unwrap_or(now)
-            .min(now.saturating_add(MAX_HOLD_MS));
+        let expires_at = expiry.unwrap_or(now).min(now.saturating_add(MAX_HOLD_MS));
         let n = match self.store.next_number() {
             Ok(n) => n,
             Err(e) => return storage(e),
@@ -1098,10 +1167,16 @@ impl Reference {
             }
         }
         let (Some(kubeconfig), Some(cluster)) = (&r.kubeconfig, &r.cluster_id) else {
-            return error(ErrorCode::Storage, "the purchased contract lost its credentials");
+            return error(
+                ErrorCode::Storage,
+                "the purchased contract lost its credentials",
+            );
         };
         let Ok(cluster) = Id::new(cluster) else {
-            return error(ErrorCode::PeeringFailed, "the seller's cluster id is not an id");
+            return error(
+                ErrorCode::PeeringFailed,
+                "the seller's cluster id is not an id",
+            );
         };
         let ctx = fluidlet::seal::Context {
             contract: &req.contract,
@@ -1113,7 +1188,10 @@ impl Reference {
             Err(e) => return error(ErrorCode::PeeringFailed, &e.to_string()),
         };
         let Ok(sealed) = Bytes::new(&sealed) else {
-            return error(ErrorCode::PeeringFailed, "the kubeconfig is too large to seal");
+            return error(
+                ErrorCode::PeeringFailed,
+                "the kubeconfig is too large to seal",
+            );
         };
         Body::PeerAccept(PeerAccept {
             contract: req.contract.clone(),
@@ -1190,7 +1268,9 @@ impl Reference {
                 c["flavor"]["flavorID"], r.ref_flavor
             ))
         } else if !liqo_cluster_id(&cluster) || Id::new(&cluster).is_err() {
-            Some(format!("its cluster id {cluster:?} is not a Liqo cluster id"))
+            Some(format!(
+                "its cluster id {cluster:?} is not a Liqo cluster id"
+            ))
         } else if kubeconfig
             .as_ref()
             .is_none_or(|k| k.is_empty() || k.len() > MAX_IDENTITY)
@@ -1205,7 +1285,9 @@ impl Reference {
             self.demote(why.clone()).await;
             return Err(error(
                 ErrorCode::PeeringFailed,
-                &format!("the reference node's contract is not the one bought ({why}); it is demoted"),
+                &format!(
+                    "the reference node's contract is not the one bought ({why}); it is demoted"
+                ),
             ));
         }
         r.state = OutState::Active;
@@ -1227,12 +1309,7 @@ impl Reference {
             Ok(Some(rec)) if rec.consumer == from.as_str() && rec.provider == self.id.as_str() => {
                 rec
             }
-            Ok(_) => {
-                return error(
-                    ErrorCode::NoContract,
-                    "no contract of the sender matches",
-                )
-            }
+            Ok(_) => return error(ErrorCode::NoContract, "no contract of the sender matches"),
             Err(e) => return error(ErrorCode::Storage, &e.to_string()),
         };
         if matches!(rec.state, OutState::Reserved | OutState::Active) {
@@ -1324,17 +1401,36 @@ mod tests {
         let l = to_flavour(&flavor("EUR"), &p, "EUR").unwrap().unwrap();
         assert_eq!(l.ref_id, "fl-node-a-1");
         let f = &l.flavour;
-        assert_eq!((f.resources.cpu, f.resources.memory, f.resources.pods), (4000, 8 << 30, 110));
+        assert_eq!(
+            (f.resources.cpu, f.resources.memory, f.resources.pods),
+            (4000, 8 << 30, 110)
+        );
         assert_eq!(f.partitionability.as_ref().unwrap().cpu_step, 500);
         assert_eq!(f.price.amount, 1_200_000);
-        assert_eq!(f.location.as_ref().unwrap().country.as_ref().unwrap().as_str(), "IT");
+        assert_eq!(
+            f.location
+                .as_ref()
+                .unwrap()
+                .country
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            "IT"
+        );
         assert_eq!(f.provider, p);
         // Any change of the flavour gives another id; the same flavour the same id.
         let mut changed = flavor("EUR");
         changed["type"]["data"]["charateristics"]["cpu"] = "2".into();
         let l2 = to_flavour(&changed, &p, "EUR").unwrap().unwrap();
         assert_ne!(l2.flavour.id, l.flavour.id);
-        assert_eq!(to_flavour(&flavor("EUR"), &p, "EUR").unwrap().unwrap().flavour.id, f.id);
+        assert_eq!(
+            to_flavour(&flavor("EUR"), &p, "EUR")
+                .unwrap()
+                .unwrap()
+                .flavour
+                .id,
+            f.id
+        );
         // Another currency, the correct spelling of the typo, another type: refused.
         let e = to_flavour(&flavor("USD"), &p, "EUR").unwrap_err();
         assert!(e.contains("USD") && e.contains("EUR"), "{e}");

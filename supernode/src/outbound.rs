@@ -67,6 +67,9 @@ struct NodeState {
     /// Whether an advert (non-empty retained entry) stands for it.
     advertised: bool,
     last_advert: Option<Instant>,
+    /// Whether a poll has answered since the face started (before it, the face knows
+    /// nothing to advertise and leaves the retained entry as it is).
+    polled: bool,
 }
 
 /// One reference node sold from.
@@ -333,7 +336,7 @@ fn check_piece(name: &str, v: u64, min: u64, step: u64) -> Result<(), String> {
     if v < min {
         return Err(format!("{name} {v} is under the minimum {min}"));
     }
-    if step > 0 && v % step != 0 {
+    if step > 0 && !v.is_multiple_of(step) {
         return Err(format!("{name} {v} is not a multiple of the step {step}"));
     }
     Ok(())
@@ -476,8 +479,11 @@ impl Reference {
                                     tracing::warn!("{}: subscribe: {e}", me.endpoint);
                                 }
                             }
-                            // After every (re)connect: the advert again.
-                            me.advertise(true).await;
+                            // After every (re)connect: the advert again, once there is one.
+                            let polled = me.state.lock().map(|s| s.polled).unwrap_or(false);
+                            if polled {
+                                me.advertise(true).await;
+                            }
                         });
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -622,13 +628,15 @@ impl Reference {
         let changed = {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             s.failures = 0;
+            let first = !s.polled;
+            s.polled = true;
             let mut old: Vec<&Id> = s.flavours.keys().collect();
             let mut new: Vec<&Id> = flavours.keys().collect();
             old.sort();
             new.sort();
             let changed = old != new;
             s.flavours = flavours;
-            changed
+            changed || first
         };
         self.advertise(changed).await;
         self.cfg.poll

@@ -696,6 +696,25 @@ async fn route(
         }
         return encode(&Value::Array(list));
     }
+    if path == fact("routes.k8slice.path") {
+        if method != "GET" {
+            return go_error(405, "");
+        }
+        let s = st.lock().unwrap();
+        let available: Vec<&Offer> = s.offers.iter().filter(|o| o.available).collect();
+        let matched = match select(_query, &available) {
+            Ok(n) => n,
+            Err(e) => return go_error(400, &e),
+        };
+        // The quirk (facts: quirk_returns_first_n_available): as many flavours as matched,
+        // but the first ones of the whole available list.
+        let list: Vec<Value> = available
+            .iter()
+            .take(matched)
+            .map(|o| flavor_json(&s, o))
+            .collect();
+        return encode(&Value::Array(list));
+    }
     if path == fact("routes.reserve.path") && method == "POST" {
         let req: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
@@ -815,6 +834,68 @@ async fn route(
         return encode(&contract);
     }
     go_error(404, "404 page not found")
+}
+
+/// decodeK8SliceSelector and the filter: how many of `offers` the query selects, or the
+/// 400 text. Keys `filter[RESOURCE][match|range]([min|max])`; quantities in thousandths.
+fn select(query: Option<&str>, offers: &[&Offer]) -> Result<usize, String> {
+    type Bounds = (Option<u128>, Option<u128>, Option<u128>);
+    let mut arch: Option<String> = None;
+    let mut filters: HashMap<String, Bounds> = HashMap::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = k.replace("%5B", "[").replace("%5D", "]");
+        let parts: Vec<&str> = k
+            .strip_prefix("filter[")
+            .and_then(|r| r.strip_suffix(']'))
+            .map(|r| r.split("][").collect())
+            .ok_or(format!("invalid key format: {k}"))?;
+        let (res, kind, bound) = match parts.as_slice() {
+            [r, t] => (*r, *t, None),
+            [r, t, b] => (*r, *t, Some(*b)),
+            _ => return Err(format!("invalid key format: {k}")),
+        };
+        if !["architecture", "cpu", "memory", "pods", "storage"].contains(&res)
+            || !["match", "range"].contains(&kind)
+        {
+            return Err(format!("invalid key format: {k}"));
+        }
+        if res == "architecture" {
+            if kind != "match" {
+                return Err("invalid filter type".into());
+            }
+            arch = Some(v.to_string());
+            continue;
+        }
+        let q = fluidlet_supernode::quantity::parse(v)?.0;
+        let e = filters.entry(res.to_string()).or_default();
+        match (kind, bound) {
+            ("match", None) if e.0.is_none() && e.1.is_none() && e.2.is_none() => e.0 = Some(q),
+            ("range", Some("min")) if e.0.is_none() && e.1.is_none() => e.1 = Some(q),
+            ("range", Some("max")) if e.0.is_none() && e.2.is_none() => e.2 = Some(q),
+            _ => return Err(format!("invalid filter: {k}")),
+        }
+    }
+    let value = |o: &Offer, r: &str| -> u128 {
+        let q = match r {
+            "cpu" => &o.cpu,
+            "memory" => &o.memory,
+            _ => &o.pods,
+        };
+        fluidlet_supernode::quantity::parse(q)
+            .map(|m| m.0)
+            .unwrap_or(0)
+    };
+    Ok(offers
+        .iter()
+        .filter(|o| arch.as_ref().is_none_or(|a| *a == o.architecture))
+        .filter(|o| {
+            filters.iter().all(|(r, (m, mn, mx))| {
+                let v = value(o, r);
+                m.is_none_or(|m| v == m) && mn.is_none_or(|m| v >= m) && mx.is_none_or(|m| v <= m)
+            })
+        })
+        .count())
 }
 
 fn s_path(v: &Value, keys: &[&str]) -> String {

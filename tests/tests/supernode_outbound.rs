@@ -198,6 +198,11 @@ async fn a_fluidlet_intent_is_placed_on_a_reference_nodes_flavour_through_the_fa
         (1_200_000, "EUR")
     );
     assert_eq!(f.partitionability.as_ref().unwrap().cpu_step, 500);
+    // Never listed back to reference nodes by the inbound face (they buy from each other).
+    let back =
+        fluidlet_tests::refnode::request(&sn.addr.to_string(), "GET", "/api/v2/flavors", None)
+            .await;
+    assert_eq!(back.status, 204, "{}", back.text());
 
     // A fluidlet consumer's intent, end to end.
     let steps = Steps::default();
@@ -585,4 +590,138 @@ async fn a_hostile_reference_node_is_bounded_timed_out_and_demoted_while_the_goo
     assert_eq!(refusal(&answer(&mut bob).await).0, ErrorCode::FlavourGone);
     buy_from_good(&mut bob).await;
     sn.shutdown().await;
+}
+
+/// The imitation itself against the pinned facts (no broker): what the face is tested
+/// against is the reference node's behaviour as read in its source.
+#[tokio::test]
+async fn the_imitated_reference_seller_keeps_the_reference_nodes_codes_and_quirks() {
+    use fluidlet_tests::refnode::request;
+    let p = seller("imit").await;
+    let n = |k: &str| -> u16 { fact(k).parse().unwrap() };
+    let a = request(&p.addr, "GET", &fact("routes.flavors.path"), None).await;
+    assert_eq!(a.status, n("list_flavors.ok_status"));
+    let list = a.json();
+    let f = &list.as_array().unwrap()[0];
+    assert!(get(get(f, "type"), "data").get("charateristics").is_some());
+    assert_eq!(
+        s(get(f, "location"), "altitude"),
+        "IT",
+        "the country under altitude"
+    );
+    // /flavors/k8slice: a match, no match (200 []), a bad key (400).
+    let k = fact("routes.k8slice.path");
+    let hit = request(
+        &p.addr,
+        "GET",
+        &format!("{k}?filter[cpu][range][min]=1&filter[memory][range][max]=16Gi"),
+        None,
+    )
+    .await;
+    assert_eq!((hit.status, hit.json().as_array().unwrap().len()), (200, 1));
+    let none = request(
+        &p.addr,
+        "GET",
+        &format!("{k}?filter[cpu][range][min]=64"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (none.status, none.text().as_str()),
+        (n("k8slice_flavors.no_match_status"), "[]")
+    );
+    for bad in [
+        "cpu=1",
+        "filter[cpu][range]=1",
+        "filter[cpu][range][regex]=1",
+        "filter[gpu][match]=1",
+    ] {
+        let a = request(&p.addr, "GET", &format!("{k}?{bad}"), None).await;
+        assert_eq!(a.status, n("k8slice_flavors.bad_selector_status"), "{bad}");
+    }
+    // Reserve: unknown flavour 404, no liqoID 400, then a Transaction; a repeat by the same
+    // buyer id is the same transaction (refreshed) whatever else it says.
+    let r = fact("routes.reserve.path");
+    let body = |flavor: &str, liqo: &str| {
+        serde_json::json!({"flavorID": flavor, "buyerID": {"ID": "b1", "IP": "x:1", "domain": "d",
+            "additionalInformation": {"liqoID": liqo}}})
+        .to_string()
+    };
+    let a = request(&p.addr, "POST", &r, Some(body("nope", "l1").as_bytes())).await;
+    assert_eq!(a.status, n("reserve.unknown_flavor_status"));
+    let a = request(
+        &p.addr,
+        "POST",
+        &r,
+        Some(body("imit-k8slice-1", "").as_bytes()),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.text().trim()),
+        (
+            n("reserve.missing_liqo_id_status"),
+            "Error: LiqoID not provided"
+        )
+    );
+    let t = request(
+        &p.addr,
+        "POST",
+        &r,
+        Some(body("imit-k8slice-1", "l1").as_bytes()),
+    )
+    .await
+    .json();
+    let tid = s(&t, "transactionID");
+    assert!(tid.contains('-') && !s(&t, "expirationTime").is_empty());
+    assert!(
+        get(&t, "buyer").is_object() && get(&t, "buyerID").is_null(),
+        "buyer, not buyerID"
+    );
+    let again = request(
+        &p.addr,
+        "POST",
+        &r,
+        Some(body("imit-k8slice-1", "").as_bytes()),
+    )
+    .await;
+    assert_eq!(
+        s(&again.json(), "transactionID"),
+        tid,
+        "the repeat is not checked for a liqoID"
+    );
+    // Purchase: 500 unknown, 200 Contract (base64 kubeconfig), then 500 (removed).
+    let purchase = |id: &str| fact("routes.purchase.path").replace("{transactionID}", id);
+    let a = request(&p.addr, "POST", &purchase("nope-1"), Some(b"{}")).await;
+    assert_eq!(a.status, n("purchase.unknown_transaction_status"));
+    let c = request(&p.addr, "POST", &purchase(&tid), Some(b"{}")).await;
+    assert_eq!(c.status, n("purchase.ok_status"));
+    let creds = get(&c.json(), "peeringTargetCredentials").clone();
+    assert_eq!(s(&creds, "clusterID"), "imit-liqo");
+    let kc = fluidlet_tests::refnode::base64_decode(&s(&creds, "kubeconfig")).unwrap();
+    assert!(String::from_utf8(kc).unwrap().contains("kind: Config"));
+    let a = request(&p.addr, "POST", &purchase(&tid), Some(b"{}")).await;
+    assert_eq!(a.status, 500, "{}", fact("purchase.repeat_reference"));
+    // Expiry: 408 and the transaction deleted (then 500).
+    p.with(|st| st.transaction_secs = 0);
+    let t = request(
+        &p.addr,
+        "POST",
+        &r,
+        Some(body("imit-k8slice-1", "l2").replace("b1", "b2").as_bytes()),
+    )
+    .await
+    .json();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let id = s(&t, "transactionID");
+    let a = request(&p.addr, "POST", &purchase(&id), Some(b"{}")).await;
+    assert_eq!(a.status, n("purchase.expired_status"));
+    let a = request(&p.addr, "POST", &purchase(&id), Some(b"{}")).await;
+    assert_eq!(a.status, 500);
+    // Nothing available: 204 and no body.
+    p.with(|st| st.offers[0].available = false);
+    let a = request(&p.addr, "GET", &fact("routes.flavors.path"), None).await;
+    assert_eq!(
+        (a.status, a.body.len()),
+        (n("list_flavors.empty_status"), 0)
+    );
 }

@@ -65,6 +65,14 @@ struct RawOutbound {
     demote_secs: u32,
     #[serde(default = "default_backoff")]
     max_backoff_secs: u32,
+    /// `GROUP:PORT` to hear reference nodes' announcements on (239.11.11.1:4000 is theirs).
+    #[serde(default)]
+    multicast: Option<String>,
+    /// IPv4 address of the interface to join the group on (default: the system's choice).
+    #[serde(default)]
+    multicast_interface: Option<String>,
+    #[serde(default = "default_mc_expiry")]
+    multicast_expiry_secs: u32,
     #[serde(default)]
     reference: Vec<RawReference>,
 }
@@ -98,6 +106,9 @@ fn default_demote() -> u32 {
 }
 fn default_backoff() -> u32 {
     600
+}
+fn default_mc_expiry() -> u32 {
+    10
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +240,11 @@ pub struct Outbound {
     /// Longest wait between polls of a failing reference node (the wait doubles per
     /// consecutive failure from `poll`).
     pub max_backoff: Duration,
+    /// The multicast group and port reference nodes announce themselves on, when listened to.
+    pub multicast: Option<std::net::SocketAddrV4>,
+    pub multicast_interface: std::net::Ipv4Addr,
+    /// A reference node found by multicast and not heard for this long is forgotten.
+    pub multicast_expiry: Duration,
     /// `host:port` of each reference node's REAR gateway.
     pub references: Vec<String>,
 }
@@ -289,6 +305,39 @@ fn outbound(
     )?;
     let demote = range("outbound.demote_secs", o.demote_secs, 1, 86_400)?;
     let backoff = range("outbound.max_backoff_secs", o.max_backoff_secs, 1, 3600)?;
+    let multicast = match &o.multicast {
+        None => None,
+        Some(m) => {
+            let a: std::net::SocketAddrV4 = m.parse().map_err(|_| {
+                invalid(
+                    "outbound.multicast",
+                    format!("{m:?}: GROUP:PORT (the reference nodes' is 239.11.11.1:4000)"),
+                )
+            })?;
+            if !a.ip().is_multicast() || a.port() == 0 {
+                return Err(invalid(
+                    "outbound.multicast",
+                    format!("{m}: not an IPv4 multicast group with a port"),
+                ));
+            }
+            Some(a)
+        }
+    };
+    let multicast_interface = match &o.multicast_interface {
+        None => std::net::Ipv4Addr::UNSPECIFIED,
+        Some(i) => i.parse().map_err(|_| {
+            invalid(
+                "outbound.multicast_interface",
+                format!("{i:?}: the IPv4 address of an interface"),
+            )
+        })?,
+    };
+    let mc_expiry = range(
+        "outbound.multicast_expiry_secs",
+        o.multicast_expiry_secs,
+        6,
+        3600,
+    )?;
     if o.reference.len() > MAX_REFERENCES {
         return Err(invalid(
             "outbound.reference",
@@ -325,6 +374,9 @@ fn outbound(
         gone_after_failures: gone,
         demote: Duration::from_secs(u64::from(demote)),
         max_backoff: Duration::from_secs(u64::from(backoff)),
+        multicast,
+        multicast_interface,
+        multicast_expiry: Duration::from_secs(u64::from(mc_expiry)),
         references,
     })
 }
@@ -566,6 +618,11 @@ insecure_plaintext = true
                 "outbound.reference.endpoint",
             ),
             ("\"EUR\"", "\"euro\"", "outbound.currency"),
+            (
+                "\"EUR\"",
+                "\"EUR\"\nmulticast = \"10.0.0.1:4000\"",
+                "outbound.multicast",
+            ),
             ("\"EUR\"", "\"EUR\"\npoll_secs = 0", "outbound.poll_secs"),
             (
                 "\"EUR\"",

@@ -35,7 +35,7 @@ pub struct Supernode {
     pub addr: SocketAddr,
     face: Arc<face::Face>,
     domain: domain::Domain,
-    references: Vec<Arc<outbound::Reference>>,
+    references: outbound::Registry,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -54,13 +54,27 @@ impl Supernode {
         let mut references = Vec::new();
         if let Some(out) = &cfg.outbound {
             for e in &out.references {
-                references.push(outbound::Reference::start(
-                    &cfg,
-                    out,
-                    e,
-                    store.clone(),
-                    rx.clone(),
-                )?);
+                references.push((
+                    outbound::Reference::start(&cfg, out, e, store.clone(), rx.clone())?,
+                    None,
+                ));
+            }
+        }
+        let references: outbound::Registry = Arc::new(std::sync::Mutex::new(references));
+        if cfg.outbound.as_ref().is_some_and(|o| o.multicast.is_some()) {
+            let (c, s, r, x) = (cfg.clone(), store.clone(), references.clone(), rx.clone());
+            // Bind and join now, so a bad group or port is an error at start.
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let res = outbound::listen(c, s, r, x, Some(ready_tx)).await;
+                if let Err(e) = res {
+                    tracing::warn!("{e}");
+                }
+            });
+            match ready_rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err("the multicast listener ended".into()),
             }
         }
         // The sweeper: what can no longer be used leaves the tables (store::Store::prune).
@@ -116,7 +130,10 @@ impl Supernode {
 
     /// The reference nodes sold from (outbound), as the face sees them now.
     pub fn references(&self) -> Vec<outbound::Status> {
-        self.references.iter().map(|r| r.status()).collect()
+        self.references
+            .lock()
+            .map(|r| r.iter().map(|(x, _)| x.status()).collect())
+            .unwrap_or_default()
     }
 
     /// The contracts sold for reference nodes (outbound).
@@ -127,7 +144,12 @@ impl Supernode {
     /// Stops serving, clears the reference nodes' adverts, disconnects and flushes the
     /// tables.
     pub async fn shutdown(self) {
-        for r in &self.references {
+        let all: Vec<Arc<outbound::Reference>> = self
+            .references
+            .lock()
+            .map(|mut r| r.drain(..).map(|(x, _)| x).collect())
+            .unwrap_or_default();
+        for r in &all {
             r.stop().await;
         }
         let _ = self.stop.send(true);
@@ -135,8 +157,8 @@ impl Supernode {
         self.domain.disconnect().await;
         // Let connection tasks holding the face finish, so the tables close (sled's lock).
         let refs: Vec<std::sync::Weak<outbound::Reference>> =
-            self.references.iter().map(Arc::downgrade).collect();
-        drop(self.references);
+            all.iter().map(Arc::downgrade).collect();
+        drop(all);
         for _ in 0..100 {
             if Arc::strong_count(&self.face) == 1 && refs.iter().all(|r| r.upgrade().is_none()) {
                 break;

@@ -70,6 +70,9 @@ struct NodeState {
     /// Whether a poll has answered since the face started (before it, the face knows
     /// nothing to advertise and leaves the retained entry as it is).
     polled: bool,
+    /// Whether the broker acknowledged the subscription to this provider's mail on the
+    /// current connection: no advert goes out before (a consumer could buy unheard).
+    subscribed: bool,
 }
 
 /// One reference node sold from.
@@ -86,6 +89,8 @@ pub struct Reference {
     next_id: std::sync::atomic::AtomicU64,
     busy: Mutex<HashSet<String>>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Stops this node's tasks (the face's stop, or the node forgotten).
+    halt: watch::Sender<bool>,
 }
 
 /// What a test or an operator reads of a reference node.
@@ -400,8 +405,14 @@ impl Reference {
         out: &Outbound,
         endpoint: &str,
         store: Store,
-        stop: watch::Receiver<bool>,
+        mut face_stop: watch::Receiver<bool>,
     ) -> Result<Arc<Reference>, String> {
+        let (halt, stop) = watch::channel(false);
+        let fwd = halt.clone();
+        tokio::spawn(async move {
+            let _ = face_stop.changed().await;
+            let _ = fwd.send(true);
+        });
         let id_s = provider_id(endpoint);
         let id = Id::new(&id_s).map_err(|e| e.to_string())?;
         let dir = out.dir.join(&id_s);
@@ -452,6 +463,7 @@ impl Reference {
             next_id: std::sync::atomic::AtomicU64::new(fluidlet::unix_ms().saturating_mul(1024)),
             busy: Mutex::new(HashSet::new()),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            halt,
         });
         let me = r.clone();
         let mut stop_events = stop.clone();
@@ -468,21 +480,30 @@ impl Reference {
                     }
                 };
                 match ev {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let polled = me.state.lock().map(|mut s| {
+                            s.subscribed = true;
+                            s.polled
+                        });
+                        if polled.unwrap_or(false) {
+                            let me = me.clone();
+                            tokio::spawn(async move { me.advertise(true).await });
+                        }
+                    }
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Ok(mut s) = me.state.lock() {
+                            s.subscribed = false;
+                        }
                         let me = me.clone();
                         tokio::spawn(async move {
                             let mail = format!("fluidos/v1/{}/to/{}/from/+", me.domain, me.id);
                             // LIST_FLAVOURS broadcasts, answered as a provider answers them.
                             let disc = format!("fluidos/v1/{}/discovery/from/+", me.domain);
-                            for f in [mail, disc] {
-                                if let Err(e) = me.client.subscribe(f, QoS::AtLeastOnce).await {
-                                    tracing::warn!("{}: subscribe: {e}", me.endpoint);
-                                }
-                            }
-                            // After every (re)connect: the advert again, once there is one.
-                            let polled = me.state.lock().map(|s| s.polled).unwrap_or(false);
-                            if polled {
-                                me.advertise(true).await;
+                            // One SUBSCRIBE for both (one SUBACK: then the advert, above).
+                            let filters = [mail, disc]
+                                .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                            if let Err(e) = me.client.subscribe_many(filters).await {
+                                tracing::warn!("{}: subscribe: {e}", me.endpoint);
                             }
                         });
                     }
@@ -647,6 +668,10 @@ impl Reference {
     async fn advertise(&self, force: bool) {
         let (mut list, due) = {
             let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.subscribed {
+                // Published at the SUBACK instead.
+                return;
+            }
             let mut l: Vec<Flavour> = s.flavours.values().map(|l| l.flavour.clone()).collect();
             l.sort_by(|a, b| a.id.cmp(&b.id));
             let due = force || s.last_advert.is_none_or(|t| t.elapsed() >= REFRESH);
@@ -699,7 +724,7 @@ impl Reference {
         }
     }
 
-    /// Clears the advert and disconnects (a clean stop).
+    /// Clears the advert, disconnects and ends this node's tasks (a clean stop).
     pub async fn stop(&self) {
         let topic = format!("fluidos/v1/{}/catalog/{}", self.domain, self.id);
         let _ = self
@@ -707,6 +732,7 @@ impl Reference {
             .publish(topic, QoS::AtLeastOnce, true, Vec::new())
             .await;
         let _ = self.client.disconnect().await;
+        let _ = self.halt.send(true);
     }
 
     fn next(&self) -> u64 {
@@ -1346,6 +1372,134 @@ fn snippet(b: &[u8]) -> String {
         .collect::<String>()
         .trim()
         .to_string()
+}
+
+/// A reference node's multicast announcement (network-controller.go sendMulticastMessage:
+/// json.Marshal of nodecore's NodeIdentity: `domain`, `nodeID`, `ip` = its REAR gateway's
+/// `host:port`, `additionalInformation.liqoID`). `None` for anything else.
+pub fn announcement(datagram: &[u8]) -> Option<(String, String)> {
+    // The reference node reads at most 1024 bytes per datagram; so does the face.
+    if datagram.len() > 1024 {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(datagram).ok()?;
+    let node = v["nodeID"].as_str()?.to_string();
+    let ip = v["ip"].as_str()?.to_string();
+    let ok = ip.len() <= 255
+        && ip.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.is_empty()
+                && p.parse::<u16>().is_ok_and(|p| p > 0)
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        });
+    ok.then_some((node, ip))
+}
+
+/// The reference nodes sold from, static and found by multicast.
+pub type Registry = Arc<Mutex<Vec<(Arc<Reference>, Option<Instant>)>>>;
+
+/// Listens to reference nodes' announcements: an announced gateway whose provider
+/// certificate is under `outbound.dir` (domain.sh refprovider) is sold from until it is not
+/// heard for `multicast_expiry_secs`; one without is logged once and ignored.
+pub async fn listen(
+    cfg: Config,
+    store: Store,
+    registry: Registry,
+    mut stop: watch::Receiver<bool>,
+    ready: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+) -> Result<(), String> {
+    let Some(out) = cfg.outbound.clone() else {
+        return Ok(());
+    };
+    let Some(group) = out.multicast else {
+        return Ok(());
+    };
+    let bound = async {
+        let sock = tokio::net::UdpSocket::bind(std::net::SocketAddrV4::new(
+            std::net::Ipv4Addr::UNSPECIFIED,
+            group.port(),
+        ))
+        .await
+        .map_err(|e| format!("outbound.multicast {group}: {e}"))?;
+        sock.join_multicast_v4(*group.ip(), out.multicast_interface)
+            .map_err(|e| format!("outbound.multicast {group}: joining: {e}"))?;
+        Ok::<_, String>(sock)
+    }
+    .await;
+    let sock = match bound {
+        Ok(s) => {
+            if let Some(r) = ready {
+                let _ = r.send(Ok(()));
+            }
+            s
+        }
+        Err(e) => {
+            if let Some(r) = ready {
+                let _ = r.send(Err(e.clone()));
+            }
+            return Err(e);
+        }
+    };
+    tracing::info!("listening to reference nodes' announcements on {group}");
+    let mut refused: HashSet<String> = HashSet::new();
+    let mut buf = [0u8; 2048];
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            _ = sweep.tick() => {
+                let gone: Vec<Arc<Reference>> = {
+                    let Ok(mut r) = registry.lock() else { continue };
+                    let (keep, gone): (Vec<_>, Vec<_>) = r.drain(..).partition(|(_, heard)| {
+                        heard.is_none_or(|h| h.elapsed() < out.multicast_expiry)
+                    });
+                    *r = keep;
+                    gone.into_iter().map(|(x, _)| x).collect()
+                };
+                for g in gone {
+                    tracing::info!("reference node {} not announced for {:?}: forgotten", g.endpoint, out.multicast_expiry);
+                    g.stop().await;
+                }
+            }
+            got = sock.recv_from(&mut buf) => {
+                let Ok((n, _from)) = got else { continue };
+                let Some((node, endpoint)) = announcement(&buf[..n]) else { continue };
+                let known = registry.lock().ok().and_then(|mut r| {
+                    r.iter_mut().find(|(x, _)| x.endpoint == endpoint).map(|(_, heard)| {
+                        if heard.is_some() {
+                            *heard = Some(Instant::now());
+                        }
+                    })
+                });
+                if known.is_some() {
+                    continue;
+                }
+                let cert = out.dir.join(provider_id(&endpoint)).join("node.pem");
+                if !cert.is_file() {
+                    if refused.len() < 1024 && refused.insert(endpoint.clone()) {
+                        tracing::warn!(
+                            "reference node {node} announced at {endpoint}, not admitted: domain.sh refprovider DIR {} {endpoint}",
+                            cfg.name
+                        );
+                    }
+                    continue;
+                }
+                let full = registry.lock().map(|r| r.len() >= crate::config::MAX_REFERENCES).unwrap_or(true);
+                if full {
+                    continue;
+                }
+                match Reference::start(&cfg, &out, &endpoint, store.clone(), stop.clone()) {
+                    Ok(r) => {
+                        tracing::info!("reference node {node} announced at {endpoint}: sold from as {}", r.id);
+                        if let Ok(mut reg) = registry.lock() {
+                            reg.push((r, Some(Instant::now())));
+                        }
+                    }
+                    Err(e) => tracing::warn!("reference node {node} at {endpoint}: {e}"),
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

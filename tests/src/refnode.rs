@@ -923,3 +923,51 @@ pub fn base64_encode(data: &[u8]) -> String {
     }
     out
 }
+
+/// The reference node's multicast announcement (network-controller.go sendMulticastMessage),
+/// imitated: json.Marshal of its nodecore NodeIdentity (`domain`, `nodeID`, `ip` = the REAR
+/// gateway's host:port, `additionalInformation.liqoID`) sent to `group` every `period` (the
+/// Go ticker's first tick is one period after the start). Stops when the handle is dropped.
+pub struct Announcer(tokio::task::JoinHandle<()>);
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub fn announce(
+    node_id: &str,
+    ip: &str,
+    liqo_id: &str,
+    group: std::net::SocketAddrV4,
+    period: Duration,
+) -> Announcer {
+    let keys: Vec<String> = facts()["multicast"]["fields"]
+        .as_array()
+        .expect("multicast.fields")
+        .iter()
+        .map(|v| v.as_str().expect("a field").to_string())
+        .collect();
+    let mut m = serde_json::Map::new();
+    for k in keys {
+        let v = match k.as_str() {
+            "domain" => json!("fluidos.eu"),
+            "nodeID" => json!(node_id),
+            "ip" => json!(ip),
+            _ => json!({ "liqoID": liqo_id }),
+        };
+        m.insert(k, v);
+    }
+    let payload = Value::Object(m).to_string();
+    Announcer(tokio::spawn(async move {
+        let Ok(sock) = tokio::net::UdpSocket::bind("0.0.0.0:0").await else {
+            return;
+        };
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tick.tick().await;
+            let _ = sock.send_to(payload.as_bytes(), group).await;
+        }
+    }))
+}

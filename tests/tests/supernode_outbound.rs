@@ -725,3 +725,55 @@ async fn the_imitated_reference_seller_keeps_the_reference_nodes_codes_and_quirk
         (n("list_flavors.empty_status"), 0)
     );
 }
+
+#[tokio::test]
+async fn a_reference_node_announced_by_multicast_is_sold_from_until_it_falls_silent() {
+    let Some(d) = domain() else { return };
+    let refnode = seller("refnode-m").await;
+    admit(&d, &refnode.addr);
+    let stranger = seller("stranger").await; // announced, never admitted
+    let port = free_port();
+    let group: std::net::SocketAddrV4 = format!("{}:{port}", fact("multicast.group"))
+        .parse()
+        .unwrap();
+    let fd = tempfile::tempdir().unwrap();
+    let sn = face(face_config(
+        &d,
+        fd.path(),
+        &[],
+        &format!("multicast = \"{group}\"\nmulticast_expiry_secs = 6"),
+    ))
+    .await;
+    assert!(sn.references().is_empty());
+    let period = Duration::from_secs(fact("multicast.period_secs").parse().unwrap());
+    let a = fluidlet_tests::refnode::announce("refnode-m", &refnode.addr, "m-liqo", group, period);
+    let _b = fluidlet_tests::refnode::announce("stranger", &stranger.addr, "s-liqo", group, period);
+    assert!(
+        fluidlet_tests::within(Duration::from_secs(30), || advertised(&sn, &refnode.addr)).await,
+        "the announced reference node is sold from: {:?}",
+        sn.references()
+    );
+    let provider = provider_id(&refnode.addr);
+    let mut bob = Rogue::connect_tls(d.port, &d.domain, "bob", &d.enrol("bob")).await;
+    let f = catalog_flavours(&mut bob, &d.domain, &provider).await;
+    assert_eq!(f.len(), 1);
+    // Several announcements later: the stranger (no certificate) is not sold from, and the
+    // admitted one is there once.
+    tokio::time::sleep(period * 2).await;
+    let refs = sn.references();
+    assert_eq!(refs.len(), 1, "{refs:?}");
+    assert_eq!(refs[0].endpoint, refnode.addr);
+    // Silent: forgotten after the expiry, its advert cleared.
+    drop(a);
+    assert!(
+        fluidlet_tests::within(Duration::from_secs(20), || sn.references().is_empty()).await,
+        "forgotten when silent"
+    );
+    loop {
+        let (topic, payload) = bob.recv_within(WAIT).await.expect("the advert cleared");
+        if topic.ends_with(&provider) && payload.is_empty() {
+            break;
+        }
+    }
+    sn.shutdown().await;
+}

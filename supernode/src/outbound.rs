@@ -1093,6 +1093,20 @@ impl Reference {
                 "the reference node answered a transaction not asked for; it is demoted",
             );
         }
+        // The reference node keys transactions by buyer id and flavour and hands back an
+        // earlier one unchanged (its piece included) for an hour: after a release or a lapse
+        // on this side, a new reserve of another piece may get the old transaction. Not a
+        // lie, but not this piece either.
+        let c = &t["configuration"]["data"];
+        let same_piece = q_milli(&c["cpu"], "cpu").ok() == Some(piece.cpu)
+            && q_units(&c["memory"], "memory").ok() == Some(piece.memory)
+            && q_u32(&c["pods"], "pods").ok() == Some(piece.pods);
+        if !same_piece {
+            return error(
+                ErrorCode::TooManyPending,
+                "the reference node holds an earlier transaction of this buyer for this flavour, for another piece (it keeps one per buyer and flavour for an hour); ask for that piece or wait",
+            );
+        }
         let now = now_ms();
         let expires_at = expiry.unwrap_or(now).min(now.saturating_add(MAX_HOLD_MS));
         let n = match self.store.next_number() {

@@ -589,6 +589,22 @@ async fn a_hostile_reference_node_is_bounded_timed_out_and_demoted_while_the_goo
     bob.send(&bp, reserve("bob", "bob.b3", &new.id)).await;
     assert_eq!(refusal(&answer(&mut bob).await).0, ErrorCode::FlavourGone);
     buy_from_good(&mut bob).await;
+    // The good node still holds bob's earlier (released on this side) transaction, and hands
+    // it back, piece and all, for another piece: refused, not taken as a lie.
+    let mut other = reserve("bob", "bob.g-other", &good_flavour);
+    if let Body::ReserveFlavour(r) = &mut other {
+        r.partition = Some(Resources {
+            cpu: 500,
+            memory: 1 << 30,
+            pods: 1,
+            storage: 0,
+        });
+    }
+    bob.send(&gp, other).await;
+    let (code, text) = refusal(&answer(&mut bob).await);
+    assert_eq!(code, ErrorCode::TooManyPending, "{text}");
+    assert!(text.contains("earlier transaction"), "{text}");
+    assert!(!status(&sn, &good.addr).demoted);
     sn.shutdown().await;
 }
 

@@ -139,6 +139,14 @@ struct RawHttp {
     advertise: String,
     #[serde(default)]
     insecure_plaintext: bool,
+    /// HTTPS: the face's certificate chain and key (PEM).
+    #[serde(default)]
+    tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    tls_key: Option<PathBuf>,
+    /// HTTPS with client certificates: the CA(s) a client's certificate must chain to.
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
     #[serde(default = "default_max_connections")]
     max_connections: u32,
     #[serde(default = "default_max_body")]
@@ -205,6 +213,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// `host:port` where reference nodes reach this face: every flavour's `owner.IP`.
     pub advertise: String,
+    /// HTTPS (certificate, key, optional client CA) when configured; plain HTTP otherwise.
+    pub https: Option<Https>,
     pub max_connections: usize,
     pub max_body_bytes: usize,
     pub header_timeout: Duration,
@@ -213,6 +223,14 @@ pub struct Config {
     pub peer_request_timeout: Duration,
     /// The outbound side, when `[outbound]` is configured.
     pub outbound: Option<Outbound>,
+}
+
+/// The face's HTTPS files.
+#[derive(Clone, Debug)]
+pub struct Https {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Most reference nodes one face sells from.
@@ -402,6 +420,19 @@ impl Config {
                 return Err(invalid(key, format!("{} is not a file", p.display())));
             }
         }
+        if let Some(h) = &cfg.https {
+            for (key, p) in [
+                ("http.tls_cert", Some(&h.cert)),
+                ("http.tls_key", Some(&h.key)),
+                ("http.client_ca", h.client_ca.as_ref()),
+            ] {
+                if let Some(p) = p {
+                    if !p.is_file() {
+                        return Err(invalid(key, format!("{} is not a file", p.display())));
+                    }
+                }
+            }
+        }
         if let Some(o) = &cfg.outbound {
             if !o.dir.is_dir() {
                 return Err(invalid(
@@ -466,10 +497,40 @@ impl Config {
                 "HOST:PORT where reference nodes reach this face (their client sends reserve and purchase to http://{owner.IP})",
             ));
         }
-        if !raw.http.insecure_plaintext {
+        let https = match (raw.http.tls_cert, raw.http.tls_key) {
+            (Some(cert), Some(key)) => {
+                if raw.http.insecure_plaintext {
+                    return Err(invalid(
+                        "http.insecure_plaintext",
+                        "tls_cert and tls_key make the face serve HTTPS only: drop insecure_plaintext",
+                    ));
+                }
+                Some(Https {
+                    cert,
+                    key,
+                    client_ca: raw.http.client_ca,
+                })
+            }
+            (None, None) => {
+                if raw.http.client_ca.is_some() {
+                    return Err(invalid(
+                        "http.client_ca",
+                        "client certificates need HTTPS: set tls_cert and tls_key",
+                    ));
+                }
+                None
+            }
+            _ => {
+                return Err(invalid(
+                    "http.tls_cert",
+                    "HTTPS needs both tls_cert and tls_key",
+                ))
+            }
+        };
+        if https.is_none() && !raw.http.insecure_plaintext {
             return Err(invalid(
                 "http.insecure_plaintext",
-                "HTTPS is not built yet, and the reference node's client speaks plain HTTP only: set insecure_plaintext = true to serve plain HTTP, knowing what then travels in clear (docs/security.md, \"Supernode\")",
+                "without tls_cert and tls_key the face serves plain HTTP, which the reference node's client (http:// only) needs: set insecure_plaintext = true, knowing what then travels in clear (docs/security.md, \"Supernode\"), or configure HTTPS",
             ));
         }
         let range = |key: &'static str, v: u32, lo: u32, hi: u32| {
@@ -522,6 +583,7 @@ impl Config {
             refs_dir: raw.refs.dir,
             listen,
             advertise: raw.http.advertise,
+            https,
             max_connections: max_connections as usize,
             max_body_bytes: max_body as usize,
             header_timeout: Duration::from_secs(u64::from(header)),

@@ -99,13 +99,20 @@ impl Supernode {
                 }
             }
         });
+        let tls = match &cfg.https {
+            Some(h) => Some(http::acceptor(h)?),
+            None => None,
+        };
         let server = tokio::spawn(http::serve(
             face.clone(),
             listener,
-            cfg.max_connections,
-            cfg.max_body_bytes,
-            cfg.header_timeout,
-            cfg.requests_per_second,
+            http::Bounds {
+                max_connections: cfg.max_connections,
+                max_body: cfg.max_body_bytes,
+                header_timeout: cfg.header_timeout,
+                rate: cfg.requests_per_second,
+            },
+            tls,
             rx,
         ));
         Ok(Supernode {

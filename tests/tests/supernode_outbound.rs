@@ -793,3 +793,148 @@ async fn a_reference_node_announced_by_multicast_is_sold_from_until_it_falls_sil
     }
     sn.shutdown().await;
 }
+
+/// A request over HTTPS to the face (synchronous rustls, on a blocking thread): the text
+/// of the answer, or the TLS or I/O error.
+fn https_get(
+    port: u16,
+    ca: &Path,
+    client: Option<&fluidlet::config::TlsFiles>,
+) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match client {
+        Some(f) => {
+            let chain = CertificateDer::pem_file_iter(&f.cert)
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+            b.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(&f.key).unwrap())
+                .unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let sock = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.write_all(b"GET /api/v2/flavors HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let r = tls.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    match r {
+        Ok(_) => Ok(text),
+        Err(_) if text.starts_with("HTTP/1.1") => Ok(text),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn the_face_serves_https_and_requires_client_certificates_when_configured() {
+    let Some(d) = domain() else { return };
+    let fd = tempfile::tempdir().unwrap();
+    let dir = d.dir.path();
+    let ca = dir.join("domain-ca.pem");
+    // HTTPS with the broker's certificate (its SAN names 127.0.0.1), client certificates
+    // from the domain CA.
+    let toml_https = |client_ca: bool| {
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n{}",
+            dir.join("broker.pem").display(),
+            dir.join("broker.key").display(),
+            if client_ca {
+                format!("client_ca = \"{}\"\n", ca.display())
+            } else {
+                String::new()
+            }
+        )
+    };
+    let sn_dir = dir.join("supernodes/sn1");
+    let base = |https: &str, port: u16| {
+        format!(
+            r#"
+name = "sn1"
+domain = "{domain}"
+data_dir = "{data}"
+[broker]
+host = "127.0.0.1"
+port = {bport}
+ca = "{sn}/domain-ca.pem"
+cert = "{sn}/supernode.pem"
+key = "{sn}/supernode.key"
+[refs]
+dir = "{sn}/refs"
+[http]
+listen = "127.0.0.1:{port}"
+advertise = "127.0.0.1:{port}"
+{https}
+"#,
+            domain = d.domain,
+            data = fd.path().display(),
+            bport = d.port,
+            sn = sn_dir.display(),
+        )
+    };
+    // Neither HTTPS nor plain HTTP said: refused, naming the key.
+    let e = Config::from_toml(&base("", 1)).unwrap_err().to_string();
+    assert!(e.contains("insecure_plaintext"), "{e}");
+    let e = Config::from_toml(&base(
+        &format!("{}insecure_plaintext = true\n", toml_https(false)),
+        1,
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("insecure_plaintext"), "{e}");
+    let port = free_port();
+    let cfg = Config::from_toml(&base(&toml_https(true), port)).expect("https config");
+    let sn = face(cfg).await;
+    let bob = d.enrol("bob");
+    let (ca2, bob2) = (ca.clone(), bob.clone());
+    let ok = tokio::task::spawn_blocking(move || https_get(port, &ca2, Some(&bob2)))
+        .await
+        .unwrap()
+        .expect("an HTTPS answer with a client certificate");
+    assert!(ok.starts_with("HTTP/1.1 204"), "{ok}");
+    let ca3 = ca.clone();
+    let without = tokio::task::spawn_blocking(move || https_get(port, &ca3, None))
+        .await
+        .unwrap();
+    assert!(
+        without.is_err(),
+        "no client certificate, no answer: {without:?}"
+    );
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let plain = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(12))).unwrap();
+            let _ = s.write_all(b"GET /api/v2/flavors HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            out
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        !plain.starts_with(b"HTTP/1.1 2"),
+        "{:?}",
+        String::from_utf8_lossy(&plain)
+    );
+    sn.shutdown().await;
+}

@@ -57,6 +57,13 @@
 #       ID = ref-{first 32 hex digits of SHA-256(LIQO_ID)}, the buyer id the supernode
 #       speaks as for it (providers seal its peering credentials to this certificate).
 #       Copy DIR/supernodes/NAME to the supernode's host.
+#   domain.sh refprovider DIR NAME ENDPOINT [DAYS]
+#       Lets supernode NAME sell the flavours of the reference node whose REAR gateway is
+#       ENDPOINT (HOST:PORT) into the domain (outbound): mints
+#       DIR/supernodes/NAME/providers/ID/node.{pem,key} with CN
+#       ID = ref-{first 32 hex digits of SHA-256("provider:" ENDPOINT)}, the provider id the
+#       supernode speaks as for it. It is an ordinary node certificate: the broker lets it
+#       write only its own catalog entry and mail from ID, and read only mail to ID.
 #
 # INSTALL_DIR: the path the directory will have on the broker host (init: DIR; site:
 # DIR/sites/SITE), written into its mosquitto.conf; by default where it is made.
@@ -453,8 +460,29 @@ refnode)
     cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; chmod 0644 "$out/domain-ca.pem"
     echo "reference node $liqo: buyer $id, $out/node.pem"
     ;;
+refprovider)
+    [ $# -ge 4 ] || die "usage: domain.sh refprovider DIR NAME ENDPOINT [DAYS]"
+    dir=$2; name=$3; endpoint=$4; days=${5:-825}
+    valid_days "$days"
+    case "$endpoint" in *:*) ;; *) die "endpoint '$endpoint': HOST:PORT of the reference node's REAR gateway";; esac
+    case "$endpoint" in *[!A-Za-z0-9.:\[\]-]*|:*|*:) die "endpoint '$endpoint': HOST:PORT of the reference node's REAR gateway";; esac
+    [ "${#endpoint}" -le 255 ] || die "endpoint '$endpoint' is longer than 255"
+    [ -r "$dir/domain-ca.key" ] || die "$dir/domain-ca.key not found: run 'domain.sh init' (or bring the CA key back)"
+    [ -f "$dir/supernodes/$name/supernode.pem" ] || die "no supernode $name: run 'domain.sh supernode $dir $name' first"
+    h=$(printf 'provider:%s' "$endpoint" | openssl dgst -sha256 -r | cut -c1-32)
+    [ "${#h}" -eq 32 ] || die "openssl dgst -sha256 failed"
+    id="ref-$h"
+    grep -qx "$id" "$dir/revoked" 2>/dev/null && die "provider id '$id' was revoked"
+    out="$dir/supernodes/$name/providers/$id"
+    [ -e "$out/node.pem" ] && die "$out/node.pem exists: reference node $endpoint is already sold from"
+    mkdir -p "$out"
+    umask 077
+    client_cert "$dir" "$out" node "$id" "$days"
+    cp "$dir/domain-ca.pem" "$out/domain-ca.pem"; chmod 0644 "$out/domain-ca.pem"
+    echo "reference node at $endpoint: provider $id, $out/node.pem"
+    ;;
 *)
-    sed -n '2,64p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,71p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -302,6 +302,11 @@ impl Domain {
     }
 
     fn advert(&self, node: &str, payload: &[u8]) {
+        // A reference node's flavours (outbound, this face or another) are never listed back
+        // to reference nodes: they buy from each other directly.
+        if node.starts_with("ref-") {
+            return;
+        }
         let Ok(node) = Id::new(node) else { return };
         let advert = if payload.is_empty() {
             None

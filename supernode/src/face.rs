@@ -279,6 +279,10 @@ impl Face {
         self.domain.is_connected()
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     fn owner(&self, provider: &Id) -> rear::NodeIdentity {
         rear::NodeIdentity {
             id: provider.to_string(),

@@ -121,17 +121,79 @@ async fn route(
     }
 }
 
+/// The face's TLS acceptor from its HTTPS files: ring's provider, TLS 1.2 and 1.3, client
+/// certificates required when a client CA is configured.
+pub fn acceptor(h: &crate::config::Https) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |p: &std::path::Path| {
+        fluidlet::config::read_bounded(p, 64 * 1024).map_err(|e| format!("{}: {e:?}", p.display()))
+    };
+    let chain = CertificateDer::pem_slice_iter(&read(&h.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("http.tls_cert {}: not PEM: {e}", h.cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "http.tls_cert {}: no certificate",
+            h.cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(&h.key)?)
+        .map_err(|e| format!("http.tls_key {}: no private key: {e}", h.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match &h.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&read(ca)?) {
+                let c = c.map_err(|e| format!("http.client_ca {}: not PEM: {e}", ca.display()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| format!("http.client_ca {}: {e}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| format!("http.client_ca {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("http.tls_cert and tls_key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 /// Serves until `stop` turns true; returns once the listener is closed (connections in
 /// progress finish on their own tasks).
+/// The face's HTTP bounds (docs/security.md, "Supernode").
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    pub max_connections: usize,
+    pub max_body: usize,
+    pub header_timeout: Duration,
+    pub rate: u32,
+}
+
 pub async fn serve(
     face: Arc<Face>,
     listener: TcpListener,
-    max_connections: usize,
-    max_body: usize,
-    header_timeout: Duration,
-    rate: u32,
+    bounds: Bounds,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Bounds {
+        max_connections,
+        max_body,
+        header_timeout,
+        rate,
+    } = bounds;
     let permits = Arc::new(Semaphore::new(max_connections));
     let bucket = Arc::new(Mutex::new(Bucket {
         tokens: f64::from(rate),
@@ -157,33 +219,77 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let face = face.clone();
         let bucket = bucket.clone();
-        let mut conn_stop = stop.clone();
+        let conn_stop = stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let face = face.clone();
-                let bucket = bucket.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(respond(
-                        route(face, req, bucket, max_body, header_timeout).await,
-                    ))
+            match tls {
+                None => {
+                    connection(
+                        TokioIo::new(stream),
+                        face,
+                        bucket,
+                        max_body,
+                        header_timeout,
+                        conn_stop,
+                    )
+                    .await
                 }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(MAX_HEAD)
-                .keep_alive(true);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = conn_stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
+                // The handshake is bounded as the request head is.
+                Some(a) => match tokio::time::timeout(header_timeout, a.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        connection(
+                            TokioIo::new(s),
+                            face,
+                            bucket,
+                            max_body,
+                            header_timeout,
+                            conn_stop,
+                        )
+                        .await
+                    }
+                    Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
+                    Err(_) => tracing::debug!("TLS handshake: too slow"),
+                },
             }
             drop(permit);
         });
+    }
+}
+
+async fn connection<I>(
+    io: TokioIo<I>,
+    face: Arc<Face>,
+    bucket: Arc<Mutex<Bucket>>,
+    max_body: usize,
+    header_timeout: Duration,
+    mut conn_stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    {
+        let service = hyper::service::service_fn(move |req| {
+            let face = face.clone();
+            let bucket = bucket.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(respond(
+                    route(face, req, bucket, max_body, header_timeout).await,
+                ))
+            }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(MAX_HEAD)
+            .keep_alive(true);
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = conn_stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            }
+        }
     }
 }

@@ -4,12 +4,15 @@
 //! (fluidos-project/node) list the domain's flavours, reserve and purchase through it as
 //! they would at another reference node's gateway; it speaks fluidlet's REAR over MQTT to
 //! the providers on their behalf, each reference node as a buyer of its own (`ref-{hash}`).
-//! Only the inbound direction (a reference node buys from a fluidlet provider) is built.
+//! Outbound, the face also sells reference nodes' flavours to fluidlet consumers, each
+//! reference node a provider of its own (`outbound`).
 
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod face;
 pub mod http;
+pub mod outbound;
 pub mod quantity;
 pub mod rear;
 pub mod store;
@@ -32,6 +35,7 @@ pub struct Supernode {
     pub addr: SocketAddr,
     face: Arc<face::Face>,
     domain: domain::Domain,
+    references: outbound::Registry,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -47,6 +51,32 @@ impl Supernode {
         let domain = domain::Domain::start(&cfg)?;
         let face = Arc::new(face::Face::new(cfg.clone(), domain.clone(), store.clone()));
         let (stop, rx) = watch::channel(false);
+        let mut references = Vec::new();
+        if let Some(out) = &cfg.outbound {
+            for e in &out.references {
+                references.push((
+                    outbound::Reference::start(&cfg, out, e, store.clone(), rx.clone())?,
+                    None,
+                ));
+            }
+        }
+        let references: outbound::Registry = Arc::new(std::sync::Mutex::new(references));
+        if cfg.outbound.as_ref().is_some_and(|o| o.multicast.is_some()) {
+            let (c, s, r, x) = (cfg.clone(), store.clone(), references.clone(), rx.clone());
+            // Bind and join now, so a bad group or port is an error at start.
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let res = outbound::listen(c, s, r, x, Some(ready_tx)).await;
+                if let Err(e) = res {
+                    tracing::warn!("{e}");
+                }
+            });
+            match ready_rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err("the multicast listener ended".into()),
+            }
+        }
         // The sweeper: what can no longer be used leaves the tables (store::Store::prune).
         let mut sweep_stop = rx.clone();
         tokio::spawn(async move {
@@ -60,21 +90,36 @@ impl Supernode {
                     Ok(n) => tracing::info!("pruned {n} transactions"),
                     Err(e) => tracing::warn!("pruning: {e}"),
                 }
+                match store.out_sweep(fluidlet::unix_ms(), KEEP_MS).await {
+                    Ok((0, 0)) => {}
+                    Ok((x, d)) => {
+                        tracing::info!("outbound: {x} reservations expired, {d} records pruned")
+                    }
+                    Err(e) => tracing::warn!("outbound sweep: {e}"),
+                }
             }
         });
+        let tls = match &cfg.https {
+            Some(h) => Some(http::acceptor(h)?),
+            None => None,
+        };
         let server = tokio::spawn(http::serve(
             face.clone(),
             listener,
-            cfg.max_connections,
-            cfg.max_body_bytes,
-            cfg.header_timeout,
-            cfg.requests_per_second,
+            http::Bounds {
+                max_connections: cfg.max_connections,
+                max_body: cfg.max_body_bytes,
+                header_timeout: cfg.header_timeout,
+                rate: cfg.requests_per_second,
+            },
+            tls,
             rx,
         ));
         Ok(Supernode {
             addr,
             face,
             domain,
+            references,
             stop,
             server,
         })
@@ -90,14 +135,39 @@ impl Supernode {
         self.face.transactions()
     }
 
-    /// Stops serving, disconnects and flushes the tables.
+    /// The reference nodes sold from (outbound), as the face sees them now.
+    pub fn references(&self) -> Vec<outbound::Status> {
+        self.references
+            .lock()
+            .map(|r| r.iter().map(|(x, _)| x.status()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The contracts sold for reference nodes (outbound).
+    pub fn outbound_contracts(&self) -> Vec<store::OutRecord> {
+        self.face.store().out_all()
+    }
+
+    /// Stops serving, clears the reference nodes' adverts, disconnects and flushes the
+    /// tables.
     pub async fn shutdown(self) {
+        let all: Vec<Arc<outbound::Reference>> = self
+            .references
+            .lock()
+            .map(|mut r| r.drain(..).map(|(x, _)| x).collect())
+            .unwrap_or_default();
+        for r in &all {
+            r.stop().await;
+        }
         let _ = self.stop.send(true);
         let _ = self.server.await;
         self.domain.disconnect().await;
         // Let connection tasks holding the face finish, so the tables close (sled's lock).
+        let refs: Vec<std::sync::Weak<outbound::Reference>> =
+            all.iter().map(Arc::downgrade).collect();
+        drop(all);
         for _ in 0..100 {
-            if Arc::strong_count(&self.face) == 1 {
+            if Arc::strong_count(&self.face) == 1 && refs.iter().all(|r| r.upgrade().is_none()) {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -111,11 +111,56 @@ mod tests {
     }
 }
 
+/// Where a sale of a reference node's flavour to a fluidlet consumer is (outbound).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutState {
+    /// RESERVED sent: the reference node holds a transaction (which reserves nothing there).
+    Reserved,
+    /// The reference node's purchase answered a Contract; PEER_ACCEPT sent.
+    Active,
+    /// The consumer sent RELEASE (the reference node is not told: REAR over HTTP has none).
+    Released,
+    /// Unpeered past `expires_at`.
+    Expired,
+}
+
+/// One fluidlet contract the face sold on behalf of a reference node (outbound).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutRecord {
+    /// fluidlet contract id, `{ref-provider}.c{n}`.
+    pub contract_id: String,
+    pub state: OutState,
+    /// The fluidlet consumer (buyer).
+    pub consumer: String,
+    /// The consumer's transaction id (idempotency key with `consumer`).
+    pub fluidlet_tx: String,
+    /// The provider id the face speaks as for the reference node.
+    pub provider: String,
+    /// The reference node's REAR gateway, `host:port`.
+    pub endpoint: String,
+    /// The reference node's flavour id.
+    pub ref_flavor: String,
+    /// The reference node's transaction id (its purchase path).
+    pub ref_transaction: String,
+    /// The contract RESERVED carried, CBOR (fluidlet::model::Contract).
+    pub contract: Vec<u8>,
+    pub expires_at: u64,
+    pub created_at: u64,
+    /// After the purchase: the reference node's contract id, the seller's Liqo cluster id
+    /// and the peering kubeconfig (kept for a repeated PEER_REQUEST: the reference node
+    /// answers a repeated purchase 500). Owner-only files (the face's umask).
+    pub ref_contract: Option<String>,
+    pub cluster_id: Option<String>,
+    pub kubeconfig: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     tx: sled::Tree,
     by_buyer: sled::Tree,
+    out: sled::Tree,
+    out_by_tx: sled::Tree,
 }
 
 fn buyer_key(buyer: &str, node_id: &str, flavor_id: &str) -> Vec<u8> {
@@ -137,7 +182,15 @@ impl Store {
             .map_err(err)?;
         let tx = db.open_tree("tx").map_err(err)?;
         let by_buyer = db.open_tree("by_buyer").map_err(err)?;
-        Ok(Store { db, tx, by_buyer })
+        let out = db.open_tree("out").map_err(err)?;
+        let out_by_tx = db.open_tree("out_by_tx").map_err(err)?;
+        Ok(Store {
+            db,
+            tx,
+            by_buyer,
+            out,
+            out_by_tx,
+        })
     }
 
     /// A number never handed out before, across restarts (fluidlet transaction ids).
@@ -234,5 +287,70 @@ impl Store {
             .filter_map(|v| v.ok())
             .filter_map(|v| serde_json::from_slice(&v).ok())
             .collect()
+    }
+
+    /// Outbound: a contract by its fluidlet id.
+    pub fn out_get(&self, contract: &str) -> Result<Option<OutRecord>, StoreError> {
+        match self.out.get(contract.as_bytes()).map_err(err)? {
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(err),
+            None => Ok(None),
+        }
+    }
+
+    /// Outbound: the contract a consumer's transaction made.
+    pub fn out_find(&self, consumer: &str, tx: &str) -> Result<Option<OutRecord>, StoreError> {
+        let k = [consumer.as_bytes(), &[0], tx.as_bytes()].concat();
+        match self.out_by_tx.get(k).map_err(err)? {
+            Some(id) => self.out_get(&String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
+    /// Outbound: writes the record and its index, durably (flushed) before returning.
+    pub async fn out_put(&self, r: &OutRecord) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(r).map_err(err)?;
+        self.out.insert(r.contract_id.as_bytes(), v).map_err(err)?;
+        let k = [r.consumer.as_bytes(), &[0], r.fluidlet_tx.as_bytes()].concat();
+        self.out_by_tx
+            .insert(k, r.contract_id.as_bytes())
+            .map_err(err)?;
+        self.db.flush_async().await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Outbound: every record.
+    pub fn out_all(&self) -> Vec<OutRecord> {
+        self.out
+            .iter()
+            .values()
+            .filter_map(|v| v.ok())
+            .filter_map(|v| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    /// Outbound: Reserved records past `expires_at` become Expired; ended ones (Released,
+    /// Expired) go `keep_ms` after their expiry. Returns (expired, deleted).
+    pub async fn out_sweep(&self, now: u64, keep_ms: u64) -> Result<(usize, usize), StoreError> {
+        let (mut expired, mut deleted) = (0, 0);
+        for mut r in self.out_all() {
+            match r.state {
+                OutState::Reserved if now > r.expires_at => {
+                    r.state = OutState::Expired;
+                    self.out_put(&r).await?;
+                    expired += 1;
+                }
+                OutState::Released | OutState::Expired
+                    if now > r.expires_at.saturating_add(keep_ms) =>
+                {
+                    self.out.remove(r.contract_id.as_bytes()).map_err(err)?;
+                    let k = [r.consumer.as_bytes(), &[0], r.fluidlet_tx.as_bytes()].concat();
+                    self.out_by_tx.remove(k).map_err(err)?;
+                    self.db.flush_async().await.map_err(err)?;
+                    deleted += 1;
+                }
+                _ => {}
+            }
+        }
+        Ok((expired, deleted))
     }
 }

@@ -1,11 +1,18 @@
-//! The face's HTTP/1.1 client to reference nodes' REAR gateways: plain HTTP (the reference
-//! node serves nothing else), one request per connection (`Connection: close`, as the
-//! reference node's own client), a connect time-out, a whole-request time-out and a cap on
-//! the answer (head and body together), so a reference node that hangs, trickles or answers
-//! megabytes costs the face at most those bounds.
+//! The face's HTTP/1.1 client to reference nodes' REAR gateways (hyper's client connection):
+//! plain HTTP (the reference node serves nothing else), one request per connection
+//! (`Connection: close`, as the reference node's own client), a connect time-out, a
+//! whole-request time-out and caps on the answer's head (hyper's read buffer) and body
+//! (`Limited`), so a reference node that hangs, trickles or answers megabytes costs the face
+//! at most those bounds.
 
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::header::{HeaderValue, ACCEPT, CONNECTION, CONTENT_TYPE, HOST, USER_AGENT};
+use hyper_util::rt::TokioIo;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Largest answer head (status line and headers) read; hyper's smallest read buffer.
+const MAX_HEAD: usize = 8 * 1024;
 
 /// An answer: status and body (chunked encoding undone).
 #[derive(Debug)]
@@ -43,8 +50,11 @@ async fn exchange(
     body: Option<&[u8]>,
     limits: Limits,
 ) -> Result<Answer, String> {
-    let mut s = match tokio::time::timeout(limits.connect, tokio::net::TcpStream::connect(endpoint))
-        .await
+    let stream = match tokio::time::timeout(
+        limits.connect,
+        tokio::net::TcpStream::connect(endpoint),
+    )
+    .await
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("connect: {e}")),
@@ -55,154 +65,125 @@ async fn exchange(
             ))
         }
     };
-    let _ = s.set_nodelay(true);
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\nUser-Agent: fluidlet-supernode\r\nAccept: application/json\r\n"
+    let _ = stream.set_nodelay(true);
+    let method = hyper::Method::from_bytes(method.as_bytes()).map_err(|e| format!("{e}"))?;
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
+        .map_err(|e| format!("request: {e}"))?;
+    let h = req.headers_mut();
+    h.insert(
+        HOST,
+        HeaderValue::from_str(endpoint).map_err(|e| format!("host {endpoint}: {e}"))?,
     );
-    match body {
-        Some(b) => head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        )),
-        None if method == "POST" => head.push_str("Content-Length: 0\r\n"),
-        None => {}
+    h.insert(CONNECTION, HeaderValue::from_static("close"));
+    h.insert(USER_AGENT, HeaderValue::from_static("fluidlet-supernode"));
+    h.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    if body.is_some() {
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
-    head.push_str("\r\n");
-    let mut out = head.into_bytes();
-    if let Some(b) = body {
-        out.extend_from_slice(b);
-    }
-    s.write_all(&out).await.map_err(|e| format!("send: {e}"))?;
-    let mut raw: Vec<u8> = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        if raw.len() + n > limits.max_bytes {
-            return Err(format!("answer over {} bytes", limits.max_bytes));
-        }
-        raw.extend_from_slice(&chunk[..n]);
-        // A complete answer ends the exchange even if the server keeps the connection.
-        if let Some(Ok(a)) = parse(&raw, false) {
-            return Ok(a);
-        }
-    }
-    match parse(&raw, true) {
-        Some(r) => r,
-        None => Err("the connection closed before a whole answer".into()),
-    }
-}
-
-/// Parses an answer: `None` while incomplete (unless `eof`: then what is there is the body
-/// when no length was given).
-fn parse(raw: &[u8], eof: bool) -> Option<Result<Answer, String>> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let Ok(head) = std::str::from_utf8(&raw[..end]) else {
-        return Some(Err("the answer's head is not text".into()));
-    };
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .filter(|l| l.starts_with("HTTP/1."))
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse::<u16>().ok());
-    let Some(status) = status else {
-        return Some(Err("not an HTTP/1.x answer".into()));
-    };
-    let mut length = None;
-    let mut chunked = false;
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            let (k, v) = (k.trim(), v.trim());
-            if k.eq_ignore_ascii_case("content-length") {
-                match v.parse::<usize>() {
-                    Ok(n) => length = Some(n),
-                    Err(_) => return Some(Err("a bad Content-Length".into())),
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(MAX_HEAD.max(limits.max_bytes.min(64 * 1024)))
+        .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let work = async {
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("exchange: {e}"))?;
+        let status = res.status().as_u16();
+        let body = Limited::new(res.into_body(), limits.max_bytes)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    format!("answer over {} bytes", limits.max_bytes)
+                } else {
+                    format!("read: {e}")
                 }
-            } else if k.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = v.eq_ignore_ascii_case("chunked");
-            }
-        }
-    }
-    let rest = &raw[end + 4..];
-    if status == 204 || status == 304 || (100..200).contains(&status) {
-        return Some(Ok(Answer {
+            })?
+            .to_bytes();
+        Ok(Answer {
             status,
-            body: Vec::new(),
-        }));
-    }
-    if chunked {
-        return match dechunk(rest) {
-            Some(body) => Some(Ok(Answer { status, body })),
-            None if eof => Some(Err("a truncated chunked answer".into())),
-            None => None,
-        };
-    }
-    match length {
-        Some(n) if rest.len() >= n => Some(Ok(Answer {
-            status,
-            body: rest[..n].to_vec(),
-        })),
-        Some(_) if eof => Some(Err("the answer is shorter than its Content-Length".into())),
-        Some(_) => None,
-        None if eof => Some(Ok(Answer {
-            status,
-            body: rest.to_vec(),
-        })),
-        None => None,
-    }
-}
-
-/// The body of a chunked answer, `None` until its last chunk is there.
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let i = b.windows(2).position(|w| w == b"\r\n")?;
-        let size = std::str::from_utf8(&b[..i]).ok()?;
-        let size = size.split(';').next().unwrap_or("").trim();
-        let n = usize::from_str_radix(size, 16).ok()?;
-        let start = i + 2;
-        if n == 0 {
-            return Some(out);
-        }
-        let stop = start.checked_add(n)?;
-        if b.len() < stop + 2 {
-            return None;
-        }
-        out.extend_from_slice(&b[start..stop]);
-        b = &b[stop + 2..];
+            body: body.to_vec(),
+        })
+    };
+    // The connection is driven beside the exchange, in this task: it ends when the server
+    // closes (after the answer, `Connection: close`), or fails first.
+    tokio::pin!(work, conn);
+    tokio::select! {
+        r = &mut work => r,
+        c = &mut conn => match c {
+            Err(e) => Err(format!("exchange: {e}")),
+            Ok(()) => work.await,
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[test]
-    fn answers_parse_by_length_chunks_or_close() {
-        let a = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]", false)
-            .unwrap()
-            .unwrap();
+    /// A one-shot server that answers `raw` to the first request and closes.
+    async fn serve(raw: impl AsRef<[u8]>) -> String {
+        let raw: Vec<u8> = raw.as_ref().to_vec();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(&raw).await;
+        });
+        addr
+    }
+
+    fn limits(max_bytes: usize) -> Limits {
+        Limits {
+            connect: Duration::from_secs(5),
+            whole: Duration::from_secs(5),
+            max_bytes,
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_by_length_chunks_or_close_and_204_without_body() {
+        let at = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]").await;
+        let a = request(&at, "GET", "/x", None, limits(1024)).await.unwrap();
         assert_eq!((a.status, a.body.as_slice()), (200, &b"[]"[..]));
-        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n[]", false).is_none());
-        assert!(
-            parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n[]", true)
-                .unwrap()
-                .is_err()
-        );
-        let c = parse(
+        let at = serve(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[1\r\n1\r\n]\r\n0\r\n\r\n",
-            false,
         )
-        .unwrap()
-        .unwrap();
-        assert_eq!(c.body, b"[1]");
-        let e = parse(b"HTTP/1.1 204 No Content\r\n\r\n", false)
-            .unwrap()
+        .await;
+        let c = request(&at, "POST", "/y", Some(b"{}"), limits(1024))
+            .await
             .unwrap();
-        assert_eq!((e.status, e.body.len()), (204, 0));
-        assert!(parse(b"SSH-2.0\r\n\r\n", true).unwrap().is_err());
+        assert_eq!(c.body, b"[1]");
+        let at = serve(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n[2]").await;
+        let e = request(&at, "GET", "/z", None, limits(1024)).await.unwrap();
+        assert_eq!(e.body, b"[2]");
+        let at = serve(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        let n = request(&at, "GET", "/", None, limits(1024)).await.unwrap();
+        assert_eq!((n.status, n.body.len()), (204, 0));
+    }
+
+    #[tokio::test]
+    async fn short_big_and_garbage_answers_are_errors() {
+        let at = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n[]").await;
+        assert!(request(&at, "GET", "/", None, limits(1024)).await.is_err());
+        let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n".to_vec();
+        big.extend(std::iter::repeat_n(b'x', 4000));
+        let at = serve(big).await;
+        let e = request(&at, "GET", "/", None, limits(100))
+            .await
+            .unwrap_err();
+        assert!(e.contains("over 100 bytes"), "{e}");
+        let at = serve(b"SSH-2.0-OpenSSH\r\n\r\n").await;
+        assert!(request(&at, "GET", "/", None, limits(1024)).await.is_err());
     }
 }

@@ -669,9 +669,26 @@ mod tests {
             Some(EnrolConfig {
                 signer_host: "b.lan".into(),
                 signer_port: 8884,
-                token: "/e/t".into()
+                token: "/e/t".into(),
+                renew_at: crate::config::RENEW_AT,
             })
         );
+        let with = |renew: &str| {
+            format!(
+                "{top}broker = \"mqtts://b.lan\"\n{tls}{}renew_at = {renew}\n",
+                enrol("b.lan:8884")
+            )
+        };
+        let c = crate::Config::from_toml(&with("0.8")).unwrap();
+        assert_eq!(c.enrol.map(|e| e.renew_at), Some(0.8));
+        for bad in ["0", "1.0", "0.05", "2"] {
+            let e = crate::Config::from_toml(&with(bad)).unwrap_err().to_string();
+            assert!(e.contains("enrol.renew_at") && e.contains("fraction"), "{e}");
+        }
+        let e = crate::Config::from_toml(&with("\"soon\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("renew_at") && e.contains("line"), "{e}");
         for (bad, why) in [
             (
                 format!(

@@ -605,11 +605,13 @@ impl TlsDomain {
         run_script(&["init", d, &domain, &port.to_string(), "127.0.0.1"]);
         prepare(dir.path(), &domain);
         let conf = dir.path().join("mosquitto.conf");
+        // Its log (connections at notice level) for tests that count them: broker_log.
+        let log = std::fs::File::create(dir.path().join("mosquitto.log")).expect("log file");
         let child = Command::new(bin)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start mosquitto");
         let mut me = TlsDomain {
@@ -628,6 +630,12 @@ impl TlsDomain {
             let _ = c.kill();
         }
         panic!("the TLS mosquitto did not listen on port {port}");
+    }
+
+    /// What the broker logged so far (mosquitto.conf's log types: errors to notices, which
+    /// include every accepted connection: `New client connected from ... as ID@DOMAIN`).
+    pub fn broker_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
     /// The broker's process id (to read its memory use in /proc).

@@ -486,6 +486,7 @@ async fn a_short_lived_certificate_rotates_during_a_stream_of_reservations_and_n
         token: token_file.clone(),
         renew_at: 0.9,
     });
+    let provider_socket = cfg.control_socket.clone();
     let provider = start(cfg, None).await;
     let first_cert = std::fs::read(&files.cert).unwrap();
     let first_key = std::fs::read(&files.key).unwrap();
@@ -591,6 +592,48 @@ async fn a_short_lived_certificate_rotates_during_a_stream_of_reservations_and_n
         (1 + rotations..=2 + rotations).contains(&issued),
         "{issued} issued, {rotations} rotations"
     );
+
+    // The certificate in use, close to its expiry (404 s of life left at most): its not-after
+    // in the metrics, and a WARNING in `fluidlet status`, as text and JSON.
+    let not_after = {
+        let pem = std::fs::read(&files.cert).unwrap();
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(&pem)
+            .map(|c: rustls::pki_types::CertificateDer| c.to_vec())
+            .unwrap();
+        fluidlet::tls::identity(&der).unwrap().not_after
+    };
+    let m = provider.metrics();
+    assert_eq!(m.certificate_not_after, Some(not_after));
+    let text = fluidlet::metrics::render(&m, "gw-r");
+    assert!(
+        text.contains(&format!(
+            "fluidlet_certificate_expiry_timestamp_seconds{{node=\"gw-r\"}} {not_after}"
+        )) && text.contains(&format!(
+            "fluidlet_certificate_rotations_total{{node=\"gw-r\"}} {rotations}"
+        )),
+        "{text}"
+    );
+    let socket = provider_socket;
+    let mut out = Vec::new();
+    fluidlet::cli::status(Path::new("unused"), Some(&socket), false, &mut out)
+        .await
+        .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("WARNING: the certificate expires in 0 days")
+            && out.contains(&format!("({rotations} rotations since start)")),
+        "{out}"
+    );
+    let mut json = Vec::new();
+    fluidlet::cli::status(Path::new("unused"), Some(&socket), true, &mut json)
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(
+        v["certificate_warning"], "the certificate expires in 0 days",
+        "{v}"
+    );
+    assert_eq!(v["metrics"]["certificate_not_after"], not_after);
 
     consumer.shutdown().await;
     provider.shutdown().await;

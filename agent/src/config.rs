@@ -477,9 +477,12 @@ impl RawEnrol {
             .signer
             .rsplit_once(':')
             .ok_or_else(|| bad(format!("signer {:?} is not HOST:PORT", self.signer)))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| bad(format!("signer {:?}: the port is not a number", self.signer)))?;
+        let port: u16 = port.parse().map_err(|_| {
+            bad(format!(
+                "signer {:?}: the port is not a number",
+                self.signer
+            ))
+        })?;
         if host.is_empty() || rustls::pki_types::ServerName::try_from(host.to_owned()).is_err() {
             return Err(bad(format!("signer {:?}: not a host name", self.signer)));
         }

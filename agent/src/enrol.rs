@@ -380,7 +380,11 @@ fn next(path: &Path) -> PathBuf {
 /// certificate (no token: the signer checks that certificate instead), the answer checked as
 /// at enrolment, then the key and certificate replaced ([`commit_rotation`]). Returns what the
 /// new certificate says. Blocking: call it off the runtime.
-pub fn renew(node: &Id, files: &TlsFiles, e: &EnrolConfig) -> Result<crate::tls::Identity, EnrolError> {
+pub fn renew(
+    node: &Id,
+    files: &TlsFiles,
+    e: &EnrolConfig,
+) -> Result<crate::tls::Identity, EnrolError> {
     let read = |path: &Path| {
         crate::config::read_bounded(path, 64 * 1024).map_err(|err| match err {
             ReadError::Io(err) => EnrolError::Io {
@@ -531,9 +535,8 @@ pub(crate) async fn keep_rotated(
             .map_err(|j| EnrolError::Other(j.to_string()))
             .and_then(|r| r);
         let loaded = outcome.and_then(|_| {
-            crate::tls::load(&files, &node).map_err(|e| {
-                EnrolError::Other(format!("the rotated files do not load: {e}"))
-            })
+            crate::tls::load(&files, &node)
+                .map_err(|e| EnrolError::Other(format!("the rotated files do not load: {e}")))
         });
         match loaded {
             Ok(l) => {
@@ -682,8 +685,13 @@ mod tests {
         let c = crate::Config::from_toml(&with("0.8")).unwrap();
         assert_eq!(c.enrol.map(|e| e.renew_at), Some(0.8));
         for bad in ["0", "1.0", "0.05", "2"] {
-            let e = crate::Config::from_toml(&with(bad)).unwrap_err().to_string();
-            assert!(e.contains("enrol.renew_at") && e.contains("fraction"), "{e}");
+            let e = crate::Config::from_toml(&with(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("enrol.renew_at") && e.contains("fraction"),
+                "{e}"
+            );
         }
         let e = crate::Config::from_toml(&with("\"soon\""))
             .unwrap_err()

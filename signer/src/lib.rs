@@ -44,7 +44,10 @@ pub enum Refusal {
     UnknownToken,
     TokenExpired,
     TokenUsed,
-    WrongNode { bound: String, cn: String },
+    WrongNode {
+        bound: String,
+        cn: String,
+    },
     BadCsr(String),
     WeakKey(String),
     AsksForCa,
@@ -52,7 +55,10 @@ pub enum Refusal {
     Revoked(String),
     AlreadyEnrolled(String),
     /// Re-enrolment: the CSR asks for another node id than the certificate presented.
-    NotYours { cert: String, cn: String },
+    NotYours {
+        cert: String,
+        cn: String,
+    },
     /// Re-enrolment: the CSR carries the key of the certificate it would replace.
     SameKey,
     /// Re-enrolment with a token (a token is for a first enrolment only).

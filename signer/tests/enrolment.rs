@@ -516,8 +516,7 @@ async fn a_short_lived_certificate_rotates_during_a_stream_of_reservations_and_n
     // SUBACK of its new connection (a few ms, clean sessions) reaches nobody: that purchase
     // times out, at most one per rotation. Nothing the provider had taken is lost.
     assert!(
-        failed.len() as u64 <= rotations
-            && failed.iter().all(|e| e.contains("did not answer")),
+        failed.len() as u64 <= rotations && failed.iter().all(|e| e.contains("did not answer")),
         "purchases failed: {failed:?}"
     );
     assert!(bought.len() > 50, "only {} purchases", bought.len());
@@ -678,7 +677,11 @@ async fn a_revoked_node_cannot_re_enrol() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("revoked"), "{err}");
-    assert_eq!(std::fs::read(&files.cert).unwrap(), cert, "nothing replaced");
+    assert_eq!(
+        std::fs::read(&files.cert).unwrap(),
+        cert,
+        "nothing replaced"
+    );
     assert_eq!(issued(), 2, "nothing signed");
     std::thread::sleep(Duration::from_millis(100));
     assert!(

@@ -596,13 +596,12 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
         provider: seller,
         buyer: shared.me(),
     };
-    let opened = crate::seal::receive(keys.as_deref(), &ctx, &grant).map_err(|e| {
-        RearError::Refused {
+    let opened =
+        crate::seal::receive(keys.as_deref(), &ctx, &grant).map_err(|e| RearError::Refused {
             provider: seller.to_string(),
             code: None,
             text: e.to_string(),
-        }
-    })?;
+        })?;
     // Kept (without the identity, which goes to an owner-only file) for the teardown.
     shared.tables.put_peer_grant(&crate::wire::PeerAccept {
         identity: None,

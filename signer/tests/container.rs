@@ -219,10 +219,7 @@ pods_step = 1
     assert!(started.status.success(), "{}", text(&started));
 
     let begun = Instant::now();
-    while !gw
-        .status()
-        .is_some_and(|s| s["connected"].as_bool() == Some(true))
-    {
+    while !gw.status().is_some_and(|s| s["connected"] == true) {
         assert!(
             begun.elapsed() < WAIT,
             "the gateway did not connect; its log:\n{}\nsigner:\n{}",

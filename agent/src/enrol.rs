@@ -724,6 +724,56 @@ mod tests {
     }
 
     #[test]
+    fn a_rotation_cut_short_is_finished_or_undone_never_half_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("node.pem"),
+            key: dir.path().join("node.key"),
+        };
+        let put = |p: &Path, t: &str| std::fs::write(p, t).unwrap();
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+        put(&files.key, "old key");
+        put(&files.cert, "old cert");
+        // Stopped before the certificate was written: the new key is dropped.
+        put(&next(&files.key), "new key");
+        assert!(!commit_rotation(&files).unwrap());
+        assert_eq!(
+            (read(&files.key), read(&files.cert)),
+            ("old key".into(), "old cert".into())
+        );
+        assert!(!next(&files.key).exists());
+        // Stopped between the two renames (the key is in place): the certificate follows.
+        put(&files.key, "new key");
+        put(&next(&files.cert), "new cert");
+        assert!(commit_rotation(&files).unwrap());
+        assert_eq!(
+            (read(&files.key), read(&files.cert)),
+            ("new key".into(), "new cert".into())
+        );
+        // Both written, neither renamed: both go in.
+        put(&next(&files.key), "third key");
+        put(&next(&files.cert), "third cert");
+        assert!(commit_rotation(&files).unwrap());
+        assert_eq!(
+            (read(&files.key), read(&files.cert)),
+            ("third key".into(), "third cert".into())
+        );
+        assert!(!next(&files.key).exists() && !next(&files.cert).exists());
+    }
+
+    #[test]
+    fn rotation_is_due_at_its_fraction_of_the_life() {
+        let id = crate::tls::Identity {
+            common_name: "n".into(),
+            not_before: 1_000,
+            not_after: 1_000 + 3_000,
+        };
+        assert_eq!(rotation_due(&id, 0.66), 1_000 + 1_980);
+        assert_eq!(rotation_due(&id, 0.1), 1_300);
+    }
+
+    #[test]
     fn frames_over_the_bound_are_refused_before_allocation() {
         let mut buf = Vec::new();
         write_frame(&mut buf, &[7u8; 10]).unwrap();

@@ -10,6 +10,11 @@
 //! attributes and so no extension asking for CA rights), the node id (not revoked, not
 //! enrolled before). A token's use is written and synced before the certificate leaves.
 //!
+//! A re-enrolment (a certificate rotation, [`Signer::renew`]) carries no token: the gateway
+//! presents its current certificate over TLS (verified to the domain CA by the binary's TLS
+//! layer), and the CSR must ask for that certificate's CN with a new key; the node id must
+//! not be revoked. It is signed as an enrolment is.
+//!
 //! State lives in the domain directory: `enrol/tokens` (written by `domain.sh token`: one line
 //! per token, its SHA-256, binding, expiry and uses; the token itself is never stored),
 //! `enrol/used` (appended here), `revoked` (domain.sh revoke), and every certificate issued in

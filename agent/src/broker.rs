@@ -268,6 +268,33 @@ pub struct Session {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The certificate CN on a mutual-TLS session, `None` on plain MQTT (for the log).
     pub identity: Option<String>,
+    /// New TLS client configurations from a certificate rotation (crate::enrol): the next
+    /// connection uses the newest, and the session makes that connection itself
+    /// ([`Rotation`]).
+    pub rotated: Option<mpsc::Receiver<Arc<rustls::ClientConfig>>>,
+}
+
+/// A reconnect the session makes to switch to a rotated certificate: at most one per
+/// rotation, after the broker has acknowledged every QoS 1 publish in flight (as the clean
+/// stop does), or after [`ROTATION_DRAIN`] if it never gets there under load.
+struct Rotation {
+    since: std::time::Instant,
+    disconnecting: bool,
+}
+
+/// Longest wait for the in-flight PUBACKs before a rotation's DISCONNECT. What is still in
+/// flight then is sent again on the new connection (QoS 1: at least once; a repeated
+/// answer or request is recognised by its transaction id, docs/protocol.md).
+const ROTATION_DRAIN: Duration = Duration::from_secs(5);
+
+/// The next rotated configuration, or never when there is no rotation.
+async fn next_rotation(
+    rx: &mut Option<mpsc::Receiver<Arc<rustls::ClientConfig>>>,
+) -> Option<Arc<rustls::ClientConfig>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Session {
@@ -284,13 +311,58 @@ impl Session {
         let (host, port) = self.events.mqtt_options.broker_address();
         let broker = format!("{host}:{port}");
         let mut probe = Probe::default();
+        let mut rotation: Option<Rotation> = None;
+        // Publishes queued when a rotation's DISCONNECT went out: sent on the new connection.
+        let mut carried: Vec<rumqttc::Request> = Vec::new();
         loop {
-            // Cancel safety: `poll` may be dropped only when `stop` fires, once; rumqttc
-            // keeps unsent requests in its state, and the stop path polls again to flush them.
+            // Cancel safety: `poll` may be dropped only when `stop` fires, once, or when a
+            // rotated configuration arrives; rumqttc keeps unsent requests in its state (the
+            // next poll goes on with them), and `recv` on the channel is cancel-safe.
             let event = tokio::select! {
                 _ = stop.changed() => break,
+                cfg = next_rotation(&mut self.rotated) => {
+                    match cfg {
+                        Some(cfg) => {
+                            self.events.mqtt_options.set_transport(rumqttc::Transport::tls_with_config(
+                                rumqttc::TlsConfiguration::Rustls(cfg),
+                            ));
+                            if self.status.borrow().connected {
+                                info!(%broker, "a rotated certificate: reconnecting with it once the broker has acknowledged what is in flight");
+                                rotation = Some(Rotation { since: std::time::Instant::now(), disconnecting: false });
+                                self.rotation_step(&mut rotation);
+                            } else {
+                                info!(%broker, "a rotated certificate: the next connection uses it");
+                            }
+                        }
+                        None => self.rotated = None,
+                    }
+                    continue;
+                }
                 ev = self.events.poll() => ev,
             };
+            if rotation.is_some() {
+                if let Ok(Event::Outgoing(Outgoing::Disconnect)) = event {
+                    // The DISCONNECT is out: drop this connection and connect again, with the
+                    // new certificate. `clean` moves what was queued into `pending`, which a
+                    // clean session would discard at the CONNACK: publishes are kept aside
+                    // and given back after it.
+                    self.events.clean();
+                    carried = self
+                        .events
+                        .pending
+                        .drain(..)
+                        .filter(|r| matches!(r, rumqttc::Request::Publish(_)))
+                        .collect();
+                    rotation = None;
+                    self.status.send_modify(|s| {
+                        s.connected = false;
+                        s.subscribed = false;
+                    });
+                    info!(%broker, carried = carried.len(), "disconnected for the certificate rotation; connecting with the new certificate");
+                    continue;
+                }
+                self.rotation_step(&mut rotation);
+            }
             if event.is_ok() && probe.overdue() {
                 self.on_probe_silent(&broker);
                 probe.deadline = None;
@@ -318,6 +390,10 @@ impl Session {
                     }
                     failures = FailureLog::default();
                     probe = Probe::default();
+                    // A connection lost while a rotation waited has reconnected with the new
+                    // certificate already: nothing is left to do for that rotation.
+                    rotation = None;
+                    self.events.pending.extend(carried.drain(..));
                     self.on_connect();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -423,6 +499,29 @@ impl Session {
         let connected = self.status.borrow().connected;
         if connected {
             self.stop_session().await;
+        }
+    }
+
+    /// Sends a rotation's DISCONNECT once nothing is in flight (or [`ROTATION_DRAIN`] has
+    /// passed). `try_disconnect`: this runs inside the poll loop.
+    fn rotation_step(&self, rotation: &mut Option<Rotation>) {
+        let Some(r) = rotation else { return };
+        if r.disconnecting {
+            return;
+        }
+        let drained = self.events.state.inflight() == 0;
+        if drained || r.since.elapsed() >= ROTATION_DRAIN {
+            if !drained {
+                warn!(
+                    in_flight = self.events.state.inflight(),
+                    "certificate rotation: PUBACKs still owed after {} s; reconnecting anyway (they are sent again)",
+                    ROTATION_DRAIN.as_secs()
+                );
+            }
+            match self.client.try_disconnect() {
+                Ok(()) => r.disconnecting = true,
+                Err(e) => debug!(error = %e, "could not queue the rotation's DISCONNECT yet"),
+            }
         }
     }
 

@@ -478,6 +478,17 @@ pub async fn status(
             .map_or(String::new(), |e| format!(", last error: {e}")),
         st.fabric
     )?;
+    if let Some(t) = st.metrics.as_ref().and_then(|m| m.certificate_not_after) {
+        let rotations = st.metrics.as_ref().map_or(0, |m| m.certificate_rotations);
+        writeln!(
+            out,
+            "certificate: valid until {} ({rotations} rotations since start)",
+            crate::model::date_words(t.saturating_mul(1000))
+        )?;
+    }
+    if let Some(w) = &st.certificate_warning {
+        writeln!(out, "WARNING: {w}")?;
+    }
     writeln!(out, "\nflavours on offer:")?;
     for f in st
         .flavours

@@ -444,41 +444,66 @@ struct RawTls {
 }
 
 /// `[enrol]`: where the signer is and where the token is (the enrol module).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct EnrolConfig {
     /// `HOST:PORT` of the signer; HOST must be a name in the broker's certificate.
     pub signer_host: String,
     pub signer_port: u16,
     /// A file holding the one-time token (hex).
     pub token: PathBuf,
+    /// The fraction of the certificate's life (from its not-before to its not-after) after
+    /// which the running agent gets a new one (crate::enrol::keep_rotated).
+    pub renew_at: f64,
 }
+
+/// [`EnrolConfig::renew_at`] when the config does not say: two thirds of the life, so that a
+/// signer that is down for a while still leaves a third of it to retry in.
+pub const RENEW_AT: f64 = 0.66;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEnrol {
     signer: String,
     token: PathBuf,
+    renew_at: Option<f64>,
 }
 
 impl RawEnrol {
-    fn validate(self, tls: bool) -> Result<EnrolConfig, String> {
+    fn validate(self, tls: bool) -> Result<EnrolConfig, ConfigError> {
+        let bad = |m: String| invalid("enrol", m);
         if !tls {
-            return Err("[enrol] needs mqtts:// and a [tls] table (the files it writes)".into());
+            return Err(bad(
+                "[enrol] needs mqtts:// and a [tls] table (the files it writes)".into(),
+            ));
         }
         let (host, port) = self
             .signer
             .rsplit_once(':')
-            .ok_or_else(|| format!("signer {:?} is not HOST:PORT", self.signer))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("signer {:?}: the port is not a number", self.signer))?;
+            .ok_or_else(|| bad(format!("signer {:?} is not HOST:PORT", self.signer)))?;
+        let port: u16 = port.parse().map_err(|_| {
+            bad(format!(
+                "signer {:?}: the port is not a number",
+                self.signer
+            ))
+        })?;
         if host.is_empty() || rustls::pki_types::ServerName::try_from(host.to_owned()).is_err() {
-            return Err(format!("signer {:?}: not a host name", self.signer));
+            return Err(bad(format!("signer {:?}: not a host name", self.signer)));
+        }
+        let renew_at = self.renew_at.unwrap_or(RENEW_AT);
+        if !(0.1..=0.95).contains(&renew_at) {
+            return Err(invalid(
+                "enrol.renew_at",
+                format!(
+                    "{renew_at} is not a fraction of the certificate's life between 0.1 and \
+                     0.95 (0.66: a new certificate after two thirds of it)"
+                ),
+            ));
         }
         Ok(EnrolConfig {
             signer_host: host.to_owned(),
             signer_port: port,
             token: self.token,
+            renew_at,
         })
     }
 }
@@ -830,10 +855,7 @@ impl RawConfig {
             (false, None) => {}
         }
         if let Some(e) = self.enrol {
-            cfg.enrol = Some(
-                e.validate(cfg.tls.is_some())
-                    .map_err(|m| invalid("enrol", m))?,
-            );
+            cfg.enrol = Some(e.validate(cfg.tls.is_some())?);
         }
         let ms = Duration::from_millis;
         let secs = Duration::from_secs;

@@ -116,6 +116,10 @@ pub struct StatusReport {
     /// The protocol revision it implements (docs/protocol.md section 9); absent: older.
     #[n(12)]
     pub protocol_revision: Option<u16>,
+    /// The certificate is close to its expiry (fewer than 30 days left, crate::tls) or
+    /// past it, in words; the expiry itself is `metrics.certificate_not_after`.
+    #[n(13)]
+    pub certificate_warning: Option<String>,
 }
 
 #[derive(Clone, Debug, Encode, Decode)]
@@ -402,7 +406,20 @@ pub(crate) fn status(shared: &Shared) -> StatusReport {
     for i in &mut intents {
         i.manifest = Default::default();
     }
+    let metrics = shared.metrics_snapshot();
+    let certificate_warning = metrics.certificate_not_after.and_then(|t| {
+        let id = crate::tls::Identity {
+            common_name: String::new(),
+            not_before: 0,
+            not_after: t,
+        };
+        match crate::tls::check_validity(&id, crate::model::unix_ms() / 1000) {
+            Ok(w) => w.map(|w| format!("the certificate {w}")),
+            Err(e) => Some(format!("the certificate {e}")),
+        }
+    });
     StatusReport {
+        certificate_warning,
         node: shared.me().clone(),
         domain: shared.cfg.domain.clone(),
         connected: st.connected,
@@ -418,7 +435,7 @@ pub(crate) fn status(shared: &Shared) -> StatusReport {
         allocations: t.allocations().unwrap_or_default(),
         intents,
         fabric: shared.fabric.backend().name().to_owned(),
-        metrics: Some(shared.metrics_snapshot()),
+        metrics: Some(metrics),
         version: Some(crate::version()),
         protocol_revision: Some(crate::wire::REVISION),
     }

@@ -236,9 +236,18 @@ fn read_token(path: &Path) -> Result<String, EnrolError> {
     Ok(token)
 }
 
+/// This node's current certificate chain and key, presented to the signer on re-enrolment.
+type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
 /// One round trip to the signer, blocking: TLS (the signer's certificate must chain to the
-/// domain CA in `ca` and name `host`), one request, one answer.
-fn ask_signer(e: &EnrolConfig, ca: &Path, request: &[u8]) -> Result<Response, EnrolError> {
+/// domain CA in `ca` and name `host`; with `client`, this node proves itself with its current
+/// certificate, as EST's simplereenroll does), one request, one answer.
+fn ask_signer(
+    e: &EnrolConfig,
+    ca: &Path,
+    client: Option<ClientAuth>,
+    request: &[u8],
+) -> Result<Response, EnrolError> {
     let signer = format!("{}:{}", e.signer_host, e.signer_port);
     let fail = |err: String| EnrolError::Signer {
         signer: signer.clone(),
@@ -255,11 +264,16 @@ fn ask_signer(e: &EnrolConfig, ca: &Path, request: &[u8]) -> Result<Response, En
         return Err(fail(format!("{} holds no CA certificate", ca.display())));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| fail(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| fail(format!("this node's certificate and key: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
     let name = ServerName::try_from(e.signer_host.clone()).map_err(|e| fail(e.to_string()))?;
     let conn =
         rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| fail(e.to_string()))?;
@@ -345,12 +359,222 @@ pub fn enrol(node: &Id, files: &TlsFiles, e: &EnrolConfig) -> Result<(), EnrolEr
         csr: csr(node, &pkcs8)?.into(),
     };
     let bytes = minicbor::to_vec(&request).map_err(|e| EnrolError::Other(e.to_string()))?;
-    let answer = ask_signer(e, &files.ca, &bytes)?;
+    let answer = ask_signer(e, &files.ca, None, &bytes)?;
     if !answer.ok {
         return Err(EnrolError::Refused(answer.reason));
     }
     let pem = check_chain(node, &pkcs8, &answer.chain)?;
     write_private(&files.cert, pem.as_bytes(), 0o600)
+}
+
+/// `PATH.next`: where a rotation writes the new key and certificate before either replaces
+/// the one in use.
+fn next(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".next");
+    PathBuf::from(s)
+}
+
+/// Re-enrolment (a certificate rotation, EST's simplereenroll): a new P-256 key made here, a
+/// CSR for the same node id, sent over TLS on which this node proves itself with its current
+/// certificate (no token: the signer checks that certificate instead), the answer checked as
+/// at enrolment, then the key and certificate replaced ([`commit_rotation`]). Returns what the
+/// new certificate says. Blocking: call it off the runtime.
+pub fn renew(
+    node: &Id,
+    files: &TlsFiles,
+    e: &EnrolConfig,
+) -> Result<crate::tls::Identity, EnrolError> {
+    let read = |path: &Path| {
+        crate::config::read_bounded(path, 64 * 1024).map_err(|err| match err {
+            ReadError::Io(err) => EnrolError::Io {
+                path: path.to_owned(),
+                err,
+            },
+            ReadError::TooLarge => EnrolError::Other(format!("{} is too large", path.display())),
+        })
+    };
+    let chain = CertificateDer::pem_slice_iter(&read(&files.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| EnrolError::Other(format!("{}: {err}", files.cert.display())))?;
+    let current = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
+        .map_err(|err| EnrolError::Other(format!("{}: {err}", files.key.display())))?;
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+        .map_err(|_| EnrolError::Other("cannot make a P-256 key".into()))?;
+    let request = Request {
+        token: String::new(),
+        csr: csr(node, pkcs8.as_ref())?.into(),
+    };
+    let bytes = minicbor::to_vec(&request).map_err(|e| EnrolError::Other(e.to_string()))?;
+    let answer = ask_signer(e, &files.ca, Some((chain, current)), &bytes)?;
+    if !answer.ok {
+        return Err(EnrolError::Refused(answer.reason));
+    }
+    let pem = check_chain(node, pkcs8.as_ref(), &answer.chain)?;
+    let id = crate::tls::identity(&answer.chain[0]).map_err(EnrolError::BadAnswer)?;
+    let key_pem = x509_cert::der::pem::encode_string(
+        "PRIVATE KEY",
+        x509_cert::der::pem::LineEnding::LF,
+        pkcs8.as_ref(),
+    )
+    .map_err(|e| EnrolError::Other(format!("PEM: {e}")))?;
+    write_private(&next(&files.key), key_pem.as_bytes(), 0o600)?;
+    write_private(&next(&files.cert), pem.as_bytes(), 0o600)?;
+    commit_rotation(files)?;
+    Ok(id)
+}
+
+/// Puts a rotation's `key.next` and `cert.next` in place of the key and certificate, the key
+/// first. Both were written and synced before the first rename, so a rotation cut short
+/// (a crash, a power cut) is finished here at the next start and never leaves a key beside a
+/// certificate that is not its own. A `key.next` without `cert.next` is a rotation that
+/// stopped before it had its certificate: removed, the old pair is still whole. Returns
+/// whether it replaced anything.
+pub fn commit_rotation(files: &TlsFiles) -> Result<bool, EnrolError> {
+    let (key, cert) = (next(&files.key), next(&files.cert));
+    if !cert.exists() {
+        let _ = std::fs::remove_file(&key);
+        return Ok(false);
+    }
+    if key.exists() {
+        std::fs::rename(&key, &files.key).map_err(io(&files.key))?;
+    }
+    std::fs::rename(&cert, &files.cert).map_err(io(&files.cert))?;
+    for dir in [&files.key, &files.cert].iter().filter_map(|p| p.parent()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(true)
+}
+
+/// When a certificate is due for rotation: `renew_at` of its life after its not-before.
+pub fn rotation_due(id: &crate::tls::Identity, renew_at: f64) -> u64 {
+    let life = id.not_after.saturating_sub(id.not_before) as f64;
+    id.not_before.saturating_add((life * renew_at) as u64)
+}
+
+/// First wait after a failed rotation; doubled after each failure up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(10);
+const RETRY_MAX: Duration = Duration::from_secs(30 * 60);
+/// How often a certificate close to its expiry is warned about while the node runs.
+const EXPIRY_LOG_EVERY: u64 = 24 * 3600;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The node's certificate while it runs: a WARN once a day when it is close to its expiry
+/// ([`crate::tls::EXPIRY_WARNING`]) and, with `[enrol]`, its rotation at `renew_at` of its
+/// life. A new certificate goes to the broker session over `rotated` (which switches to it
+/// on a reconnect it schedules itself, `broker::Session`) and to the sealing of peering
+/// credentials. A failed rotation is logged in words and retried with backoff while the
+/// current certificate is valid; the node keeps trading with the current one meanwhile.
+pub(crate) async fn keep_rotated(
+    shared: Arc<crate::shared::Shared>,
+    rotated: tokio::sync::mpsc::Sender<Arc<rustls::ClientConfig>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(files) = shared.cfg.tls.clone() else {
+        return;
+    };
+    let enrol = shared.cfg.enrol.clone();
+    let node = shared.me().clone();
+    let mut retry = RETRY_MIN;
+    let mut id = match crate::tls::load(&files, &node) {
+        Ok(l) => l.identity,
+        Err(e) => return tracing::warn!("certificate watch stopped: {e}"),
+    };
+    shared.metrics.certificate(id.not_after);
+    let mut warned_at = 0u64;
+    loop {
+        let now = unix_now();
+        if let Ok(Some(w)) = crate::tls::check_validity(&id, now) {
+            if now.saturating_sub(warned_at) >= EXPIRY_LOG_EVERY {
+                warned_at = now;
+                tracing::warn!(
+                    "the certificate {} {w} (unix time {}){}",
+                    files.cert.display(),
+                    id.not_after,
+                    if enrol.is_some() {
+                        ""
+                    } else {
+                        ": replace it (domain.sh node, or [enrol] to have it rotated)"
+                    }
+                );
+            }
+        }
+        let warn_from = id
+            .not_after
+            .saturating_sub(crate::tls::EXPIRY_WARNING.as_secs());
+        let until_warning = match warn_from.checked_sub(now) {
+            Some(s) if s > 0 => s,
+            _ => EXPIRY_LOG_EVERY,
+        };
+        let wake = match &enrol {
+            Some(e) => rotation_due(&id, e.renew_at).saturating_sub(now),
+            None => u64::MAX,
+        };
+        let sleep = wake.min(until_warning).min(EXPIRY_LOG_EVERY);
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(sleep)) => {}
+        }
+        let Some(e) = enrol.clone() else { continue };
+        if unix_now() < rotation_due(&id, e.renew_at) {
+            continue;
+        }
+        tracing::info!(signer = %e.signer_host, port = e.signer_port, "rotating the certificate: a new key, a CSR, the signer over mutual TLS");
+        let (n, f) = (node.clone(), files.clone());
+        let outcome = tokio::task::spawn_blocking(move || renew(&n, &f, &e))
+            .await
+            .map_err(|j| EnrolError::Other(j.to_string()))
+            .and_then(|r| r);
+        let loaded = outcome.and_then(|_| {
+            crate::tls::load(&files, &node)
+                .map_err(|e| EnrolError::Other(format!("the rotated files do not load: {e}")))
+        });
+        match loaded {
+            Ok(l) => {
+                retry = RETRY_MIN;
+                id = l.identity;
+                shared.metrics.rotated(id.not_after);
+                match crate::seal::Keys::new(&l.certificate, &l.key, l.roots.clone()) {
+                    Ok(k) => {
+                        if let Ok(mut s) = shared.sealing.write() {
+                            *s = Some(Arc::new(k));
+                        }
+                    }
+                    Err(e) => tracing::warn!("the rotated key cannot seal: {e}"),
+                }
+                tracing::info!(
+                    cert = %files.cert.display(),
+                    not_after = id.not_after,
+                    "certificate rotated: new key and certificate written; the broker session switches to them on its next connection"
+                );
+                if rotated.send(l.client).await.is_err() {
+                    return;
+                }
+            }
+            Err(err) => {
+                let left = id.not_after.saturating_sub(unix_now());
+                tracing::warn!(
+                    "certificate rotation failed: {err}; the current certificate stays in use \
+                     ({left} s left), next attempt in {} s",
+                    retry.as_secs()
+                );
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
 }
 
 /// Zero-touch first boot: with `[enrol]` and no certificate file yet, enrols before the TLS
@@ -359,6 +583,9 @@ pub async fn first_boot(cfg: &crate::Config) -> Result<bool, EnrolError> {
     let (Some(e), Some(files)) = (cfg.enrol.clone(), cfg.tls.clone()) else {
         return Ok(false);
     };
+    if commit_rotation(&files)? {
+        tracing::warn!(cert = %files.cert.display(), "finished a certificate rotation cut short by the last stop");
+    }
     if files.cert.exists() {
         return Ok(false);
     }
@@ -445,9 +672,31 @@ mod tests {
             Some(EnrolConfig {
                 signer_host: "b.lan".into(),
                 signer_port: 8884,
-                token: "/e/t".into()
+                token: "/e/t".into(),
+                renew_at: crate::config::RENEW_AT,
             })
         );
+        let with = |renew: &str| {
+            format!(
+                "{top}broker = \"mqtts://b.lan\"\n{tls}{}renew_at = {renew}\n",
+                enrol("b.lan:8884")
+            )
+        };
+        let c = crate::Config::from_toml(&with("0.8")).unwrap();
+        assert_eq!(c.enrol.map(|e| e.renew_at), Some(0.8));
+        for bad in ["0", "1.0", "0.05", "2"] {
+            let e = crate::Config::from_toml(&with(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("enrol.renew_at") && e.contains("fraction"),
+                "{e}"
+            );
+        }
+        let e = crate::Config::from_toml(&with("\"soon\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("renew_at") && e.contains("line"), "{e}");
         for (bad, why) in [
             (
                 format!(
@@ -472,6 +721,56 @@ mod tests {
             let e = crate::Config::from_toml(&bad).unwrap_err().to_string();
             assert!(e.contains("enrol") && e.contains(why), "{e}");
         }
+    }
+
+    #[test]
+    fn a_rotation_cut_short_is_finished_or_undone_never_half_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("node.pem"),
+            key: dir.path().join("node.key"),
+        };
+        let put = |p: &Path, t: &str| std::fs::write(p, t).unwrap();
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+        put(&files.key, "old key");
+        put(&files.cert, "old cert");
+        // Stopped before the certificate was written: the new key is dropped.
+        put(&next(&files.key), "new key");
+        assert!(!commit_rotation(&files).unwrap());
+        assert_eq!(
+            (read(&files.key), read(&files.cert)),
+            ("old key".into(), "old cert".into())
+        );
+        assert!(!next(&files.key).exists());
+        // Stopped between the two renames (the key is in place): the certificate follows.
+        put(&files.key, "new key");
+        put(&next(&files.cert), "new cert");
+        assert!(commit_rotation(&files).unwrap());
+        assert_eq!(
+            (read(&files.key), read(&files.cert)),
+            ("new key".into(), "new cert".into())
+        );
+        // Both written, neither renamed: both go in.
+        put(&next(&files.key), "third key");
+        put(&next(&files.cert), "third cert");
+        assert!(commit_rotation(&files).unwrap());
+        assert_eq!(
+            (read(&files.key), read(&files.cert)),
+            ("third key".into(), "third cert".into())
+        );
+        assert!(!next(&files.key).exists() && !next(&files.cert).exists());
+    }
+
+    #[test]
+    fn rotation_is_due_at_its_fraction_of_the_life() {
+        let id = crate::tls::Identity {
+            common_name: "n".into(),
+            not_before: 1_000,
+            not_after: 1_000 + 3_000,
+        };
+        assert_eq!(rotation_due(&id, 0.66), 1_000 + 1_980);
+        assert_eq!(rotation_due(&id, 0.1), 1_300);
     }
 
     #[test]

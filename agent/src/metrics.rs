@@ -55,6 +55,10 @@ pub struct Metrics {
     latency: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
     latency_sum_us: AtomicU64,
     dropped: [AtomicU64; 3],
+    /// The not-after of the certificate in use, unix seconds; 0 without TLS.
+    certificate_not_after: AtomicU64,
+    /// Certificates replaced by a rotation since start (crate::enrol).
+    certificate_rotations: AtomicU64,
 }
 
 /// What a RESERVE_FLAVOUR was answered with, for [`Metrics::reservation`].
@@ -92,6 +96,18 @@ impl Metrics {
     pub fn dropped(&self, why: Dropped) {
         let i = DROPS.iter().position(|(d, _)| *d == why).unwrap_or(0);
         self.dropped[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The certificate now in use ends at `not_after` (unix seconds).
+    pub fn certificate(&self, not_after: u64) {
+        self.certificate_not_after
+            .store(not_after, Ordering::Relaxed);
+    }
+
+    /// A rotation replaced the certificate by one that ends at `not_after`.
+    pub fn rotated(&self, not_after: u64) {
+        self.certificate(not_after);
+        self.certificate_rotations.fetch_add(1, Ordering::Relaxed);
     }
 
     fn counters(&self) -> Counters {
@@ -217,6 +233,12 @@ pub struct Snapshot {
     /// Messages dropped by a bound, by reason.
     #[n(10)]
     pub dropped: Vec<Named>,
+    /// When the certificate in use expires, unix seconds (`None` without TLS).
+    #[n(11)]
+    pub certificate_not_after: Option<u64>,
+    /// Certificates replaced by a rotation since start.
+    #[n(12)]
+    pub certificate_rotations: u64,
 }
 
 /// Reads a `kB` field of /proc/self/status, in bytes.
@@ -280,6 +302,9 @@ pub(crate) fn snapshot(
         broker_connected: connected,
         broker_connects: connects,
         dropped: c.dropped,
+        certificate_not_after: Some(metrics.certificate_not_after.load(Ordering::Relaxed))
+            .filter(|t| *t != 0),
+        certificate_rotations: metrics.certificate_rotations.load(Ordering::Relaxed),
     }
 }
 
@@ -413,6 +438,24 @@ pub fn render(s: &Snapshot, node: &str) -> String {
         "reason",
         s.dropped.iter().map(|d| (&d.name, d.value)),
     );
+    if let Some(t) = s.certificate_not_after {
+        single(
+            o,
+            n,
+            "fluidlet_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When the certificate this node connects with expires (its not-after), unix seconds.",
+            t,
+        );
+        single(
+            o,
+            n,
+            "fluidlet_certificate_rotations_total",
+            "counter",
+            "Certificates replaced by a rotation (a new key and certificate from the signer) since start.",
+            s.certificate_rotations,
+        );
+    }
     std::mem::take(o)
 }
 

@@ -80,6 +80,9 @@ impl Agent {
         let catalog = Arc::new(broker::CatalogInbox::default());
         let (status_tx, status_rx) = watch::channel(Status::default());
         let (stop_tx, stop_rx) = watch::channel(false);
+        // One rotated certificate at a time: the session takes it at once, and a rotation
+        // happens once in a good part of the certificate's life.
+        let (rotated_tx, rotated_rx) = mpsc::channel(1);
         let advert = AdvertSlot::default();
         let fabric = Fabric::new(cfg.fabric.clone(), &cfg.data_dir, &cfg.node_id);
         let mut shared = Shared::new(
@@ -92,7 +95,7 @@ impl Agent {
             fabric,
             stop_rx.clone(),
         )?;
-        shared.sealing = sealing;
+        shared.sealing = std::sync::RwLock::new(sealing.map(Arc::new));
         let shared = Arc::new(shared);
         let session = broker::Session {
             events,
@@ -109,8 +112,14 @@ impl Agent {
             ),
             metrics: shared.metrics.clone(),
             identity,
+            rotated: Some(rotated_rx),
         };
         let session = tokio::spawn(session.run(stop_rx.clone()));
+        let certificate = tokio::spawn(crate::enrol::keep_rotated(
+            shared.clone(),
+            rotated_tx,
+            stop_rx.clone(),
+        ));
         if !shared.cfg.offers.is_empty() {
             shared.publish_advert().await?;
         }
@@ -127,7 +136,7 @@ impl Agent {
             shared.clone(),
             stop_rx.clone(),
         ));
-        let mut tasks = vec![resumer, sweeper, control, enforcer, renewer];
+        let mut tasks = vec![resumer, sweeper, control, enforcer, renewer, certificate];
         if shared.cfg.advert_max_age.is_some()
             || (shared.cfg.advert_refresh.is_some() && !shared.cfg.offers.is_empty())
         {

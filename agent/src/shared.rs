@@ -97,8 +97,10 @@ pub(crate) struct Shared {
     pub teardowns: Mutex<std::collections::HashSet<Id>>,
     /// Sealing material from the TLS files (`None` on a plain-MQTT loopback/demo domain,
     /// where peering identities travel in clear): see [`crate::seal`]. Set by
-    /// [`crate::Agent::start`] before the node is shared.
-    pub sealing: Option<crate::seal::Keys>,
+    /// [`crate::Agent::start`], replaced by a certificate rotation ([`crate::enrol`]): read it
+    /// with [`Shared::sealing`], once per exchange, so a peering that began with one key ends
+    /// with it.
+    pub sealing: std::sync::RwLock<Option<Arc<crate::seal::Keys>>>,
     /// The Peering Candidates table (in memory: see [`crate::discovery::Candidates`]).
     pub candidates: crate::discovery::Candidates,
     /// Counters for `fluidlet status --json` and the metrics file (atomics only).
@@ -138,7 +140,7 @@ impl Shared {
             peerings: Arc::new(Semaphore::new(MAX_PEERINGS)),
             flights: Mutex::new(HashMap::new()),
             teardowns: Mutex::new(std::collections::HashSet::new()),
-            sealing: None,
+            sealing: std::sync::RwLock::new(None),
             candidates: Default::default(),
             tables,
             topics: Topics::new(&cfg.domain, &cfg.node_id),
@@ -203,6 +205,11 @@ impl Shared {
             status.connected,
             status.connects,
         )
+    }
+
+    /// The sealing material now (see [`Shared::sealing`] the field).
+    pub fn sealing(&self) -> Option<Arc<crate::seal::Keys>> {
+        self.sealing.read().ok().and_then(|k| k.clone())
     }
 
     pub fn me(&self) -> &Id {

@@ -10,6 +10,11 @@
 //! attributes and so no extension asking for CA rights), the node id (not revoked, not
 //! enrolled before). A token's use is written and synced before the certificate leaves.
 //!
+//! A re-enrolment (a certificate rotation, [`Signer::renew`]) carries no token: the gateway
+//! presents its current certificate over TLS (verified to the domain CA by the binary's TLS
+//! layer), and the CSR must ask for that certificate's CN with a new key; the node id must
+//! not be revoked. It is signed as an enrolment is.
+//!
 //! State lives in the domain directory: `enrol/tokens` (written by `domain.sh token`: one line
 //! per token, its SHA-256, binding, expiry and uses; the token itself is never stored),
 //! `enrol/used` (appended here), `revoked` (domain.sh revoke), and every certificate issued in
@@ -44,13 +49,25 @@ pub enum Refusal {
     UnknownToken,
     TokenExpired,
     TokenUsed,
-    WrongNode { bound: String, cn: String },
+    WrongNode {
+        bound: String,
+        cn: String,
+    },
     BadCsr(String),
     WeakKey(String),
     AsksForCa,
     Attributes(String),
     Revoked(String),
     AlreadyEnrolled(String),
+    /// Re-enrolment: the CSR asks for another node id than the certificate presented.
+    NotYours {
+        cert: String,
+        cn: String,
+    },
+    /// Re-enrolment: the CSR carries the key of the certificate it would replace.
+    SameKey,
+    /// Re-enrolment with a token (a token is for a first enrolment only).
+    TokenOnRenewal,
     Internal(String),
 }
 
@@ -82,6 +99,18 @@ impl std::fmt::Display for Refusal {
             Refusal::AlreadyEnrolled(n) => write!(
                 f,
                 "node id {n:?} already has a certificate (revoke it, or use a new id)"
+            ),
+            Refusal::NotYours { cert, cn } => write!(
+                f,
+                "re-enrolment: the certificate presented is {cert:?}'s, the CSR asks for CN {cn:?}"
+            ),
+            Refusal::SameKey => write!(
+                f,
+                "re-enrolment: the CSR carries the current certificate's key; a rotation needs a new key"
+            ),
+            Refusal::TokenOnRenewal => write!(
+                f,
+                "re-enrolment carries no token (the certificate presented is the credential)"
             ),
             Refusal::Internal(m) => write!(f, "internal error: {m}"),
         }
@@ -275,16 +304,87 @@ impl Signer {
         // The use is on disk before the certificate leaves: a crash after this line burns the
         // token, never lets it sign twice.
         self.record_use(&hash, &csr.cn, now)?;
+        self.keep_issued(&csr.cn, &cert, &serial)?;
+        Ok(vec![cert, self.ca_der.clone()])
+    }
+
+    /// Decides one re-enrolment (a certificate rotation) from `peer`, which proved itself
+    /// over TLS with the certificate `client` (DER, leaf): the chain, or why not.
+    pub fn renew(
+        &self,
+        peer: IpAddr,
+        client: &[u8],
+        frame: &[u8],
+        now: u64,
+    ) -> Result<Vec<Vec<u8>>, Refusal> {
+        let allowed = self
+            .limiter
+            .lock()
+            .map(|mut l| l.allow(peer, now.saturating_mul(1000)))
+            .unwrap_or(false);
+        if !allowed {
+            return Err(Refusal::RateLimited);
+        }
+        self.renew_unlimited(client, frame, now)
+    }
+
+    /// [`Signer::renew`] without the rate limit. `client` must be the leaf of a chain the
+    /// TLS layer verified to the domain CA for client authentication, in date (the binary's
+    /// verifier does; a library caller must too). Checked here: the CSR as at enrolment, its
+    /// CN equal to the certificate's, a new key, the node id not revoked. No token, and no
+    /// "already enrolled": renewing is what an enrolled node does.
+    pub fn renew_unlimited(
+        &self,
+        client: &[u8],
+        frame: &[u8],
+        now: u64,
+    ) -> Result<Vec<Vec<u8>>, Refusal> {
+        if frame.len() > fluidlet::enrol::MAX_REQUEST {
+            return Err(Refusal::TooLarge(frame.len()));
+        }
+        let req: Request =
+            minicbor::decode(frame).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        if !req.token.is_empty() {
+            return Err(Refusal::TokenOnRenewal);
+        }
+        let csr = check_csr(&req.csr)?;
+        let current = x509_cert::Certificate::from_der(client)
+            .map_err(|e| Refusal::BadCsr(format!("the certificate presented: {e}")))?;
+        let holder = fluidlet::tls::identity(client).map_err(Refusal::BadCsr)?;
+        if holder.common_name != csr.cn {
+            return Err(Refusal::NotYours {
+                cert: holder.common_name,
+                cn: csr.cn,
+            });
+        }
+        if current.tbs_certificate.subject_public_key_info == csr.spki {
+            return Err(Refusal::SameKey);
+        }
+        let _one = self
+            .decide
+            .lock()
+            .map_err(|_| Refusal::Internal("lock".into()))?;
+        if self.revoked(&csr.cn) {
+            return Err(Refusal::Revoked(csr.cn));
+        }
+        let (cert, serial) = self.sign(&csr, now)?;
+        self.keep_issued(&csr.cn, &cert, &serial)?;
+        Ok(vec![cert, self.ca_der.clone()])
+    }
+
+    /// Writes an issued certificate to `nodes/ID/issued/SERIAL.pem` (domain.sh list and
+    /// revoke read them there).
+    fn keep_issued(&self, cn: &str, cert: &[u8], serial: &str) -> Result<(), Refusal> {
+        let issued = self.domain_dir.join("nodes").join(cn).join("issued");
         std::fs::create_dir_all(&issued).map_err(|e| Refusal::Internal(e.to_string()))?;
         let pem = x509_cert::der::pem::encode_string(
             "CERTIFICATE",
             x509_cert::der::pem::LineEnding::LF,
-            &cert,
+            cert,
         )
         .map_err(|e| Refusal::Internal(e.to_string()))?;
         std::fs::write(issued.join(format!("{serial}.pem")), pem)
-            .map_err(|e| Refusal::Internal(e.to_string()))?;
-        Ok(vec![cert, self.ca_der.clone()])
+            .map_err(|e| Refusal::Internal(e.to_string()))
     }
 
     fn token(&self, hash: &str) -> Result<Token, Refusal> {

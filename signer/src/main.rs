@@ -28,6 +28,9 @@ struct Args {
     /// days a certificate is valid, 365 by default
     #[argh(option, default = "365")]
     days: u64,
+    /// seconds a certificate is valid, instead of --days (short-lived certificates, tests)
+    #[argh(option)]
+    seconds: Option<u64>,
     /// requests per second per peer address (1 by default; burst 5)
     #[argh(option, default = "1.0")]
     peer_rate: f64,
@@ -58,7 +61,10 @@ fn serve(args: Args) -> Result<(), String> {
     let limiter = Limiter::new((args.peer_rate, 5.0), (args.rate, 20.0));
     let signer = Arc::new(Signer::open(
         &args.dir,
-        Duration::from_secs(args.days.saturating_mul(86_400)),
+        Duration::from_secs(
+            args.seconds
+                .unwrap_or_else(|| args.days.saturating_mul(86_400)),
+        ),
         limiter,
     )?);
     // The broker's certificate (serverAuth, the broker host's names, from the domain CA):
@@ -68,12 +74,30 @@ fn serve(args: Args) -> Result<(), String> {
         .map_err(|e| format!("broker.pem: {e}"))?;
     let key = PrivateKeyDer::from_pem_file(args.dir.join("broker.key"))
         .map_err(|e| format!("broker.key: {e}"))?;
+    // A client certificate is optional: a first enrolment has none (it has a token), a
+    // re-enrolment proves itself with its current one, which must chain to the domain CA
+    // (DIR/domain-ca.pem, root of the enrolment CA too) for client authentication, in date.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(args.dir.join("domain-ca.pem"))
+        .map_err(|e| format!("domain-ca.pem: {e}"))?
+    {
+        roots
+            .add(c.map_err(|e| format!("domain-ca.pem: {e}"))?)
+            .map_err(|e| format!("domain-ca.pem: {e}"))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| format!("client verifier: {e}"))?;
     let tls = Arc::new(
         rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)
             .map_err(|e| format!("broker.pem/broker.key: {e}"))?,
     );
@@ -106,8 +130,18 @@ fn one(signer: &Signer, tls: Arc<rustls::ServerConfig>, sock: std::net::TcpStrea
         return;
     };
     let mut stream = rustls::StreamOwned::new(conn, sock);
+    let mut renewal = None;
     let decision = match read_frame(&mut stream, MAX_REQUEST) {
-        Ok(frame) => signer.handle(peer.ip(), &frame, unix_now()),
+        Ok(frame) => match stream.conn.peer_certificates().and_then(|c| c.first()) {
+            Some(client) => {
+                let holder = fluidlet::tls::identity(client)
+                    .map(|i| i.common_name)
+                    .unwrap_or_default();
+                renewal = Some(holder);
+                signer.renew(peer.ip(), client, &frame, unix_now())
+            }
+            None => signer.handle(peer.ip(), &frame, unix_now()),
+        },
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             Err(Refusal::Malformed(e.to_string()))
         }
@@ -116,9 +150,13 @@ fn one(signer: &Signer, tls: Arc<rustls::ServerConfig>, sock: std::net::TcpStrea
             return;
         }
     };
-    match &decision {
-        Ok(_) => eprintln!("fluidlet-signer: {peer}: signed"),
-        Err(r) => eprintln!("fluidlet-signer: {peer}: refused: {r}"),
+    match (&decision, &renewal) {
+        (Ok(_), None) => eprintln!("fluidlet-signer: {peer}: signed"),
+        (Err(r), None) => eprintln!("fluidlet-signer: {peer}: refused: {r}"),
+        (Ok(_), Some(cn)) => eprintln!("fluidlet-signer: {peer}: re-enrolment of {cn}: signed"),
+        (Err(r), Some(cn)) => {
+            eprintln!("fluidlet-signer: {peer}: re-enrolment of {cn}: refused: {r}")
+        }
     }
     if let Ok(bytes) = minicbor::to_vec(response(&decision)) {
         let _ = write_frame(&mut stream, &bytes);

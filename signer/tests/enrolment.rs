@@ -52,12 +52,18 @@ impl Drop for SignerProcess {
 
 impl SignerProcess {
     fn start(dir: &Path) -> SignerProcess {
+        SignerProcess::start_with(dir, &[])
+    }
+
+    /// With further arguments (e.g. `--seconds N`).
+    fn start_with(dir: &Path, extra: &[&str]) -> SignerProcess {
         let port = free_port();
         let log = dir.join("signer.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fluidlet-signer"))
             .arg("--dir")
             .arg(dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -101,6 +107,7 @@ async fn a_gateway_with_only_a_config_and_a_token_enrols_connects_and_trades() {
         signer_host: "127.0.0.1".into(),
         signer_port: signer.port,
         token: token_file.clone(),
+        renew_at: fluidlet::config::RENEW_AT,
     });
     let provider = start(cfg.clone(), None).await;
     use std::os::unix::fs::PermissionsExt;
@@ -428,4 +435,272 @@ fn bad_csrs_and_floods_are_refused_and_nothing_is_signed() {
         s.handle(other, &request(&"cd".repeat(32), vec![]), now()),
         Err(Refusal::RateLimited)
     );
+}
+
+/// `cert`'s serial number, as `domain.sh list` prints it.
+fn serial(cert: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(cert)
+        .output()
+        .expect("openssl x509");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A gateway whose certificate is short-lived rotates it, more than once, while a consumer
+/// streams reservations at it: every reservation answered OK is in the provider's tables,
+/// the provider connected to the broker exactly once more per rotation (mosquitto's log), and
+/// each rotation made a new key and certificate in place of the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lived_certificate_rotates_during_a_stream_of_reservations_and_nothing_is_lost() {
+    let Some(d) = TlsDomain::start() else { return };
+    // The signer backdates a certificate by an hour (gateway clocks drift): its life is
+    // 3600 s + SECONDS, and renew_at 0.9 of it falls (3600 + 404) * 0.9 - 3600 = 3.6 s after
+    // it was issued.
+    let signer = SignerProcess::start_with(d.dir.path(), &["--seconds", "404"]);
+    let gw = tempfile::tempdir().unwrap();
+    let tls_dir = gw.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    std::fs::copy(d.dir.path().join("ca-bundle.pem"), tls_dir.join("ca.pem")).unwrap();
+    let token_file = gw.path().join("token");
+    std::fs::write(&token_file, token(d.dir.path(), &["gw-r"])).unwrap();
+    let files = fluidlet::config::TlsFiles {
+        ca: tls_dir.join("ca.pem"),
+        cert: tls_dir.join("node.pem"),
+        key: tls_dir.join("node.key"),
+    };
+    let mut cfg =
+        fluidlet_tests::provider_config("gw-r", &d.domain, d.port, &gw.path().join("data"));
+    // A pool large enough for the whole stream, and limits that do not get in its way.
+    let offer = &mut cfg.offers[0];
+    offer.resources.cpu = 10_000_000;
+    offer.resources.memory = 1 << 44;
+    offer.resources.pods = 100_000;
+    cfg.limits.pending_per_buyer = 100_000;
+    cfg.limits.sender_rate = 100_000;
+    cfg.limits.sender_burst = 100_000;
+    cfg.tls = Some(files.clone());
+    cfg.enrol = Some(EnrolConfig {
+        signer_host: "127.0.0.1".into(),
+        signer_port: signer.port,
+        token: token_file.clone(),
+        renew_at: 0.9,
+    });
+    let provider_socket = cfg.control_socket.clone();
+    let provider = start(cfg, None).await;
+    let first_cert = std::fs::read(&files.cert).unwrap();
+    let first_key = std::fs::read(&files.key).unwrap();
+    let first_serial = serial(&files.cert);
+
+    let cd = tempfile::tempdir().unwrap();
+    let mut ccfg = d.config("carol", d.enrol("carol"), cd.path());
+    ccfg.reserve_timeout = Duration::from_millis(500);
+    let consumer = start(ccfg, None).await;
+    let mut bought = Vec::new();
+    let mut failed = Vec::new();
+    let began = std::time::Instant::now();
+    while began.elapsed() < Duration::from_secs(12) {
+        match consumer.acquire(&fluidlet_tests::want(500, 1)).await {
+            Ok(c) => bought.push(c.id),
+            Err(e) => failed.push(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rotations = provider.metrics().certificate_rotations;
+    assert!(
+        rotations >= 2,
+        "{rotations} rotations in 12 s; signer: {}",
+        signer.log()
+    );
+    // A RESERVE the broker delivers while the provider is between its DISCONNECT and the
+    // SUBACK of its new connection (a few ms, clean sessions) reaches nobody: that purchase
+    // times out, at most one per rotation. Nothing the provider had taken is lost.
+    assert!(
+        failed.len() as u64 <= rotations && failed.iter().all(|e| e.contains("did not answer")),
+        "purchases failed: {failed:?}"
+    );
+    assert!(bought.len() > 50, "only {} purchases", bought.len());
+    // Every reservation answered OK is a contract in the provider's tables.
+    let sold: std::collections::HashSet<_> = provider
+        .tables()
+        .contracts()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    for id in &bought {
+        assert!(sold.contains(id), "contract {id} answered but not stored");
+    }
+
+    // No more rotations (the signer is gone), then one connection per rotation plus the
+    // first, by the broker's count and the agent's.
+    drop(signer);
+    // A rotation whose answer left the signer just before it was killed may still finish:
+    // settled is the same count twice, a second apart.
+    let mut settled = (u64::MAX, 0);
+    for _ in 0..20 {
+        let mut now = (0, 0);
+        eventually("the provider's session to settle", || {
+            let m = provider.metrics();
+            let st = provider.broker_status();
+            now = (m.certificate_rotations, st.connects);
+            st.connected && st.connects == 1 + m.certificate_rotations
+        })
+        .await;
+        if now == settled {
+            break;
+        }
+        settled = now;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (rotations, connects) = settled;
+    let log = d.broker_log();
+    // The broker names a client by its certificate's CN (use_identity_as_username).
+    let me = " as gw-r ";
+    let broker_connects = log
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains(me))
+        .count() as u64;
+    assert_eq!(
+        broker_connects,
+        1 + rotations,
+        "{connects} connects for {rotations} rotations; broker log:\n{log}"
+    );
+
+    // New key, new certificate (another serial), both owner-only, nothing left over.
+    assert_ne!(std::fs::read(&files.key).unwrap(), first_key);
+    assert_ne!(std::fs::read(&files.cert).unwrap(), first_cert);
+    assert_ne!(serial(&files.cert), first_serial);
+    use std::os::unix::fs::PermissionsExt;
+    for f in [&files.key, &files.cert] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    let left: Vec<_> = std::fs::read_dir(&tls_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".next") || n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The signer kept each certificate it issued: the first and one per rotation, and maybe
+    // one more whose answer it was killed before sending.
+    let issued = std::fs::read_dir(d.dir.path().join("nodes/gw-r/issued"))
+        .unwrap()
+        .count() as u64;
+    assert!(
+        (1 + rotations..=2 + rotations).contains(&issued),
+        "{issued} issued, {rotations} rotations"
+    );
+
+    // The certificate in use, close to its expiry (404 s of life left at most): its not-after
+    // in the metrics, and a WARNING in `fluidlet status`, as text and JSON.
+    let not_after = {
+        let pem = std::fs::read(&files.cert).unwrap();
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(&pem)
+            .map(|c: rustls::pki_types::CertificateDer| c.to_vec())
+            .unwrap();
+        fluidlet::tls::identity(&der).unwrap().not_after
+    };
+    let m = provider.metrics();
+    assert_eq!(m.certificate_not_after, Some(not_after));
+    let text = fluidlet::metrics::render(&m, "gw-r");
+    assert!(
+        text.contains(&format!(
+            "fluidlet_certificate_expiry_timestamp_seconds{{node=\"gw-r\"}} {not_after}"
+        )) && text.contains(&format!(
+            "fluidlet_certificate_rotations_total{{node=\"gw-r\"}} {rotations}"
+        )),
+        "{text}"
+    );
+    let socket = provider_socket;
+    let mut out = Vec::new();
+    fluidlet::cli::status(Path::new("unused"), Some(&socket), false, &mut out)
+        .await
+        .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("WARNING: the certificate expires in 0 days")
+            && out.contains(&format!("({rotations} rotations since start)")),
+        "{out}"
+    );
+    let mut json = Vec::new();
+    fluidlet::cli::status(Path::new("unused"), Some(&socket), true, &mut json)
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(
+        v["certificate_warning"], "the certificate expires in 0 days",
+        "{v}"
+    );
+    assert_eq!(v["metrics"]["certificate_not_after"], not_after);
+
+    consumer.shutdown().await;
+    provider.shutdown().await;
+}
+
+/// Re-enrolment over mutual TLS: a node renews with its certificate; once revoked it is
+/// refused, with the reason in the signer's log, and nothing is signed; and another node's
+/// certificate cannot renew for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_cannot_re_enrol() {
+    let Some(d) = TlsDomain::start() else { return };
+    let signer = SignerProcess::start(d.dir.path());
+    let gw = tempfile::tempdir().unwrap();
+    std::fs::copy(d.dir.path().join("ca-bundle.pem"), gw.path().join("ca.pem")).unwrap();
+    let token_file = gw.path().join("token");
+    std::fs::write(&token_file, token(d.dir.path(), &["gw-x"])).unwrap();
+    let files = fluidlet::config::TlsFiles {
+        ca: gw.path().join("ca.pem"),
+        cert: gw.path().join("node.pem"),
+        key: gw.path().join("node.key"),
+    };
+    let e = EnrolConfig {
+        signer_host: "127.0.0.1".into(),
+        signer_port: signer.port,
+        token: token_file,
+        renew_at: 0.66,
+    };
+    let id = fluidlet::model::Id::new("gw-x").unwrap();
+    fluidlet::enrol::enrol(&id, &files, &e).expect("enrolled");
+    // Before the revocation it renews (the rotation path works for this node).
+    fluidlet::enrol::renew(&id, &files, &e).expect("renewed");
+    let issued = || {
+        std::fs::read_dir(d.dir.path().join("nodes/gw-x/issued"))
+            .unwrap()
+            .count()
+    };
+    assert_eq!(issued(), 2);
+    let (code, _, err) = domain_sh(&["revoke", d.dir.path().to_str().unwrap(), "gw-x"]);
+    assert_eq!(code, Some(0), "{err}");
+    let cert = std::fs::read(&files.cert).unwrap();
+    let err = fluidlet::enrol::renew(&id, &files, &e)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("revoked"), "{err}");
+    assert_eq!(
+        std::fs::read(&files.cert).unwrap(),
+        cert,
+        "nothing replaced"
+    );
+    assert_eq!(issued(), 2, "nothing signed");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        signer
+            .log()
+            .contains("re-enrolment of gw-x: refused: node id \"gw-x\" was revoked"),
+        "{}",
+        signer.log()
+    );
+    // Another node's certificate cannot renew for gw-x.
+    let carol = d.enrol("carol");
+    let stolen = fluidlet::config::TlsFiles {
+        ca: files.ca.clone(),
+        cert: carol.cert.clone(),
+        key: carol.key.clone(),
+    };
+    let err = fluidlet::enrol::renew(&id, &stolen, &e)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("\"carol\"") && err.contains("gw-x"), "{err}");
+    assert_eq!(issued(), 2, "nothing signed");
 }

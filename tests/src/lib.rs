@@ -574,6 +574,20 @@ impl TlsDomain {
     /// Like [`TlsDomain::start`], running `prepare(dir, domain)` after `domain.sh init` and
     /// before the broker starts (to enrol what must be in the ACL from the start).
     pub fn start_with(prepare: impl FnOnce(&Path, &str)) -> Option<TlsDomain> {
+        TlsDomain::start_at("127.0.0.1", &[], prepare)
+    }
+
+    /// Like [`TlsDomain::start`], listening on every address, with `host` among the names of
+    /// the broker's certificate (for clients in containers that reach this host by `host`).
+    pub fn start_public(host: &str) -> Option<TlsDomain> {
+        TlsDomain::start_at("0.0.0.0", &[host], |_, _| {})
+    }
+
+    fn start_at(
+        bind: &str,
+        hosts: &[&str],
+        prepare: impl FnOnce(&Path, &str),
+    ) -> Option<TlsDomain> {
         let bin = mosquitto_path();
         let openssl = Command::new("openssl").arg("version").output().is_ok();
         // domain.sh init builds the broker plugin (broker-config/fluidos_retain.c).
@@ -602,14 +616,19 @@ impl TlsDomain {
         let domain = fresh_domain();
         let port = free_port();
         let d = dir.path().to_str().expect("utf-8 path");
-        run_script(&["init", d, &domain, &port.to_string(), "127.0.0.1"]);
+        let port_text = port.to_string();
+        let mut args = vec!["init", d, &domain, &port_text, bind];
+        args.extend_from_slice(hosts);
+        run_script(&args);
         prepare(dir.path(), &domain);
         let conf = dir.path().join("mosquitto.conf");
+        // Its log (connections at notice level) for tests that count them: broker_log.
+        let log = std::fs::File::create(dir.path().join("mosquitto.log")).expect("log file");
         let child = Command::new(bin)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start mosquitto");
         let mut me = TlsDomain {
@@ -628,6 +647,12 @@ impl TlsDomain {
             let _ = c.kill();
         }
         panic!("the TLS mosquitto did not listen on port {port}");
+    }
+
+    /// What the broker logged so far (mosquitto.conf's log types: errors to notices, which
+    /// include every accepted connection: `New client connected from ... as ID@DOMAIN`).
+    pub fn broker_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
     /// The broker's process id (to read its memory use in /proc).

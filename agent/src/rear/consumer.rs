@@ -515,6 +515,9 @@ pub(crate) async fn peer(shared: &Shared, contract: &Contract) -> Result<String,
 }
 
 async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, RearError> {
+    // One key for the whole exchange: a certificate rotated meanwhile does not open a grant
+    // sealed to the certificate this request carried.
+    let keys = shared.sealing();
     let seller = &contract.seller;
     shared.step(
         21,
@@ -531,8 +534,7 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
         cluster_id: cluster_id.clone(),
         liqo_version: crate::model::Text::new(&version).ok(),
         // On a TLS domain: the certificate the seller seals the identity to.
-        certificate: shared
-            .sealing
+        certificate: keys
             .as_ref()
             .and_then(|k| crate::wire::Bytes::new(&k.certificate).ok()),
     });
@@ -594,13 +596,12 @@ async fn peer_inner(shared: &Shared, contract: &Contract) -> Result<String, Rear
         provider: seller,
         buyer: shared.me(),
     };
-    let opened = crate::seal::receive(shared.sealing.as_ref(), &ctx, &grant).map_err(|e| {
-        RearError::Refused {
+    let opened =
+        crate::seal::receive(keys.as_deref(), &ctx, &grant).map_err(|e| RearError::Refused {
             provider: seller.to_string(),
             code: None,
             text: e.to_string(),
-        }
-    })?;
+        })?;
     // Kept (without the identity, which goes to an owner-only file) for the teardown.
     shared.tables.put_peer_grant(&crate::wire::PeerAccept {
         identity: None,

@@ -258,7 +258,7 @@ pub(crate) async fn on_peer_request(shared: &Arc<Shared>, from: Id, id: u64, req
             return answer_error(shared, &from, Some(id), ErrorCode::NoContract, &text).await;
         }
     };
-    let recipient = match crate::seal::recipient(shared.sealing.as_ref(), &req, &from) {
+    let recipient = match crate::seal::recipient(shared.sealing().as_deref(), &req, &from) {
         Ok(r) => r,
         Err(e) => {
             warn!(%from, contract = %req.contract, error = %e, "peering refused");

@@ -24,11 +24,12 @@
 //! - [`metrics`]: counters kept with atomics, shown by `fluidlet status --json` and written
 //!   as a Prometheus text file for node_exporter.
 //! - [`broker`]: the MQTT session (rumqttc): will, reconnect, subscriptions, advert.
-//! - [`enrol`]: the key made on the device, a CSR and a one-time token sent to the domain's
-//!   signer, the certificate written back (`fluidlet enrol`, zero-touch first boot).
 //! - [`seal`]: peering credentials sealed to the buyer's certificate key (ECDH, HKDF, AEAD).
 //! - [`shared`]: what the running node's parts share: config, tables, MQTT client, pending
 //!   answers, workflow steps, advert; and [`rear::RearError`].
+//! - [`enrol`]: the key made on the device, a CSR and a one-time token sent to the domain's
+//!   signer, the certificate written back (`fluidlet enrol`, zero-touch first boot); the
+//!   rotation of a running node's key and certificate at `renew_at` of its life.
 //! - [`terms`]: contract terms against hoarding: share cap per buyer, RENEW, expiry.
 //! - [`rear`]: REAR Manager, in two sides, each function's doc naming its workflow steps:
 //!   - [`rear::consumer`]: buying: candidates, discovery, reservation, peering, release

@@ -328,6 +328,16 @@ impl Candidates {
         }
     }
 
+    /// Whether a candidate of `provider` was advertised or listed after `t` (Unix ms).
+    pub fn heard_since(&self, provider: &Id, t: u64) -> bool {
+        let map = self.map();
+        Self::keys_of(&map, provider).iter().any(|k| {
+            map.get(k)
+                .and_then(|v| minicbor::decode::<Candidate>(v).ok())
+                .is_some_and(|c| c.seen_at > t)
+        })
+    }
+
     /// How many candidates are kept.
     pub fn count(&self) -> usize {
         self.map().len()

@@ -513,12 +513,10 @@ async fn a_short_lived_certificate_rotates_during_a_stream_of_reservations_and_n
         signer.log()
     );
     // A RESERVE the broker delivers while the provider is between its DISCONNECT and the
-    // SUBACK of its new connection (a few ms, clean sessions) reaches nobody: that purchase
-    // times out, at most one per rotation. Nothing the provider had taken is lost.
-    assert!(
-        failed.len() as u64 <= rotations && failed.iter().all(|e| e.contains("did not answer")),
-        "purchases failed: {failed:?}"
-    );
+    // SUBACK of its new connection (a few ms, clean sessions) reaches nobody; the consumer,
+    // which heard the provider's advert again meanwhile, asks once more instead of taking
+    // the silence for a lie: no purchase fails.
+    assert!(failed.is_empty(), "purchases failed: {failed:?}");
     assert!(bought.len() > 50, "only {} purchases", bought.len());
     // Every reservation answered OK is a contract in the provider's tables.
     let sold: std::collections::HashSet<_> = provider

@@ -347,6 +347,11 @@ fn check_piece(name: &str, v: u64, min: u64, step: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// [`error`], boxed: an ERROR body is large, and a `Result` carries it on its error path only.
+fn boxed_error(code: ErrorCode, text: &str) -> Box<Body> {
+    Box::new(error(code, text))
+}
+
 fn error(code: ErrorCode, text: &str) -> Body {
     Body::Error(ErrorBody::new(code, text))
 }
@@ -1211,7 +1216,7 @@ impl Reference {
         };
         if r.state == OutState::Reserved {
             if let Err(e) = self.purchase(&mut r).await {
-                return e;
+                return *e;
             }
         }
         let (Some(kubeconfig), Some(cluster)) = (&r.kubeconfig, &r.cluster_id) else {
@@ -1251,7 +1256,7 @@ impl Reference {
     }
 
     /// POST /api/v2/transactions/{id}/purchase; on success `r` is Active, durably.
-    async fn purchase(&self, r: &mut OutRecord) -> Result<(), Body> {
+    async fn purchase(&self, r: &mut OutRecord) -> Result<(), Box<Body>> {
         let path = format!("/api/v2/transactions/{}/purchase", r.ref_transaction);
         let a = client::request(
             &self.endpoint,
@@ -1263,7 +1268,7 @@ impl Reference {
         .await
         .map_err(|e| {
             self.failed(&format!("purchase: {e}"));
-            error(
+            boxed_error(
                 ErrorCode::PeeringFailed,
                 &format!("the reference node did not answer the purchase: {e}"),
             )
@@ -1273,13 +1278,13 @@ impl Reference {
             408 => {
                 r.state = OutState::Expired;
                 let _ = self.store.out_put(r).await;
-                return Err(error(
+                return Err(boxed_error(
                     ErrorCode::NoContract,
                     "the reference node's transaction timed out (408)",
                 ));
             }
             s => {
-                return Err(error(
+                return Err(boxed_error(
                     ErrorCode::PeeringFailed,
                     &format!(
                         "the reference node's purchase answered {s}: {}",
@@ -1293,7 +1298,7 @@ impl Reference {
             Err(e) => {
                 self.demote(format!("its purchase answer is not JSON: {e}"))
                     .await;
-                return Err(error(
+                return Err(boxed_error(
                     ErrorCode::PeeringFailed,
                     "the reference node answered garbage; it is demoted",
                 ));
@@ -1331,7 +1336,7 @@ impl Reference {
         };
         if let Some(why) = lie {
             self.demote(why.clone()).await;
-            return Err(error(
+            return Err(boxed_error(
                 ErrorCode::PeeringFailed,
                 &format!(
                     "the reference node's contract is not the one bought ({why}); it is demoted"
@@ -1347,7 +1352,7 @@ impl Reference {
         self.store
             .out_put(r)
             .await
-            .map_err(|e| error(ErrorCode::Storage, &e.to_string()))
+            .map_err(|e| boxed_error(ErrorCode::Storage, &e.to_string()))
     }
 
     /// RELEASE: the face's record ends; the reference node is not told (REAR over HTTP has

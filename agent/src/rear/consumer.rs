@@ -105,19 +105,35 @@ impl Turns {
         !self.done.contains(p) && self.gone_at.get(p).is_none_or(|t| c.seen_at > *t)
     }
 
-    /// Records how `provider`'s attempt ended at `now` (Unix ms); true when it lied (to be
-    /// demoted). `revision` is the protocol revision the provider advertised: one before 1
-    /// answers NO_FIT for a superseded id whose piece no longer fits (docs/protocol.md
-    /// section 10), so from it a first NO_FIT counts as a first FLAVOUR_GONE.
-    fn ended(&mut self, provider: &Id, e: &RearError, revision: u16, now: u64) -> bool {
+    /// Records how `provider`'s attempt, asked at `asked_at`, ended at `now` (Unix ms); true
+    /// when it lied (to be demoted). `revision` is the protocol revision the provider
+    /// advertised: one before 1 answers NO_FIT for a superseded id whose piece no longer fits
+    /// (docs/protocol.md section 10), so from it a first NO_FIT counts as a first
+    /// FLAVOUR_GONE. `reheard`: the provider's advert came again while the request waited,
+    /// so it reconnected meanwhile (a certificate rotation, a broker restart) and the request
+    /// may have reached it while it was between two sessions: a first silence is then a
+    /// second chance for what it advertised since the request, not a lie.
+    fn ended(
+        &mut self,
+        provider: &Id,
+        e: &RearError,
+        revision: u16,
+        (asked_at, now): (u64, u64),
+        reheard: bool,
+    ) -> bool {
+        let first = !self.gone_at.contains_key(provider);
         let lied = match e {
             RearError::Refused {
                 code: Some(code), ..
             } if (*code == ErrorCode::FlavourGone
                 || (*code == ErrorCode::NoFit && revision < 1))
-                && !self.gone_at.contains_key(provider) =>
+                && first =>
             {
                 self.gone_at.insert(provider.clone(), now);
+                return false;
+            }
+            RearError::Timeout(_) if reheard && first => {
+                self.gone_at.insert(provider.clone(), asked_at);
                 return false;
             }
             RearError::Refused {
@@ -227,14 +243,21 @@ pub(crate) async fn acquire(shared: &Shared, sel: &FlavourSelector) -> Result<Co
                 cand.flavour.id
             ),
         );
+        let asked_at = unix_ms();
         match reserve(shared, &cand, &fit).await {
             Ok(c) => return Ok(c),
             Err(
                 e @ (RearError::Refused { .. } | RearError::Timeout(_) | RearError::BadAnswer(_)),
             ) => {
                 let revision = shared.candidates.revision(&provider);
-                shared.candidates.remove(&provider, &cand.flavour.id);
-                if turns.ended(&provider, &e, revision, unix_ms()) {
+                let reheard = matches!(e, RearError::Timeout(_))
+                    && shared.candidates.heard_since(&provider, asked_at);
+                if reheard {
+                    warn!(%provider, "provider silent, but its advert came again meanwhile (it reconnected): asked once more");
+                } else {
+                    shared.candidates.remove(&provider, &cand.flavour.id);
+                }
+                if turns.ended(&provider, &e, revision, (asked_at, unix_ms()), reheard) {
                     let until =
                         unix_ms().saturating_add(shared.cfg.liar_demotion.as_millis() as u64);
                     warn!(%provider, error = %e, "provider refused or ignored what it had just offered: demoted, trying the next provider");
@@ -869,37 +892,40 @@ mod tests {
     fn a_first_flavour_gone_is_a_second_chance_for_candidates_heard_after_it() {
         let mut turns = Turns::default();
         let p = id("p");
-        assert!(!turns.ended(&p, &refused(ErrorCode::FlavourGone), 1, 1_000));
+        assert!(!turns.ended(&p, &refused(ErrorCode::FlavourGone), 1, (0, 1_000), false));
         // Sold in the meantime: what was heard before the refusal is stale, what came after
         // is not.
         assert!(!turns.eligible(&candidate("p", 900)));
         assert!(!turns.eligible(&candidate("p", 1_000)));
         assert!(turns.eligible(&candidate("p", 1_001)));
         // Gone again for a flavour it has just advertised: a liar, and done.
-        assert!(turns.ended(&p, &refused(ErrorCode::FlavourGone), 1, 2_000));
+        assert!(turns.ended(&p, &refused(ErrorCode::FlavourGone), 1, (0, 2_000), false));
         assert!(!turns.eligible(&candidate("p", 3_000)));
     }
 
     #[test]
     fn no_fit_is_a_lie_from_a_current_provider_and_a_first_gone_from_a_revision_0_one() {
         let mut turns = Turns::default();
-        assert!(turns.ended(&id("new"), &refused(ErrorCode::NoFit), 1, 10));
-        assert!(!turns.ended(&id("old"), &refused(ErrorCode::NoFit), 0, 10));
+        assert!(turns.ended(&id("new"), &refused(ErrorCode::NoFit), 1, (0, 10), false));
+        assert!(!turns.ended(&id("old"), &refused(ErrorCode::NoFit), 0, (0, 10), false));
         assert!(turns.eligible(&candidate("old", 11)));
-        assert!(turns.ended(&id("old"), &refused(ErrorCode::NoFit), 0, 20));
+        assert!(turns.ended(&id("old"), &refused(ErrorCode::NoFit), 0, (0, 20), false));
     }
 
     #[test]
     fn silence_and_bad_answers_are_lies_other_refusals_only_end_the_turn() {
         let mut turns = Turns::default();
-        assert!(turns.ended(&id("a"), &RearError::Timeout("a".into()), 1, 0));
+        assert!(turns.ended(&id("a"), &RearError::Timeout("a".into()), 1, (0, 0), false));
         for (p, code) in [
             ("b", ErrorCode::ShareExceeded),
             ("c", ErrorCode::TooManyPending),
             ("d", ErrorCode::Busy),
             ("e", ErrorCode::Storage),
         ] {
-            assert!(!turns.ended(&id(p), &refused(code), 1, 0), "{code:?}");
+            assert!(
+                !turns.ended(&id(p), &refused(code), 1, (0, 0), false),
+                "{code:?}"
+            );
             assert!(
                 !turns.eligible(&candidate(p, 1)),
                 "{code:?} ends {p}'s turn"
@@ -907,6 +933,29 @@ mod tests {
         }
         assert!(!turns.eligible(&candidate("a", 1)));
         assert!(turns.eligible(&candidate("f", 0)), "others keep their turn");
+    }
+
+    #[test]
+    fn a_silence_while_the_provider_reconnected_is_a_second_chance_not_a_lie() {
+        let mut turns = Turns::default();
+        let p = id("p");
+        let timeout = RearError::Timeout("p".into());
+        // Asked at 1_000, silent until 1_500, its advert heard again meanwhile (1_200).
+        assert!(!turns.ended(&p, &timeout, 1, (1_000, 1_500), true));
+        assert!(
+            !turns.eligible(&candidate("p", 1_000)),
+            "what it said before the request"
+        );
+        assert!(
+            turns.eligible(&candidate("p", 1_200)),
+            "what it advertised since"
+        );
+        // Silent a second time: a liar, reconnects or not.
+        assert!(turns.ended(&p, &timeout, 1, (2_000, 2_500), true));
+        assert!(!turns.eligible(&candidate("p", 3_000)));
+        // A silence with no advert meanwhile is a lie at once.
+        let mut turns = Turns::default();
+        assert!(turns.ended(&p, &timeout, 1, (1_000, 1_500), false));
     }
 
     fn bought(term_ms: Option<u64>, ends_at: Option<u64>, state: ContractState) -> Contract {

@@ -302,6 +302,11 @@ revoke)
     dir=$2; node=$3
     valid_id "$node" || die "node id '$node': use A-Z a-z 0-9 . _ - (at most 48)"
     found=0; resign=""
+    # Named as revoked first: the signer refuses a renewal of a revoked id, so none slips in
+    # while the certificates below are revoked one by one.
+    if [ -d "$dir/nodes/$node" ]; then
+        grep -qx "$node" "$dir/revoked" 2>/dev/null || echo "$node" >> "$dir/revoked"
+    fi
     for cert in "$dir/nodes/$node"/node.pem "$dir/nodes/$node"/issued/*.pem; do
         [ -f "$cert" ] || continue
         found=1
@@ -322,7 +327,6 @@ revoke)
     done
     [ "$found" = 1 ] || die "no certificate of node '$node' in $dir/nodes/$node"
     for which in $resign; do gen_crl "$dir" "$which"; done
-    grep -qx "$node" "$dir/revoked" || echo "$node" >> "$dir/revoked"
     give_to_mosquitto "$dir"
     echo "CRL $dir/crl.pem re-signed; reload the broker (kill -HUP its mosquitto) to refuse $node and cut it off;"
     echo "copy $dir/crl.pem and $dir/revoked to every site broker and reload it too"

@@ -580,12 +580,17 @@ pub(crate) async fn keep_rotated(
 /// Zero-touch first boot: with `[enrol]` and no certificate file yet, enrols before the TLS
 /// files are loaded. Returns whether it enrolled.
 pub async fn first_boot(cfg: &crate::Config) -> Result<bool, EnrolError> {
+    // A rotation cut short by the last stop is finished (or undone) whether or not the node
+    // still enrols: a config without `[enrol]` must not meet a key that is not its
+    // certificate's.
+    if let Some(files) = &cfg.tls {
+        if commit_rotation(files)? {
+            tracing::warn!(cert = %files.cert.display(), "finished a certificate rotation cut short by the last stop");
+        }
+    }
     let (Some(e), Some(files)) = (cfg.enrol.clone(), cfg.tls.clone()) else {
         return Ok(false);
     };
-    if commit_rotation(&files)? {
-        tracing::warn!(cert = %files.cert.display(), "finished a certificate rotation cut short by the last stop");
-    }
     if files.cert.exists() {
         return Ok(false);
     }

@@ -748,11 +748,6 @@ async fn on_mail(shared: &Arc<Shared>, from: Id, msg: Message) {
         Body::ListFlavours(l) => {
             provider::answer_list(shared, &from, msg.id, &l.selector, true).await
         }
-        // Event::of sends every RESERVE_FLAVOUR from its buyer to the group commit and
-        // refuses the others; one that got here is served the same way.
-        Body::ReserveFlavour(req) if req.buyer == from => {
-            provider::on_reserve_batch(shared, vec![(from, msg.id, req)]).await
-        }
         Body::PeerRequest(req) => provider::on_peer_request(shared, from, msg.id, req).await,
         Body::Release(r) => provider::on_release(shared, &from, msg.id, r).await,
         Body::Renew(r) => crate::terms::on_renew(shared, &from, msg.id, r).await,
@@ -762,6 +757,8 @@ async fn on_mail(shared: &Arc<Shared>, from: Id, msg: Message) {
         | Body::PeerAccept(_)
         | Body::Released(_)
         | Body::Renewed(_) => deliver(shared, from, msg),
+        // Event::of routes every RESERVE_FLAVOUR to the group commit (or refuses it) and
+        // refuses an ADVERT on mail topics: neither is Mail.
         Body::ReserveFlavour(_) | Body::Advert(_) => {}
     }
 }

@@ -12,7 +12,7 @@
 
 use fluidlet_tests::{domain_script, free_port, start, want, TlsDomain};
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The name the container knows the host by, in the broker's (and so the signer's)
@@ -20,21 +20,7 @@ use std::time::{Duration, Instant};
 const HOST: &str = "fl-host";
 const WAIT: Duration = Duration::from_secs(120);
 
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run docker")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use fluidlet_tests::{docker, output_text as text};
 
 /// The container, removed (with its state volume) on drop.
 struct Gateway(String);

@@ -11,8 +11,8 @@ use hyper::header::{HeaderValue, ACCEPT, CONNECTION, CONTENT_TYPE, HOST, USER_AG
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
 
-/// Largest answer head (status line and headers) read; hyper's smallest read buffer.
-const MAX_HEAD: usize = 8 * 1024;
+/// Largest answer head (status line and headers) read: hyper's read buffer.
+const MAX_HEAD: usize = 64 * 1024;
 
 /// An answer: status and body (chunked encoding undone).
 #[derive(Debug)]
@@ -84,7 +84,7 @@ async fn exchange(
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(MAX_HEAD.max(limits.max_bytes.min(64 * 1024)))
+        .max_buf_size(MAX_HEAD)
         .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
         .await
         .map_err(|e| format!("connect: {e}"))?;

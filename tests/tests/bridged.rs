@@ -42,21 +42,7 @@ fn required(var: &str, what: &str) -> Option<String> {
     }
 }
 
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run docker")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use fluidlet_tests::{docker, output_text as text};
 
 /// Every container and network of one run, with unique names; all removed on drop, also
 /// when the test fails.

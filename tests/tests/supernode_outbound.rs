@@ -154,6 +154,38 @@ fn refusal(m: &Message) -> (ErrorCode, String) {
     }
 }
 
+/// The face up (config `cfg`) selling the reference node at `endpoint`, and bob holding a
+/// reservation (transaction `bob.t1`) of its first flavour: the face, the provider id, bob's
+/// files and connection, the flavour and the contract.
+async fn reserved_through_the_face(
+    d: &TlsDomain,
+    endpoint: &str,
+    cfg: Config,
+) -> (
+    Supernode,
+    String,
+    fluidlet::config::TlsFiles,
+    Rogue,
+    Id,
+    Box<fluidlet::model::Contract>,
+) {
+    admit(d, endpoint);
+    let sn = face(cfg).await;
+    let provider = provider_id(endpoint);
+    eventually("advertised", || advertised(&sn, endpoint)).await;
+    let bob_files = d.enrol("bob");
+    let mut bob = Rogue::connect_tls(d.port, &d.domain, "bob", &bob_files).await;
+    let flavour = catalog_flavours(&mut bob, &d.domain, &provider).await[0]
+        .id
+        .clone();
+    bob.send(&provider, reserve("bob", "bob.t1", &flavour))
+        .await;
+    let Body::Reserved(contract) = answer(&mut bob).await.body else {
+        panic!("no contract")
+    };
+    (sn, provider, bob_files, bob, flavour, contract)
+}
+
 fn reserve(buyer: &str, tx: &str, flavour: &Id) -> Body {
     Body::ReserveFlavour(ReserveRequest {
         transaction: Id::new(tx).unwrap(),
@@ -302,23 +334,10 @@ async fn a_face_restarted_between_reserve_and_purchase_completes_the_purchase() 
     // The reference node's purchase sleeps while it fetches the token.
     let sleep: u64 = fact("purchase.purchase_sleep_secs").parse().unwrap();
     refnode.with(|st| st.purchase_delay = Duration::from_secs(sleep));
-    admit(&d, &refnode.addr);
     let fd = tempfile::tempdir().unwrap();
     let cfg = face_config(&d, fd.path(), &[&refnode.addr], "");
-    let mut sn = face(cfg.clone()).await;
-    let provider = provider_id(&refnode.addr);
-    eventually("advertised", || advertised(&sn, &refnode.addr)).await;
-    let bob_files = d.enrol("bob");
-    let mut bob = Rogue::connect_tls(d.port, &d.domain, "bob", &bob_files).await;
-    let flavour = catalog_flavours(&mut bob, &d.domain, &provider).await[0]
-        .id
-        .clone();
-
-    bob.send(&provider, reserve("bob", "bob.t1", &flavour))
-        .await;
-    let Body::Reserved(contract) = answer(&mut bob).await.body else {
-        panic!("no contract")
-    };
+    let (mut sn, provider, bob_files, mut bob, flavour, contract) =
+        reserved_through_the_face(&d, &refnode.addr, cfg.clone()).await;
     assert_eq!(contract.seller.as_str(), provider);
     assert!(contract.id.as_str().starts_with(&format!("{provider}.")));
     assert_eq!(contract.flavour.id, flavour);
@@ -431,21 +450,10 @@ async fn a_purchase_after_the_reference_transaction_expired_is_no_contract() {
     let refnode = seller("refnode-c").await;
     // Transactions that live 2 s (the reference node's live 1 h).
     refnode.with(|st| st.transaction_secs = 2);
-    admit(&d, &refnode.addr);
     let fd = tempfile::tempdir().unwrap();
-    let sn = face(face_config(&d, fd.path(), &[&refnode.addr], "")).await;
-    let provider = provider_id(&refnode.addr);
-    eventually("advertised", || advertised(&sn, &refnode.addr)).await;
-    let bob_files = d.enrol("bob");
-    let mut bob = Rogue::connect_tls(d.port, &d.domain, "bob", &bob_files).await;
-    let flavour = catalog_flavours(&mut bob, &d.domain, &provider).await[0]
-        .id
-        .clone();
-    bob.send(&provider, reserve("bob", "bob.t1", &flavour))
-        .await;
-    let Body::Reserved(contract) = answer(&mut bob).await.body else {
-        panic!("no contract")
-    };
+    let cfg = face_config(&d, fd.path(), &[&refnode.addr], "");
+    let (sn, provider, bob_files, mut bob, _, contract) =
+        reserved_through_the_face(&d, &refnode.addr, cfg).await;
     // The contract carries the reference transaction's expiry (RFC 3339 with an offset).
     let left = contract.expires_at.saturating_sub(fluidlet::unix_ms());
     assert!(

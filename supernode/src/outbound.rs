@@ -369,37 +369,8 @@ fn liqo_cluster_id(s: &str) -> bool {
 
 /// Standard base64 decoding, padded (Go's StdEncoding), `None` on anything else.
 pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(4) {
-        return None;
-    }
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let pad = s.bytes().rev().take_while(|c| *c == b'=').count();
-    if pad > 2 {
-        return None;
-    }
-    let body = &s.as_bytes()[..s.len() - pad];
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    for c in body.chunks(4) {
-        let mut n = 0u32;
-        for (i, x) in c.iter().enumerate() {
-            n |= val(*x)? << (18 - 6 * i);
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        if c.len() < 2 {
-            return None;
-        }
-        out.extend_from_slice(&bytes[..c.len() - 1]);
-    }
-    Some(out)
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).ok()
 }
 
 impl Reference {
